@@ -1,0 +1,52 @@
+"""credici-redis: prepaid and subscription credits in Redis.
+
+Buckets of credits (amount, expiry) per user, changed only by atomic Lua scripts, every change
+recorded in a per-user Redis Stream. `CrediciClient` (sync) and `AsyncCrediciClient` (asyncio)
+share one implementation; ``from_url("memory://")`` runs the same scripts in process.
+"""
+
+from credici_redis.client import AsyncCrediciClient, CrediciClient
+from credici_redis.errors import (
+    CrediciError,
+    IdempotencyConflictError,
+    InsufficientCreditsError,
+    InvalidAmountError,
+    InvalidCycleError,
+    InvalidExpiryError,
+    InvalidIdempotencyKeyError,
+    InvalidInputError,
+    InvalidMetadataError,
+    InvalidPeriodError,
+    InvalidUserIdError,
+    StorageError,
+    StorageUnavailableError,
+)
+from credici_redis.models import Cycle, Transaction
+from credici_redis.storage import AsyncRedisStorage, AsyncStorage, RedisStorage, Storage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncCrediciClient",
+    "AsyncRedisStorage",
+    "AsyncStorage",
+    "CrediciClient",
+    "CrediciError",
+    "Cycle",
+    "IdempotencyConflictError",
+    "InsufficientCreditsError",
+    "InvalidAmountError",
+    "InvalidCycleError",
+    "InvalidExpiryError",
+    "InvalidIdempotencyKeyError",
+    "InvalidInputError",
+    "InvalidMetadataError",
+    "InvalidPeriodError",
+    "InvalidUserIdError",
+    "RedisStorage",
+    "Storage",
+    "StorageError",
+    "StorageUnavailableError",
+    "Transaction",
+    "__version__",
+]

@@ -1,0 +1,72 @@
+"""Every Redis key name credici-redis uses, built in this one module.
+
+All keys of one user share the hash tag ``{<quoted user id>}`` so that every script touches one
+Redis Cluster slot. The user id is percent-encoded inside the tag: the encoding is injective (two
+ids never share keys) and leaves no '{' or '}' that could end the tag early.
+
+    <ns>:{<user>}:s        hash    balance, last history id, bucket counter, current cycle
+    <ns>:{<user>}:o        zset    buckets in burn order
+    <ns>:{<user>}:x        zset    expiring buckets by expiry (ms)
+    <ns>:{<user>}:a        hash    credits left in each bucket
+    <ns>:{<user>}:h        stream  history, ids are "<created_at ms>-<seq>"
+    <ns>:{<user>}:i:<key>  string  idempotency record, expires after the retention time
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+from urllib.parse import quote, unquote
+
+from credici_redis.errors import InvalidInputError
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
+
+
+class UserKeys(NamedTuple):
+    """The keys every ledger script receives, in the order the scripts expect (KEYS[1..5])."""
+
+    state: str
+    order: str
+    expiry: str
+    amounts: str
+    history: str
+
+
+def check_namespace(namespace: str) -> str:
+    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+        raise InvalidInputError(
+            "namespace must be 1-64 characters of letters, digits, '_', '.' or '-'"
+        )
+    return namespace
+
+
+def user_tag(user_id: str) -> str:
+    return quote(user_id, safe="")
+
+
+def user_keys(namespace: str, user_id: str) -> UserKeys:
+    base = f"{namespace}:{{{user_tag(user_id)}}}:"
+    return UserKeys(base + "s", base + "o", base + "x", base + "a", base + "h")
+
+
+def idempotency_key(namespace: str, user_id: str, key: str) -> str:
+    return f"{namespace}:{{{user_tag(user_id)}}}:i:{key}"
+
+
+def user_pattern(namespace: str) -> str:
+    """A SCAN pattern matching every user's state hash in the namespace."""
+    return f"{namespace}:{{*}}:s"
+
+
+def user_from_key(namespace: str, key: str) -> str:
+    """The user id a key belongs to (the inverse of user_keys)."""
+    prefix = namespace + ":{"
+    if not key.startswith(prefix) or "}" not in key:
+        raise InvalidInputError(f"{key!r} is not a credici key of namespace {namespace!r}")
+    return unquote(key[len(prefix) : key.index("}")])
+
+
+def transaction_id(user_id: str, entry_id: str) -> str:
+    """Globally unique: the history entry id, then the user it belongs to."""
+    return f"{entry_id}@{user_tag(user_id)}"

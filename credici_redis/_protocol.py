@@ -1,0 +1,243 @@
+"""The ledger over Redis, without I/O: which commands each operation sends, what the replies mean.
+
+Each operation is a *flow*: a generator that yields a batch of `Call`s (sent as one round trip,
+pipelined when there are several) and receives their replies, until it returns its result. The
+sync and asyncio storages (`credici_redis.storage`) only drive flows; everything else is here:
+
+    operation        script              reply becomes
+    add              lua/add.lua         Transaction        (parse_transaction)
+    subtract         lua/subtract.lua    Transaction        (parse_transaction)
+    balance          lua/balance.lua     int
+    start_cycle      lua/start_cycle.lua Cycle, Transaction (parse_cycle_start)
+    get_cycle        HMGET               Cycle | None
+    history          balance.lua + XREVRANGE pages   list[Transaction], newest first
+
+Coded replies from the scripts become typed errors in `raise_for_code`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from credici_redis import _keys, _scripts
+from credici_redis._requests import (
+    AddRequest,
+    HistoryRequest,
+    StartCycleRequest,
+    SubtractRequest,
+)
+from credici_redis._scripts import Script
+from credici_redis._time import from_ms
+from credici_redis.errors import (
+    IdempotencyConflictError,
+    InsufficientCreditsError,
+    InvalidAmountError,
+    InvalidExpiryError,
+    StorageError,
+)
+from credici_redis.models import Cycle, Transaction, TransactionKind
+
+T = TypeVar("T")
+
+HISTORY_PAGE = 1000
+"""Entries fetched per XREVRANGE when reading history, so no single reply grows unbounded."""
+
+KINDS: dict[str, TransactionKind] = {
+    "a": "add",
+    "s": "subtract",
+    "e": "expire",
+    "c": "cycle_start",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One Redis command; `script` is set for EVALSHA so a driver can reload it on NOSCRIPT."""
+
+    args: tuple[str | int, ...]
+    script: Script | None = None
+
+
+Flow = Generator[list[Call], list[Any], T]
+
+
+def text(value: Any) -> str:
+    """Replies are bytes, or str when the caller's client decodes responses."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _clock(now_ms: int | None) -> str:
+    return "" if now_ms is None else str(now_ms)
+
+
+def _opt(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+class Ledger:
+    """Builds the calls of every operation for one namespace and parses their replies."""
+
+    def __init__(self, namespace: str, idempotency_ttl_ms: int) -> None:
+        self.namespace = _keys.check_namespace(namespace)
+        self.idempotency_ttl_ms = idempotency_ttl_ms
+
+    def _script(
+        self, script: Script, user_id: str, idempotency_key: str | None, *argv: str | int
+    ) -> Call:
+        keys: list[str] = list(_keys.user_keys(self.namespace, user_id))
+        if idempotency_key is not None:
+            keys.append(_keys.idempotency_key(self.namespace, user_id, idempotency_key))
+        return Call(("EVALSHA", script.sha, len(keys), *keys, *argv), script)
+
+    def add(self, req: AddRequest) -> Flow[Transaction]:
+        (reply,) = yield [
+            self._script(
+                _scripts.ADD, req.user_id, req.idempotency_key,
+                _clock(req.now_ms), req.amount, _opt(req.expire_at_ms), _opt(req.ttl_ms),
+                req.fingerprint, self.idempotency_ttl_ms, req.idempotency_key or "",
+                req.metadata_json,
+            )
+        ]  # fmt: skip
+        return parse_transaction(req.user_id, reply, req.amount, req.idempotency_key)
+
+    def subtract(self, req: SubtractRequest) -> Flow[Transaction]:
+        (reply,) = yield [
+            self._script(
+                _scripts.SUBTRACT, req.user_id, req.idempotency_key,
+                _clock(req.now_ms), req.amount, req.fingerprint, self.idempotency_ttl_ms,
+                req.idempotency_key or "", req.metadata_json,
+            )
+        ]  # fmt: skip
+        return parse_transaction(req.user_id, reply, req.amount, req.idempotency_key)
+
+    def balance(self, user_id: str, now_ms: int | None) -> Flow[int]:
+        (reply,) = yield [self._script(_scripts.BALANCE, user_id, None, _clock(now_ms))]
+        return int(text(reply[1]))
+
+    def start_cycle(self, req: StartCycleRequest) -> Flow[tuple[Cycle, Transaction]]:
+        (reply,) = yield [
+            self._script(
+                _scripts.START_CYCLE, req.user_id, req.idempotency_key,
+                _clock(req.now_ms), req.amount, req.duration_ms, req.fingerprint,
+                self.idempotency_ttl_ms, req.idempotency_key or "",
+            )
+        ]  # fmt: skip
+        return parse_cycle_start(req.user_id, reply, req.amount, req.idempotency_key)
+
+    def get_cycle(self, user_id: str) -> Flow[Cycle | None]:
+        state = _keys.user_keys(self.namespace, user_id).state
+        ((started, ends, amount),) = yield [Call(("HMGET", state, "cs", "ce", "ca"))]
+        if started is None:
+            return None
+        return Cycle(
+            user_id=user_id,
+            started_at=from_ms(int(text(started))),
+            ends_at=from_ms(int(text(ends))),
+            amount=int(text(amount)),
+        )
+
+    def history(self, req: HistoryRequest) -> Flow[list[Transaction]]:
+        """Newest first, paged; expired buckets are recorded first so the history is current."""
+        stream = _keys.user_keys(self.namespace, req.user_id).history
+        high = "+" if req.to_ms is None else str(req.to_ms)  # incomplete id: up to <ms>-max
+        low = "-" if req.from_ms is None else str(max(req.from_ms, 0))
+        if req.to_ms is not None and req.to_ms < 0:
+            return []
+        touch = self._script(_scripts.BALANCE, req.user_id, None, _clock(req.now_ms))
+        page_call = Call(("XREVRANGE", stream, high, low, "COUNT", HISTORY_PAGE))
+        _, page = yield [touch, page_call]
+        found: list[Transaction] = []
+        while True:
+            found.extend(parse_entry(req.user_id, entry) for entry in page)
+            if len(page) < HISTORY_PAGE:
+                return found
+            after = "(" + text(page[-1][0])
+            (page,) = yield [Call(("XREVRANGE", stream, after, low, "COUNT", HISTORY_PAGE))]
+
+
+def raise_for_code(code: str, reply: Sequence[Any], user_id: str, amount: int, key: str | None) -> None:
+    """Turn a script's coded domain reply into its typed error; unknown codes are bugs."""
+    if code == "INSUFFICIENT":
+        raise InsufficientCreditsError(user_id, amount, int(text(reply[1])))
+    if code == "IDEM_CONFLICT":
+        raise IdempotencyConflictError(user_id, key or "")
+    if code == "EXPIRY_PAST":
+        raise InvalidExpiryError(
+            f"the expiry must be after the storage's current time ({from_ms(int(text(reply[1])))})"
+        )
+    if code == "BALANCE_LIMIT":
+        raise InvalidAmountError(
+            f"adding {amount} to a balance of {text(reply[1])} would pass the limit of 2**53-1",
+            amount=amount,
+        )
+    raise StorageError(f"unexpected reply from a credici script: {list(reply)!r}")
+
+
+def _checked(reply: Any, user_id: str, amount: int, key: str | None) -> list[str]:
+    if not isinstance(reply, list) or not reply:
+        raise StorageError(f"unexpected reply from a credici script: {reply!r}")
+    fields = [text(v) for v in reply]
+    if fields[0] != "OK":
+        raise_for_code(fields[0], fields, user_id, amount, key)
+    return fields
+
+
+def _transaction(user_id: str, f: list[str]) -> Transaction:
+    # f: OK, id, kind, amount, balance_after, expire_at, idempotency key, metadata JSON
+    return _build(user_id, f[1], f[2], f[3], f[4], f[5] or None, f[6] or None, f[7] or None)
+
+
+def parse_transaction(
+    user_id: str, reply: Any, amount: int, key: str | None
+) -> Transaction:
+    return _transaction(user_id, _checked(reply, user_id, amount, key))
+
+
+def parse_cycle_start(
+    user_id: str, reply: Any, amount: int, key: str | None
+) -> tuple[Cycle, Transaction]:
+    fields = _checked(reply, user_id, amount, key)
+    tx = _transaction(user_id, fields)
+    assert tx.expire_at is not None
+    cycle = Cycle(
+        user_id=user_id, started_at=from_ms(int(fields[8])), ends_at=tx.expire_at, amount=amount
+    )
+    return cycle, tx
+
+
+def parse_entry(user_id: str, entry: Any) -> Transaction:
+    """One XRANGE entry: (id, fields) with fields a dict (RESP2 callbacks) or a flat list."""
+    entry_id, raw = entry[0], entry[1]
+    if isinstance(raw, dict):
+        f = {text(k): text(v) for k, v in raw.items()}
+    else:
+        f = {text(raw[i]): text(raw[i + 1]) for i in range(0, len(raw), 2)}
+    return _build(
+        user_id, text(entry_id), f["k"], f["n"], f["b"], f.get("x"), f.get("i"), f.get("m")
+    )
+
+
+def _build(
+    user_id: str,
+    entry_id: str,
+    kind: str,
+    amount: str,
+    balance_after: str,
+    expire_at: str | None,
+    idempotency_key: str | None,
+    metadata: str | None,
+) -> Transaction:
+    return Transaction(
+        transaction_id=_keys.transaction_id(user_id, entry_id),
+        user_id=user_id,
+        kind=KINDS[kind],
+        amount=int(amount),
+        created_at=from_ms(int(entry_id.partition("-")[0])),
+        expire_at=None if expire_at is None else from_ms(int(expire_at)),
+        balance_after=int(balance_after),
+        idempotency_key=idempotency_key,
+        metadata=json.loads(metadata) if metadata else {},
+    )

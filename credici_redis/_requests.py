@@ -1,0 +1,252 @@
+"""Validated requests: every public argument is checked here, before anything is sent.
+
+Pure code shared by both clients and every storage. A request that leaves this module is well
+formed; what only the storage can judge (an expiry against the server's clock, the balance) is
+judged inside the storage's atomic operation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from credici_redis._time import duration_ms, to_ms, to_ms_ceil
+from credici_redis.errors import (
+    InvalidAmountError,
+    InvalidCycleError,
+    InvalidExpiryError,
+    InvalidIdempotencyKeyError,
+    InvalidMetadataError,
+    InvalidPeriodError,
+    InvalidUserIdError,
+)
+
+MAX_CREDITS = 2**53 - 1
+"""Largest amount and balance: Lua numbers are doubles, exact up to here."""
+MAX_USER_ID_BYTES = 256
+MAX_IDEMPOTENCY_KEY_CHARS = 256
+MAX_METADATA_ITEMS = 64
+MAX_METADATA_BYTES = 4096
+MAX_TTL = timedelta(days=365 * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    user_id: str
+    amount: int
+    expire_at_ms: int | None
+    ttl_ms: int | None
+    idempotency_key: str | None
+    fingerprint: str
+    metadata_json: str
+    now_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SubtractRequest:
+    user_id: str
+    amount: int
+    idempotency_key: str | None
+    fingerprint: str
+    metadata_json: str
+    now_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StartCycleRequest:
+    user_id: str
+    amount: int
+    duration_ms: int
+    idempotency_key: str | None
+    fingerprint: str
+    now_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRequest:
+    user_id: str
+    from_ms: int | None
+    to_ms: int | None
+    now_ms: int | None
+
+
+def user_id(value: object) -> str:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if not isinstance(value, str):
+        raise InvalidUserIdError(
+            f"user_id must be a str or UUID, not {type(value).__name__}", user_id=value
+        )
+    if not value:
+        raise InvalidUserIdError("user_id must not be empty", user_id=value)
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidUserIdError("user_id is not valid Unicode text", user_id=value) from exc
+    if size > MAX_USER_ID_BYTES:
+        raise InvalidUserIdError(
+            f"user_id is {size} UTF-8 bytes, at most {MAX_USER_ID_BYTES} are allowed",
+            user_id=value,
+        )
+    return value
+
+
+def amount(value: object, *, allow_zero: bool = False) -> int:
+    # bool is an int subclass; True is not "1 credit".
+    if type(value) is not int:
+        raise InvalidAmountError(
+            f"amount must be an int, not {type(value).__name__}", amount=value
+        )
+    low = 0 if allow_zero else 1
+    if not low <= value <= MAX_CREDITS:
+        raise InvalidAmountError(
+            f"amount must be between {low} and {MAX_CREDITS}, got {value}", amount=value
+        )
+    return value
+
+
+def idempotency_key(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidIdempotencyKeyError("idempotency_key must be a non-empty str")
+    if len(value) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidIdempotencyKeyError(
+            f"idempotency_key has {len(value)} characters, at most "
+            f"{MAX_IDEMPOTENCY_KEY_CHARS} are allowed"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidIdempotencyKeyError("idempotency_key is not valid Unicode text") from exc
+    return value
+
+
+def metadata(value: object) -> str:
+    """The metadata as canonical JSON ('' for none), the form stored in history."""
+    if value is None:
+        return ""
+    if not isinstance(value, dict):
+        raise InvalidMetadataError(f"metadata must be a dict, not {type(value).__name__}")
+    if len(value) > MAX_METADATA_ITEMS:
+        raise InvalidMetadataError(f"metadata has more than {MAX_METADATA_ITEMS} items")
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise InvalidMetadataError("metadata keys and values must be str")
+    if not value:
+        return ""
+    try:
+        encoded = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        size = len(encoded.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidMetadataError("metadata is not valid Unicode text") from exc
+    if size > MAX_METADATA_BYTES:
+        raise InvalidMetadataError(
+            f"metadata is {size} bytes as JSON, at most {MAX_METADATA_BYTES} are allowed"
+        )
+    return encoded
+
+
+def expiry(expire_at: object, ttl: object) -> tuple[int | None, int | None]:
+    """(expire_at_ms, ttl_ms); the storage checks expire_at against its own clock."""
+    if expire_at is not None and ttl is not None:
+        raise InvalidExpiryError("give expire_at or ttl, not both")
+    if expire_at is not None:
+        if not isinstance(expire_at, datetime):
+            raise InvalidExpiryError(
+                f"expire_at must be a datetime, not {type(expire_at).__name__}"
+            )
+        return to_ms(expire_at), None
+    if ttl is not None:
+        if not isinstance(ttl, timedelta):
+            raise InvalidExpiryError(f"ttl must be a timedelta, not {type(ttl).__name__}")
+        if ttl > MAX_TTL:
+            raise InvalidExpiryError(f"ttl must be at most {MAX_TTL}")
+        ms = duration_ms(ttl)
+        if ms < 1:
+            raise InvalidExpiryError("ttl must be at least one millisecond")
+        return None, ms
+    return None, None
+
+
+def cycle_duration(time_delta: object) -> int:
+    if isinstance(time_delta, timedelta):
+        delta = time_delta
+    elif type(time_delta) is int:
+        if not 1 <= time_delta <= MAX_TTL.days:
+            raise InvalidCycleError(
+                f"time_delta must be between 1 and {MAX_TTL.days} days, got {time_delta}"
+            )
+        delta = timedelta(days=time_delta)
+    elif isinstance(time_delta, float) and math.isfinite(time_delta) and time_delta > 0:
+        raise InvalidCycleError("time_delta in days must be an int; use a timedelta for fractions")
+    else:
+        raise InvalidCycleError(
+            f"time_delta must be an int number of days or a timedelta, got {time_delta!r}"
+        )
+    if delta > MAX_TTL:
+        raise InvalidCycleError(f"time_delta must be at most {MAX_TTL}")
+    ms = duration_ms(delta)
+    if ms < 1:
+        raise InvalidCycleError("time_delta must be at least one millisecond")
+    return ms
+
+
+def fingerprint(*parts: Any) -> str:
+    """What makes two requests "the same" for an idempotency key."""
+    text = "\x1f".join("" if part is None else str(part) for part in parts)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def build_add(
+    user: object,
+    credits: object,
+    expire_at: object,
+    ttl: object,
+    key: object,
+    meta: object,
+    now_ms: int | None,
+) -> AddRequest:
+    uid, n = user_id(user), amount(credits)
+    exp_ms, ttl_ms = expiry(expire_at, ttl)
+    ikey, meta_json = idempotency_key(key), metadata(meta)
+    fp = fingerprint("add", n, exp_ms, ttl_ms, meta_json) if ikey is not None else ""
+    return AddRequest(uid, n, exp_ms, ttl_ms, ikey, fp, meta_json, now_ms)
+
+
+def build_subtract(
+    user: object, credits: object, key: object, meta: object, now_ms: int | None
+) -> SubtractRequest:
+    uid, n = user_id(user), amount(credits)
+    ikey, meta_json = idempotency_key(key), metadata(meta)
+    fp = fingerprint("subtract", n, meta_json) if ikey is not None else ""
+    return SubtractRequest(uid, n, ikey, fp, meta_json, now_ms)
+
+
+def build_start_cycle(
+    credits: object, time_delta: object, user: object, key: object, now_ms: int | None
+) -> StartCycleRequest:
+    n = amount(credits, allow_zero=True)
+    duration = cycle_duration(time_delta)
+    uid = str(uuid.uuid4()) if user is None else user_id(user)
+    ikey = idempotency_key(key)
+    fp = fingerprint("start_cycle", n, duration) if ikey is not None else ""
+    return StartCycleRequest(uid, n, duration, ikey, fp, now_ms)
+
+
+def build_history(
+    user: object, from_: object, to_: object, now_ms: int | None, *, period: bool
+) -> HistoryRequest:
+    uid = user_id(user)
+    if not period:
+        return HistoryRequest(uid, None, None, now_ms)
+    for name, value in (("from_", from_), ("to_", to_)):
+        if not isinstance(value, datetime):
+            raise InvalidPeriodError(f"{name} must be a datetime, not {type(value).__name__}")
+    assert isinstance(from_, datetime) and isinstance(to_, datetime)
+    return HistoryRequest(uid, to_ms_ceil(from_), to_ms(to_), now_ms)

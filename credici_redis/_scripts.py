@@ -1,0 +1,51 @@
+"""The Lua scripts: found on disk, includes expanded, hashed once at import.
+
+Sources live in ``lua/`` at the top of the repository and ship inside the wheel as
+``credici_redis/lua/``. A line ``--!include NAME`` is replaced by the file NAME, so shared
+helpers (``_ledger.lua``) are written once. Scripts run by EVALSHA; the storages reload a script
+when Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_INCLUDE = re.compile(r"^--!include (\S+)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    source: str
+    sha: str
+
+
+def _lua_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "lua", here.parent / "lua"):
+        if (candidate / "_ledger.lua").is_file():
+            return candidate
+    raise RuntimeError(f"credici-redis: the Lua scripts are missing (looked in {here})")
+
+
+def _expand(directory: Path, name: str, seen: tuple[str, ...] = ()) -> str:
+    if name in seen:
+        raise RuntimeError(f"credici-redis: include cycle through {name}")
+    text = (directory / name).read_text(encoding="utf-8")
+    return _INCLUDE.sub(lambda m: _expand(directory, m.group(1), (*seen, name)), text)
+
+
+def load(name: str) -> Script:
+    source = _expand(_lua_dir(), f"{name}.lua")
+    return Script(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
+
+
+ADD = load("add")
+SUBTRACT = load("subtract")
+BALANCE = load("balance")
+START_CYCLE = load("start_cycle")
+
+ALL = (ADD, SUBTRACT, BALANCE, START_CYCLE)

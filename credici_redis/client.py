@@ -1,0 +1,244 @@
+"""`CrediciClient` and `AsyncCrediciClient`: the public API of the seed README.
+
+Each method validates its arguments into a request (`credici_redis._requests`, shared by both
+clients), hands it to the storage, and returns what the storage parsed. Nothing else happens here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any
+from uuid import UUID
+
+from credici_redis import _requests
+from credici_redis._connect import DEFAULT_TIMEOUT, open_async_storage, open_storage
+from credici_redis._time import to_ms
+from credici_redis.models import Cycle, Transaction
+from credici_redis.storage import (
+    DEFAULT_IDEMPOTENCY_TTL,
+    DEFAULT_NAMESPACE,
+    AsyncStorage,
+    Storage,
+)
+
+Clock = Callable[[], datetime]
+UserId = str | UUID
+
+
+class _ClientBase:
+    def __init__(self, clock: Clock | None) -> None:
+        self._clock = clock
+
+    def _now(self) -> int | None:
+        """None: the storage's own clock (Redis TIME). A clock is for tests and simulations."""
+        return None if self._clock is None else to_ms(self._clock())
+
+
+class CrediciClient(_ClientBase):
+    """Credits of many users, kept by a storage. Safe to share between threads."""
+
+    def __init__(self, storage: Storage, *, clock: Clock | None = None) -> None:
+        super().__init__(clock)
+        self.storage = storage
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str = "memory://",
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        timeout: float = DEFAULT_TIMEOUT,
+        idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        clock: Clock | None = None,
+        **redis_options: Any,
+    ) -> CrediciClient:
+        """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded)."""
+        storage = open_storage(
+            url, namespace, timeout=timeout, idempotency_ttl=idempotency_ttl, **redis_options
+        )
+        return cls(storage, clock=clock)
+
+    def add(
+        self,
+        user_id: UserId,
+        amount: int,
+        expire_at: datetime | None = None,
+        *,
+        ttl: timedelta | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Transaction:
+        """Grant `amount` credits, expiring at `expire_at` (naive = UTC) or after `ttl`, or never."""
+        return self.storage.add(
+            _requests.build_add(
+                user_id, amount, expire_at, ttl, idempotency_key, metadata, self._now()
+            )
+        )
+
+    def subtract(
+        self,
+        user_id: UserId,
+        amount: int,
+        *,
+        idempotency_key: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Transaction:
+        """Take `amount` credits, soonest-expiring first; all or nothing (InsufficientCreditsError)."""
+        return self.storage.subtract(
+            _requests.build_subtract(user_id, amount, idempotency_key, metadata, self._now())
+        )
+
+    def get_balance(self, user_id: UserId) -> int:
+        """Credits available now (expired buckets excluded). Cost does not grow with history."""
+        return self.storage.balance(_requests.user_id(user_id), self._now())
+
+    def start_cycle(
+        self,
+        amount: int,
+        time_delta: int | timedelta = 30,
+        user_id: UserId | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Cycle:
+        """Start a cycle of `time_delta` (days or timedelta) granting `amount` credits until its end.
+
+        With no user_id a new user (a uuid4) is created; `Cycle.user_id` tells which.
+        """
+        req = _requests.build_start_cycle(amount, time_delta, user_id, idempotency_key, self._now())
+        return self.storage.start_cycle(req)[0]
+
+    def get_cycle(self, user_id: UserId) -> Cycle | None:
+        """The user's latest cycle, or None if it never had one."""
+        return self.storage.get_cycle(_requests.user_id(user_id))
+
+    def get_all_user_transactions(self, user_id: UserId) -> list[Transaction]:
+        """The user's whole history, newest first."""
+        req = _requests.build_history(user_id, None, None, self._now(), period=False)
+        return self.storage.history(req)
+
+    def get_user_transactions_for_period(
+        self, user_id: UserId, from_: datetime, to_: datetime
+    ) -> list[Transaction]:
+        """History entries with from_ <= created_at <= to_ (naive = UTC), newest first."""
+        req = _requests.build_history(user_id, from_, to_, self._now(), period=True)
+        return self.storage.history(req)
+
+    def close(self) -> None:
+        self.storage.close()
+
+    def __enter__(self) -> CrediciClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncCrediciClient(_ClientBase):
+    """`CrediciClient` for asyncio: the same methods, awaitable. Safe to share between tasks."""
+
+    def __init__(self, storage: AsyncStorage, *, clock: Clock | None = None) -> None:
+        super().__init__(clock)
+        self.storage = storage
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str = "memory://",
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        timeout: float = DEFAULT_TIMEOUT,
+        idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        clock: Clock | None = None,
+        **redis_options: Any,
+    ) -> AsyncCrediciClient:
+        """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded)."""
+        storage = open_async_storage(
+            url, namespace, timeout=timeout, idempotency_ttl=idempotency_ttl, **redis_options
+        )
+        return cls(storage, clock=clock)
+
+    async def add(
+        self,
+        user_id: UserId,
+        amount: int,
+        expire_at: datetime | None = None,
+        *,
+        ttl: timedelta | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Transaction:
+        """Grant `amount` credits, expiring at `expire_at` (naive = UTC) or after `ttl`, or never."""
+        return await self.storage.add(
+            _requests.build_add(
+                user_id, amount, expire_at, ttl, idempotency_key, metadata, self._now()
+            )
+        )
+
+    async def subtract(
+        self,
+        user_id: UserId,
+        amount: int,
+        *,
+        idempotency_key: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Transaction:
+        """Take `amount` credits, soonest-expiring first; all or nothing (InsufficientCreditsError)."""
+        return await self.storage.subtract(
+            _requests.build_subtract(user_id, amount, idempotency_key, metadata, self._now())
+        )
+
+    async def get_balance(self, user_id: UserId) -> int:
+        """Credits available now (expired buckets excluded). Cost does not grow with history."""
+        return await self.storage.balance(_requests.user_id(user_id), self._now())
+
+    async def start_cycle(
+        self,
+        amount: int,
+        time_delta: int | timedelta = 30,
+        user_id: UserId | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Cycle:
+        """Start a cycle of `time_delta` (days or timedelta) granting `amount` credits until its end.
+
+        With no user_id a new user (a uuid4) is created; `Cycle.user_id` tells which.
+        """
+        req = _requests.build_start_cycle(amount, time_delta, user_id, idempotency_key, self._now())
+        return (await self.storage.start_cycle(req))[0]
+
+    async def get_cycle(self, user_id: UserId) -> Cycle | None:
+        """The user's latest cycle, or None if it never had one."""
+        return await self.storage.get_cycle(_requests.user_id(user_id))
+
+    async def get_all_user_transactions(self, user_id: UserId) -> list[Transaction]:
+        """The user's whole history, newest first."""
+        req = _requests.build_history(user_id, None, None, self._now(), period=False)
+        return await self.storage.history(req)
+
+    async def get_user_transactions_for_period(
+        self, user_id: UserId, from_: datetime, to_: datetime
+    ) -> list[Transaction]:
+        """History entries with from_ <= created_at <= to_ (naive = UTC), newest first."""
+        req = _requests.build_history(user_id, from_, to_, self._now(), period=True)
+        return await self.storage.history(req)
+
+    async def aclose(self) -> None:
+        await self.storage.aclose()
+
+    async def __aenter__(self) -> AsyncCrediciClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,99 @@
+"""Every error credici-redis raises. One root, facts as attributes.
+
+    CrediciError
+    ├── InvalidInputError (also a ValueError): bad input, nothing was sent or changed
+    │   ├── InvalidUserIdError
+    │   ├── InvalidAmountError
+    │   ├── InvalidExpiryError
+    │   ├── InvalidCycleError
+    │   ├── InvalidPeriodError
+    │   ├── InvalidIdempotencyKeyError
+    │   └── InvalidMetadataError
+    ├── InsufficientCreditsError      subtract asked for more than the user has
+    ├── IdempotencyConflictError      a key reused for a different request
+    └── StorageError                  Redis answered something the library cannot use (a bug)
+        └── StorageUnavailableError   connection failure or timeout; chained to the driver error
+
+Domain outcomes come back from the Lua scripts as coded replies and become these exceptions in
+one place (`credici_redis._protocol.raise_for_code`); a Redis error reply is a bug or an outage.
+"""
+
+from __future__ import annotations
+
+
+class CrediciError(Exception):
+    """Root of every error raised by credici-redis."""
+
+
+class InvalidInputError(CrediciError, ValueError):
+    """An argument was rejected before anything changed."""
+
+
+class InvalidUserIdError(InvalidInputError):
+    """user_id is not a non-empty str (or UUID) of at most 256 UTF-8 bytes."""
+
+    def __init__(self, message: str, *, user_id: object) -> None:
+        super().__init__(message)
+        self.user_id = user_id
+
+
+class InvalidAmountError(InvalidInputError):
+    """amount is not an int in 1..2**53-1, or the balance would pass 2**53-1."""
+
+    def __init__(self, message: str, *, amount: object) -> None:
+        super().__init__(message)
+        self.amount = amount
+
+
+class InvalidExpiryError(InvalidInputError):
+    """expire_at/ttl is malformed, both were given, or the expiry is not in the future."""
+
+
+class InvalidCycleError(InvalidInputError):
+    """time_delta is not a positive number of days or a positive timedelta."""
+
+
+class InvalidPeriodError(InvalidInputError):
+    """from_/to_ of a history query are not datetimes."""
+
+
+class InvalidIdempotencyKeyError(InvalidInputError):
+    """idempotency_key is not a non-empty str of at most 256 characters."""
+
+
+class InvalidMetadataError(InvalidInputError):
+    """metadata is not a small dict[str, str]."""
+
+
+class InsufficientCreditsError(CrediciError):
+    """The user's available balance is lower than the amount asked; nothing changed."""
+
+    def __init__(self, user_id: str, requested: int, available: int) -> None:
+        super().__init__(
+            f"user {user_id!r} has {available} credits, {requested} were requested"
+        )
+        self.user_id = user_id
+        self.requested = requested
+        self.available = available
+
+
+class IdempotencyConflictError(CrediciError):
+    """The idempotency key was already used for a different request; nothing changed."""
+
+    def __init__(self, user_id: str, idempotency_key: str) -> None:
+        super().__init__(
+            f"idempotency key {idempotency_key!r} of user {user_id!r} was used for a different request"
+        )
+        self.user_id = user_id
+        self.idempotency_key = idempotency_key
+
+
+class StorageError(CrediciError):
+    """The storage answered in a way the library does not expect (a bug or a misconfiguration)."""
+
+
+class StorageUnavailableError(StorageError):
+    """The storage could not be reached or did not answer in time.
+
+    For a write, the outcome is unknown: retry it with the same idempotency key.
+    """

@@ -1,0 +1,258 @@
+"""Storages: where a client's validated requests are carried out.
+
+`Storage` / `AsyncStorage` are the interface a client needs (the seed's "storage interface");
+`RedisStorage` / `AsyncRedisStorage` implement it over redis-py, or over fakeredis for the embedded
+``memory://`` store. They only drive the flows of `credici_redis._protocol` (which build every
+command and parse every reply): send a batch, reload a script on NOSCRIPT, turn driver errors into
+`StorageUnavailableError`.
+
+A redis-py client built by hand retries a command after a timeout by default (3 times in
+redis-py 6+), which can apply a charge twice when the first attempt did reach Redis. Clients
+built by ``CrediciClient.from_url`` turn that off; pass ``retry=Retry(NoBackoff(), 0)`` when you
+build your own, and use idempotency keys for retries of your own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from redis import exceptions as redis_errors
+
+from credici_redis._protocol import Call, Flow, Ledger
+from credici_redis._requests import (
+    AddRequest,
+    HistoryRequest,
+    StartCycleRequest,
+    SubtractRequest,
+)
+from credici_redis._time import duration_ms
+from credici_redis.errors import CrediciError, StorageError, StorageUnavailableError
+from credici_redis.models import Cycle, Transaction
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+
+T = TypeVar("T")
+
+DEFAULT_NAMESPACE = "credici"
+DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
+
+_UNAVAILABLE = (
+    redis_errors.ConnectionError,  # includes BusyLoadingError
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,  # a replica after failover, until the client follows the master
+    redis_errors.OutOfMemoryError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.MasterDownError,
+)
+
+
+def storage_error(exc: redis_errors.RedisError) -> CrediciError:
+    """The CrediciError a driver error means; the caller chains it (`raise ... from exc`)."""
+    if isinstance(exc, _UNAVAILABLE):
+        return StorageUnavailableError(f"Redis is unavailable: {exc}")
+    return StorageError(f"Redis refused a credici command: {exc}")
+
+
+class Storage(Protocol):
+    """What `CrediciClient` needs from a storage. Requests arrive validated."""
+
+    def add(self, req: AddRequest) -> Transaction: ...
+    def subtract(self, req: SubtractRequest) -> Transaction: ...
+    def balance(self, user_id: str, now_ms: int | None) -> int: ...
+    def start_cycle(self, req: StartCycleRequest) -> tuple[Cycle, Transaction]: ...
+    def get_cycle(self, user_id: str) -> Cycle | None: ...
+    def history(self, req: HistoryRequest) -> list[Transaction]: ...
+    def close(self) -> None: ...
+
+
+class AsyncStorage(Protocol):
+    """What `AsyncCrediciClient` needs from a storage: `Storage`, awaitable."""
+
+    async def add(self, req: AddRequest) -> Transaction: ...
+    async def subtract(self, req: SubtractRequest) -> Transaction: ...
+    async def balance(self, user_id: str, now_ms: int | None) -> int: ...
+    async def start_cycle(self, req: StartCycleRequest) -> tuple[Cycle, Transaction]: ...
+    async def get_cycle(self, user_id: str) -> Cycle | None: ...
+    async def history(self, req: HistoryRequest) -> list[Transaction]: ...
+    async def aclose(self) -> None: ...
+
+
+class _RedisStorageBase:
+    def __init__(
+        self,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        owns_connection: bool = False,
+    ) -> None:
+        if idempotency_ttl < timedelta(seconds=1):
+            raise ValueError("idempotency_ttl must be at least one second")
+        self.ledger = Ledger(namespace, duration_ms(idempotency_ttl))
+        self.namespace = namespace
+        self._owns_connection = owns_connection
+
+
+def _noscript(reply: Any) -> bool:
+    return isinstance(reply, redis_errors.NoScriptError)
+
+
+def _check_pipeline(replies: list[Any]) -> None:
+    for reply in replies:
+        if isinstance(reply, redis_errors.RedisError) and not _noscript(reply):
+            raise reply
+
+
+class RedisStorage(_RedisStorageBase):
+    """The ledger on a `redis.Redis` (or fakeredis) client.
+
+    The storage closes the client on `close()` only if it created it (``from_url``).
+    """
+
+    def __init__(
+        self,
+        redis: redis.Redis,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        owns_connection: bool = False,
+    ) -> None:
+        super().__init__(
+            namespace, idempotency_ttl=idempotency_ttl, owns_connection=owns_connection
+        )
+        self.redis = redis
+
+    def add(self, req: AddRequest) -> Transaction:
+        return self.run(self.ledger.add(req))
+
+    def subtract(self, req: SubtractRequest) -> Transaction:
+        return self.run(self.ledger.subtract(req))
+
+    def balance(self, user_id: str, now_ms: int | None) -> int:
+        return self.run(self.ledger.balance(user_id, now_ms))
+
+    def start_cycle(self, req: StartCycleRequest) -> tuple[Cycle, Transaction]:
+        return self.run(self.ledger.start_cycle(req))
+
+    def get_cycle(self, user_id: str) -> Cycle | None:
+        return self.run(self.ledger.get_cycle(user_id))
+
+    def history(self, req: HistoryRequest) -> list[Transaction]:
+        return self.run(self.ledger.history(req))
+
+    def close(self) -> None:
+        if self._owns_connection:
+            self.redis.close()
+
+    def run(self, flow: Flow[T]) -> T:
+        """Drive a flow: send each batch it yields, hand back the replies, return its result."""
+        try:
+            calls = next(flow)
+            while True:
+                calls = flow.send(self._send(calls))
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
+    def _send(self, calls: list[Call]) -> list[Any]:
+        try:
+            if len(calls) == 1:
+                return [self._call(calls[0])]
+            pipe = self.redis.pipeline(transaction=False)
+            for call in calls:
+                pipe.execute_command(*call.args)
+            replies = pipe.execute(raise_on_error=False)
+            _check_pipeline(replies)
+            return [
+                self._call(call) if _noscript(reply) else reply
+                for call, reply in zip(calls, replies, strict=True)
+            ]
+        except redis_errors.RedisError as exc:
+            raise storage_error(exc) from exc
+
+    def _call(self, call: Call) -> Any:
+        try:
+            return self.redis.execute_command(*call.args)
+        except redis_errors.NoScriptError:
+            if call.script is None:
+                raise
+            self.redis.script_load(call.script.source)
+            return self.redis.execute_command(*call.args)
+
+
+class AsyncRedisStorage(_RedisStorageBase):
+    """The ledger on a `redis.asyncio.Redis` (or fakeredis async) client."""
+
+    def __init__(
+        self,
+        redis: redis.asyncio.Redis,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        owns_connection: bool = False,
+    ) -> None:
+        super().__init__(
+            namespace, idempotency_ttl=idempotency_ttl, owns_connection=owns_connection
+        )
+        self.redis = redis
+
+    async def add(self, req: AddRequest) -> Transaction:
+        return await self.run(self.ledger.add(req))
+
+    async def subtract(self, req: SubtractRequest) -> Transaction:
+        return await self.run(self.ledger.subtract(req))
+
+    async def balance(self, user_id: str, now_ms: int | None) -> int:
+        return await self.run(self.ledger.balance(user_id, now_ms))
+
+    async def start_cycle(self, req: StartCycleRequest) -> tuple[Cycle, Transaction]:
+        return await self.run(self.ledger.start_cycle(req))
+
+    async def get_cycle(self, user_id: str) -> Cycle | None:
+        return await self.run(self.ledger.get_cycle(user_id))
+
+    async def history(self, req: HistoryRequest) -> list[Transaction]:
+        return await self.run(self.ledger.history(req))
+
+    async def aclose(self) -> None:
+        if self._owns_connection:
+            await self.redis.aclose()
+
+    async def run(self, flow: Generator[list[Call], list[Any], T]) -> T:
+        """Drive a flow: send each batch it yields, hand back the replies, return its result."""
+        try:
+            calls = next(flow)
+            while True:
+                calls = flow.send(await self._send(calls))
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
+    async def _send(self, calls: list[Call]) -> list[Any]:
+        try:
+            if len(calls) == 1:
+                return [await self._call(calls[0])]
+            pipe = self.redis.pipeline(transaction=False)
+            for call in calls:
+                pipe.execute_command(*call.args)
+            replies = await pipe.execute(raise_on_error=False)
+            _check_pipeline(replies)
+            return [
+                await self._call(call) if _noscript(reply) else reply
+                for call, reply in zip(calls, replies, strict=True)
+            ]
+        except redis_errors.RedisError as exc:
+            raise storage_error(exc) from exc
+
+    async def _call(self, call: Call) -> Any:
+        try:
+            return await self.redis.execute_command(*call.args)
+        except redis_errors.NoScriptError:
+            if call.script is None:
+                raise
+            await self.redis.script_load(call.script.source)
+            return await self.redis.execute_command(*call.args)

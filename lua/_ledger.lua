@@ -1,0 +1,141 @@
+--[[ _ledger.lua: helpers shared by every ledger script. Included (--!include), never run alone.
+
+Keys, built by credici_redis/_keys.py, in the same order for every script; all share one hash tag:
+  KEYS[1] state    hash    bal, ms+sq (last history id), seq (bucket counter), cs/ce/ca (cycle)
+  KEYS[2] order    zset    bucket id -> priority (0 for now); equal scores sort by bucket id
+  KEYS[3] expiry   zset    bucket id -> expire_at ms, expiring buckets only
+  KEYS[4] amounts  hash    bucket id -> credits left, always > 0
+  KEYS[5] history  stream  one entry per change: k kind, n signed amount, b balance after,
+                           x expire_at ms, i idempotency key, m metadata JSON
+  KEYS[6] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
+ARGV[1] is always the clock: '' means the server's TIME; tests inject milliseconds.
+
+A bucket id is "<expire_at ms, 15 digits, 999999999999999 = never><seq, 12 digits>", so within a
+priority the burn order is: soonest expiry first, never-expiring last, ties oldest first.
+
+Numbers are Lua doubles (exact up to 2^53-1, the library's limit); they are always written with
+fmt(), because tostring() switches to exponent notation past 14 digits.
+]]
+
+local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_IDEM =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local MAX_CREDITS = 9007199254740991
+local NEVER = 999999999999999
+
+local function fmt(n)
+  return string.format('%.0f', n)
+end
+
+local function clock(injected)
+  if injected ~= '' then return tonumber(injected) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function load_state()
+  local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq')
+  return { bal = tonumber(v[1]) or 0, ms = tonumber(v[2]) or 0, sq = tonumber(v[3]) or 0, dirty = false }
+end
+
+local function save_state(st)
+  if st.dirty then
+    redis.call('HSET', K_STATE, 'bal', fmt(st.bal), 'ms', fmt(st.ms), 'sq', fmt(st.sq))
+  end
+end
+
+-- Appends a history entry dated `at` and returns its id. Ids only grow: an entry dated before
+-- the last one (a clock step back) is dated at the last one's millisecond, with the next seq.
+local function append(st, kind, amount, at, extra)
+  local ms, sq = at, 0
+  if ms <= st.ms then ms, sq = st.ms, st.sq + 1 end
+  local id = fmt(ms) .. '-' .. fmt(sq)
+  local args = { 'XADD', K_HISTORY, id, 'k', kind, 'n', fmt(amount), 'b', fmt(st.bal) }
+  for i = 1, #extra do args[#args + 1] = extra[i] end
+  redis.call(unpack(args))
+  st.ms, st.sq, st.dirty = ms, sq, true
+  return id
+end
+
+local function new_bucket(amount, expire_at, priority)
+  local seq = redis.call('HINCRBY', K_STATE, 'seq', 1)
+  local id = string.format('%015.0f%012.0f', expire_at or NEVER, seq)
+  redis.call('ZADD', K_ORDER, priority, id)
+  if expire_at then redis.call('ZADD', K_EXPIRY, fmt(expire_at), id) end
+  redis.call('HSET', K_AMOUNTS, id, fmt(amount))
+  return id
+end
+
+local function drop_bucket(id)
+  redis.call('ZREM', K_ORDER, id)
+  redis.call('ZREM', K_EXPIRY, id)
+  redis.call('HDEL', K_AMOUNTS, id)
+end
+
+-- Removes every bucket whose expiry has come (usable while now < expire_at) and records what
+-- was left in each as an "expire" entry dated at its expiry. Each bucket expires once, so the
+-- cost is amortized over the grants; with nothing due it is one ZRANGEBYSCORE.
+local function purge(st, now)
+  local due = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', fmt(now), 'WITHSCORES')
+  if #due == 0 then return end
+  for i = 1, #due, 2 do
+    local id, at = due[i], tonumber(due[i + 1])
+    local left = tonumber(redis.call('HGET', K_AMOUNTS, id)) or 0
+    redis.call('ZREM', K_ORDER, id)
+    redis.call('HDEL', K_AMOUNTS, id)
+    if left > 0 then
+      st.bal = st.bal - left
+      append(st, 'e', -left, at, { 'x', fmt(at) })
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', K_EXPIRY, '-inf', fmt(now))
+end
+
+-- Takes `amount` credits out of the buckets in burn order. The caller has checked the balance,
+-- and the balance is the sum of the buckets, so the loop always finds enough.
+local function burn(amount)
+  local need = amount
+  while need > 0 do
+    local ids = redis.call('ZRANGE', K_ORDER, 0, 15)
+    local lefts = redis.call('HMGET', K_AMOUNTS, unpack(ids))
+    for i = 1, #ids do
+      local left = tonumber(lefts[i])
+      if left > need then
+        redis.call('HSET', K_AMOUNTS, ids[i], fmt(left - need))
+        return
+      end
+      drop_bucket(ids[i])
+      need = need - left
+      if need == 0 then return end
+    end
+  end
+end
+
+-- The reply every operation that records a change returns; also what an idempotency record keeps.
+local function tx_reply(id, kind, amount, bal, expire_at, ikey, meta)
+  return { 'OK', id, kind, fmt(amount), fmt(bal), expire_at and fmt(expire_at) or '', ikey, meta }
+end
+
+-- With an idempotency record: the stored reply if the request is the same, a conflict if not.
+local function replay(fingerprint)
+  if not K_IDEM then return nil end
+  local rec = redis.call('GET', K_IDEM)
+  if not rec then return nil end
+  local sep = string.find(rec, ':', 1, true)
+  if string.sub(rec, 1, sep - 1) ~= fingerprint then return { 'IDEM_CONFLICT' } end
+  return cjson.decode(string.sub(rec, sep + 1))
+end
+
+local function remember(fingerprint, ttl_ms, reply)
+  if K_IDEM then
+    redis.call('SET', K_IDEM, fingerprint .. ':' .. cjson.encode(reply), 'PX', ttl_ms)
+  end
+end
+
+-- History fields every change may carry beyond k, n, b.
+local function extras(expire_at, ikey, meta)
+  local e = {}
+  if expire_at then e[#e + 1] = 'x'; e[#e + 1] = fmt(expire_at) end
+  if ikey ~= '' then e[#e + 1] = 'i'; e[#e + 1] = ikey end
+  if meta ~= '' then e[#e + 1] = 'm'; e[#e + 1] = meta end
+  return e
+end
