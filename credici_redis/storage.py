@@ -97,14 +97,31 @@ class _RedisStorageBase:
         self._owns_connection = owns_connection
 
 
-def _noscript(reply: Any) -> bool:
-    return isinstance(reply, redis_errors.NoScriptError)
+def to_resend(calls: list[Call], replies: list[Any]) -> list[int]:
+    """Which calls of a pipeline to send again once the missing scripts are loaded.
 
-
-def _check_pipeline(replies: list[Any]) -> None:
-    for reply in replies:
-        if isinstance(reply, redis_errors.RedisError) and not _noscript(reply):
+    Every call that got NOSCRIPT, and every read (non-script call) after the first of them, since
+    a read may depend on a script earlier in the batch. A script that ran is never sent twice.
+    Any other error reply is raised.
+    """
+    resend: list[int] = []
+    for i, (call, reply) in enumerate(zip(calls, replies, strict=True)):
+        if isinstance(reply, redis_errors.NoScriptError):
+            resend.append(i)
+        elif isinstance(reply, redis_errors.RedisError):
             raise reply
+        elif resend and call.script is None:
+            resend.append(i)
+    return resend
+
+
+def _expect_no_resend(calls: list[Call], replies: list[Any]) -> None:
+    if to_resend(calls, replies):
+        raise StorageError("Redis lost the credici scripts again right after loading them")
+
+
+def _scripts_of(calls: list[Call], indices: list[int]) -> list[str]:
+    return list({calls[i].script.source: None for i in indices if calls[i].script}.keys())
 
 
 class RedisStorage(_RedisStorageBase):
@@ -162,17 +179,24 @@ class RedisStorage(_RedisStorageBase):
         try:
             if len(calls) == 1:
                 return [self._call(calls[0])]
-            pipe = self.redis.pipeline(transaction=False)
-            for call in calls:
-                pipe.execute_command(*call.args)
-            replies = pipe.execute(raise_on_error=False)
-            _check_pipeline(replies)
-            return [
-                self._call(call) if _noscript(reply) else reply
-                for call, reply in zip(calls, replies, strict=True)
-            ]
+            replies = self._pipeline(calls)
+            resend = to_resend(calls, replies)
+            if resend:
+                for source in _scripts_of(calls, resend):
+                    self.redis.script_load(source)
+                again = self._pipeline([calls[i] for i in resend])
+                _expect_no_resend([calls[i] for i in resend], again)
+                for i, reply in zip(resend, again, strict=True):
+                    replies[i] = reply
+            return replies
         except redis_errors.RedisError as exc:
             raise storage_error(exc) from exc
+
+    def _pipeline(self, calls: list[Call]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for call in calls:
+            pipe.execute_command(*call.args)
+        return pipe.execute(raise_on_error=False)
 
     def _call(self, call: Call) -> Any:
         try:
@@ -236,17 +260,24 @@ class AsyncRedisStorage(_RedisStorageBase):
         try:
             if len(calls) == 1:
                 return [await self._call(calls[0])]
-            pipe = self.redis.pipeline(transaction=False)
-            for call in calls:
-                pipe.execute_command(*call.args)
-            replies = await pipe.execute(raise_on_error=False)
-            _check_pipeline(replies)
-            return [
-                await self._call(call) if _noscript(reply) else reply
-                for call, reply in zip(calls, replies, strict=True)
-            ]
+            replies = await self._pipeline(calls)
+            resend = to_resend(calls, replies)
+            if resend:
+                for source in _scripts_of(calls, resend):
+                    await self.redis.script_load(source)
+                again = await self._pipeline([calls[i] for i in resend])
+                _expect_no_resend([calls[i] for i in resend], again)
+                for i, reply in zip(resend, again, strict=True):
+                    replies[i] = reply
+            return replies
         except redis_errors.RedisError as exc:
             raise storage_error(exc) from exc
+
+    async def _pipeline(self, calls: list[Call]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for call in calls:
+            pipe.execute_command(*call.args)
+        return await pipe.execute(raise_on_error=False)
 
     async def _call(self, call: Call) -> Any:
         try:

@@ -1,0 +1,268 @@
+"""The Redis storages themselves: scripts, keys, idempotency records, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.cluster import key_slot
+
+from credici_redis import (
+    AsyncCrediciClient,
+    CrediciClient,
+    InsufficientCreditsError,
+    StorageUnavailableError,
+)
+from credici_redis import _keys
+from tests.conftest import REDIS_URL, FakeClock, SyncAsAsync
+
+
+def raw(client: Any) -> Any:
+    """The redis-py (or fakeredis) client under a test client."""
+    inner = client.sync if isinstance(client, SyncAsAsync) else client
+    return inner.storage.redis
+
+
+async def call(client: Any, method: str, *args: Any) -> Any:
+    result = getattr(raw(client), method)(*args)
+    return await result if asyncio.iscoroutine(result) else result
+
+
+async def test_scripts_reload_after_script_flush(client: Any, user: str) -> None:
+    await client.add(user, 10)
+    await call(client, "script_flush")
+    await client.subtract(user, 1)  # a single EVALSHA
+    await call(client, "script_flush")
+    history = await client.get_all_user_transactions(user)  # a pipeline: EVALSHA, XREVRANGE
+    assert [t.amount for t in history] == [-1, 10]
+    await call(client, "script_flush")
+    assert await client.get_balance(user) == 9
+
+
+async def test_pipeline_reload_rereads_after_the_script(client: Any, user: str, clock: FakeClock) -> None:
+    # The history read must see what the (reloaded) expiry script wrote before it.
+    await client.add(user, 3, ttl=timedelta(minutes=1))
+    clock.advance(timedelta(minutes=2))
+    await call(client, "script_flush")
+    assert [t.kind for t in await client.get_all_user_transactions(user)] == ["expire", "add"]
+
+
+async def test_all_keys_of_a_user_share_one_slot(client: Any, namespace: str, clock: FakeClock) -> None:
+    users = ["plain", "a:b", "{x}", "}{", "ü 🙂"]
+    for uid in users:
+        await client.add(uid, 10, ttl=timedelta(days=1), idempotency_key="k{1}")
+        await client.subtract(uid, 1)
+        await client.start_cycle(5, 30, uid)
+    keys = [k.decode() for k in await _scan(client, f"{namespace}:*")]
+    by_user: dict[str, set[int]] = {}
+    for key in keys:
+        assert key.startswith(namespace + ":")
+        by_user.setdefault(_keys.user_from_key(namespace, key), set()).add(key_slot(key.encode()))
+    assert set(by_user) == set(users)
+    assert all(len(slots) == 1 for slots in by_user.values())
+
+
+async def _scan(client: Any, pattern: str) -> list[bytes]:
+    r = raw(client)
+    if isinstance(r, redis.Redis):
+        return list(r.scan_iter(match=pattern))
+    return [k async for k in r.scan_iter(match=pattern)]
+
+
+async def test_equal_expiry_burns_oldest_bucket_first(
+    client: Any, namespace: str, user: str, clock: FakeClock
+) -> None:
+    amounts_key = _keys.user_keys(namespace, user).amounts
+
+    async def buckets() -> dict[bytes, int]:
+        return {k: int(v) for k, v in (await call(client, "hgetall", amounts_key)).items()}
+
+    at = clock.now + timedelta(days=1)
+    await client.add(user, 10, at)
+    (older_expiring,) = await buckets()
+    await client.add(user, 10, at)
+    (younger_expiring,) = set(await buckets()) - {older_expiring}
+    await client.add(user, 10)
+    (older_never,) = set(await buckets()) - {older_expiring, younger_expiring}
+    await client.add(user, 10)
+    (younger_never,) = set(await buckets()) - {older_expiring, younger_expiring, older_never}
+
+    await client.subtract(user, 15)
+    assert await buckets() == {younger_expiring: 5, older_never: 10, younger_never: 10}
+    await client.subtract(user, 11)
+    assert await buckets() == {older_never: 4, younger_never: 10}
+
+
+async def test_idempotency_record_is_kept_for_the_retention_time(
+    make_client: Any, namespace: str, user: str
+) -> None:
+    client = make_client(idempotency_ttl=timedelta(hours=30))
+    await client.add(user, 5, idempotency_key="grant")
+    pttl = await call(client, "pttl", _keys.idempotency_key(namespace, user, "grant"))
+    assert timedelta(hours=30) - timedelta(minutes=1) < timedelta(milliseconds=pttl) <= timedelta(
+        hours=30
+    )
+
+
+async def test_idempotency_key_is_forgotten_after_retention(make_client: Any, user: str) -> None:
+    client = make_client(idempotency_ttl=timedelta(seconds=1))
+    first = await client.add(user, 5, idempotency_key="grant")
+    assert await client.add(user, 5, idempotency_key="grant") == first
+    await asyncio.sleep(1.2)
+    second = await client.add(user, 5, idempotency_key="grant")
+    assert second.transaction_id != first.transaction_id
+    assert await client.get_balance(user) == 10
+
+
+async def test_failed_subtract_writes_nothing(client: Any, namespace: str, user: str) -> None:
+    with pytest.raises(InsufficientCreditsError):
+        await client.subtract(user, 1, idempotency_key="k")
+    assert await _scan(client, f"{namespace}:*") == []
+
+
+# --- outages -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP server that accepts connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield int(listener.getsockname()[1])
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+async def test_refused_connection_is_storage_unavailable(api: str) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailableError) as info:
+        if api == "sync":
+            with CrediciClient.from_url(url, timeout=1.0) as c:
+                c.subtract("u", 1)
+        else:
+            async with AsyncCrediciClient.from_url(url, timeout=1.0) as ac:
+                await ac.subtract("u", 1)
+    assert isinstance(info.value.__cause__, redis.ConnectionError)
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+async def test_silent_server_times_out(api: str, silent_server: int) -> None:
+    url = f"redis://127.0.0.1:{silent_server}/0"
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailableError) as info:
+        if api == "sync":
+            with CrediciClient.from_url(url, timeout=0.3) as c:
+                c.get_balance("u")
+        else:
+            async with AsyncCrediciClient.from_url(url, timeout=0.3) as ac:
+                await ac.get_balance("u")
+    assert isinstance(info.value.__cause__, redis.TimeoutError | redis.ConnectionError)
+    assert time.monotonic() - started < 1.5
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[int, Any]]:
+    """A redis-server of this test's own, and a function that (re)starts it."""
+    port = free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        procs.append(
+            subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(tmp_path)],  # fmt: skip
+                stdout=subprocess.DEVNULL,
+            )
+        )
+        for _ in range(100):
+            try:
+                redis.Redis(port=port, socket_connect_timeout=0.1).ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    start()
+    yield port, start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+async def test_client_recovers_when_redis_comes_back(api: str, own_redis: tuple[int, Any]) -> None:
+    port, start = own_redis
+    url = f"redis://127.0.0.1:{port}/0"
+    client: Any = (
+        SyncAsAsync(CrediciClient.from_url(url, timeout=0.5))
+        if api == "sync"
+        else AsyncCrediciClient.from_url(url, timeout=0.5)
+    )
+    await client.add("u", 5)
+    redis.Redis(port=port).shutdown(nosave=True)
+    with pytest.raises(StorageUnavailableError):
+        await client.get_balance("u")
+    start()  # an empty server: no data, no scripts
+    await client.add("u", 2)
+    assert await client.get_balance("u") == 2
+    if api == "sync":
+        client.sync.close()
+    else:
+        await client.aclose()
+
+
+def test_default_url_is_the_embedded_store() -> None:
+    with CrediciClient.from_url() as c:
+        c.add("u", 3)
+        assert c.get_balance("u") == 3
+    with CrediciClient.from_url() as fresh:
+        assert fresh.get_balance("u") == 0  # each memory:// is a store of its own
+
+
+def test_named_memory_stores_are_shared_in_process() -> None:
+    with CrediciClient.from_url("memory://shared-test") as a, CrediciClient.from_url(
+        "memory://shared-test"
+    ) as b:
+        a.add("u", 3)
+        assert b.get_balance("u") == 3
+
+
+def test_from_url_turns_off_redis_py_retries() -> None:
+    with CrediciClient.from_url(REDIS_URL) as c:
+        retry = c.storage.redis.get_retry()  # type: ignore[attr-defined]
+        assert retry is not None and retry.get_retries() == 0
