@@ -69,15 +69,17 @@ def open_storage(
     **options: Any,
 ) -> RedisStorage:
     if _scheme(url) == "memory":
-        client: redis.Redis = fakeredis.FakeRedis(server=_memory_server(url))
+        client: redis.Redis = fakeredis.FakeRedis(
+            server=_memory_server(url),
+            connection_pool_class=redis.BlockingConnectionPool,
+            max_connections=max_connections,
+        )
     else:
         pool = redis.BlockingConnectionPool.from_url(
             url, timeout=timeout, **_redis_options(timeout, max_connections, options)
         )
         client = redis.Redis.from_pool(pool)
-    return RedisStorage(
-        client, namespace, idempotency_ttl=idempotency_ttl, owns_connection=True
-    )
+    return RedisStorage(client, namespace, idempotency_ttl=idempotency_ttl, owns_connection=True)
 
 
 def open_async_storage(
@@ -90,7 +92,11 @@ def open_async_storage(
     **options: Any,
 ) -> AsyncRedisStorage:
     if _scheme(url) == "memory":
-        client: redis.asyncio.Redis = fakeredis.FakeAsyncRedis(server=_memory_server(url))
+        client: redis.asyncio.Redis = fakeredis.FakeAsyncRedis(
+            server=_memory_server(url),
+            connection_pool_class=redis.asyncio.BlockingConnectionPool,
+            max_connections=max_connections,
+        )
     else:
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             url, timeout=timeout, **_redis_options(timeout, max_connections, options)

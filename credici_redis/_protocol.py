@@ -158,7 +158,9 @@ class Ledger:
             (page,) = yield [Call(("XREVRANGE", stream, after, low, "COUNT", HISTORY_PAGE))]
 
 
-def raise_for_code(code: str, reply: Sequence[Any], user_id: str, amount: int, key: str | None) -> None:
+def raise_for_code(
+    code: str, reply: Sequence[Any], user_id: str, amount: int, key: str | None
+) -> None:
     """Turn a script's coded domain reply into its typed error; unknown codes are bugs."""
     if code == "INSUFFICIENT":
         raise InsufficientCreditsError(user_id, amount, int(text(reply[1])))
@@ -190,9 +192,7 @@ def _transaction(user_id: str, f: list[str]) -> Transaction:
     return _build(user_id, f[1], f[2], f[3], f[4], f[5] or None, f[6] or None, f[7] or None)
 
 
-def parse_transaction(
-    user_id: str, reply: Any, amount: int, key: str | None
-) -> Transaction:
+def parse_transaction(user_id: str, reply: Any, amount: int, key: str | None) -> Transaction:
     return _transaction(user_id, _checked(reply, user_id, amount, key))
 
 

@@ -99,9 +99,7 @@ def user_id(value: object) -> str:
 def amount(value: object, *, allow_zero: bool = False) -> int:
     # bool is an int subclass; True is not "1 credit".
     if type(value) is not int:
-        raise InvalidAmountError(
-            f"amount must be an int, not {type(value).__name__}", amount=value
-        )
+        raise InvalidAmountError(f"amount must be an int, not {type(value).__name__}", amount=value)
     low = 0 if allow_zero else 1
     if not low <= value <= MAX_CREDITS:
         raise InvalidAmountError(

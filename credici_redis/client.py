@@ -70,7 +70,7 @@ class CrediciClient(_ClientBase):
         idempotency_key: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> Transaction:
-        """Grant `amount` credits, expiring at `expire_at` (naive = UTC) or after `ttl`, or never."""
+        """Grant `amount` credits expiring at `expire_at` (naive = UTC), after `ttl`, or never."""
         return self.storage.add(
             _requests.build_add(
                 user_id, amount, expire_at, ttl, idempotency_key, metadata, self._now()
@@ -85,7 +85,7 @@ class CrediciClient(_ClientBase):
         idempotency_key: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> Transaction:
-        """Take `amount` credits, soonest-expiring first; all or nothing (InsufficientCreditsError)."""
+        """Take `amount` credits, soonest-expiring first; all or nothing."""
         return self.storage.subtract(
             _requests.build_subtract(user_id, amount, idempotency_key, metadata, self._now())
         )
@@ -102,7 +102,7 @@ class CrediciClient(_ClientBase):
         *,
         idempotency_key: str | None = None,
     ) -> Cycle:
-        """Start a cycle of `time_delta` (days or timedelta) granting `amount` credits until its end.
+        """Start a cycle of `time_delta` (days or timedelta) granting `amount` until its end.
 
         With no user_id a new user (a uuid4) is created; `Cycle.user_id` tells which.
         """
@@ -174,7 +174,7 @@ class AsyncCrediciClient(_ClientBase):
         idempotency_key: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> Transaction:
-        """Grant `amount` credits, expiring at `expire_at` (naive = UTC) or after `ttl`, or never."""
+        """Grant `amount` credits expiring at `expire_at` (naive = UTC), after `ttl`, or never."""
         return await self.storage.add(
             _requests.build_add(
                 user_id, amount, expire_at, ttl, idempotency_key, metadata, self._now()
@@ -189,7 +189,7 @@ class AsyncCrediciClient(_ClientBase):
         idempotency_key: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> Transaction:
-        """Take `amount` credits, soonest-expiring first; all or nothing (InsufficientCreditsError)."""
+        """Take `amount` credits, soonest-expiring first; all or nothing."""
         return await self.storage.subtract(
             _requests.build_subtract(user_id, amount, idempotency_key, metadata, self._now())
         )
@@ -206,7 +206,7 @@ class AsyncCrediciClient(_ClientBase):
         *,
         idempotency_key: str | None = None,
     ) -> Cycle:
-        """Start a cycle of `time_delta` (days or timedelta) granting `amount` credits until its end.
+        """Start a cycle of `time_delta` (days or timedelta) granting `amount` until its end.
 
         With no user_id a new user (a uuid4) is created; `Cycle.user_id` tells which.
         """

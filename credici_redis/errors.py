@@ -69,9 +69,7 @@ class InsufficientCreditsError(CrediciError):
     """The user's available balance is lower than the amount asked; nothing changed."""
 
     def __init__(self, user_id: str, requested: int, available: int) -> None:
-        super().__init__(
-            f"user {user_id!r} has {available} credits, {requested} were requested"
-        )
+        super().__init__(f"user {user_id!r} has {available} credits, {requested} were requested")
         self.user_id = user_id
         self.requested = requested
         self.available = available
@@ -82,7 +80,8 @@ class IdempotencyConflictError(CrediciError):
 
     def __init__(self, user_id: str, idempotency_key: str) -> None:
         super().__init__(
-            f"idempotency key {idempotency_key!r} of user {user_id!r} was used for a different request"
+            f"idempotency key {idempotency_key!r} of user {user_id!r} "
+            "was used for a different request"
         )
         self.user_id = user_id
         self.idempotency_key = idempotency_key

@@ -10,7 +10,7 @@ TransactionKind = Literal["add", "subtract", "expire", "cycle_start"]
 
 
 class Transaction(BaseModel):
-    """One entry of a user's history: a change of the balance, recorded by the script that made it."""
+    """One entry of a user's history: a change of the balance, recorded by the script making it."""
 
     model_config = ConfigDict(frozen=True)
 

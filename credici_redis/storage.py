@@ -14,7 +14,7 @@ build your own, and use idempotency keys for retries of your own.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -121,7 +121,8 @@ def _expect_no_resend(calls: list[Call], replies: list[Any]) -> None:
 
 
 def _scripts_of(calls: list[Call], indices: list[int]) -> list[str]:
-    return list({calls[i].script.source: None for i in indices if calls[i].script}.keys())
+    sources = (calls[i].script for i in indices)
+    return list({script.source: None for script in sources if script is not None})
 
 
 class RedisStorage(_RedisStorageBase):
@@ -142,6 +143,7 @@ class RedisStorage(_RedisStorageBase):
             namespace, idempotency_ttl=idempotency_ttl, owns_connection=owns_connection
         )
         self.redis = redis
+        self._execute: Callable[..., Any] = redis.execute_command
 
     def add(self, req: AddRequest) -> Transaction:
         return self.run(self.ledger.add(req))
@@ -193,19 +195,20 @@ class RedisStorage(_RedisStorageBase):
             raise storage_error(exc) from exc
 
     def _pipeline(self, calls: list[Call]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=False)
+        pipe: Any = self.redis.pipeline(transaction=False)
         for call in calls:
             pipe.execute_command(*call.args)
-        return pipe.execute(raise_on_error=False)
+        replies: list[Any] = pipe.execute(raise_on_error=False)
+        return replies
 
     def _call(self, call: Call) -> Any:
         try:
-            return self.redis.execute_command(*call.args)
+            return self._execute(*call.args)
         except redis_errors.NoScriptError:
             if call.script is None:
                 raise
             self.redis.script_load(call.script.source)
-            return self.redis.execute_command(*call.args)
+            return self._execute(*call.args)
 
 
 class AsyncRedisStorage(_RedisStorageBase):
@@ -223,6 +226,7 @@ class AsyncRedisStorage(_RedisStorageBase):
             namespace, idempotency_ttl=idempotency_ttl, owns_connection=owns_connection
         )
         self.redis = redis
+        self._execute: Callable[..., Awaitable[Any]] = redis.execute_command
 
     async def add(self, req: AddRequest) -> Transaction:
         return await self.run(self.ledger.add(req))
@@ -274,16 +278,17 @@ class AsyncRedisStorage(_RedisStorageBase):
             raise storage_error(exc) from exc
 
     async def _pipeline(self, calls: list[Call]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=False)
+        pipe: Any = self.redis.pipeline(transaction=False)
         for call in calls:
             pipe.execute_command(*call.args)
-        return await pipe.execute(raise_on_error=False)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def _call(self, call: Call) -> Any:
         try:
-            return await self.redis.execute_command(*call.args)
+            return await self._execute(*call.args)
         except redis_errors.NoScriptError:
             if call.script is None:
                 raise
             await self.redis.script_load(call.script.source)
-            return await self.redis.execute_command(*call.args)
+            return await self._execute(*call.args)

@@ -21,8 +21,8 @@ from credici_redis import (
     CrediciClient,
     InsufficientCreditsError,
     StorageUnavailableError,
+    _keys,
 )
-from credici_redis import _keys
 from tests.conftest import REDIS_URL, FakeClock, SyncAsAsync
 
 
@@ -48,7 +48,9 @@ async def test_scripts_reload_after_script_flush(client: Any, user: str) -> None
     assert await client.get_balance(user) == 9
 
 
-async def test_pipeline_reload_rereads_after_the_script(client: Any, user: str, clock: FakeClock) -> None:
+async def test_pipeline_reload_rereads_after_the_script(
+    client: Any, user: str, clock: FakeClock
+) -> None:
     # The history read must see what the (reloaded) expiry script wrote before it.
     await client.add(user, 3, ttl=timedelta(minutes=1))
     clock.advance(timedelta(minutes=2))
@@ -56,7 +58,9 @@ async def test_pipeline_reload_rereads_after_the_script(client: Any, user: str, 
     assert [t.kind for t in await client.get_all_user_transactions(user)] == ["expire", "add"]
 
 
-async def test_all_keys_of_a_user_share_one_slot(client: Any, namespace: str, clock: FakeClock) -> None:
+async def test_all_keys_of_a_user_share_one_slot(
+    client: Any, namespace: str, clock: FakeClock
+) -> None:
     users = ["plain", "a:b", "{x}", "}{", "ü 🙂"]
     for uid in users:
         await client.add(uid, 10, ttl=timedelta(days=1), idempotency_key="k{1}")
@@ -108,8 +112,10 @@ async def test_idempotency_record_is_kept_for_the_retention_time(
     client = make_client(idempotency_ttl=timedelta(hours=30))
     await client.add(user, 5, idempotency_key="grant")
     pttl = await call(client, "pttl", _keys.idempotency_key(namespace, user, "grant"))
-    assert timedelta(hours=30) - timedelta(minutes=1) < timedelta(milliseconds=pttl) <= timedelta(
-        hours=30
+    assert (
+        timedelta(hours=30) - timedelta(minutes=1)
+        < timedelta(milliseconds=pttl)
+        <= timedelta(hours=30)
     )
 
 
@@ -204,8 +210,19 @@ def own_redis(tmp_path: Path) -> Iterator[tuple[int, Any]]:
     def start() -> None:
         procs.append(
             subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(tmp_path)],  # fmt: skip
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(tmp_path),
+                ],
                 stdout=subprocess.DEVNULL,
             )
         )
@@ -255,9 +272,10 @@ def test_default_url_is_the_embedded_store() -> None:
 
 
 def test_named_memory_stores_are_shared_in_process() -> None:
-    with CrediciClient.from_url("memory://shared-test") as a, CrediciClient.from_url(
-        "memory://shared-test"
-    ) as b:
+    with (
+        CrediciClient.from_url("memory://shared-test") as a,
+        CrediciClient.from_url("memory://shared-test") as b,
+    ):
         a.add("u", 3)
         assert b.get_balance("u") == 3
 

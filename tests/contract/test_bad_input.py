@@ -24,8 +24,25 @@ from credici_redis.errors import (
 )
 from tests.conftest import FakeClock
 
-BAD_AMOUNTS = [0, -1, -(2**53), 2**53, 2**64, True, False, 1.0, 1.5, math.nan, math.inf,
-               "1", "abc", None, Decimal(1), [1], b"1"]  # fmt: skip
+BAD_AMOUNTS = [
+    0,
+    -1,
+    -(2**53),
+    2**53,
+    2**64,
+    True,
+    False,
+    1.0,
+    1.5,
+    math.nan,
+    math.inf,
+    "1",
+    "abc",
+    None,
+    Decimal(1),
+    [1],
+    b"1",
+]
 BAD_USERS = ["", "x" * 257, "é" * 129, "\ud800", None, 1, 1.5, b"bytes", ["a"], object()]
 BAD_KEYS = ["", "k" * 257, 1, b"k", ["k"], "\udfff"]
 BAD_METADATA = [
@@ -75,7 +92,9 @@ async def test_bad_user_id(funded: Any, user_id: Any) -> None:
         client.get_balance(user_id),
         client.get_cycle(user_id),
         client.get_all_user_transactions(user_id),
-        client.get_user_transactions_for_period(user_id, datetime(2020, 1, 1), datetime(2030, 1, 1)),
+        client.get_user_transactions_for_period(
+            user_id, datetime(2020, 1, 1), datetime(2030, 1, 1)
+        ),
     ]
     if user_id is not None:  # None means "new user" for start_cycle
         calls.append(client.start_cycle(10, 30, user_id))
@@ -101,7 +120,10 @@ async def test_bad_idempotency_key(funded: Any, key: Any) -> None:
 @pytest.mark.parametrize("metadata", BAD_METADATA, ids=lambda m: repr(m)[:40])
 async def test_bad_metadata(funded: Any, metadata: Any) -> None:
     client, user, history = funded
-    for call in (client.add(user, 1, metadata=metadata), client.subtract(user, 1, metadata=metadata)):
+    for call in (
+        client.add(user, 1, metadata=metadata),
+        client.subtract(user, 1, metadata=metadata),
+    ):
         with pytest.raises(InvalidMetadataError):
             await call
     await unchanged(client, user, history)
@@ -130,8 +152,20 @@ async def test_bad_expiry(funded: Any, clock: FakeClock) -> None:
 
 @pytest.mark.parametrize(
     "time_delta",
-    [0, -1, 1.5, 30.0, "30", None, True, timedelta(0), -timedelta(days=1), timedelta(microseconds=5),
-     10**7, timedelta(days=10**6)],  # fmt: skip
+    [
+        0,
+        -1,
+        1.5,
+        30.0,
+        "30",
+        None,
+        True,
+        timedelta(0),
+        -timedelta(days=1),
+        timedelta(microseconds=5),
+        10**7,
+        timedelta(days=10**6),
+    ],
     ids=repr,
 )
 async def test_bad_cycle_length(funded: Any, time_delta: Any) -> None:

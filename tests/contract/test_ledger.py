@@ -42,7 +42,9 @@ async def test_unknown_user_is_empty(client: Any, user: str) -> None:
     assert await client.get_cycle(user) is None
 
 
-async def test_add_returns_the_recorded_transaction(client: Any, user: str, clock: FakeClock) -> None:
+async def test_add_returns_the_recorded_transaction(
+    client: Any, user: str, clock: FakeClock
+) -> None:
     tx = await client.add(user, 100, metadata={"order": "42", "note": "é ✓"})
     assert tx.kind == "add"
     assert tx.amount == 100
@@ -120,7 +122,9 @@ async def test_burn_order_soonest_expiry_first_never_last(
     assert [(t.amount, t.created_at) for t in expired] == [(-5, start + 2 * DAY)]
 
 
-async def test_credits_expire_exactly_at_expire_at(client: Any, user: str, clock: FakeClock) -> None:
+async def test_credits_expire_exactly_at_expire_at(
+    client: Any, user: str, clock: FakeClock
+) -> None:
     expire_at = clock.now + timedelta(hours=1)
     await client.add(user, 50, expire_at)
     await client.add(user, 5)
@@ -192,7 +196,9 @@ async def test_real_server_clock_expires_credits(make_client: Any, user: str) ->
     assert (await client.get_all_user_transactions(user))[0].kind == "expire"
 
 
-async def test_history_is_newest_first_with_unique_ids(client: Any, user: str, clock: FakeClock) -> None:
+async def test_history_is_newest_first_with_unique_ids(
+    client: Any, user: str, clock: FakeClock
+) -> None:
     for i in range(5):
         await client.add(user, i + 1)
         clock.advance(MS)
@@ -210,7 +216,9 @@ async def test_same_millisecond_entries_keep_their_order(client: Any, user: str)
     assert [t.amount for t in history] == [5, 4, 3, 2, 1]
 
 
-async def test_history_clock_step_back_keeps_ids_growing(client: Any, user: str, clock: FakeClock) -> None:
+async def test_history_clock_step_back_keeps_ids_growing(
+    client: Any, user: str, clock: FakeClock
+) -> None:
     await client.add(user, 1)
     clock.advance(-timedelta(seconds=5))
     tx = await client.add(user, 2)

@@ -1,0 +1,78 @@
+"""The public surface: the names outside code relies on, and sync/async parity."""
+
+from __future__ import annotations
+
+import inspect
+
+import credici_redis
+from credici_redis import AsyncCrediciClient, CrediciClient
+
+REQUIRED = [
+    "CrediciClient",
+    "AsyncCrediciClient",
+    "RedisStorage",
+    "AsyncRedisStorage",
+    "Transaction",
+    "Cycle",
+    "CrediciError",
+    "InsufficientCreditsError",
+    "InvalidAmountError",
+    "InvalidUserIdError",
+    "InvalidExpiryError",
+    "IdempotencyConflictError",
+    "StorageUnavailableError",
+]
+
+SEED_METHODS = [
+    "add",
+    "subtract",
+    "get_balance",
+    "start_cycle",
+    "get_cycle",
+    "get_all_user_transactions",
+    "get_user_transactions_for_period",
+]
+
+
+def test_required_names_are_exported() -> None:
+    for name in REQUIRED:
+        assert name in credici_redis.__all__
+        assert hasattr(credici_redis, name)
+
+
+def _public(cls: type) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(member)
+        for name, member in vars(cls).items()
+        if not name.startswith("_") and callable(member)
+    }
+
+
+def test_sync_and_async_clients_have_the_same_methods_and_signatures() -> None:
+    sync, async_ = _public(CrediciClient), _public(AsyncCrediciClient)
+    sync_names = set(sync) - {"close"}
+    async_names = set(async_) - {"aclose"}
+    assert sync_names == async_names
+    for name in sync_names:
+        if name == "from_url":
+            s, a = (
+                inspect.signature(CrediciClient.from_url),
+                inspect.signature(AsyncCrediciClient.from_url),
+            )
+        else:
+            s, a = sync[name], async_[name]
+        assert list(s.parameters.values()) == list(a.parameters.values()), name
+        if name != "from_url":
+            assert inspect.iscoroutinefunction(getattr(AsyncCrediciClient, name)), name
+    assert set(SEED_METHODS) <= sync_names
+
+
+def test_seed_call_shapes_are_accepted() -> None:
+    # Keyword names from the seed README.
+    params = inspect.signature(CrediciClient.add).parameters
+    assert {"user_id", "amount", "expire_at"} <= set(params)
+    assert list(inspect.signature(CrediciClient.start_cycle).parameters)[1:4] == [
+        "amount",
+        "time_delta",
+        "user_id",
+    ]

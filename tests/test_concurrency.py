@@ -1,0 +1,145 @@
+"""No double spend at any concurrency, and an idempotency key applies once however many race."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+from typing import Any
+
+import pytest
+
+from credici_redis import CrediciClient, InsufficientCreditsError
+from tests.conftest import REDIS_URL
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from credici_redis import CrediciClient, InsufficientCreditsError
+    url, namespace, user, calls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    ok = rejected = 0
+    with CrediciClient.from_url(url, namespace=namespace) as client:
+        sys.stdout.write("ready\\n"); sys.stdout.flush(); sys.stdin.readline()  # start together
+        for _ in range(calls):
+            try:
+                client.subtract(user, 1)
+                ok += 1
+            except InsufficientCreditsError:
+                rejected += 1
+    print(json.dumps({"ok": ok, "rejected": rejected}))
+    """
+)
+
+
+def _subtract_entries(history: list[Any]) -> int:
+    return sum(1 for t in history if t.kind == "subtract")
+
+
+@pytest.mark.slow
+def test_eight_processes_never_overspend(namespace: str, user: str) -> None:
+    with CrediciClient.from_url(REDIS_URL, namespace=namespace) as client:
+        client.add(user, 1000)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, REDIS_URL, namespace, user, "200"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(8)
+        ]
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = []
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        assert sum(r["ok"] for r in results) == 1000
+        assert sum(r["rejected"] for r in results) == 600
+        assert client.get_balance(user) == 0
+        history = client.get_all_user_transactions(user)
+        assert _subtract_entries(history) == 1000
+        assert sum(t.amount for t in history) == 0
+
+
+@pytest.mark.parametrize("backend", ["redis", "memory"])
+def test_threads_never_overspend(url: str, namespace: str, user: str) -> None:
+    with CrediciClient.from_url(url, namespace=namespace) as client:
+        client.add(user, 300)
+        ok: list[int] = []
+        barrier = threading.Barrier(8)
+
+        def work() -> None:
+            barrier.wait()
+            for _ in range(60):
+                try:
+                    client.subtract(user, 1)
+                    ok.append(1)
+                except InsufficientCreditsError:
+                    pass
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(ok) == 300
+        assert client.get_balance(user) == 0
+        assert _subtract_entries(client.get_all_user_transactions(user)) == 300
+
+
+@pytest.mark.parametrize("api", ["async"])
+async def test_1200_tasks_on_500_credits(client: Any, user: str) -> None:
+    await client.add(user, 500)
+
+    async def charge() -> bool:
+        try:
+            await client.subtract(user, 1)
+            return True
+        except InsufficientCreditsError:
+            return False
+
+    results = await asyncio.gather(*(charge() for _ in range(1200)))
+    assert sum(results) == 500
+    assert await client.get_balance(user) == 0
+    history = await client.get_all_user_transactions(user)
+    assert _subtract_entries(history) == 500
+    assert sum(t.amount for t in history) == 0
+
+
+@pytest.mark.parametrize("api", ["async"])
+async def test_racing_retries_of_one_key_apply_once(client: Any, user: str) -> None:
+    await client.add(user, 100)
+    txs = await asyncio.gather(
+        *(client.subtract(user, 7, idempotency_key="order-1") for _ in range(50))
+    )
+    assert len({t.transaction_id for t in txs}) == 1
+    assert await client.get_balance(user) == 93
+    assert _subtract_entries(await client.get_all_user_transactions(user)) == 1
+
+
+@pytest.mark.parametrize("api", ["async"])
+async def test_concurrent_mixed_traffic_keeps_balance_equal_to_history(
+    client: Any, user: str
+) -> None:
+    async def top_up(i: int) -> None:
+        await client.add(user, 1 + i % 5)
+
+    async def charge(i: int) -> None:
+        with contextlib.suppress(InsufficientCreditsError):
+            await client.subtract(user, 1 + i % 7)
+
+    await asyncio.gather(*(top_up(i) if i % 3 == 0 else charge(i) for i in range(600)))
+    balance = await client.get_balance(user)
+    history = await client.get_all_user_transactions(user)
+    assert balance >= 0
+    assert balance == sum(t.amount for t in history) == history[0].balance_after

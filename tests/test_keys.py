@@ -1,0 +1,41 @@
+"""Key naming (no server needed)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.cluster import key_slot
+
+from credici_redis import _keys
+from credici_redis.errors import InvalidInputError
+
+
+@given(st.text(min_size=1, max_size=80), st.text(min_size=1, max_size=80))
+def test_distinct_users_get_distinct_keys(a: str, b: str) -> None:
+    if a != b:
+        assert set(_keys.user_keys("ns", a)).isdisjoint(_keys.user_keys("ns", b))
+
+
+@given(st.text(min_size=1, max_size=80), st.text(min_size=1, max_size=40))
+def test_every_key_of_a_user_is_in_one_slot_and_maps_back(user: str, idem: str) -> None:
+    keys = [*_keys.user_keys("ns", user), _keys.idempotency_key("ns", user, idem)]
+    assert len({key_slot(k.encode()) for k in keys}) == 1
+    for key in keys:
+        assert key.startswith("ns:{")
+        assert _keys.user_from_key("ns", key) == user
+
+
+def test_readable_for_plain_ids() -> None:
+    assert _keys.user_keys("app", "alice").state == "app:{alice}:s"
+    assert _keys.user_keys("app", "a:{b}").state == "app:{a%3A%7Bb%7D}:s"
+
+
+@pytest.mark.parametrize("ns", ["", "a{b", "a}b", "a b", "x" * 65, "a:b", None])
+def test_bad_namespaces_are_rejected(ns: object) -> None:
+    with pytest.raises(InvalidInputError):
+        _keys.check_namespace(ns)  # type: ignore[arg-type]
+
+
+def test_transaction_ids_carry_the_user() -> None:
+    assert _keys.transaction_id("a@b", "17-0") == "17-0@a%40b"

@@ -1,0 +1,42 @@
+"""The Lua sources: includes, headers, and what ships in the wheel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from credici_redis import _scripts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_script_has_a_header_and_the_shared_helpers() -> None:
+    for script in _scripts.ALL:
+        head = script.source.split("\n", 1)[0]
+        assert head.startswith(f"--[[ {script.name}.lua:"), head
+        assert "\n--!include " not in script.source  # expanded
+        for section in ("KEYS", "ARGV", "Reply", "History"):
+            assert section in script.source.split("]]", 1)[0], (script.name, section)
+        assert "local function purge(" in script.source
+
+
+def test_every_lua_file_is_used() -> None:
+    files = {p.stem for p in (ROOT / "lua").glob("*.lua")}
+    assert files == {s.name for s in _scripts.ALL} | {"_ledger"}
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_scripts(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("credici_redis-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for script in (ROOT / "lua").glob("*.lua"):
+        assert f"credici_redis/lua/{script.name}" in names
+    assert "credici_redis/py.typed" in names
