@@ -1,4 +1,4 @@
-"""The metering demo behind ``credici-redis demo``: subscribers charged by worker threads, then audited.
+"""The metering demo behind ``credici-redis demo``: users charged by worker threads, then audited.
 
 Users get a subscription cycle, some get top-ups (promo credits that expire within seconds, packs
 that never do), then worker threads sharing one `CrediciClient` charge them for a fixed time. At
@@ -209,16 +209,20 @@ def _charge(
         bar_format = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"
         try:
             with tqdm(
-                total=seconds, desc="charging", bar_format=bar_format, disable=None if progress else True
+                total=seconds,
+                desc="charging",
+                bar_format=bar_format,
+                disable=None if progress else True,
             ) as bar:
                 while (now := time.monotonic()) < deadline and not any(f.done() for f in futures):
                     time.sleep(min(PROGRESS_TICK, deadline - now))
-                    bar.n = min(seconds, seconds - (deadline - time.monotonic()))
+                    bar.n = seconds - max(0.0, deadline - time.monotonic())
                     bar.set_postfix(
-                        ops=sum(t.ops for t in tallies),
-                        accepted=sum(t.accepted for t in tallies),
-                        rejected=sum(t.rejected for t in tallies),
-                        refresh=True,
+                        {
+                            "ops": sum(t.ops for t in tallies),
+                            "accepted": sum(t.accepted for t in tallies),
+                            "rejected": sum(t.rejected for t in tallies),
+                        }
                     )
         finally:
             stop.set()
@@ -280,8 +284,7 @@ def audit_ledger(client: CrediciClient, users: Sequence[str], at: datetime) -> A
         newest = history[0].balance_after if history else 0
         if not balance == total == newest:
             problems.append(
-                f"{user}: balance {balance}, history sums to {total}, "
-                f"newest entry says {newest}"
+                f"{user}: balance {balance}, history sums to {total}, newest entry says {newest}"
             )
         balance_total += balance
         for tx in history:

@@ -1,0 +1,287 @@
+"""``credici-redis``: the metering demo, and operator commands on a Redis store.
+
+    credici-redis demo [--users N] [--workers N] [--seconds S] [--seed N]
+    credici-redis balance USER
+    credici-redis add USER AMOUNT [--ttl SECONDS | --expire-at ISO8601] [--idempotency-key K]
+    credici-redis subtract USER AMOUNT [--idempotency-key K]
+    credici-redis history USER [--from ISO8601] [--to ISO8601] [--json]
+
+The store is ``--redis-url`` or ``$CREDICI_REDIS_URL``. The demo runs on the embedded store
+without one; the operator commands need a real Redis. Exit status: 0 done, 1 refused by the
+ledger (or a failed demo audit), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from urllib.parse import urlsplit, urlunsplit
+
+from credici_redis._demo import DemoResult, run_demo
+from credici_redis.client import CrediciClient
+from credici_redis.errors import CrediciError
+from credici_redis.models import Transaction
+from credici_redis.storage import DEFAULT_NAMESPACE
+
+URL_ENV = "CREDICI_REDIS_URL"
+PROG = "credici-redis"
+
+
+class UsageError(Exception):
+    """Arguments argparse accepted but the command cannot use; reported like argparse's errors."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return its exit status (the console script exits with it)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        return _operate(args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except CrediciError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`history ... | head`): stop quietly, and keep Python's flush of
+        # stdout at exit from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    # The store options work before or after the command. After it, they are SUPPRESSed when
+    # absent, so that the subcommand does not overwrite a value given before the command.
+    store = argparse.ArgumentParser(add_help=False)
+    _store_options(store, argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Prepaid and subscription credits in Redis."
+    )
+    _store_options(parser, None)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        parents=[store],
+        help="run the metering simulation and audit the ledger",
+        description=(
+            "Subscribers on 30-day cycles, some with promo credits that expire within seconds, "
+            "charged concurrently by worker threads sharing one client for --seconds; then every "
+            "balance is checked against its history. Runs on the embedded store (memory://) "
+            f"unless --redis-url or ${URL_ENV} is given, in a fresh namespace unless --namespace "
+            "is. Exits 1 if the audit fails."
+        ),
+    )
+    demo.add_argument(
+        "--users", type=_positive_int, default=300, metavar="N", help="subscribers (300)"
+    )
+    demo.add_argument(
+        "--workers", type=_positive_int, default=8, metavar="N", help="charging threads (8)"
+    )
+    demo.add_argument(
+        "--seconds",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="how long the workers charge (10); the whole run takes about 1-2 s more",
+    )
+    demo.add_argument(
+        "--seed", type=int, metavar="N", help="seed of the workload (default: random, printed)"
+    )
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    balance = commands.add_parser("balance", parents=[store], help="print a user's balance")
+    balance.add_argument("user", metavar="USER")
+
+    add = commands.add_parser("add", parents=[store], help="grant credits to a user")
+    add.add_argument("user", metavar="USER")
+    add.add_argument("amount", metavar="AMOUNT", type=int)
+    expiry = add.add_mutually_exclusive_group()
+    expiry.add_argument("--ttl", type=float, metavar="SECONDS", help="expire after SECONDS")
+    expiry.add_argument(
+        "--expire-at", type=_instant, metavar="ISO8601", help="expire then (no offset = UTC)"
+    )
+    add.add_argument("--idempotency-key", metavar="K", help="retry-safe: K applies at most once")
+
+    subtract = commands.add_parser("subtract", parents=[store], help="charge a user")
+    subtract.add_argument("user", metavar="USER")
+    subtract.add_argument("amount", metavar="AMOUNT", type=int)
+    subtract.add_argument("--idempotency-key", metavar="K", help="retry-safe: K applies once")
+
+    history = commands.add_parser("history", parents=[store], help="a user's transactions")
+    history.add_argument("user", metavar="USER")
+    history.add_argument("--from", dest="from_", type=_instant, metavar="ISO8601")
+    history.add_argument("--to", dest="to_", type=_instant, metavar="ISO8601")
+    history.add_argument("--json", action="store_true", help="one JSON object per line")
+    return parser
+
+
+def _store_options(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument(
+        "--redis-url",
+        default=default,
+        help=f"redis://host:port/db of the store (default: ${URL_ENV})",
+    )
+    parser.add_argument(
+        "--namespace",
+        default=default,
+        help=f"key prefix of the ledger (default: {DEFAULT_NAMESPACE!r}; demo: a fresh one)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _instant(text: str) -> datetime:
+    """ISO 8601; a trailing 'Z' is accepted (Python 3.10's fromisoformat refuses it)."""
+    try:
+        return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date and time: {text!r}") from None
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    url = args.redis_url or os.environ.get(URL_ENV) or "memory://"
+    namespace = args.namespace or f"demo-{secrets.token_hex(4)}"
+    print(
+        f"{args.users} users, {args.workers} workers, {args.seconds:g} s of charging "
+        f"on {_redacted(url)} (namespace {namespace!r})"
+    )
+    result = run_demo(
+        url,
+        namespace=namespace,
+        users=args.users,
+        workers=args.workers,
+        seconds=args.seconds,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(_report(result))
+    if not url.startswith("memory:") and result.ok:
+        print(
+            f"the data is kept; see: {PROG} --redis-url {_redacted(url)} "
+            f"--namespace {namespace} history user-0001"
+        )
+    return 0 if result.ok else 1
+
+
+def _report(result: DemoResult) -> str:
+    charges = result.accepted + result.rejected
+    rejected_share = result.rejected / charges if charges else 0.0
+    lines = [
+        f"seed            {result.seed}",
+        f"charges         {result.accepted} accepted, {result.rejected} rejected "
+        f"({rejected_share:.0%}); {result.topups} top-ups",
+        f"credits         {result.granted} granted, {result.spent} spent, "
+        f"{result.expired} expired, {result.balance_total} left",
+        f"throughput      {result.ops} ops in {result.seconds:.1f} s = "
+        f"{result.ops_per_second:,.0f} ops/s",
+    ]
+    if result.ok:
+        lines.append(
+            f"audit           OK: all {result.users} balances match their histories "
+            "and the workers' counts"
+        )
+    else:
+        lines.append(f"audit           FAILED: {len(result.problems)} problems")
+        lines.extend(f"  {problem}" for problem in result.problems[:20])
+    return "\n".join(lines)
+
+
+def _operate(args: argparse.Namespace) -> int:
+    url = args.redis_url or os.environ.get(URL_ENV)
+    if not url:
+        raise UsageError(f"{args.command} needs --redis-url or ${URL_ENV}")
+    if url.startswith("memory:"):
+        raise UsageError("memory:// lives only as long as one command; give a Redis URL")
+    with CrediciClient.from_url(url, namespace=args.namespace or DEFAULT_NAMESPACE) as client:
+        if args.command == "balance":
+            print(client.get_balance(args.user))
+        elif args.command == "add":
+            ttl = None if args.ttl is None else timedelta(seconds=args.ttl)
+            tx = client.add(
+                args.user,
+                args.amount,
+                args.expire_at,
+                ttl=ttl,
+                idempotency_key=args.idempotency_key,
+            )
+            print(_describe(tx))
+        elif args.command == "subtract":
+            tx = client.subtract(args.user, args.amount, idempotency_key=args.idempotency_key)
+            print(_describe(tx))
+        else:
+            _history(client, args)
+    return 0
+
+
+def _history(client: CrediciClient, args: argparse.Namespace) -> None:
+    if args.from_ is None and args.to_ is None:
+        history = client.get_all_user_transactions(args.user)
+    else:
+        history = client.get_user_transactions_for_period(
+            args.user,
+            args.from_ or datetime(1970, 1, 1, tzinfo=timezone.utc),
+            args.to_ or datetime(9999, 12, 31, tzinfo=timezone.utc),
+        )
+    if args.json:
+        for tx in history:
+            print(json.dumps(tx.model_dump(mode="json"), ensure_ascii=False))
+        return
+    if not history:
+        print(f"no transactions for {args.user!r}")
+        return
+    print(f"{'created_at':<29} {'kind':<11} {'amount':>9} {'balance':>9}  {'expire_at':<29} key")
+    for tx in history:
+        expire_at = _when(tx.expire_at) if tx.expire_at else "-"
+        print(
+            f"{_when(tx.created_at):<29} {tx.kind:<11} {tx.amount:>+9} {tx.balance_after:>9}  "
+            f"{expire_at:<29} {tx.idempotency_key or '-'}"
+        )
+
+
+def _when(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds")
+
+
+def _describe(tx: Transaction) -> str:
+    """One line for a change: what, for whom, the balance after, and its transaction id."""
+    expiry = f", expiring {_when(tx.expire_at)}" if tx.expire_at else ""
+    return (
+        f"{tx.amount:+} credits for {tx.user_id!r}{expiry}: balance {tx.balance_after} "
+        f"(transaction {tx.transaction_id})"
+    )
