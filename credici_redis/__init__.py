@@ -8,6 +8,7 @@ share one implementation; ``from_url("memory://")`` runs the same scripts in pro
 from credici_redis.client import AsyncCrediciClient, CrediciClient
 from credici_redis.errors import (
     CrediciError,
+    CycleNotFoundError,
     IdempotencyConflictError,
     InsufficientCreditsError,
     InvalidAmountError,
@@ -17,6 +18,7 @@ from credici_redis.errors import (
     InvalidInputError,
     InvalidMetadataError,
     InvalidPeriodError,
+    InvalidTimeZoneError,
     InvalidUserIdError,
     StorageError,
     StorageUnavailableError,
@@ -33,6 +35,7 @@ __all__ = [
     "CrediciClient",
     "CrediciError",
     "Cycle",
+    "CycleNotFoundError",
     "IdempotencyConflictError",
     "InsufficientCreditsError",
     "InvalidAmountError",
@@ -42,6 +45,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidMetadataError",
     "InvalidPeriodError",
+    "InvalidTimeZoneError",
     "InvalidUserIdError",
     "RedisStorage",
     "Storage",

@@ -8,39 +8,46 @@ sync and asyncio storages (`credici_redis.storage`) only drive flows; everything
     add              lua/add.lua         Transaction        (parse_transaction)
     subtract         lua/subtract.lua    Transaction        (parse_transaction)
     balance          lua/balance.lua     int
-    start_cycle      lua/start_cycle.lua Cycle, Transaction (parse_cycle_start)
-    get_cycle        HMGET               Cycle | None
+    start_cycle      lua/start_cycle.lua Cycle              (parse_cycle)
+    get_cycle        lua/cycle.lua       Cycle | None       (parse_cycle)
+    cancel_cycle     lua/cancel_cycle.lua Cycle             (parse_cycle)
     history          balance.lua + XREVRANGE pages   list[Transaction], newest first
 
-Coded replies from the scripts become typed errors in `raise_for_code`.
+Coded replies from the scripts become typed errors in `raise_for_code`. Every script may answer
+SCHEDULE (a calendar cycle needs boundaries only Python can compute): `Ledger._scheduled` answers.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from credici_redis import _keys, _scripts
+from credici_redis import _keys, _schedule, _scripts
 from credici_redis._requests import (
     AddRequest,
     HistoryRequest,
     StartCycleRequest,
     SubtractRequest,
+    decode_period,
 )
 from credici_redis._scripts import Script
 from credici_redis._time import from_ms
 from credici_redis.errors import (
+    CycleNotFoundError,
     IdempotencyConflictError,
     InsufficientCreditsError,
     InvalidAmountError,
     InvalidExpiryError,
     StorageError,
 )
-from credici_redis.models import Cycle, Transaction, TransactionKind
+from credici_redis.models import Cycle, CycleStatus, Transaction, TransactionKind
 
 T = TypeVar("T")
+
+SCHEDULE_ATTEMPTS = 5
+"""A SCHEDULE reply is answered at most this often per call (a racing renewal may move it)."""
 
 HISTORY_PAGE = 1000
 """Entries fetched per XREVRANGE when reading history, so no single reply grows unbounded."""
@@ -92,63 +99,102 @@ class Ledger:
             keys.append(_keys.idempotency_key(self.namespace, user_id, idempotency_key))
         return Call(("EVALSHA", script.sha, len(keys), *keys, *argv), script)
 
+    def _scheduled(self, batch: Callable[[str], list[Call]]) -> Flow[list[Any]]:
+        """Send `batch(extension)`; when its first script asks for calendar boundaries (SCHEDULE),
+        compute them and send it again with them. Nothing was written by a SCHEDULE reply."""
+        extension = ""
+        for _ in range(SCHEDULE_ATTEMPTS):
+            replies = yield batch(extension)
+            first = replies[0]
+            if not (isinstance(first, list) and first and text(first[0]) == "SCHEDULE"):
+                return replies
+            now, anchor, index, period, tz = (text(v) for v in first[1:6])
+            found = _schedule.boundaries_from(int(anchor), period, tz, int(index), int(now))
+            extension = f"{index}:" + ",".join(map(str, found))
+        raise StorageError("the cycle's calendar schedule kept moving; try again")
+
     def add(self, req: AddRequest) -> Flow[Transaction]:
-        (reply,) = yield [
+        (reply,) = yield from self._scheduled(lambda extension: [
             self._script(
                 _scripts.ADD, req.user_id, req.idempotency_key,
-                _clock(req.now_ms), req.amount, _opt(req.expire_at_ms), _opt(req.ttl_ms),
-                req.fingerprint, self.idempotency_ttl_ms, req.idempotency_key or "",
-                req.metadata_json,
+                _clock(req.now_ms), extension, req.amount, _opt(req.expire_at_ms),
+                _opt(req.ttl_ms), req.fingerprint, self.idempotency_ttl_ms,
+                req.idempotency_key or "", req.metadata_json,
             )
-        ]  # fmt: skip
+        ])  # fmt: skip
         return parse_transaction(req.user_id, reply, req.amount, req.idempotency_key)
 
     def subtract(self, req: SubtractRequest) -> Flow[Transaction]:
-        (reply,) = yield [
+        (reply,) = yield from self._scheduled(lambda extension: [
             self._script(
                 _scripts.SUBTRACT, req.user_id, req.idempotency_key,
-                _clock(req.now_ms), req.amount, req.fingerprint, self.idempotency_ttl_ms,
-                req.idempotency_key or "", req.metadata_json,
+                _clock(req.now_ms), extension, req.amount, req.fingerprint,
+                self.idempotency_ttl_ms, req.idempotency_key or "", req.metadata_json,
             )
-        ]  # fmt: skip
+        ])  # fmt: skip
         return parse_transaction(req.user_id, reply, req.amount, req.idempotency_key)
 
     def balance(self, user_id: str, now_ms: int | None) -> Flow[int]:
-        (reply,) = yield [self._script(_scripts.BALANCE, user_id, None, _clock(now_ms))]
+        (reply,) = yield from self._scheduled(
+            lambda extension: [
+                self._script(_scripts.BALANCE, user_id, None, _clock(now_ms), extension)
+            ]
+        )
         return int(text(reply[1]))
 
-    def start_cycle(self, req: StartCycleRequest) -> Flow[tuple[Cycle, Transaction]]:
-        (reply,) = yield [
+    def start_cycle(self, req: StartCycleRequest) -> Flow[Cycle]:
+        now_ms, first_ends = req.now_ms, ""
+        if req.duration_ms is None:
+            # A calendar period: its boundaries come from the start, so fix the start first.
+            if now_ms is None:
+                (server_time,) = yield [Call(("TIME",))]
+                now_ms = int(text(server_time[0])) * 1000 + int(text(server_time[1])) // 1000
+            first_ends = ",".join(
+                map(str, _schedule.boundaries_from(now_ms, req.period, req.tz, 1, now_ms))
+            )
+        (reply,) = yield from self._scheduled(lambda extension: [
             self._script(
                 _scripts.START_CYCLE, req.user_id, req.idempotency_key,
-                _clock(req.now_ms), req.amount, req.duration_ms, req.fingerprint,
+                _clock(now_ms), extension, req.amount, _opt(req.duration_ms), first_ends,
+                req.period, req.tz, int(req.renew), _opt(req.rollover), req.fingerprint,
                 self.idempotency_ttl_ms, req.idempotency_key or "",
             )
-        ]  # fmt: skip
-        return parse_cycle_start(req.user_id, reply, req.amount, req.idempotency_key)
+        ])  # fmt: skip
+        cycle = parse_cycle(req.user_id, reply)
+        if cycle is None:
+            raise StorageError(f"start_cycle got no cycle back: {reply!r}")
+        return cycle
 
-    def get_cycle(self, user_id: str) -> Flow[Cycle | None]:
-        state = _keys.user_keys(self.namespace, user_id).state
-        ((started, ends, amount),) = yield [Call(("HMGET", state, "cs", "ce", "ca"))]
-        if started is None:
-            return None
-        return Cycle(
-            user_id=user_id,
-            started_at=from_ms(int(text(started))),
-            ends_at=from_ms(int(text(ends))),
-            amount=int(text(amount)),
+    def get_cycle(self, user_id: str, now_ms: int | None) -> Flow[Cycle | None]:
+        (reply,) = yield from self._scheduled(
+            lambda extension: [
+                self._script(_scripts.CYCLE, user_id, None, _clock(now_ms), extension)
+            ]
         )
+        return parse_cycle(user_id, reply)
+
+    def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Flow[Cycle]:
+        (reply,) = yield from self._scheduled(lambda extension: [
+            self._script(
+                _scripts.CANCEL_CYCLE, user_id, None, _clock(now_ms), extension, int(forfeit)
+            )
+        ])  # fmt: skip
+        cycle = parse_cycle(user_id, reply)
+        if cycle is None:
+            raise CycleNotFoundError(user_id)
+        return cycle
 
     def history(self, req: HistoryRequest) -> Flow[list[Transaction]]:
-        """Newest first, paged; expired buckets are recorded first so the history is current."""
+        """Newest first, paged; renewals and expiry are recorded first so the history is current."""
         stream = _keys.user_keys(self.namespace, req.user_id).history
         high = "+" if req.to_ms is None else str(req.to_ms)  # incomplete id: up to <ms>-max
         low = "-" if req.from_ms is None else str(max(req.from_ms, 0))
         if req.to_ms is not None and req.to_ms < 0:
             return []
-        touch = self._script(_scripts.BALANCE, req.user_id, None, _clock(req.now_ms))
-        page_call = Call(("XREVRANGE", stream, high, low, "COUNT", HISTORY_PAGE))
-        _, page = yield [touch, page_call]
+        _, page = yield from self._scheduled(lambda extension: [
+            self._script(_scripts.BALANCE, req.user_id, None, _clock(req.now_ms), extension),
+            Call(("XREVRANGE", stream, high, low, "COUNT", HISTORY_PAGE)),
+        ])  # fmt: skip
         found: list[Transaction] = []
         while True:
             found.extend(parse_entry(req.user_id, entry) for entry in page)
@@ -196,16 +242,30 @@ def parse_transaction(user_id: str, reply: Any, amount: int, key: str | None) ->
     return _transaction(user_id, _checked(reply, user_id, amount, key))
 
 
-def parse_cycle_start(
-    user_id: str, reply: Any, amount: int, key: str | None
-) -> tuple[Cycle, Transaction]:
-    fields = _checked(reply, user_id, amount, key)
-    tx = _transaction(user_id, fields)
-    assert tx.expire_at is not None
-    cycle = Cycle(
-        user_id=user_id, started_at=from_ms(int(fields[8])), ends_at=tx.expire_at, amount=amount
+STATUSES: dict[str, CycleStatus] = {"a": "active", "c": "canceled", "e": "ended"}
+
+
+def parse_cycle(user_id: str, reply: Any) -> Cycle | None:
+    """A cycle_reply (see lua/_ledger.lua), or None for NONE / NO_CYCLE."""
+    if isinstance(reply, list) and reply and text(reply[0]) in ("NONE", "NO_CYCLE"):
+        return None
+    f = _checked(reply, user_id, 0, None)
+    # OK, ci, cs, ce, ca, cg, cu, cad, status, crn, cro, cp, ctz
+    return Cycle(
+        user_id=user_id,
+        cycle_id=_keys.transaction_id(user_id, f[1]),
+        started_at=from_ms(int(f[2])),
+        ends_at=from_ms(int(f[3])),
+        amount=int(f[4]),
+        granted=int(f[5]),
+        used=int(f[6]),
+        added=int(f[7]),
+        status=STATUSES[f[8]],
+        renew=f[9] == "1",
+        rollover=None if f[10] == "" else int(f[10]),
+        period=decode_period(f[11]),
+        tz=f[12],
     )
-    return cycle, tx
 
 
 def parse_entry(user_id: str, entry: Any) -> Transaction:

@@ -13,8 +13,9 @@ import math
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
+from credici_redis._schedule import CALENDAR_PERIODS, zone
 from credici_redis._time import duration_ms, to_ms, to_ms_ceil
 from credici_redis.errors import (
     InvalidAmountError,
@@ -23,8 +24,11 @@ from credici_redis.errors import (
     InvalidIdempotencyKeyError,
     InvalidMetadataError,
     InvalidPeriodError,
+    InvalidTimeZoneError,
     InvalidUserIdError,
+    StorageError,
 )
+from credici_redis.models import CalendarPeriod
 
 MAX_CREDITS = 2**53 - 1
 """Largest amount and balance: Lua numbers are doubles, exact up to here."""
@@ -61,7 +65,13 @@ class SubtractRequest:
 class StartCycleRequest:
     user_id: str
     amount: int
-    duration_ms: int
+    period: str
+    """The period as given, encoded: "days:N", "ms:N", or a calendar period name."""
+    duration_ms: int | None
+    """Fixed periods only; None for a calendar period."""
+    tz: str
+    renew: bool
+    rollover: int | None
     idempotency_key: str | None
     fingerprint: str
     now_ms: int | None
@@ -172,6 +182,45 @@ def expiry(expire_at: object, ttl: object) -> tuple[int | None, int | None]:
     return None, None
 
 
+def cycle_period(time_delta: object) -> tuple[str, int | None]:
+    """(encoded period, fixed length in ms or None for a calendar period)."""
+    if isinstance(time_delta, str):
+        if time_delta not in CALENDAR_PERIODS:
+            raise InvalidCycleError(
+                f"time_delta must be days, a timedelta or one of {CALENDAR_PERIODS}, "
+                f"got {time_delta!r}"
+            )
+        return time_delta, None
+    ms = cycle_duration(time_delta)
+    return (f"days:{time_delta}" if type(time_delta) is int else f"ms:{ms}"), ms
+
+
+def decode_period(encoded: str) -> int | timedelta | CalendarPeriod:
+    """The period as the caller gave it, from its encoded form."""
+    kind, _, number = encoded.partition(":")
+    if kind == "days":
+        return int(number)
+    if kind == "ms":
+        return timedelta(milliseconds=int(number))
+    if encoded not in CALENDAR_PERIODS:
+        raise StorageError(f"unknown cycle period {encoded!r} in storage")
+    return cast(CalendarPeriod, encoded)
+
+
+def flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidCycleError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def rollover(value: object) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value <= MAX_CREDITS:
+        raise InvalidCycleError(f"rollover must be None or an int from 0 to 2**53-1, got {value!r}")
+    return value
+
+
 def cycle_duration(time_delta: object) -> int:
     if isinstance(time_delta, timedelta):
         delta = time_delta
@@ -227,14 +276,27 @@ def build_subtract(
 
 
 def build_start_cycle(
-    credits: object, time_delta: object, user: object, key: object, now_ms: int | None
+    credits: object,
+    time_delta: object,
+    user: object,
+    *,
+    rollover_: object,
+    renew: object,
+    tz: object,
+    key: object,
+    now_ms: int | None,
 ) -> StartCycleRequest:
     n = amount(credits, allow_zero=True)
-    duration = cycle_duration(time_delta)
+    period, duration = cycle_period(time_delta)
+    keep = rollover(rollover_)
+    renews = flag("renew", renew)
+    if not isinstance(tz, str):
+        raise InvalidTimeZoneError(f"tz must be an IANA time zone name, got {tz!r}")
+    zone(tz)
     uid = str(uuid.uuid4()) if user is None else user_id(user)
     ikey = idempotency_key(key)
-    fp = fingerprint("start_cycle", n, duration) if ikey is not None else ""
-    return StartCycleRequest(uid, n, duration, ikey, fp, now_ms)
+    fp = fingerprint("start_cycle", n, period, tz, renews, keep) if ikey is not None else ""
+    return StartCycleRequest(uid, n, period, duration, tz, renews, keep, ikey, fp, now_ms)
 
 
 def build_history(

@@ -47,5 +47,7 @@ ADD = load("add")
 SUBTRACT = load("subtract")
 BALANCE = load("balance")
 START_CYCLE = load("start_cycle")
+CYCLE = load("cycle")
+CANCEL_CYCLE = load("cancel_cycle")
 
-ALL = (ADD, SUBTRACT, BALANCE, START_CYCLE)
+ALL = (ADD, SUBTRACT, BALANCE, START_CYCLE, CYCLE, CANCEL_CYCLE)

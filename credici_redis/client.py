@@ -15,7 +15,7 @@ from uuid import UUID
 from credici_redis import _requests
 from credici_redis._connect import DEFAULT_TIMEOUT, open_async_storage, open_storage
 from credici_redis._time import to_ms
-from credici_redis.models import Cycle, Transaction
+from credici_redis.models import CalendarPeriod, Cycle, Transaction
 from credici_redis.storage import (
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_NAMESPACE,
@@ -97,21 +97,36 @@ class CrediciClient(_ClientBase):
     def start_cycle(
         self,
         amount: int,
-        time_delta: int | timedelta = 30,
+        time_delta: int | timedelta | CalendarPeriod = 30,
         user_id: UserId | None = None,
         *,
+        rollover: int | None = 0,
+        renew: bool = False,
+        tz: str = "UTC",
         idempotency_key: str | None = None,
     ) -> Cycle:
-        """Start a cycle of `time_delta` (days or timedelta) granting `amount` until its end.
+        """Start a cycle granting `amount` per period; a running cycle ends now (rollover applies).
 
+        time_delta: days (int), a timedelta, or "day"/"week"/"month"/"year" in time zone `tz`.
+        rollover: how much of the previous grant carries over (0, N, or None for all).
+        renew: start the next period by itself, on the original schedule, at the next operation.
         With no user_id a new user (a uuid4) is created; `Cycle.user_id` tells which.
         """
-        req = _requests.build_start_cycle(amount, time_delta, user_id, idempotency_key, self._now())
-        return self.storage.start_cycle(req)[0]
+        req = _requests.build_start_cycle(
+            amount, time_delta, user_id, rollover_=rollover, renew=renew, tz=tz,
+            key=idempotency_key, now_ms=self._now(),
+        )  # fmt: skip
+        return self.storage.start_cycle(req)
 
     def get_cycle(self, user_id: UserId) -> Cycle | None:
-        """The user's latest cycle, or None if it never had one."""
-        return self.storage.get_cycle(_requests.user_id(user_id))
+        """The user's current (or last) cycle, renewed up to now; None if it never had one."""
+        return self.storage.get_cycle(_requests.user_id(user_id), self._now())
+
+    def cancel_cycle(self, user_id: UserId, *, forfeit: bool = False) -> Cycle:
+        """Stop renewal; the grant stays until the cycle's end, or expires now with forfeit."""
+        return self.storage.cancel_cycle(
+            _requests.user_id(user_id), _requests.flag("forfeit", forfeit), self._now()
+        )
 
     def get_all_user_transactions(self, user_id: UserId) -> list[Transaction]:
         """The user's whole history, newest first."""
@@ -201,21 +216,36 @@ class AsyncCrediciClient(_ClientBase):
     async def start_cycle(
         self,
         amount: int,
-        time_delta: int | timedelta = 30,
+        time_delta: int | timedelta | CalendarPeriod = 30,
         user_id: UserId | None = None,
         *,
+        rollover: int | None = 0,
+        renew: bool = False,
+        tz: str = "UTC",
         idempotency_key: str | None = None,
     ) -> Cycle:
-        """Start a cycle of `time_delta` (days or timedelta) granting `amount` until its end.
+        """Start a cycle granting `amount` per period; a running cycle ends now (rollover applies).
 
+        time_delta: days (int), a timedelta, or "day"/"week"/"month"/"year" in time zone `tz`.
+        rollover: how much of the previous grant carries over (0, N, or None for all).
+        renew: start the next period by itself, on the original schedule, at the next operation.
         With no user_id a new user (a uuid4) is created; `Cycle.user_id` tells which.
         """
-        req = _requests.build_start_cycle(amount, time_delta, user_id, idempotency_key, self._now())
-        return (await self.storage.start_cycle(req))[0]
+        req = _requests.build_start_cycle(
+            amount, time_delta, user_id, rollover_=rollover, renew=renew, tz=tz,
+            key=idempotency_key, now_ms=self._now(),
+        )  # fmt: skip
+        return await self.storage.start_cycle(req)
 
     async def get_cycle(self, user_id: UserId) -> Cycle | None:
-        """The user's latest cycle, or None if it never had one."""
-        return await self.storage.get_cycle(_requests.user_id(user_id))
+        """The user's current (or last) cycle, renewed up to now; None if it never had one."""
+        return await self.storage.get_cycle(_requests.user_id(user_id), self._now())
+
+    async def cancel_cycle(self, user_id: UserId, *, forfeit: bool = False) -> Cycle:
+        """Stop renewal; the grant stays until the cycle's end, or expires now with forfeit."""
+        return await self.storage.cancel_cycle(
+            _requests.user_id(user_id), _requests.flag("forfeit", forfeit), self._now()
+        )
 
     async def get_all_user_transactions(self, user_id: UserId) -> list[Transaction]:
         """The user's whole history, newest first."""

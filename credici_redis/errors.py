@@ -6,11 +6,13 @@
     │   ├── InvalidAmountError
     │   ├── InvalidExpiryError
     │   ├── InvalidCycleError
+    │   │   └── InvalidTimeZoneError
     │   ├── InvalidPeriodError
     │   ├── InvalidIdempotencyKeyError
     │   └── InvalidMetadataError
     ├── InsufficientCreditsError      subtract asked for more than the user has
     ├── IdempotencyConflictError      a key reused for a different request
+    ├── CycleNotFoundError            cancel_cycle on a user with no running cycle
     └── StorageError                  Redis answered something the library cannot use (a bug)
         └── StorageUnavailableError   connection failure or timeout; chained to the driver error
 
@@ -50,11 +52,15 @@ class InvalidExpiryError(InvalidInputError):
 
 
 class InvalidCycleError(InvalidInputError):
-    """time_delta is not a positive number of days or a positive timedelta."""
+    """A cycle argument is wrong: time_delta, rollover, renew or tz."""
 
 
 class InvalidPeriodError(InvalidInputError):
     """from_/to_ of a history query are not datetimes."""
+
+
+class InvalidTimeZoneError(InvalidCycleError):
+    """tz is not a known IANA time zone name."""
 
 
 class InvalidIdempotencyKeyError(InvalidInputError):
@@ -85,6 +91,14 @@ class IdempotencyConflictError(CrediciError):
         )
         self.user_id = user_id
         self.idempotency_key = idempotency_key
+
+
+class CycleNotFoundError(CrediciError):
+    """The user has no cycle that is still running; nothing changed."""
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"user {user_id!r} has no running cycle")
+        self.user_id = user_id
 
 
 class StorageError(CrediciError):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 TransactionKind = Literal["add", "subtract", "expire", "cycle_start"]
+CycleStatus = Literal["active", "canceled", "ended"]
+CalendarPeriod = Literal["day", "week", "month", "year"]
 
 
 class Transaction(BaseModel):
@@ -26,14 +29,23 @@ class Transaction(BaseModel):
 
 
 class Cycle(BaseModel):
-    """A user's billing cycle: `amount` credits granted at `started_at`, expiring at `ends_at`."""
+    """A user's billing cycle: `amount` credits per period from `started_at` until `ends_at`."""
 
     model_config = ConfigDict(frozen=True)
 
     user_id: str
+    cycle_id: str = Field(description="the transaction_id of the cycle_start entry that began it")
     started_at: AwareDatetime
     ends_at: AwareDatetime
-    amount: int
+    amount: int = Field(description="credits granted per period")
+    status: CycleStatus
+    renew: bool
+    rollover: int | None = Field(description="0: nothing carries; N: up to N; None: all")
+    granted: int = Field(description="credits this cycle granted, rollover included")
+    used: int = Field(description="credits subtracted during this cycle, from any bucket")
+    added: int = Field(description="credits added by `add` during this cycle")
+    period: int | timedelta | CalendarPeriod = Field(description="time_delta, as given")
+    tz: str
 
 
-__all__ = ["Cycle", "Transaction", "TransactionKind"]
+__all__ = ["CalendarPeriod", "Cycle", "CycleStatus", "Transaction", "TransactionKind"]

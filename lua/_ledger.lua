@@ -1,7 +1,7 @@
 --[[ _ledger.lua: helpers shared by every ledger script. Included (--!include), never run alone.
 
 Keys, built by credici_redis/_keys.py, in the same order for every script; all share one hash tag:
-  KEYS[1] state    hash    bal, ms+sq (last history id), seq (bucket counter), cs/ce/ca (cycle)
+  KEYS[1] state    hash    bal, ms+sq (last history id), seq (bucket counter), the cycle (c*)
   KEYS[2] order    zset    bucket id -> priority (0 for now); equal scores sort by bucket id
   KEYS[3] expiry   zset    bucket id -> expire_at ms, expiring buckets only
   KEYS[4] amounts  hash    bucket id -> credits left, always > 0
@@ -9,6 +9,17 @@ Keys, built by credici_redis/_keys.py, in the same order for every script; all s
                            x expire_at ms, i idempotency key, m metadata JSON
   KEYS[6] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
 ARGV[1] is always the clock: '' means the server's TIME; tests inject milliseconds.
+ARGV[2] is always a schedule extension for a calendar cycle: '' or "<index>:<ms>,<ms>,..." (the
+boundaries from that period index on, computed by the client after a SCHEDULE reply).
+
+The cycle lives in the state hash:
+  ci  id of its cycle_start entry   c0  schedule anchor (ms)     ck  period index (0 = first)
+  cs  start (ms)   ce  end (ms)     ca  amount per period        cg  granted (amount + rollover)
+  cu  used         cad added        cst status a(ctive) c(anceled) e(nded)
+  crn renew 0|1    cro rollover ('' = all)   cp period as given   ctz time zone
+  cdur fixed period (ms) or '' for a calendar period   cq calendar boundaries after ce ("ms,ms")
+  cb  the bucket holding this cycle's grant ('' = none)
+Boundaries are on the original schedule: B(k) = c0 + k * cdur, or the k-th calendar boundary.
 
 A bucket id is "<expire_at ms, 15 digits, 999999999999999 = never><seq, 12 digits>", so within a
 priority the burn order is: soonest expiry first, never-expiring last, ties oldest first.
@@ -33,8 +44,11 @@ local function clock(injected)
 end
 
 local function load_state()
-  local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq')
-  return { bal = tonumber(v[1]) or 0, ms = tonumber(v[2]) or 0, sq = tonumber(v[3]) or 0, dirty = false }
+  local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst')
+  return {
+    bal = tonumber(v[1]) or 0, ms = tonumber(v[2]) or 0, sq = tonumber(v[3]) or 0, dirty = false,
+    ce = tonumber(v[4]), cst = v[5] or nil,
+  }
 end
 
 local function save_state(st)
@@ -138,4 +152,130 @@ local function extras(expire_at, ikey, meta)
   if ikey ~= '' then e[#e + 1] = 'i'; e[#e + 1] = ikey end
   if meta ~= '' then e[#e + 1] = 'm'; e[#e + 1] = meta end
   return e
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- Cycles
+
+local CYCLE_FIELDS = { 'ci', 'c0', 'ck', 'cs', 'ce', 'ca', 'cg', 'cu', 'cad', 'cst', 'crn', 'cro',
+                       'cp', 'ctz', 'cdur', 'cq', 'cb' }
+
+local function load_cycle()
+  local v = redis.call('HMGET', K_STATE, unpack(CYCLE_FIELDS))
+  if not v[1] then return nil end
+  local c = {}
+  for i = 1, #CYCLE_FIELDS do c[CYCLE_FIELDS[i]] = v[i] or '' end
+  return c
+end
+
+local function save_cycle(c, st)
+  local args = { 'HSET', K_STATE }
+  for i = 1, #CYCLE_FIELDS do
+    args[#args + 1] = CYCLE_FIELDS[i]
+    args[#args + 1] = c[CYCLE_FIELDS[i]]
+  end
+  redis.call(unpack(args))
+  st.ce, st.cst = tonumber(c.ce), c.cst
+end
+
+-- What rollover keeps of an unspent grant: '' = all of it, else at most N.
+local function carried(rollover, left)
+  if rollover == '' then return left end
+  return math.min(left, tonumber(rollover))
+end
+
+-- Ends the current grant at `at`: keeps `carry` of it and records the rest as expired.
+local function close_grant(st, c, rollover, at)
+  if c.cb == '' then return 0 end
+  local left = tonumber(redis.call('HGET', K_AMOUNTS, c.cb)) or 0
+  drop_bucket(c.cb)
+  c.cb = ''
+  local carry = carried(rollover, left)
+  if left > carry then
+    st.bal = st.bal - (left - carry)
+    append(st, 'e', -(left - carry), at, { 'x', c.ce })
+  end
+  return carry
+end
+
+local function count_list(q)
+  if q == '' then return 0 end
+  local _, commas = string.gsub(q, ',', ',')
+  return commas + 1
+end
+
+local function last_of(q)
+  return tonumber(string.match(q, '([^,]+)$'))
+end
+
+local function pop_list(q)
+  local comma = string.find(q, ',', 1, true)
+  if not comma then return tonumber(q), '' end
+  return tonumber(string.sub(q, 1, comma - 1)), string.sub(q, comma + 1)
+end
+
+-- Calendar cycles: take the client's extension if it starts where the queue ends; then the queue
+-- must reach past `now`, or the client is asked (SCHEDULE) before anything is written.
+local function ensure_schedule(c, now, extension)
+  local have = count_list(c.cq)
+  local first_missing = tonumber(c.ck) + 2 + have
+  if extension ~= '' then
+    local colon = string.find(extension, ':', 1, true)
+    if tonumber(string.sub(extension, 1, colon - 1)) == first_missing then
+      local more = string.sub(extension, colon + 1)
+      c.cq = (c.cq == '' and more) or (c.cq .. ',' .. more)
+      have = count_list(c.cq)
+      first_missing = tonumber(c.ck) + 2 + have
+    end
+  end
+  if have > 0 and last_of(c.cq) > now then return nil end
+  return { 'SCHEDULE', fmt(now), c.c0, fmt(first_missing), c.cp, c.ctz }
+end
+
+-- Brings the cycle up to `now`: at each boundary a renewing cycle rolls its grant over and starts
+-- the next period (one cycle_start per period; only the period containing `now` gets its grant);
+-- any other cycle ends. Returns a SCHEDULE reply when a calendar cycle needs more boundaries.
+local function advance(st, now, extension)
+  if not st.ce or st.cst == 'e' or now < st.ce then return nil end
+  local c = load_cycle()
+  local renewing = c.crn == '1' and c.cst == 'a'
+  if renewing and c.cdur == '' then
+    local ask = ensure_schedule(c, now, extension)
+    if ask then return ask end
+  end
+  while renewing and now >= tonumber(c.ce) do
+    local ends = tonumber(c.ce)
+    purge(st, ends - 1)
+    local carry = close_grant(st, c, c.cro, ends)
+    local k = tonumber(c.ck) + 1
+    local next_end
+    if c.cdur ~= '' then
+      next_end = tonumber(c.c0) + (k + 1) * tonumber(c.cdur)
+    else
+      next_end, c.cq = pop_list(c.cq)
+    end
+    local grant = 0
+    if next_end > now then grant = tonumber(c.ca) end
+    if grant + carry > 0 then c.cb = new_bucket(grant + carry, next_end, 0) end
+    st.bal = st.bal + grant
+    c.ci = append(st, 'c', grant, ends, { 'x', fmt(next_end) })
+    c.ck, c.cs, c.ce = fmt(k), fmt(ends), fmt(next_end)
+    c.cg, c.cu, c.cad = fmt(grant + carry), '0', '0'
+  end
+  if now >= tonumber(c.ce) then c.cst = 'e' end
+  save_cycle(c, st)
+  return nil
+end
+
+-- Counts usage against the cycle running at `now` (field cu: used, cad: added).
+local function count_usage(st, now, field, amount)
+  if st.ce and st.cst ~= 'e' and now < st.ce then
+    redis.call('HINCRBY', K_STATE, field, amount)
+  end
+end
+
+local function cycle_reply(c, now)
+  local status = c.cst
+  if now >= tonumber(c.ce) then status = 'e' end
+  return { 'OK', c.ci, c.cs, c.ce, c.ca, c.cg, c.cu, c.cad, status, c.crn, c.cro, c.cp, c.ctz }
 end

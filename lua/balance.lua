@@ -1,12 +1,16 @@
---[[ balance.lua: expire what is due, then read the balance. Writes only when something expired.
+--[[ balance.lua: bring the user up to now (cycle renewals, expiry), then read the balance.
+Writes only when a cycle renewed or a bucket expired.
 KEYS  1-5 the user's keys (see _ledger.lua)
-ARGV  1 clock ('' = server TIME)
-Reply {'OK', balance}
-History: "e" entries for buckets that expired.
+ARGV  1 clock ('' = server TIME) | 2 schedule extension
+Reply {'OK', balance} | SCHEDULE
+History: cycle renewals and expired buckets.
 ]]
 --!include _ledger.lua
 
+local now = clock(ARGV[1])
 local st = load_state()
-purge(st, clock(ARGV[1]))
+local ask = advance(st, now, ARGV[2])
+if ask then return ask end
+purge(st, now)
 save_state(st)
 return { 'OK', fmt(st.bal) }

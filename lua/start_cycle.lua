@@ -1,35 +1,54 @@
---[[ start_cycle.lua: start a billing cycle: grant `amount` credits expiring at the cycle's end.
+--[[ start_cycle.lua: start a cycle granting `amount` until its end; ends the running one first.
 KEYS  1-5 the user's keys (see _ledger.lua); 6 the idempotency record, when a key was given
-ARGV  1 clock ('' = server TIME) | 2 amount (0 allowed) | 3 duration ms | 4 fingerprint
-      5 idempotency retention ms | 6 idempotency key or ''
-Reply {'OK', id, 'c', amount, balance_after, ends_at, ikey, '', started_at}
-      | {'IDEM_CONFLICT'} | {'BALANCE_LIMIT', balance}
-History: "e" entries for buckets that expired, then one "c" entry.
-A previous cycle's unspent grant keeps its own expiry.
+ARGV  1 clock ('' = server TIME) | 2 schedule extension (for the running cycle)
+      3 amount (0 allowed) | 4 fixed period ms, or '' for a calendar period
+      5 calendar boundaries of the new cycle "B1,B2,..." (calendar only) | 6 period as given
+      7 time zone | 8 renew 0|1 | 9 rollover ('' = all) | 10 fingerprint
+      11 idempotency retention ms | 12 idempotency key or ''
+Reply cycle_reply (see _ledger.lua) | {'IDEM_CONFLICT'} | {'BALANCE_LIMIT', balance} | SCHEDULE
+History: renewals and expired buckets; the running cycle's grant minus what rolls over, as an "e"
+entry; then one "c" entry for the new grant (rollover moves credits, it is not a new grant).
 ]]
 --!include _ledger.lua
 
-local now, amount, duration = clock(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local fingerprint, ikey = ARGV[4], ARGV[6]
+local now, amount = clock(ARGV[1]), tonumber(ARGV[3])
+local fingerprint, ikey = ARGV[10], ARGV[12]
 
 local prior = replay(fingerprint)
 if prior then return prior end
 
 local st = load_state()
+local ask = advance(st, now, ARGV[2])
+if ask then return ask end
 purge(st, now)
 if st.bal + amount > MAX_CREDITS then
   save_state(st)
   return { 'BALANCE_LIMIT', fmt(st.bal) }
 end
 
-local ends_at = now + duration
-if amount > 0 then new_bucket(amount, ends_at, 0) end
+local c = load_cycle()
+local carry = 0
+if c and c.cst ~= 'e' and now < tonumber(c.ce) then
+  carry = close_grant(st, c, ARGV[9], now)
+end
+
+local ends_at, queue = nil, ''
+if ARGV[4] ~= '' then
+  ends_at = now + tonumber(ARGV[4])
+else
+  ends_at, queue = pop_list(ARGV[5])
+end
+c = {
+  c0 = fmt(now), ck = '0', cs = fmt(now), ce = fmt(ends_at), ca = fmt(amount),
+  cg = fmt(amount + carry), cu = '0', cad = '0', cst = 'a', crn = ARGV[8], cro = ARGV[9],
+  cp = ARGV[6], ctz = ARGV[7], cdur = ARGV[4], cq = queue, cb = '',
+}
+if amount + carry > 0 then c.cb = new_bucket(amount + carry, ends_at, 0) end
 st.bal = st.bal + amount
-local id = append(st, 'c', amount, now, extras(ends_at, ikey, ''))
-local started_at = st.ms
-redis.call('HSET', K_STATE, 'cs', fmt(started_at), 'ce', fmt(ends_at), 'ca', fmt(amount))
+c.ci = append(st, 'c', amount, now, extras(ends_at, ikey, ''))
+c.cs = fmt(st.ms)  -- the entry's time (later than now only if the clock stepped back)
+save_cycle(c, st)
 save_state(st)
-local reply = tx_reply(id, 'c', amount, st.bal, ends_at, ikey, '')
-reply[#reply + 1] = fmt(started_at)
-remember(fingerprint, ARGV[5], reply)
+local reply = cycle_reply(c, now)
+remember(fingerprint, ARGV[11], reply)
 return reply

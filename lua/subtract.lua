@@ -1,20 +1,23 @@
 --[[ subtract.lua: take credits out, soonest-expiring buckets first, all or nothing.
 KEYS  1-5 the user's keys (see _ledger.lua); 6 the idempotency record, when a key was given
-ARGV  1 clock ('' = server TIME) | 2 amount | 3 fingerprint | 4 idempotency retention ms
-      5 idempotency key or '' | 6 metadata JSON or ''
+ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 fingerprint
+      5 idempotency retention ms | 6 idempotency key or '' | 7 metadata JSON or ''
 Reply {'OK', id, 's', -amount, balance_after, '', ikey, meta}
-      | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available}
-History: "e" entries for buckets that expired, then one "s" entry (none when insufficient).
+      | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available} | SCHEDULE
+History: cycle renewals and expired buckets, then one "s" entry (none when insufficient).
+Counts as `used` in the cycle.
 ]]
 --!include _ledger.lua
 
-local now, amount = clock(ARGV[1]), tonumber(ARGV[2])
-local fingerprint, ikey, meta = ARGV[3], ARGV[5], ARGV[6]
+local now, amount = clock(ARGV[1]), tonumber(ARGV[3])
+local fingerprint, ikey, meta = ARGV[4], ARGV[6], ARGV[7]
 
 local prior = replay(fingerprint)
 if prior then return prior end
 
 local st = load_state()
+local ask = advance(st, now, ARGV[2])
+if ask then return ask end
 purge(st, now)
 if st.bal < amount then
   save_state(st)
@@ -23,8 +26,9 @@ end
 
 burn(amount)
 st.bal = st.bal - amount
+count_usage(st, now, 'cu', amount)
 local id = append(st, 's', -amount, now, extras(nil, ikey, meta))
 save_state(st)
 local reply = tx_reply(id, 's', -amount, st.bal, nil, ikey, meta)
-remember(fingerprint, ARGV[4], reply)
+remember(fingerprint, ARGV[5], reply)
 return reply

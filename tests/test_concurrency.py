@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -143,3 +144,41 @@ async def test_concurrent_mixed_traffic_keeps_balance_equal_to_history(
     history = await client.get_all_user_transactions(user)
     assert balance >= 0
     assert balance == sum(t.amount for t in history) == history[0].balance_after
+
+
+@pytest.mark.parametrize("api", ["async"])
+async def test_charging_while_the_cycle_renews_never_exceeds_the_grants(
+    make_client: Any, user: str
+) -> None:
+    client = make_client()  # the real clock: renewals happen during the load
+    await client.start_cycle(40, timedelta(milliseconds=200), user, renew=True)
+    loop = asyncio.get_running_loop()
+    stop = loop.time() + 1.2
+    accepted = 0
+
+    async def worker() -> None:
+        nonlocal accepted
+        while loop.time() < stop:
+            try:
+                await client.subtract(user, 1)
+                accepted += 1
+            except InsufficientCreditsError:
+                await asyncio.sleep(0.005)
+
+    await asyncio.gather(*(worker() for _ in range(32)))
+    history = await client.get_all_user_transactions(user)
+    balance = await client.get_balance(user)
+    assert balance == sum(t.amount for t in history) == history[0].balance_after
+    charges = [t for t in history if t.kind == "subtract"]
+    assert len(charges) == accepted > 40
+    granted = sum(t.amount for t in history if t.kind == "cycle_start")
+    assert accepted <= granted
+    # Per period (rollover 0, no top-ups): what was charged never exceeds that period's grant.
+    per_period: list[int] = []
+    for t in reversed(history):
+        if t.kind == "cycle_start":
+            per_period.append(0)
+        elif t.kind == "subtract":
+            per_period[-1] += -t.amount
+    assert len(per_period) >= 4
+    assert max(per_period) <= 40

@@ -44,9 +44,26 @@ def test_metadata_is_canonical_json() -> None:
 
 
 def test_start_cycle_without_user_makes_a_uuid4() -> None:
-    req = _requests.build_start_cycle(0, 30, None, None, None)
+    req = _requests.build_start_cycle(
+        0, 30, None, rollover_=0, renew=False, tz="UTC", key=None, now_ms=None
+    )
     assert uuid.UUID(req.user_id).version == 4
     assert req.duration_ms == 30 * 86_400_000
+
+
+def test_calendar_boundaries_clamp_to_the_month_and_follow_local_time() -> None:
+    from credici_redis import _schedule
+
+    jan31 = to_ms(datetime(2027, 1, 31, 10, tzinfo=timezone.utc))
+    got = [from_ms(_schedule.boundary(jan31, "month", "UTC", k)).date() for k in range(4)]
+    assert [d.isoformat() for d in got] == ["2027-01-31", "2027-02-28", "2027-03-31", "2027-04-30"]
+    # From a start in winter time, local midnight in summer is 22:00 UTC.
+    berlin_mar = to_ms(datetime(2027, 2, 28, 23, tzinfo=timezone.utc))  # 2027-03-01 00:00 CET
+    assert from_ms(_schedule.boundary(berlin_mar, "month", "Europe/Berlin", 1)) == datetime(
+        2027, 3, 31, 22, tzinfo=timezone.utc
+    )
+    found = _schedule.boundaries_from(jan31, "month", "UTC", 1, jan31)
+    assert len(found) == _schedule.AHEAD + 1 and found == sorted(found)
 
 
 def test_expire_at_and_ttl_are_exclusive() -> None:

@@ -1,0 +1,63 @@
+"""Cycle periods: fixed lengths, and calendar periods in a time zone.
+
+Fixed periods (an int of days, a timedelta) are plain milliseconds and the scripts compute their
+boundaries. Calendar periods ("day", "week", "month", "year") are anchored on the cycle's start in
+its IANA time zone: boundary k is the start's local wall time moved k periods on, the day clamped to
+the month's length (Jan 31 -> Feb 28/29 -> Mar 31), then converted to UTC, so a cycle that starts at
+local midnight ends at local midnight on both sides of a DST change. Lua has no time zone data, so
+the client computes calendar boundaries here and hands the scripts a few at a time.
+"""
+
+from __future__ import annotations
+
+import calendar
+from datetime import date, datetime, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from credici_redis._time import from_ms, to_ms
+from credici_redis.errors import InvalidTimeZoneError
+
+CALENDAR_PERIODS = ("day", "week", "month", "year")
+AHEAD = 4
+"""Calendar boundaries handed to a script beyond the one it needs: one extra round trip per few."""
+
+
+@lru_cache(maxsize=256)
+def zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:
+        raise InvalidTimeZoneError(f"unknown time zone {name!r}") from exc
+
+
+def _shift(day: date, period: str, k: int) -> date:
+    if period == "day":
+        return day + timedelta(days=k)
+    if period == "week":
+        return day + timedelta(weeks=k)
+    months = k * 12 if period == "year" else k
+    year, month0 = divmod(day.year * 12 + day.month - 1 + months, 12)
+    last = calendar.monthrange(year, month0 + 1)[1]
+    return date(year, month0 + 1, min(day.day, last))
+
+
+def boundary(anchor_ms: int, period: str, tz: str, k: int) -> int:
+    """The start of period k (k = 0 is the anchor) in ms, for a calendar period."""
+    local = from_ms(anchor_ms).astimezone(zone(tz))
+    shifted = datetime.combine(_shift(local.date(), period, k), local.timetz())
+    return to_ms(shifted)
+
+
+def boundaries_from(anchor_ms: int, period: str, tz: str, first: int, now_ms: int) -> list[int]:
+    """Boundaries first, first+1, ... up to the first one after now_ms, then AHEAD more."""
+    found: list[int] = []
+    k = first
+    past_now = 0
+    while past_now <= AHEAD:
+        b = boundary(anchor_ms, period, tz, k)
+        found.append(b)
+        if b > now_ms:
+            past_now += 1
+        k += 1
+    return found
