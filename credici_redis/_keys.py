@@ -15,6 +15,7 @@ ids never share keys) and leaves no '{' or '}' that could end the tag early.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import NamedTuple
 from urllib.parse import quote, unquote
 
@@ -41,7 +42,9 @@ def check_namespace(namespace: str) -> str:
     return namespace
 
 
+@lru_cache(maxsize=65536)
 def user_tag(user_id: str) -> str:
+    """Percent-encoded, cached: a busy worker charges the same users over and over."""
     return quote(user_id, safe="")
 
 

@@ -1,7 +1,8 @@
 --[[ _ledger.lua: helpers shared by every ledger script. Included (--!include), never run alone.
 
 Keys, built by credici_redis/_keys.py, in the same order for every script; all share one hash tag:
-  KEYS[1] state    hash    bal, ms+sq (last history id), seq (bucket counter), the cycle (c*)
+  KEYS[1] state    hash    bal, ms+sq (last history id), seq (bucket counter), nx (no bucket
+                           expires before it), the cycle (c*)
   KEYS[2] order    zset    bucket id -> priority (0 for now); equal scores sort by bucket id
   KEYS[3] expiry   zset    bucket id -> expire_at ms, expiring buckets only
   KEYS[4] amounts  hash    bucket id -> credits left, always > 0
@@ -44,16 +45,17 @@ local function clock(injected)
 end
 
 local function load_state()
-  local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst')
+  local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst', 'nx')
   return {
     bal = tonumber(v[1]) or 0, ms = tonumber(v[2]) or 0, sq = tonumber(v[3]) or 0, dirty = false,
-    ce = tonumber(v[4]), cst = v[5] or nil,
+    ce = tonumber(v[4]), cst = v[5] or nil, nx = tonumber(v[6]),
   }
 end
 
 local function save_state(st)
   if st.dirty then
-    redis.call('HSET', K_STATE, 'bal', fmt(st.bal), 'ms', fmt(st.ms), 'sq', fmt(st.sq))
+    redis.call('HSET', K_STATE, 'bal', fmt(st.bal), 'ms', fmt(st.ms), 'sq', fmt(st.sq),
+      'nx', fmt(st.nx or 0))
   end
 end
 
@@ -70,11 +72,14 @@ local function append(st, kind, amount, at, extra)
   return id
 end
 
-local function new_bucket(amount, expire_at, priority)
+local function new_bucket(st, amount, expire_at, priority)
   local seq = redis.call('HINCRBY', K_STATE, 'seq', 1)
   local id = string.format('%015.0f%012.0f', expire_at or NEVER, seq)
   redis.call('ZADD', K_ORDER, priority, id)
-  if expire_at then redis.call('ZADD', K_EXPIRY, fmt(expire_at), id) end
+  if expire_at then
+    redis.call('ZADD', K_EXPIRY, fmt(expire_at), id)
+    if not st.nx or expire_at < st.nx then st.nx, st.dirty = expire_at, true end
+  end
   redis.call('HSET', K_AMOUNTS, id, fmt(amount))
   return id
 end
@@ -87,9 +92,17 @@ end
 
 -- Removes every bucket whose expiry has come (usable while now < expire_at) and records what
 -- was left in each as an "expire" entry dated at its expiry. Each bucket expires once, so the
--- cost is amortized over the grants; with nothing due it is one ZRANGEBYSCORE.
+-- cost is amortized over the grants. st.nx (no bucket expires before it; it may be too early,
+-- never too late) skips the look-up when nothing can be due.
 local function purge(st, now)
+  if st.nx and now < st.nx then return end
   local due = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', fmt(now), 'WITHSCORES')
+  local first = redis.call('ZRANGE', K_EXPIRY, #due / 2, #due / 2, 'WITHSCORES')
+  local nx = tonumber(first[2]) or NEVER
+  if nx ~= st.nx then
+    st.nx = nx
+    if st.ms > 0 then st.dirty = true end  -- a user with no history has no state to update
+  end
   if #due == 0 then return end
   for i = 1, #due, 2 do
     local id, at = due[i], tonumber(due[i + 1])
@@ -107,9 +120,10 @@ end
 -- Takes `amount` credits out of the buckets in burn order. The caller has checked the balance,
 -- and the balance is the sum of the buckets, so the loop always finds enough.
 local function burn(amount)
-  local need = amount
+  local need, batch = amount, 1  -- usually the first bucket covers the charge: fetch one first
   while need > 0 do
-    local ids = redis.call('ZRANGE', K_ORDER, 0, 15)
+    local ids = redis.call('ZRANGE', K_ORDER, 0, batch - 1)
+    batch = 32
     local lefts = redis.call('HMGET', K_AMOUNTS, unpack(ids))
     for i = 1, #ids do
       local left = tonumber(lefts[i])
@@ -256,7 +270,7 @@ local function advance(st, now, extension)
     end
     local grant = 0
     if next_end > now then grant = tonumber(c.ca) end
-    if grant + carry > 0 then c.cb = new_bucket(grant + carry, next_end, 0) end
+    if grant + carry > 0 then c.cb = new_bucket(st, grant + carry, next_end, 0) end
     st.bal = st.bal + grant
     c.ci = append(st, 'c', grant, ends, { 'x', fmt(next_end) })
     c.ck, c.cs, c.ce = fmt(k), fmt(ends), fmt(next_end)

@@ -28,7 +28,7 @@ if st.bal + amount > MAX_CREDITS then
   return { 'BALANCE_LIMIT', fmt(st.bal) }
 end
 
-new_bucket(amount, expire_at, 0)
+new_bucket(st, amount, expire_at, 0)
 st.bal = st.bal + amount
 count_usage(st, now, 'cad', amount)
 local id = append(st, 'a', amount, now, extras(expire_at, ikey, meta))
