@@ -20,6 +20,7 @@ from credici_redis.errors import (
     InvalidPeriodError,
     InvalidTimeZoneError,
     InvalidUserIdError,
+    OutcomeUnknownError,
     StorageError,
     StorageUnavailableError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "InvalidPeriodError",
     "InvalidTimeZoneError",
     "InvalidUserIdError",
+    "OutcomeUnknownError",
     "RedisStorage",
     "Storage",
     "StorageError",

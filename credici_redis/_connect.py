@@ -66,6 +66,7 @@ def open_storage(
     timeout: float = DEFAULT_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     idempotency_ttl: timedelta,
+    retries: int = 0,
     **options: Any,
 ) -> RedisStorage:
     if _scheme(url) == "memory":
@@ -79,7 +80,9 @@ def open_storage(
             url, timeout=timeout, **_redis_options(timeout, max_connections, options)
         )
         client = redis.Redis.from_pool(pool)
-    return RedisStorage(client, namespace, idempotency_ttl=idempotency_ttl, owns_connection=True)
+    return RedisStorage(
+        client, namespace, idempotency_ttl=idempotency_ttl, retries=retries, owns_connection=True
+    )
 
 
 def open_async_storage(
@@ -89,6 +92,7 @@ def open_async_storage(
     timeout: float = DEFAULT_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     idempotency_ttl: timedelta,
+    retries: int = 0,
     **options: Any,
 ) -> AsyncRedisStorage:
     if _scheme(url) == "memory":
@@ -103,5 +107,5 @@ def open_async_storage(
         )
         client = redis.asyncio.Redis.from_pool(pool)
     return AsyncRedisStorage(
-        client, namespace, idempotency_ttl=idempotency_ttl, owns_connection=True
+        client, namespace, idempotency_ttl=idempotency_ttl, retries=retries, owns_connection=True
     )

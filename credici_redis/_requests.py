@@ -11,9 +11,9 @@ import hashlib
 import json
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from credici_redis._schedule import CALENDAR_PERIODS, zone
 from credici_redis._time import duration_ms, to_ms, to_ms_ceil
@@ -250,6 +250,27 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
+KeyedRequest = TypeVar("KeyedRequest", AddRequest, SubtractRequest, StartCycleRequest)
+
+
+def keyed(req: KeyedRequest, key: str | None) -> KeyedRequest:
+    """The request under idempotency key `key` (None: no key), with its fingerprint."""
+    if key is None:
+        return replace(req, idempotency_key=None, fingerprint="")
+    if isinstance(req, AddRequest):
+        fp = fingerprint("add", req.amount, req.expire_at_ms, req.ttl_ms, req.metadata_json)
+    elif isinstance(req, SubtractRequest):
+        fp = fingerprint("subtract", req.amount, req.metadata_json)
+    else:
+        fp = fingerprint("start_cycle", req.amount, req.period, req.tz, req.renew, req.rollover)
+    return replace(req, idempotency_key=key, fingerprint=fp)
+
+
+def generated_key() -> str:
+    """For automatic retries of a call given no key: made once per call, so retries apply once."""
+    return f"auto:{uuid.uuid4().hex}"
+
+
 def build_add(
     user: object,
     credits: object,
@@ -262,8 +283,7 @@ def build_add(
     uid, n = user_id(user), amount(credits)
     exp_ms, ttl_ms = expiry(expire_at, ttl)
     ikey, meta_json = idempotency_key(key), metadata(meta)
-    fp = fingerprint("add", n, exp_ms, ttl_ms, meta_json) if ikey is not None else ""
-    return AddRequest(uid, n, exp_ms, ttl_ms, ikey, fp, meta_json, now_ms)
+    return keyed(AddRequest(uid, n, exp_ms, ttl_ms, None, "", meta_json, now_ms), ikey)
 
 
 def build_subtract(
@@ -271,8 +291,7 @@ def build_subtract(
 ) -> SubtractRequest:
     uid, n = user_id(user), amount(credits)
     ikey, meta_json = idempotency_key(key), metadata(meta)
-    fp = fingerprint("subtract", n, meta_json) if ikey is not None else ""
-    return SubtractRequest(uid, n, ikey, fp, meta_json, now_ms)
+    return keyed(SubtractRequest(uid, n, None, "", meta_json, now_ms), ikey)
 
 
 def build_start_cycle(
@@ -295,8 +314,8 @@ def build_start_cycle(
     zone(tz)
     uid = str(uuid.uuid4()) if user is None else user_id(user)
     ikey = idempotency_key(key)
-    fp = fingerprint("start_cycle", n, period, tz, renews, keep) if ikey is not None else ""
-    return StartCycleRequest(uid, n, period, duration, tz, renews, keep, ikey, fp, now_ms)
+    req = StartCycleRequest(uid, n, period, duration, tz, renews, keep, None, "", now_ms)
+    return keyed(req, ikey)
 
 
 def build_history(

@@ -21,6 +21,12 @@ class Script:
     name: str
     source: str
     sha: str
+    effect: bool
+    """Carries out a caller's request: sent twice without an idempotency key, it applies twice.
+
+    Scripts without an effect only bring a user up to now (expiry, renewal), which is the same
+    however often it runs.
+    """
 
 
 def _lua_dir() -> Path:
@@ -38,16 +44,16 @@ def _expand(directory: Path, name: str, seen: tuple[str, ...] = ()) -> str:
     return _INCLUDE.sub(lambda m: _expand(directory, m.group(1), (*seen, name)), text)
 
 
-def load(name: str) -> Script:
+def load(name: str, *, effect: bool) -> Script:
     source = _expand(_lua_dir(), f"{name}.lua")
-    return Script(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
+    return Script(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest(), effect)
 
 
-ADD = load("add")
-SUBTRACT = load("subtract")
-BALANCE = load("balance")
-START_CYCLE = load("start_cycle")
-CYCLE = load("cycle")
-CANCEL_CYCLE = load("cancel_cycle")
+ADD = load("add", effect=True)
+SUBTRACT = load("subtract", effect=True)
+BALANCE = load("balance", effect=False)
+START_CYCLE = load("start_cycle", effect=True)
+CYCLE = load("cycle", effect=False)
+CANCEL_CYCLE = load("cancel_cycle", effect=True)
 
 ALL = (ADD, SUBTRACT, BALANCE, START_CYCLE, CYCLE, CANCEL_CYCLE)

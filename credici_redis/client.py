@@ -51,12 +51,23 @@ class CrediciClient(_ClientBase):
         namespace: str = DEFAULT_NAMESPACE,
         timeout: float = DEFAULT_TIMEOUT,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        retries: int = 0,
         clock: Clock | None = None,
         **redis_options: Any,
     ) -> CrediciClient:
-        """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded)."""
+        """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded).
+
+        timeout: seconds before a call fails with StorageUnavailableError. retries: how often a
+        call is retried by itself after an outage (writes get an idempotency key, so a retry never
+        applies twice). Other keyword arguments go to redis-py.
+        """
         storage = open_storage(
-            url, namespace, timeout=timeout, idempotency_ttl=idempotency_ttl, **redis_options
+            url,
+            namespace,
+            timeout=timeout,
+            idempotency_ttl=idempotency_ttl,
+            retries=retries,
+            **redis_options,
         )
         return cls(storage, clock=clock)
 
@@ -170,12 +181,23 @@ class AsyncCrediciClient(_ClientBase):
         namespace: str = DEFAULT_NAMESPACE,
         timeout: float = DEFAULT_TIMEOUT,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        retries: int = 0,
         clock: Clock | None = None,
         **redis_options: Any,
     ) -> AsyncCrediciClient:
-        """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded)."""
+        """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded).
+
+        timeout: seconds before a call fails with StorageUnavailableError. retries: how often a
+        call is retried by itself after an outage (writes get an idempotency key, so a retry never
+        applies twice). Other keyword arguments go to redis-py.
+        """
         storage = open_async_storage(
-            url, namespace, timeout=timeout, idempotency_ttl=idempotency_ttl, **redis_options
+            url,
+            namespace,
+            timeout=timeout,
+            idempotency_ttl=idempotency_ttl,
+            retries=retries,
+            **redis_options,
         )
         return cls(storage, clock=clock)
 

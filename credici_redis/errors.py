@@ -15,6 +15,7 @@
     ├── CycleNotFoundError            cancel_cycle on a user with no running cycle
     └── StorageError                  Redis answered something the library cannot use (a bug)
         └── StorageUnavailableError   connection failure or timeout; chained to the driver error
+            └── OutcomeUnknownError   a request was sent but no reply came: it may have applied
 
 Domain outcomes come back from the Lua scripts as coded replies and become these exceptions in
 one place (`credici_redis._protocol.raise_for_code`); a Redis error reply is a bug or an outage.
@@ -109,4 +110,12 @@ class StorageUnavailableError(StorageError):
     """The storage could not be reached or did not answer in time.
 
     For a write, the outcome is unknown: retry it with the same idempotency key.
+    """
+
+
+class OutcomeUnknownError(StorageUnavailableError):
+    """A request reached (or may have reached) Redis, but the connection failed before its reply.
+
+    It may or may not have been applied. Retry it with the same idempotency key: a retry applies it
+    at most once. Clients made with ``retries=N`` do this by themselves.
     """

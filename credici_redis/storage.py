@@ -6,14 +6,21 @@
 command and parse every reply): send a batch, reload a script on NOSCRIPT, turn driver errors into
 `StorageUnavailableError`.
 
+A connection failure or timeout while a request was in flight raises `OutcomeUnknownError`: it
+may have applied. With ``retries=N`` the storage retries by itself, and a request the caller gave
+no idempotency key gets one (``auto:<uuid>``), made once per call, so no retry applies it twice.
+
 A redis-py client built by hand retries a command after a timeout by default (3 times in
-redis-py 6+), which can apply a charge twice when the first attempt did reach Redis. Clients
-built by ``CrediciClient.from_url`` turn that off; pass ``retry=Retry(NoBackoff(), 0)`` when you
-build your own, and use idempotency keys for retries of your own.
+redis-py 6+), without such a key: a charge whose first attempt did reach Redis is applied twice.
+Clients built by ``CrediciClient.from_url`` turn that off; pass ``retry=Retry(NoBackoff(), 0)``
+when you build your own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import time
 from collections.abc import Awaitable, Callable, Generator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -24,11 +31,19 @@ from credici_redis._protocol import Call, Flow, Ledger
 from credici_redis._requests import (
     AddRequest,
     HistoryRequest,
+    KeyedRequest,
     StartCycleRequest,
     SubtractRequest,
+    generated_key,
+    keyed,
 )
 from credici_redis._time import duration_ms
-from credici_redis.errors import CrediciError, StorageError, StorageUnavailableError
+from credici_redis.errors import (
+    CrediciError,
+    OutcomeUnknownError,
+    StorageError,
+    StorageUnavailableError,
+)
 from credici_redis.models import Cycle, Transaction
 
 if TYPE_CHECKING:
@@ -51,8 +66,30 @@ _UNAVAILABLE = (
 )
 
 
-def storage_error(exc: redis_errors.RedisError) -> CrediciError:
+# redis-py's words for a failure before anything was sent.
+_NOT_SENT = (
+    "connecting to",
+    "Timeout connecting",
+    "No connection available",
+    "Too many connections",
+)
+
+
+def _maybe_applied(exc: redis_errors.RedisError, calls: list[Call]) -> bool:
+    """A request was on the wire when the connection failed: Redis may have run it."""
+    lost = isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError) and not (
+        isinstance(exc, redis_errors.BusyLoadingError) or any(w in str(exc) for w in _NOT_SENT)
+    )
+    return lost and any(call.script is not None and call.script.effect for call in calls)
+
+
+def storage_error(exc: redis_errors.RedisError, calls: list[Call]) -> CrediciError:
     """The CrediciError a driver error means; the caller chains it (`raise ... from exc`)."""
+    if _maybe_applied(exc, calls):
+        return OutcomeUnknownError(
+            f"the connection failed before Redis answered; the request may have been applied: "
+            f"retry it with the same idempotency key ({exc})"
+        )
     if isinstance(exc, _UNAVAILABLE):
         return StorageUnavailableError(f"Redis is unavailable: {exc}")
     return StorageError(f"Redis refused a credici command: {exc}")
@@ -90,13 +127,28 @@ class _RedisStorageBase:
         namespace: str = DEFAULT_NAMESPACE,
         *,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        retries: int = 0,
+        retry_backoff: float = 0.05,
         owns_connection: bool = False,
     ) -> None:
         if idempotency_ttl < timedelta(seconds=1):
             raise ValueError("idempotency_ttl must be at least one second")
+        if type(retries) is not int or retries < 0:
+            raise ValueError("retries must be an int >= 0")
         self.ledger = Ledger(namespace, duration_ms(idempotency_ttl))
         self.namespace = namespace
+        self.retries = retries
+        self.retry_backoff = retry_backoff
         self._owns_connection = owns_connection
+
+    def _retry_safe(self, req: KeyedRequest) -> KeyedRequest:
+        """With retries on, a request without a key gets one, once, before its first attempt."""
+        if self.retries and req.idempotency_key is None:
+            return keyed(req, generated_key())
+        return req
+
+    def _pause(self, attempt: int) -> float:
+        return float(min(self.retry_backoff * 2**attempt, 1.0))
 
 
 def to_resend(calls: list[Call], replies: list[Any]) -> list[int]:
@@ -139,38 +191,59 @@ class RedisStorage(_RedisStorageBase):
         namespace: str = DEFAULT_NAMESPACE,
         *,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        retries: int = 0,
+        retry_backoff: float = 0.05,
         owns_connection: bool = False,
     ) -> None:
         super().__init__(
-            namespace, idempotency_ttl=idempotency_ttl, owns_connection=owns_connection
+            namespace,
+            idempotency_ttl=idempotency_ttl,
+            retries=retries,
+            retry_backoff=retry_backoff,
+            owns_connection=owns_connection,
         )
         self.redis = redis
         self._execute: Callable[..., Any] = redis.execute_command
 
     def add(self, req: AddRequest) -> Transaction:
-        return self.run(self.ledger.add(req))
+        req = self._retry_safe(req)
+        return self.retrying(lambda: self.ledger.add(req))
 
     def subtract(self, req: SubtractRequest) -> Transaction:
-        return self.run(self.ledger.subtract(req))
+        req = self._retry_safe(req)
+        return self.retrying(lambda: self.ledger.subtract(req))
 
     def balance(self, user_id: str, now_ms: int | None) -> int:
-        return self.run(self.ledger.balance(user_id, now_ms))
+        return self.retrying(lambda: self.ledger.balance(user_id, now_ms))
 
     def start_cycle(self, req: StartCycleRequest) -> Cycle:
-        return self.run(self.ledger.start_cycle(req))
+        req = self._retry_safe(req)
+        return self.retrying(lambda: self.ledger.start_cycle(req))
 
     def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None:
-        return self.run(self.ledger.get_cycle(user_id, now_ms))
+        return self.retrying(lambda: self.ledger.get_cycle(user_id, now_ms))
 
     def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle:
-        return self.run(self.ledger.cancel_cycle(user_id, forfeit, now_ms))
+        # Cancelling twice is the same as once: safe to retry without a key.
+        return self.retrying(lambda: self.ledger.cancel_cycle(user_id, forfeit, now_ms))
 
     def history(self, req: HistoryRequest) -> list[Transaction]:
-        return self.run(self.ledger.history(req))
+        return self.retrying(lambda: self.ledger.history(req))
 
     def close(self) -> None:
         if self._owns_connection:
             self.redis.close()
+
+    def retrying(self, make_flow: Callable[[], Flow[T]]) -> T:
+        """Run a flow; after an outage, run it anew up to `retries` times (requests are keyed)."""
+        for attempt in itertools.count():
+            try:
+                return self.run(make_flow())
+            except StorageUnavailableError:
+                if attempt >= self.retries:
+                    raise
+                time.sleep(self._pause(attempt))
+        raise AssertionError("unreachable")
 
     def run(self, flow: Flow[T]) -> T:
         """Drive a flow: send each batch it yields, hand back the replies, return its result."""
@@ -197,7 +270,7 @@ class RedisStorage(_RedisStorageBase):
                     replies[i] = reply
             return replies
         except redis_errors.RedisError as exc:
-            raise storage_error(exc) from exc
+            raise storage_error(exc, calls) from exc
 
     def _pipeline(self, calls: list[Call]) -> list[Any]:
         pipe: Any = self.redis.pipeline(transaction=False)
@@ -225,38 +298,59 @@ class AsyncRedisStorage(_RedisStorageBase):
         namespace: str = DEFAULT_NAMESPACE,
         *,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        retries: int = 0,
+        retry_backoff: float = 0.05,
         owns_connection: bool = False,
     ) -> None:
         super().__init__(
-            namespace, idempotency_ttl=idempotency_ttl, owns_connection=owns_connection
+            namespace,
+            idempotency_ttl=idempotency_ttl,
+            retries=retries,
+            retry_backoff=retry_backoff,
+            owns_connection=owns_connection,
         )
         self.redis = redis
         self._execute: Callable[..., Awaitable[Any]] = redis.execute_command
 
     async def add(self, req: AddRequest) -> Transaction:
-        return await self.run(self.ledger.add(req))
+        req = self._retry_safe(req)
+        return await self.retrying(lambda: self.ledger.add(req))
 
     async def subtract(self, req: SubtractRequest) -> Transaction:
-        return await self.run(self.ledger.subtract(req))
+        req = self._retry_safe(req)
+        return await self.retrying(lambda: self.ledger.subtract(req))
 
     async def balance(self, user_id: str, now_ms: int | None) -> int:
-        return await self.run(self.ledger.balance(user_id, now_ms))
+        return await self.retrying(lambda: self.ledger.balance(user_id, now_ms))
 
     async def start_cycle(self, req: StartCycleRequest) -> Cycle:
-        return await self.run(self.ledger.start_cycle(req))
+        req = self._retry_safe(req)
+        return await self.retrying(lambda: self.ledger.start_cycle(req))
 
     async def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None:
-        return await self.run(self.ledger.get_cycle(user_id, now_ms))
+        return await self.retrying(lambda: self.ledger.get_cycle(user_id, now_ms))
 
     async def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle:
-        return await self.run(self.ledger.cancel_cycle(user_id, forfeit, now_ms))
+        # Cancelling twice is the same as once: safe to retry without a key.
+        return await self.retrying(lambda: self.ledger.cancel_cycle(user_id, forfeit, now_ms))
 
     async def history(self, req: HistoryRequest) -> list[Transaction]:
-        return await self.run(self.ledger.history(req))
+        return await self.retrying(lambda: self.ledger.history(req))
 
     async def aclose(self) -> None:
         if self._owns_connection:
             await self.redis.aclose()
+
+    async def retrying(self, make_flow: Callable[[], Flow[T]]) -> T:
+        """Run a flow; after an outage, run it anew up to `retries` times (requests are keyed)."""
+        for attempt in itertools.count():
+            try:
+                return await self.run(make_flow())
+            except StorageUnavailableError:
+                if attempt >= self.retries:
+                    raise
+                await asyncio.sleep(self._pause(attempt))
+        raise AssertionError("unreachable")
 
     async def run(self, flow: Generator[list[Call], list[Any], T]) -> T:
         """Drive a flow: send each batch it yields, hand back the replies, return its result."""
@@ -283,7 +377,7 @@ class AsyncRedisStorage(_RedisStorageBase):
                     replies[i] = reply
             return replies
         except redis_errors.RedisError as exc:
-            raise storage_error(exc) from exc
+            raise storage_error(exc, calls) from exc
 
     async def _pipeline(self, calls: list[Call]) -> list[Any]:
         pipe: Any = self.redis.pipeline(transaction=False)
