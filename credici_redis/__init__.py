@@ -24,7 +24,7 @@ from credici_redis.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from credici_redis.models import Cycle, Transaction
+from credici_redis.models import AuditReport, Cycle, Transaction
 from credici_redis.storage import AsyncRedisStorage, AsyncStorage, RedisStorage, Storage
 
 __version__ = "0.1.0"
@@ -33,6 +33,7 @@ __all__ = [
     "AsyncCrediciClient",
     "AsyncRedisStorage",
     "AsyncStorage",
+    "AuditReport",
     "CrediciClient",
     "CrediciError",
     "Cycle",

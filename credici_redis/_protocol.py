@@ -11,6 +11,8 @@ sync and asyncio storages (`credici_redis.storage`) only drive flows; everything
     start_cycle      lua/start_cycle.lua Cycle              (parse_cycle)
     get_cycle        lua/cycle.lua       Cycle | None       (parse_cycle)
     cancel_cycle     lua/cancel_cycle.lua Cycle             (parse_cycle)
+    audit            lua/audit.lua + XRANGE pages   AuditReport (credici_redis._audit.replay)
+    scan_users       SCAN                (cursor, user ids)
     history          balance.lua + XREVRANGE pages   list[Transaction], newest first
 
 Coded replies from the scripts become typed errors in `raise_for_code`. Every script may answer
@@ -24,7 +26,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from credici_redis import _keys, _schedule, _scripts
+from credici_redis import _audit, _keys, _schedule, _scripts
 from credici_redis._requests import (
     AddRequest,
     HistoryRequest,
@@ -42,7 +44,7 @@ from credici_redis.errors import (
     InvalidExpiryError,
     StorageError,
 )
-from credici_redis.models import Cycle, CycleStatus, Transaction, TransactionKind
+from credici_redis.models import AuditReport, Cycle, CycleStatus, Transaction, TransactionKind
 
 T = TypeVar("T")
 
@@ -184,6 +186,40 @@ class Ledger:
             raise CycleNotFoundError(user_id)
         return cycle
 
+    def audit(self, user_id: str, now_ms: int | None) -> Flow[AuditReport]:
+        """A snapshot of balance and buckets, then the history up to it, oldest first, in pages."""
+        (reply,) = yield from self._scheduled(
+            lambda extension: [
+                self._script(_scripts.AUDIT, user_id, None, _clock(now_ms), extension)
+            ]
+        )
+        f = _checked(reply, user_id, 0, None)
+        balance, last, stream_last = int(f[1]), f[2], f[3]
+        buckets = {f[i]: int(f[i + 1]) for i in range(4, len(f), 2)}
+        stream = _keys.user_keys(self.namespace, user_id).history
+        entries: list[tuple[str, dict[str, str]]] = []
+        start = "-"
+        while last != "0-0":
+            (page,) = yield [Call(("XRANGE", stream, start, last, "COUNT", HISTORY_PAGE))]
+            entries.extend((text(e[0]), _fields(e[1])) for e in page)
+            if len(page) < HISTORY_PAGE:
+                break
+            start = "(" + text(page[-1][0])
+        report = _audit.replay(user_id, entries, balance, buckets)
+        if stream_last != last:
+            problem = f"the history ends at {stream_last}, the balance knows it up to {last}"
+            return report.model_copy(update={"ok": False, "problems": [*report.problems, problem]})
+        return report
+
+    def scan_users(self, cursor: int, count: int) -> Flow[tuple[int, list[str]]]:
+        """One SCAN step over the namespace's users: (next cursor, user ids); cursor 0 ends."""
+        (reply,) = yield [
+            Call(("SCAN", cursor, "MATCH", _keys.user_pattern(self.namespace), "COUNT", count))
+        ]
+        next_cursor, keys = reply
+        users = [_keys.user_from_key(self.namespace, text(k)) for k in keys]
+        return int(text(next_cursor)), users
+
     def history(self, req: HistoryRequest) -> Flow[list[Transaction]]:
         """Newest first, paged; renewals and expiry are recorded first so the history is current."""
         stream = _keys.user_keys(self.namespace, req.user_id).history
@@ -268,13 +304,16 @@ def parse_cycle(user_id: str, reply: Any) -> Cycle | None:
     )
 
 
-def parse_entry(user_id: str, entry: Any) -> Transaction:
-    """One XRANGE entry: (id, fields) with fields a dict (RESP2 callbacks) or a flat list."""
-    entry_id, raw = entry[0], entry[1]
+def _fields(raw: Any) -> dict[str, str]:
+    """A stream entry's fields: a dict (RESP2 callbacks) or a flat list."""
     if isinstance(raw, dict):
-        f = {text(k): text(v) for k, v in raw.items()}
-    else:
-        f = {text(raw[i]): text(raw[i + 1]) for i in range(0, len(raw), 2)}
+        return {text(k): text(v) for k, v in raw.items()}
+    return {text(raw[i]): text(raw[i + 1]) for i in range(0, len(raw), 2)}
+
+
+def parse_entry(user_id: str, entry: Any) -> Transaction:
+    """One XRANGE entry: (id, fields)."""
+    entry_id, f = entry[0], _fields(entry[1])
     return _build(
         user_id, text(entry_id), f["k"], f["n"], f["b"], f.get("x"), f.get("i"), f.get("m")
     )

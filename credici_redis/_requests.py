@@ -22,6 +22,7 @@ from credici_redis.errors import (
     InvalidCycleError,
     InvalidExpiryError,
     InvalidIdempotencyKeyError,
+    InvalidInputError,
     InvalidMetadataError,
     InvalidPeriodError,
     InvalidTimeZoneError,
@@ -242,6 +243,12 @@ def cycle_duration(time_delta: object) -> int:
     if ms < 1:
         raise InvalidCycleError("time_delta must be at least one millisecond")
     return ms
+
+
+def batch_size(value: object) -> int:
+    if type(value) is not int or not 1 <= value <= 100_000:
+        raise InvalidInputError(f"batch must be an int from 1 to 100000, got {value!r}")
+    return value
 
 
 def fingerprint(*parts: Any) -> str:

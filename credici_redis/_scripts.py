@@ -55,5 +55,6 @@ BALANCE = load("balance", effect=False)
 START_CYCLE = load("start_cycle", effect=True)
 CYCLE = load("cycle", effect=False)
 CANCEL_CYCLE = load("cancel_cycle", effect=True)
+AUDIT = load("audit", effect=False)
 
-ALL = (ADD, SUBTRACT, BALANCE, START_CYCLE, CYCLE, CANCEL_CYCLE)
+ALL = (ADD, SUBTRACT, BALANCE, START_CYCLE, CYCLE, CANCEL_CYCLE, AUDIT)

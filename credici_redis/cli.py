@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit, urlunsplit
 
+from tqdm import tqdm
+
 from credici_redis._demo import DemoResult, run_demo
 from credici_redis.client import CrediciClient
 from credici_redis.errors import CrediciError
@@ -122,6 +124,17 @@ def _parser() -> argparse.ArgumentParser:
     subtract.add_argument("user", metavar="USER")
     subtract.add_argument("amount", metavar="AMOUNT", type=int)
     subtract.add_argument("--idempotency-key", metavar="K", help="retry-safe: K applies once")
+
+    audit = commands.add_parser(
+        "audit",
+        parents=[store],
+        help="rebuild balances and buckets from history and report differences",
+    )
+    who = audit.add_mutually_exclusive_group(required=True)
+    who.add_argument("user", metavar="USER", nargs="?")
+    who.add_argument("--all", action="store_true", help="every user of the namespace (SCAN)")
+    audit.add_argument("--batch", type=_positive_int, default=500, metavar="N", help="SCAN batch")
+    audit.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     history = commands.add_parser("history", parents=[store], help="a user's transactions")
     history.add_argument("user", metavar="USER")
@@ -244,9 +257,38 @@ def _operate(args: argparse.Namespace) -> int:
         elif args.command == "subtract":
             tx = client.subtract(args.user, args.amount, idempotency_key=args.idempotency_key)
             print(_describe(tx))
+        elif args.command == "audit":
+            return _audit(client, args)
         else:
             _history(client, args)
     return 0
+
+
+def _audit(client: CrediciClient, args: argparse.Namespace) -> int:
+    """Audit one user, or every user in SCAN batches; exit 1 if any report is not clean."""
+    if not args.all:
+        report = client.audit(args.user)
+        print(
+            f"{report.user_id}: {'ok' if report.ok else 'FAILED'}, balance {report.balance}, "
+            f"{report.entries} entries, {report.buckets} buckets"
+        )
+        for problem in report.problems:
+            print(f"  {problem}")
+        return 0 if report.ok else 1
+    audited = failed = 0
+    with tqdm(desc="audit", unit=" users", disable=args.no_progress, file=sys.stderr) as bar:
+        for users in client.scan_users(args.batch):
+            for user in users:
+                report = client.audit(user)
+                audited += 1
+                if not report.ok:
+                    failed += 1
+                    bar.write(f"{user}: FAILED")
+                    for problem in report.problems:
+                        bar.write(f"  {problem}")
+                bar.update()
+    print(f"audited {audited} users: {audited - failed} ok, {failed} failed")
+    return 0 if failed == 0 else 1
 
 
 def _history(client: CrediciClient, args: argparse.Namespace) -> None:

@@ -6,7 +6,7 @@ clients), hands it to the storage, and returns what the storage parsed. Nothing 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
@@ -15,7 +15,7 @@ from uuid import UUID
 from credici_redis import _requests
 from credici_redis._connect import DEFAULT_TIMEOUT, open_async_storage, open_storage
 from credici_redis._time import to_ms
-from credici_redis.models import CalendarPeriod, Cycle, Transaction
+from credici_redis.models import AuditReport, CalendarPeriod, Cycle, Transaction
 from credici_redis.storage import (
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_NAMESPACE,
@@ -151,6 +151,14 @@ class CrediciClient(_ClientBase):
         req = _requests.build_history(user_id, from_, to_, self._now(), period=True)
         return self.storage.history(req)
 
+    def audit(self, user_id: UserId) -> AuditReport:
+        """Rebuild the balance and every bucket from the history; report any difference."""
+        return self.storage.audit(_requests.user_id(user_id), self._now())
+
+    def scan_users(self, batch: int = 500) -> Iterator[list[str]]:
+        """Every user of the namespace, `batch` at a time (SCAN: never blocks Redis for long)."""
+        return self.storage.scan_users(_requests.batch_size(batch))
+
     def close(self) -> None:
         self.storage.close()
 
@@ -280,6 +288,14 @@ class AsyncCrediciClient(_ClientBase):
         """History entries with from_ <= created_at <= to_ (naive = UTC), newest first."""
         req = _requests.build_history(user_id, from_, to_, self._now(), period=True)
         return await self.storage.history(req)
+
+    async def audit(self, user_id: UserId) -> AuditReport:
+        """Rebuild the balance and every bucket from the history; report any difference."""
+        return await self.storage.audit(_requests.user_id(user_id), self._now())
+
+    def scan_users(self, batch: int = 500) -> AsyncIterator[list[str]]:
+        """Every user of the namespace, `batch` at a time (SCAN: never blocks Redis for long)."""
+        return self.storage.scan_users(_requests.batch_size(batch))
 
     async def aclose(self) -> None:
         await self.storage.aclose()

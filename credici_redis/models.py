@@ -48,4 +48,25 @@ class Cycle(BaseModel):
     tz: str
 
 
-__all__ = ["CalendarPeriod", "Cycle", "CycleStatus", "Transaction", "TransactionKind"]
+class AuditReport(BaseModel):
+    """The audit of one user: the balance and every bucket rebuilt from history, compared."""
+
+    model_config = ConfigDict(frozen=True)
+
+    user_id: str
+    ok: bool
+    balance: int = Field(description="the balance Redis holds")
+    history_balance: int = Field(description="what the history adds up to")
+    entries: int = Field(description="history entries replayed")
+    buckets: int = Field(description="buckets Redis holds")
+    problems: list[str] = Field(default_factory=list)
+
+
+__all__ = [
+    "AuditReport",
+    "CalendarPeriod",
+    "Cycle",
+    "CycleStatus",
+    "Transaction",
+    "TransactionKind",
+]

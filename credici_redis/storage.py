@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from redis import exceptions as redis_errors
@@ -44,7 +45,7 @@ from credici_redis.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from credici_redis.models import Cycle, Transaction
+from credici_redis.models import AuditReport, Cycle, Transaction
 
 if TYPE_CHECKING:
     import redis
@@ -105,6 +106,8 @@ class Storage(Protocol):
     def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None: ...
     def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle: ...
     def history(self, req: HistoryRequest) -> list[Transaction]: ...
+    def audit(self, user_id: str, now_ms: int | None) -> AuditReport: ...
+    def scan_users(self, batch: int) -> Iterator[list[str]]: ...
     def close(self) -> None: ...
 
 
@@ -118,6 +121,8 @@ class AsyncStorage(Protocol):
     async def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None: ...
     async def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle: ...
     async def history(self, req: HistoryRequest) -> list[Transaction]: ...
+    async def audit(self, user_id: str, now_ms: int | None) -> AuditReport: ...
+    def scan_users(self, batch: int) -> AsyncIterator[list[str]]: ...
     async def aclose(self) -> None: ...
 
 
@@ -230,6 +235,19 @@ class RedisStorage(_RedisStorageBase):
     def history(self, req: HistoryRequest) -> list[Transaction]:
         return self.retrying(lambda: self.ledger.history(req))
 
+    def audit(self, user_id: str, now_ms: int | None) -> AuditReport:
+        return self.retrying(lambda: self.ledger.audit(user_id, now_ms))
+
+    def scan_users(self, batch: int) -> Iterator[list[str]]:
+        """Every user of the namespace, in batches, by SCAN: Redis is never blocked for long."""
+        cursor = 0
+        while True:
+            cursor, users = self.retrying(partial(self.ledger.scan_users, cursor, batch))
+            if users:
+                yield users
+            if cursor == 0:
+                return
+
     def close(self) -> None:
         if self._owns_connection:
             self.redis.close()
@@ -336,6 +354,19 @@ class AsyncRedisStorage(_RedisStorageBase):
 
     async def history(self, req: HistoryRequest) -> list[Transaction]:
         return await self.retrying(lambda: self.ledger.history(req))
+
+    async def audit(self, user_id: str, now_ms: int | None) -> AuditReport:
+        return await self.retrying(lambda: self.ledger.audit(user_id, now_ms))
+
+    async def scan_users(self, batch: int) -> AsyncIterator[list[str]]:
+        """Every user of the namespace, in batches, by SCAN: Redis is never blocked for long."""
+        cursor = 0
+        while True:
+            cursor, users = await self.retrying(partial(self.ledger.scan_users, cursor, batch))
+            if users:
+                yield users
+            if cursor == 0:
+                return
 
     async def aclose(self) -> None:
         if self._owns_connection:

@@ -7,7 +7,9 @@ Keys, built by credici_redis/_keys.py, in the same order for every script; all s
   KEYS[3] expiry   zset    bucket id -> expire_at ms, expiring buckets only
   KEYS[4] amounts  hash    bucket id -> credits left, always > 0
   KEYS[5] history  stream  one entry per change: k kind, n signed amount, b balance after,
-                           x expire_at ms, i idempotency key, m metadata JSON
+                           x expire_at ms, i idempotency key, m metadata JSON, and for the
+                           audit (which replays the buckets from history): g the bucket a grant
+                           made or an expiry hit, r credits rolled over from bucket f
   KEYS[6] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
 ARGV[1] is always the clock: '' means the server's TIME; tests inject milliseconds.
 ARGV[2] is always a schedule extension for a calendar cycle: '' or "<index>:<ms>,<ms>,..." (the
@@ -111,7 +113,7 @@ local function purge(st, now)
     redis.call('HDEL', K_AMOUNTS, id)
     if left > 0 then
       st.bal = st.bal - left
-      append(st, 'e', -left, at, { 'x', fmt(at) })
+      append(st, 'e', -left, at, { 'x', fmt(at), 'g', id })
     end
   end
   redis.call('ZREMRANGEBYSCORE', K_EXPIRY, '-inf', fmt(now))
@@ -199,17 +201,29 @@ local function carried(rollover, left)
 end
 
 -- Ends the current grant at `at`: keeps `carry` of it and records the rest as expired.
+-- Returns the carry and the history fields that say where it came from.
 local function close_grant(st, c, rollover, at)
-  if c.cb == '' then return 0 end
-  local left = tonumber(redis.call('HGET', K_AMOUNTS, c.cb)) or 0
-  drop_bucket(c.cb)
+  local old = c.cb
+  if old == '' then return 0, {} end
+  local left = tonumber(redis.call('HGET', K_AMOUNTS, old)) or 0
+  drop_bucket(old)
   c.cb = ''
   local carry = carried(rollover, left)
   if left > carry then
     st.bal = st.bal - (left - carry)
-    append(st, 'e', -(left - carry), at, { 'x', c.ce })
+    append(st, 'e', -(left - carry), at, { 'x', c.ce, 'g', old })
   end
-  return carry
+  if carry == 0 then return 0, {} end
+  return carry, { 'r', fmt(carry), 'f', old }
+end
+
+-- The fields of a cycle_start entry: its end, the grant's bucket, and any rollover into it.
+local function start_fields(ends_at, bucket, rolled, ikey)
+  local e = { 'x', fmt(ends_at) }
+  if bucket ~= '' then e[#e + 1] = 'g'; e[#e + 1] = bucket end
+  for i = 1, #rolled do e[#e + 1] = rolled[i] end
+  if ikey ~= '' then e[#e + 1] = 'i'; e[#e + 1] = ikey end
+  return e
 end
 
 local function count_list(q)
@@ -260,7 +274,7 @@ local function advance(st, now, extension)
   while renewing and now >= tonumber(c.ce) do
     local ends = tonumber(c.ce)
     purge(st, ends - 1)
-    local carry = close_grant(st, c, c.cro, ends)
+    local carry, rolled = close_grant(st, c, c.cro, ends)
     local k = tonumber(c.ck) + 1
     local next_end
     if c.cdur ~= '' then
@@ -272,7 +286,7 @@ local function advance(st, now, extension)
     if next_end > now then grant = tonumber(c.ca) end
     if grant + carry > 0 then c.cb = new_bucket(st, grant + carry, next_end, 0) end
     st.bal = st.bal + grant
-    c.ci = append(st, 'c', grant, ends, { 'x', fmt(next_end) })
+    c.ci = append(st, 'c', grant, ends, start_fields(next_end, c.cb, rolled, ''))
     c.ck, c.cs, c.ce = fmt(k), fmt(ends), fmt(next_end)
     c.cg, c.cu, c.cad = fmt(grant + carry), '0', '0'
   end

@@ -28,10 +28,13 @@ if st.bal + amount > MAX_CREDITS then
   return { 'BALANCE_LIMIT', fmt(st.bal) }
 end
 
-new_bucket(st, amount, expire_at, 0)
+local bucket = new_bucket(st, amount, expire_at, 0)
 st.bal = st.bal + amount
 count_usage(st, now, 'cad', amount)
-local id = append(st, 'a', amount, now, extras(expire_at, ikey, meta))
+local fields = extras(expire_at, ikey, meta)
+fields[#fields + 1] = 'g'
+fields[#fields + 1] = bucket
+local id = append(st, 'a', amount, now, fields)
 save_state(st)
 local reply = tx_reply(id, 'a', amount, st.bal, expire_at, ikey, meta)
 remember(fingerprint, ARGV[7], reply)

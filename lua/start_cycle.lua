@@ -27,9 +27,9 @@ if st.bal + amount > MAX_CREDITS then
 end
 
 local c = load_cycle()
-local carry = 0
+local carry, rolled = 0, {}
 if c and c.cst ~= 'e' and now < tonumber(c.ce) then
-  carry = close_grant(st, c, ARGV[9], now)
+  carry, rolled = close_grant(st, c, ARGV[9], now)
 end
 
 local ends_at, queue = nil, ''
@@ -45,7 +45,7 @@ c = {
 }
 if amount + carry > 0 then c.cb = new_bucket(st, amount + carry, ends_at, 0) end
 st.bal = st.bal + amount
-c.ci = append(st, 'c', amount, now, extras(ends_at, ikey, ''))
+c.ci = append(st, 'c', amount, now, start_fields(ends_at, c.cb, rolled, ikey))
 c.cs = fmt(st.ms)  -- the entry's time (later than now only if the clock stepped back)
 save_cycle(c, st)
 save_state(st)
