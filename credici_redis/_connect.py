@@ -93,6 +93,7 @@ def open_async_storage(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     idempotency_ttl: timedelta,
     retries: int = 0,
+    batching: bool = False,
     **options: Any,
 ) -> AsyncRedisStorage:
     if _scheme(url) == "memory":
@@ -107,5 +108,10 @@ def open_async_storage(
         )
         client = redis.asyncio.Redis.from_pool(pool)
     return AsyncRedisStorage(
-        client, namespace, idempotency_ttl=idempotency_ttl, retries=retries, owns_connection=True
+        client,
+        namespace,
+        idempotency_ttl=idempotency_ttl,
+        retries=retries,
+        batching=batching,
+        owns_connection=True,
     )

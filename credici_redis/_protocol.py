@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from credici_redis import _audit, _keys, _schedule, _scripts
 from credici_redis._requests import (
@@ -37,6 +37,7 @@ from credici_redis._requests import (
 from credici_redis._scripts import Script
 from credici_redis._time import from_ms
 from credici_redis.errors import (
+    CrediciError,
     CycleNotFoundError,
     IdempotencyConflictError,
     InsufficientCreditsError,
@@ -86,6 +87,32 @@ def _opt(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
+@dataclass(frozen=True, slots=True)
+class Item(Generic[T]):
+    """One operation of a batch: its call (given a schedule extension) and its reply's parser."""
+
+    call: Callable[[str], Call]
+    parse: Callable[[Any], T]
+
+
+def _sent(calls: list[Call]) -> Flow[list[Any]]:
+    """Send calls whose errors are the operation's: the first error reply is raised."""
+    replies = yield calls
+    for reply in replies:
+        if isinstance(reply, CrediciError):
+            raise reply
+    return replies
+
+
+def schedule_extension(reply: Any) -> str | None:
+    """For a SCHEDULE reply, the calendar boundaries to send back; None for any other reply."""
+    if not (isinstance(reply, list) and reply and text(reply[0]) == "SCHEDULE"):
+        return None
+    now, anchor, index, period, tz = (text(v) for v in reply[1:6])
+    found = _schedule.boundaries_from(int(anchor), period, tz, int(index), int(now))
+    return f"{index}:" + ",".join(map(str, found))
+
+
 class Ledger:
     """Builds the calls of every operation for one namespace and parses their replies."""
 
@@ -106,34 +133,93 @@ class Ledger:
         compute them and send it again with them. Nothing was written by a SCHEDULE reply."""
         extension = ""
         for _ in range(SCHEDULE_ATTEMPTS):
-            replies = yield batch(extension)
-            first = replies[0]
-            if not (isinstance(first, list) and first and text(first[0]) == "SCHEDULE"):
+            replies = yield from _sent(batch(extension))
+            asked = schedule_extension(replies[0])
+            if asked is None:
                 return replies
-            now, anchor, index, period, tz = (text(v) for v in first[1:6])
-            found = _schedule.boundaries_from(int(anchor), period, tz, int(index), int(now))
-            extension = f"{index}:" + ",".join(map(str, found))
+            extension = asked
         raise StorageError("the cycle's calendar schedule kept moving; try again")
 
+    def _many(self, items: Sequence[Item[T] | CrediciError]) -> Flow[list[T | CrediciError]]:
+        """Many independent calls in one round trip; each item's result, or its error, in order.
+        Items that are already an error (bad input) are passed through without a call."""
+        results: list[T | CrediciError] = [
+            item if isinstance(item, CrediciError) else StorageError("not sent") for item in items
+        ]
+        pending = [i for i, item in enumerate(items) if not isinstance(item, CrediciError)]
+        extensions = dict.fromkeys(pending, "")
+        for _ in range(SCHEDULE_ATTEMPTS):
+            if not pending:
+                break
+            calls = [cast(Item[T], items[i]).call(extensions[i]) for i in pending]
+            replies = yield calls
+            again = []
+            for i, reply in zip(pending, replies, strict=True):
+                asked = schedule_extension(reply)
+                if asked is not None:
+                    extensions[i] = asked
+                    again.append(i)
+                    continue
+                try:
+                    results[i] = cast(Item[T], items[i]).parse(reply)
+                except CrediciError as error:
+                    results[i] = error
+            pending = again
+        for i in pending:
+            results[i] = StorageError("the cycle's calendar schedule kept moving; try again")
+        return results
+
+    def subtract_many(
+        self, reqs: Sequence[SubtractRequest | CrediciError]
+    ) -> Flow[list[Transaction | CrediciError]]:
+        return (yield from self._many([self._subtract_item(r) for r in reqs]))
+
+    def add_many(
+        self, reqs: Sequence[AddRequest | CrediciError]
+    ) -> Flow[list[Transaction | CrediciError]]:
+        return (yield from self._many([self._add_item(r) for r in reqs]))
+
+    def _subtract_item(
+        self, req: SubtractRequest | CrediciError
+    ) -> Item[Transaction] | CrediciError:
+        if isinstance(req, CrediciError):
+            return req
+        return Item(
+            lambda extension: self._subtract_call(req, extension),
+            lambda reply: parse_transaction(req.user_id, reply, req.amount, req.idempotency_key),
+        )
+
+    def _add_item(self, req: AddRequest | CrediciError) -> Item[Transaction] | CrediciError:
+        if isinstance(req, CrediciError):
+            return req
+        return Item(
+            lambda extension: self._add_call(req, extension),
+            lambda reply: parse_transaction(req.user_id, reply, req.amount, req.idempotency_key),
+        )
+
+    def _add_call(self, req: AddRequest, extension: str) -> Call:
+        return self._script(
+            _scripts.ADD, req.user_id, req.idempotency_key,
+            _clock(req.now_ms), extension, req.amount, _opt(req.expire_at_ms), _opt(req.ttl_ms),
+            req.fingerprint, self.idempotency_ttl_ms, req.idempotency_key or "",
+            req.metadata_json,
+        )  # fmt: skip
+
+    def _subtract_call(self, req: SubtractRequest, extension: str) -> Call:
+        return self._script(
+            _scripts.SUBTRACT, req.user_id, req.idempotency_key,
+            _clock(req.now_ms), extension, req.amount, req.fingerprint, self.idempotency_ttl_ms,
+            req.idempotency_key or "", req.metadata_json,
+        )  # fmt: skip
+
     def add(self, req: AddRequest) -> Flow[Transaction]:
-        (reply,) = yield from self._scheduled(lambda extension: [
-            self._script(
-                _scripts.ADD, req.user_id, req.idempotency_key,
-                _clock(req.now_ms), extension, req.amount, _opt(req.expire_at_ms),
-                _opt(req.ttl_ms), req.fingerprint, self.idempotency_ttl_ms,
-                req.idempotency_key or "", req.metadata_json,
-            )
-        ])  # fmt: skip
+        (reply,) = yield from self._scheduled(lambda extension: [self._add_call(req, extension)])
         return parse_transaction(req.user_id, reply, req.amount, req.idempotency_key)
 
     def subtract(self, req: SubtractRequest) -> Flow[Transaction]:
-        (reply,) = yield from self._scheduled(lambda extension: [
-            self._script(
-                _scripts.SUBTRACT, req.user_id, req.idempotency_key,
-                _clock(req.now_ms), extension, req.amount, req.fingerprint,
-                self.idempotency_ttl_ms, req.idempotency_key or "", req.metadata_json,
-            )
-        ])  # fmt: skip
+        (reply,) = yield from self._scheduled(
+            lambda extension: [self._subtract_call(req, extension)]
+        )
         return parse_transaction(req.user_id, reply, req.amount, req.idempotency_key)
 
     def balance(self, user_id: str, now_ms: int | None) -> Flow[int]:
@@ -149,7 +235,7 @@ class Ledger:
         if req.duration_ms is None:
             # A calendar period: its boundaries come from the start, so fix the start first.
             if now_ms is None:
-                (server_time,) = yield [Call(("TIME",))]
+                (server_time,) = yield from _sent([Call(("TIME",))])
                 now_ms = int(text(server_time[0])) * 1000 + int(text(server_time[1])) // 1000
             first_ends = ",".join(
                 map(str, _schedule.boundaries_from(now_ms, req.period, req.tz, 1, now_ms))
@@ -200,7 +286,9 @@ class Ledger:
         entries: list[tuple[str, dict[str, str]]] = []
         start = "-"
         while last != "0-0":
-            (page,) = yield [Call(("XRANGE", stream, start, last, "COUNT", HISTORY_PAGE))]
+            (page,) = yield from _sent(
+                [Call(("XRANGE", stream, start, last, "COUNT", HISTORY_PAGE))]
+            )
             entries.extend((text(e[0]), _fields(e[1])) for e in page)
             if len(page) < HISTORY_PAGE:
                 break
@@ -213,9 +301,9 @@ class Ledger:
 
     def scan_users(self, cursor: int, count: int) -> Flow[tuple[int, list[str]]]:
         """One SCAN step over the namespace's users: (next cursor, user ids); cursor 0 ends."""
-        (reply,) = yield [
-            Call(("SCAN", cursor, "MATCH", _keys.user_pattern(self.namespace), "COUNT", count))
-        ]
+        (reply,) = yield from _sent(
+            [Call(("SCAN", cursor, "MATCH", _keys.user_pattern(self.namespace), "COUNT", count))]
+        )
         next_cursor, keys = reply
         users = [_keys.user_from_key(self.namespace, text(k)) for k in keys]
         return int(text(next_cursor)), users
@@ -237,7 +325,9 @@ class Ledger:
             if len(page) < HISTORY_PAGE:
                 return found
             after = "(" + text(page[-1][0])
-            (page,) = yield [Call(("XREVRANGE", stream, after, low, "COUNT", HISTORY_PAGE))]
+            (page,) = yield from _sent(
+                [Call(("XREVRANGE", stream, after, low, "COUNT", HISTORY_PAGE))]
+            )
 
 
 def raise_for_code(
@@ -261,6 +351,8 @@ def raise_for_code(
 
 
 def _checked(reply: Any, user_id: str, amount: int, key: str | None) -> list[str]:
+    if isinstance(reply, CrediciError):
+        raise reply
     if not isinstance(reply, list) or not reply:
         raise StorageError(f"unexpected reply from a credici script: {reply!r}")
     fields = [text(v) for v in reply]

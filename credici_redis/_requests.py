@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -18,6 +19,7 @@ from typing import Any, TypeVar, cast
 from credici_redis._schedule import CALENDAR_PERIODS, zone
 from credici_redis._time import duration_ms, to_ms, to_ms_ceil
 from credici_redis.errors import (
+    CrediciError,
     InvalidAmountError,
     InvalidCycleError,
     InvalidExpiryError,
@@ -336,3 +338,53 @@ def build_history(
             raise InvalidPeriodError(f"{name} must be a datetime, not {type(value).__name__}")
     assert isinstance(from_, datetime) and isinstance(to_, datetime)
     return HistoryRequest(uid, to_ms_ceil(from_), to_ms(to_), now_ms)
+
+
+SUBTRACT_ITEM_KEYS = frozenset({"user_id", "amount", "idempotency_key", "metadata"})
+ADD_ITEM_KEYS = frozenset({"user_id", "amount", "expire_at", "ttl", "idempotency_key", "metadata"})
+
+
+def _item_fields(item: object, keys: frozenset[str], positional: int) -> dict[str, Any]:
+    if isinstance(item, Mapping):
+        unknown = set(item) - keys
+        if unknown:
+            raise InvalidInputError(f"unknown item keys {sorted(map(str, unknown))}")
+        return dict(item)
+    if isinstance(item, tuple) and 2 <= len(item) <= positional:
+        return dict(zip(("user_id", "amount", "expire_at"), item, strict=False))
+    raise InvalidInputError(
+        f"an item is a (user_id, amount) tuple or a mapping with keys from {sorted(keys)}"
+    )
+
+
+def build_subtract_item(item: object, now_ms: int | None) -> SubtractRequest:
+    f = _item_fields(item, SUBTRACT_ITEM_KEYS, 2)
+    return build_subtract(
+        f.get("user_id"), f.get("amount"), f.get("idempotency_key"), f.get("metadata"), now_ms
+    )
+
+
+def build_add_item(item: object, now_ms: int | None) -> AddRequest:
+    f = _item_fields(item, ADD_ITEM_KEYS, 3)
+    return build_add(
+        f.get("user_id"), f.get("amount"), f.get("expire_at"), f.get("ttl"),
+        f.get("idempotency_key"), f.get("metadata"), now_ms,
+    )  # fmt: skip
+
+
+Built = TypeVar("Built", AddRequest, SubtractRequest)
+
+
+def build_many(
+    items: object, build: Callable[[object, int | None], Built], now_ms: int | None
+) -> list[Built | CrediciError]:
+    """One request per item; an item with bad input becomes its error, the others go ahead."""
+    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
+        raise InvalidInputError("items must be an iterable of items")
+    built: list[Built | CrediciError] = []
+    for item in items:
+        try:
+            built.append(build(item, now_ms))
+        except InvalidInputError as error:
+            built.append(error)
+    return built

@@ -6,7 +6,7 @@ clients), hands it to the storage, and returns what the storage parsed. Nothing 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
@@ -15,6 +15,7 @@ from uuid import UUID
 from credici_redis import _requests
 from credici_redis._connect import DEFAULT_TIMEOUT, open_async_storage, open_storage
 from credici_redis._time import to_ms
+from credici_redis.errors import CrediciError
 from credici_redis.models import AuditReport, CalendarPeriod, Cycle, Transaction
 from credici_redis.storage import (
     DEFAULT_IDEMPOTENCY_TTL,
@@ -25,6 +26,8 @@ from credici_redis.storage import (
 
 Clock = Callable[[], datetime]
 UserId = str | UUID
+SubtractItem = tuple[UserId, int] | Mapping[str, Any]
+AddItem = tuple[UserId, int] | tuple[UserId, int, datetime | None] | Mapping[str, Any]
 
 
 class _ClientBase:
@@ -100,6 +103,18 @@ class CrediciClient(_ClientBase):
         return self.storage.subtract(
             _requests.build_subtract(user_id, amount, idempotency_key, metadata, self._now())
         )
+
+    def add_many(self, items: Iterable[AddItem]) -> list[Transaction | CrediciError]:
+        """Many adds in one round trip. An item is (user_id, amount[, expire_at]) or a mapping
+        with the keys of `add`; each result, in order, is its Transaction or the error it got."""
+        reqs = _requests.build_many(items, _requests.build_add_item, self._now())
+        return self.storage.add_many(reqs)
+
+    def subtract_many(self, items: Iterable[SubtractItem]) -> list[Transaction | CrediciError]:
+        """Many subtracts in one round trip. An item is (user_id, amount) or a mapping with the
+        keys of `subtract`; each result, in order, is its Transaction or the error it got."""
+        reqs = _requests.build_many(items, _requests.build_subtract_item, self._now())
+        return self.storage.subtract_many(reqs)
 
     def get_balance(self, user_id: UserId) -> int:
         """Credits available now (expired buckets excluded). Cost does not grow with history."""
@@ -190,6 +205,7 @@ class AsyncCrediciClient(_ClientBase):
         timeout: float = DEFAULT_TIMEOUT,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
         retries: int = 0,
+        batching: bool = False,
         clock: Clock | None = None,
         **redis_options: Any,
     ) -> AsyncCrediciClient:
@@ -197,7 +213,8 @@ class AsyncCrediciClient(_ClientBase):
 
         timeout: seconds before a call fails with StorageUnavailableError. retries: how often a
         call is retried by itself after an outage (writes get an idempotency key, so a retry never
-        applies twice). Other keyword arguments go to redis-py.
+        applies twice). batching: concurrent calls issued in the same event-loop moment go out
+        as one pipeline. Other keyword arguments go to redis-py.
         """
         storage = open_async_storage(
             url,
@@ -205,6 +222,7 @@ class AsyncCrediciClient(_ClientBase):
             timeout=timeout,
             idempotency_ttl=idempotency_ttl,
             retries=retries,
+            batching=batching,
             **redis_options,
         )
         return cls(storage, clock=clock)
@@ -238,6 +256,20 @@ class AsyncCrediciClient(_ClientBase):
         return await self.storage.subtract(
             _requests.build_subtract(user_id, amount, idempotency_key, metadata, self._now())
         )
+
+    async def add_many(self, items: Iterable[AddItem]) -> list[Transaction | CrediciError]:
+        """Many adds in one round trip. An item is (user_id, amount[, expire_at]) or a mapping
+        with the keys of `add`; each result, in order, is its Transaction or the error it got."""
+        reqs = _requests.build_many(items, _requests.build_add_item, self._now())
+        return await self.storage.add_many(reqs)
+
+    async def subtract_many(
+        self, items: Iterable[SubtractItem]
+    ) -> list[Transaction | CrediciError]:
+        """Many subtracts in one round trip. An item is (user_id, amount) or a mapping with the
+        keys of `subtract`; each result, in order, is its Transaction or the error it got."""
+        reqs = _requests.build_many(items, _requests.build_subtract_item, self._now())
+        return await self.storage.subtract_many(reqs)
 
     async def get_balance(self, user_id: UserId) -> int:
         """Credits available now (expired buckets excluded). Cost does not grow with history."""

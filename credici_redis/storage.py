@@ -52,9 +52,14 @@ if TYPE_CHECKING:
     import redis.asyncio
 
 T = TypeVar("T")
+R = TypeVar("R", AddRequest, SubtractRequest)
+Batch = list[R | CrediciError]
+"""Requests of a batch; an item whose input was bad is already its error."""
 
 DEFAULT_NAMESPACE = "credici"
 DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
+BATCH_CALLS = 512
+"""Most calls per auto-batched pipeline; more go out as further pipelines at the same time."""
 
 _UNAVAILABLE = (
     redis_errors.ConnectionError,  # includes BusyLoadingError
@@ -101,6 +106,8 @@ class Storage(Protocol):
 
     def add(self, req: AddRequest) -> Transaction: ...
     def subtract(self, req: SubtractRequest) -> Transaction: ...
+    def add_many(self, reqs: Batch[AddRequest]) -> list[Transaction | CrediciError]: ...
+    def subtract_many(self, reqs: Batch[SubtractRequest]) -> list[Transaction | CrediciError]: ...
     def balance(self, user_id: str, now_ms: int | None) -> int: ...
     def start_cycle(self, req: StartCycleRequest) -> Cycle: ...
     def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None: ...
@@ -116,6 +123,10 @@ class AsyncStorage(Protocol):
 
     async def add(self, req: AddRequest) -> Transaction: ...
     async def subtract(self, req: SubtractRequest) -> Transaction: ...
+    async def add_many(self, reqs: Batch[AddRequest]) -> list[Transaction | CrediciError]: ...
+    async def subtract_many(
+        self, reqs: Batch[SubtractRequest]
+    ) -> list[Transaction | CrediciError]: ...
     async def balance(self, user_id: str, now_ms: int | None) -> int: ...
     async def start_cycle(self, req: StartCycleRequest) -> Cycle: ...
     async def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None: ...
@@ -152,6 +163,9 @@ class _RedisStorageBase:
             return keyed(req, generated_key())
         return req
 
+    def _batch_safe(self, reqs: Batch[R]) -> Batch[R]:
+        return [r if isinstance(r, CrediciError) else self._retry_safe(r) for r in reqs]
+
     def _pause(self, attempt: int) -> float:
         return float(min(self.retry_backoff * 2**attempt, 1.0))
 
@@ -161,22 +175,27 @@ def to_resend(calls: list[Call], replies: list[Any]) -> list[int]:
 
     Every call that got NOSCRIPT, and every read (non-script call) after the first of them, since
     a read may depend on a script earlier in the batch. A script that ran is never sent twice.
-    Any other error reply is raised.
     """
     resend: list[int] = []
     for i, (call, reply) in enumerate(zip(calls, replies, strict=True)):
-        if isinstance(reply, redis_errors.NoScriptError):
-            resend.append(i)
-        elif isinstance(reply, redis_errors.RedisError):
-            raise reply
-        elif resend and call.script is None:
+        if isinstance(reply, redis_errors.NoScriptError) or (resend and call.script is None):
             resend.append(i)
     return resend
 
 
-def _expect_no_resend(calls: list[Call], replies: list[Any]) -> None:
-    if to_resend(calls, replies):
-        raise StorageError("Redis lost the credici scripts again right after loading them")
+def errors_in_place(calls: list[Call], replies: list[Any]) -> list[Any]:
+    """Each error reply of a pipeline becomes its CrediciError, in its place: one call's failure
+    is that call's, and the flow decides (a batch keeps it per item, other flows raise it)."""
+    out = []
+    for call, reply in zip(calls, replies, strict=True):
+        if isinstance(reply, redis_errors.NoScriptError):
+            reply = StorageError("Redis lost the credici scripts again right after loading them")
+        elif isinstance(reply, redis_errors.RedisError):
+            error = storage_error(reply, [call])
+            error.__cause__ = reply
+            reply = error
+        out.append(reply)
+    return out
 
 
 def _scripts_of(calls: list[Call], indices: list[int]) -> list[str]:
@@ -217,6 +236,35 @@ class RedisStorage(_RedisStorageBase):
     def subtract(self, req: SubtractRequest) -> Transaction:
         req = self._retry_safe(req)
         return self.retrying(lambda: self.ledger.subtract(req))
+
+    def add_many(self, reqs: Batch[AddRequest]) -> list[Transaction | CrediciError]:
+        return self.retrying_many(self.ledger.add_many, self._batch_safe(reqs))
+
+    def subtract_many(self, reqs: Batch[SubtractRequest]) -> list[Transaction | CrediciError]:
+        return self.retrying_many(self.ledger.subtract_many, self._batch_safe(reqs))
+
+    def retrying_many(
+        self,
+        make_flow: Callable[[Batch[R]], Flow[list[Transaction | CrediciError]]],
+        reqs: Batch[R],
+    ) -> list[Transaction | CrediciError]:
+        """Run a batch; items that met an outage are run anew up to `retries` times."""
+        results: list[Transaction | CrediciError] = [
+            r if isinstance(r, CrediciError) else StorageError("not sent") for r in reqs
+        ]
+        pending = [i for i, r in enumerate(reqs) if not isinstance(r, CrediciError)]
+        for attempt in itertools.count():
+            try:
+                got = self.run(make_flow([reqs[i] for i in pending]))
+            except StorageUnavailableError as outage:
+                got = [outage] * len(pending)
+            for i, result in zip(pending, got, strict=True):
+                results[i] = result
+            pending = [i for i in pending if isinstance(results[i], StorageUnavailableError)]
+            if not pending or attempt >= self.retries:
+                return results
+            time.sleep(self._pause(attempt))
+        raise AssertionError("unreachable")
 
     def balance(self, user_id: str, now_ms: int | None) -> int:
         return self.retrying(lambda: self.ledger.balance(user_id, now_ms))
@@ -274,41 +322,103 @@ class RedisStorage(_RedisStorageBase):
             return result
 
     def _send(self, calls: list[Call]) -> list[Any]:
+        """One round trip (a pipeline if several calls), reloading scripts on NOSCRIPT.
+        A lost connection raises; an error reply comes back in its call's place."""
         try:
-            if len(calls) == 1:
-                return [self._call(calls[0])]
             replies = self._pipeline(calls)
             resend = to_resend(calls, replies)
             if resend:
                 for source in _scripts_of(calls, resend):
                     self.redis.script_load(source)
                 again = self._pipeline([calls[i] for i in resend])
-                _expect_no_resend([calls[i] for i in resend], again)
                 for i, reply in zip(resend, again, strict=True):
                     replies[i] = reply
-            return replies
         except redis_errors.RedisError as exc:
             raise storage_error(exc, calls) from exc
+        return errors_in_place(calls, replies)
 
     def _pipeline(self, calls: list[Call]) -> list[Any]:
+        if len(calls) == 1:  # the hot path: no pipeline object
+            try:
+                return [self._execute(*calls[0].args)]
+            except redis_errors.ResponseError as exc:
+                return [exc]
         pipe: Any = self.redis.pipeline(transaction=False)
         for call in calls:
             pipe.execute_command(*call.args)
         replies: list[Any] = pipe.execute(raise_on_error=False)
         return replies
 
-    def _call(self, call: Call) -> Any:
+
+class _Batcher:
+    """Auto-batching: every batch of calls handed over in one event-loop moment (by any number of
+    concurrent operations) goes out as one pipeline; each sender gets its own replies back, or
+    its own error (an outage is judged per sender: only one that had a request in flight gets
+    OutcomeUnknownError)."""
+
+    def __init__(
+        self, round_trip: Callable[[list[Call]], Awaitable[list[Any]]], max_calls: int
+    ) -> None:
+        self._round_trip = round_trip
+        self._max_calls = max_calls
+        self._queue: list[tuple[list[Call], asyncio.Future[list[Any]]]] = []
+        self._flushing: set[asyncio.Task[None]] = set()
+
+    async def send(self, calls: list[Call]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue.append((calls, future))
+        return await future
+
+    def _flush(self) -> None:
+        queue, self._queue = self._queue, []
+        chunk: list[tuple[list[Call], asyncio.Future[list[Any]]]] = []
+        size = 0
+        for entry in queue:
+            if chunk and size + len(entry[0]) > self._max_calls:
+                self._start(chunk)
+                chunk, size = [], 0
+            chunk.append(entry)
+            size += len(entry[0])
+        if chunk:
+            self._start(chunk)
+
+    def _start(self, chunk: list[tuple[list[Call], asyncio.Future[list[Any]]]]) -> None:
+        task = asyncio.ensure_future(self._pipeline(chunk))
+        self._flushing.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._flushing.discard)
+
+    async def _pipeline(self, chunk: list[tuple[list[Call], asyncio.Future[list[Any]]]]) -> None:
+        calls = [call for sent, _ in chunk for call in sent]
         try:
-            return self._execute(*call.args)
-        except redis_errors.NoScriptError:
-            if call.script is None:
-                raise
-            self.redis.script_load(call.script.source)
-            return self._execute(*call.args)
+            replies = errors_in_place(calls, await self._round_trip(calls))
+        except redis_errors.RedisError as exc:
+            for sent, future in chunk:
+                if not future.done():
+                    error = storage_error(exc, sent)
+                    error.__cause__ = exc
+                    future.set_exception(error)
+            return
+        except BaseException as exc:  # cancelled, or a bug: nobody may wait forever
+            for _, future in chunk:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        at = 0
+        for sent, future in chunk:
+            if not future.done():
+                future.set_result(replies[at : at + len(sent)])
+            at += len(sent)
 
 
 class AsyncRedisStorage(_RedisStorageBase):
-    """The ledger on a `redis.asyncio.Redis` (or fakeredis async) client."""
+    """The ledger on a `redis.asyncio.Redis` (or fakeredis async) client.
+
+    batching=True: concurrent operations issued in the same event-loop moment share one pipeline
+    (same semantics, errors and idempotency; fewer round trips under load).
+    """
 
     def __init__(
         self,
@@ -318,6 +428,7 @@ class AsyncRedisStorage(_RedisStorageBase):
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
         retries: int = 0,
         retry_backoff: float = 0.05,
+        batching: bool = False,
         owns_connection: bool = False,
     ) -> None:
         super().__init__(
@@ -329,6 +440,7 @@ class AsyncRedisStorage(_RedisStorageBase):
         )
         self.redis = redis
         self._execute: Callable[..., Awaitable[Any]] = redis.execute_command
+        self._batcher = _Batcher(self._round_trip, BATCH_CALLS) if batching else None
 
     async def add(self, req: AddRequest) -> Transaction:
         req = self._retry_safe(req)
@@ -337,6 +449,35 @@ class AsyncRedisStorage(_RedisStorageBase):
     async def subtract(self, req: SubtractRequest) -> Transaction:
         req = self._retry_safe(req)
         return await self.retrying(lambda: self.ledger.subtract(req))
+
+    async def add_many(self, reqs: Batch[AddRequest]) -> list[Transaction | CrediciError]:
+        return await self.retrying_many(self.ledger.add_many, self._batch_safe(reqs))
+
+    async def subtract_many(self, reqs: Batch[SubtractRequest]) -> list[Transaction | CrediciError]:
+        return await self.retrying_many(self.ledger.subtract_many, self._batch_safe(reqs))
+
+    async def retrying_many(
+        self,
+        make_flow: Callable[[Batch[R]], Flow[list[Transaction | CrediciError]]],
+        reqs: Batch[R],
+    ) -> list[Transaction | CrediciError]:
+        """Run a batch; items that met an outage are run anew up to `retries` times."""
+        results: list[Transaction | CrediciError] = [
+            r if isinstance(r, CrediciError) else StorageError("not sent") for r in reqs
+        ]
+        pending = [i for i, r in enumerate(reqs) if not isinstance(r, CrediciError)]
+        for attempt in itertools.count():
+            try:
+                got = await self.run(make_flow([reqs[i] for i in pending]))
+            except StorageUnavailableError as outage:
+                got = [outage] * len(pending)
+            for i, result in zip(pending, got, strict=True):
+                results[i] = result
+            pending = [i for i in pending if isinstance(results[i], StorageUnavailableError)]
+            if not pending or attempt >= self.retries:
+                return results
+            await asyncio.sleep(self._pause(attempt))
+        raise AssertionError("unreachable")
 
     async def balance(self, user_id: str, now_ms: int | None) -> int:
         return await self.retrying(lambda: self.ledger.balance(user_id, now_ms))
@@ -394,34 +535,35 @@ class AsyncRedisStorage(_RedisStorageBase):
             return result
 
     async def _send(self, calls: list[Call]) -> list[Any]:
+        """One round trip (a pipeline if several calls), reloading scripts on NOSCRIPT.
+        A lost connection raises; an error reply comes back in its call's place."""
+        if self._batcher is not None:
+            return await self._batcher.send(calls)
         try:
-            if len(calls) == 1:
-                return [await self._call(calls[0])]
-            replies = await self._pipeline(calls)
-            resend = to_resend(calls, replies)
-            if resend:
-                for source in _scripts_of(calls, resend):
-                    await self.redis.script_load(source)
-                again = await self._pipeline([calls[i] for i in resend])
-                _expect_no_resend([calls[i] for i in resend], again)
-                for i, reply in zip(resend, again, strict=True):
-                    replies[i] = reply
-            return replies
+            replies = await self._round_trip(calls)
         except redis_errors.RedisError as exc:
             raise storage_error(exc, calls) from exc
+        return errors_in_place(calls, replies)
+
+    async def _round_trip(self, calls: list[Call]) -> list[Any]:
+        replies = await self._pipeline(calls)
+        resend = to_resend(calls, replies)
+        if resend:
+            for source in _scripts_of(calls, resend):
+                await self.redis.script_load(source)
+            again = await self._pipeline([calls[i] for i in resend])
+            for i, reply in zip(resend, again, strict=True):
+                replies[i] = reply
+        return replies
 
     async def _pipeline(self, calls: list[Call]) -> list[Any]:
+        if len(calls) == 1:  # the hot path: no pipeline object
+            try:
+                return [await self._execute(*calls[0].args)]
+            except redis_errors.ResponseError as exc:
+                return [exc]
         pipe: Any = self.redis.pipeline(transaction=False)
         for call in calls:
             pipe.execute_command(*call.args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
-
-    async def _call(self, call: Call) -> Any:
-        try:
-            return await self._execute(*call.args)
-        except redis_errors.NoScriptError:
-            if call.script is None:
-                raise
-            await self.redis.script_load(call.script.source)
-            return await self._execute(*call.args)

@@ -1,8 +1,9 @@
 """Fixtures shared by every test.
 
 The contract suite runs each behaviour against every backend (the real Redis at REDIS_URL and the
-embedded memory://) and both clients (sync, asyncio). Sync clients are wrapped so that one async
-test body drives both. Every test gets its own namespace; its keys are deleted afterwards.
+embedded memory://) and every client (sync, asyncio, asyncio with auto-batching). Sync clients are
+wrapped so that one async test body drives them all. Every test gets its own namespace; its keys
+are deleted afterwards.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from credici_redis import AsyncCrediciClient, CrediciClient
 
 REDIS_URL = os.environ.get("CREDICI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 BACKENDS = ("redis", "memory")
-APIS = ("sync", "async")
+APIS = ("sync", "async", "async-batched")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -114,6 +115,8 @@ async def make_client(api: str, url: str, namespace: str) -> AsyncIterator[MakeC
             sync = CrediciClient.from_url(url, namespace=namespace, **options)
             made.append(sync)
             return SyncAsAsync(sync)
+        if api == "async-batched":
+            options = {"batching": True, **options}
         aclient = AsyncCrediciClient.from_url(url, namespace=namespace, **options)
         made.append(aclient)
         return aclient

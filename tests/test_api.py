@@ -61,7 +61,9 @@ def test_sync_and_async_clients_have_the_same_methods_and_signatures() -> None:
             )
         else:
             s, a = sync[name], async_[name]
-        assert list(s.parameters.values()) == list(a.parameters.values()), name
+        async_only = {"batching"}  # auto-batching needs an event loop
+        a_params = [p for p in a.parameters.values() if p.name not in async_only]
+        assert list(s.parameters.values()) == a_params, name
         if name == "scan_users":  # an async iterator, not a coroutine
             assert "AsyncIterator" in str(inspect.signature(getattr(AsyncCrediciClient, name)))
         elif name != "from_url":

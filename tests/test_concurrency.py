@@ -182,3 +182,22 @@ async def test_charging_while_the_cycle_renews_never_exceeds_the_grants(
             per_period[-1] += -t.amount
     assert len(per_period) >= 4
     assert max(per_period) <= 40
+
+
+@pytest.mark.parametrize("api", ["async-batched"])
+async def test_auto_batching_sends_concurrent_calls_together(client: Any, user: str) -> None:
+    await client.add(user, 1000)
+    storage = client.storage
+    sent: list[int] = []
+    round_trip = storage._round_trip
+
+    async def counting(calls: Any) -> Any:
+        sent.append(len(calls))
+        return await round_trip(calls)
+
+    storage._batcher._round_trip = counting
+    results = await asyncio.gather(*(client.subtract(user, 1) for _ in range(300)))
+    assert [r.balance_after for r in results] == list(range(999, 699, -1))
+    assert sum(sent) == 300
+    assert len(sent) <= 3  # 300 calls in one event-loop moment: a pipeline or a few
+    assert await client.get_balance(user) == 700

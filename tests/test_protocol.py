@@ -70,5 +70,20 @@ def test_resend_after_noscript_includes_later_reads_but_never_a_script_that_ran(
     replies = [[], [b"OK"], NoScriptError("NOSCRIPT"), [], [b"OK"], []]
     assert to_resend(calls, replies) == [2, 3, 5]
     assert to_resend(calls, [[], [b"OK"], [b"OK"], [], [b"OK"], []]) == []
-    with pytest.raises(ResponseError):
-        to_resend([read], [ResponseError("WRONGTYPE")])
+    assert to_resend([read, other], [ResponseError("WRONGTYPE"), [b"OK"]]) == []
+
+
+def test_error_replies_become_credici_errors_in_their_place() -> None:
+    from redis.exceptions import ReadOnlyError
+
+    from credici_redis import _scripts
+    from credici_redis.errors import StorageUnavailableError
+    from credici_redis.storage import errors_in_place
+
+    call = Call(("EVALSHA", "x", 0), _scripts.SUBTRACT)
+    wrongtype, readonly = ResponseError("WRONGTYPE"), ReadOnlyError("READONLY")
+    out = errors_in_place([call] * 4, [[b"OK"], wrongtype, readonly, NoScriptError("again")])
+    assert out[0] == [b"OK"]
+    assert type(out[1]) is StorageError and out[1].__cause__ is wrongtype
+    assert type(out[2]) is StorageUnavailableError and out[2].__cause__ is readonly
+    assert type(out[3]) is StorageError

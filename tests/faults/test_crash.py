@@ -88,8 +88,15 @@ def test_sigkill_loses_no_acknowledged_operation(tmp_path: Path) -> None:
             )
             for i, log in enumerate(logs)
         ]
-        time.sleep(1.5)
-        os.kill(server.pid, signal.SIGKILL)  # in the middle of the load
+        # Kill in the middle of the load: once the workers have had a few hundred acknowledged
+        # (a fixed sleep is not enough on a loaded CI machine, where imports alone take seconds).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done = sum(log.read_text().count("\n") for log in logs if log.exists())
+            if done >= 300:
+                break
+            time.sleep(0.05)
+        os.kill(server.pid, signal.SIGKILL)
         server.wait()
         for w in workers:
             assert w.wait(timeout=60) == 0
