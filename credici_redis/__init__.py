@@ -18,13 +18,14 @@ from credici_redis.errors import (
     InvalidInputError,
     InvalidMetadataError,
     InvalidPeriodError,
+    InvalidPriorityError,
     InvalidTimeZoneError,
     InvalidUserIdError,
     OutcomeUnknownError,
     StorageError,
     StorageUnavailableError,
 )
-from credici_redis.models import AuditReport, Cycle, Transaction
+from credici_redis.models import AuditReport, BalanceDetails, Bucket, Cycle, Transaction
 from credici_redis.storage import AsyncRedisStorage, AsyncStorage, RedisStorage, Storage
 
 __version__ = "0.1.0"
@@ -34,6 +35,8 @@ __all__ = [
     "AsyncRedisStorage",
     "AsyncStorage",
     "AuditReport",
+    "BalanceDetails",
+    "Bucket",
     "CrediciClient",
     "CrediciError",
     "Cycle",
@@ -47,6 +50,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidMetadataError",
     "InvalidPeriodError",
+    "InvalidPriorityError",
     "InvalidTimeZoneError",
     "InvalidUserIdError",
     "OutcomeUnknownError",

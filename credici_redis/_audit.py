@@ -2,7 +2,8 @@
 
 Pure code. Each grant names its bucket in history (field g), each expiry the bucket it hit, each
 rollover what it carried from which bucket (r, f); a subtract is replayed with the scripts' burn
-order (bucket ids sort in burn order). Any difference is a problem in the report.
+order (priority, then bucket id), and a grant repays any debt before it fills its bucket. Any
+difference is a problem in the report.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def replay(
 ) -> AuditReport:
     """entries: (entry id, fields), oldest first. balance, buckets: what Redis holds now."""
     model: dict[str, int] = {}
+    rank: dict[str, int] = {}  # priority of each bucket (0 unless the grant said otherwise)
     running = count = 0
     problems: list[str] = []
 
@@ -35,14 +37,18 @@ def replay(
     for entry_id, f in entries:
         count += 1
         kind, amount = f.get("k", "?"), int(f.get("n", "0"))
+        before = running
+        repaid = min(max(amount, 0), max(-before, 0))  # what a grant pays back of a debt
         running += amount
         if int(f.get("b", "0")) != running:
             problems.append(f"{entry_id}: balance_after {f.get('b')}, history adds up to {running}")
         if kind == "a":
-            model[f["g"]] = amount
+            if "g" in f:
+                model[f["g"]] = amount - repaid
+                rank[f["g"]] = int(f.get("p", "0"))
         elif kind == "s":
-            need = -amount
-            for bucket in sorted(model):
+            need = min(-amount, max(before, 0))  # past the buckets, a charge is debt
+            for bucket in sorted(model, key=lambda b: (rank.get(b, 0), b)):
                 if need == 0:
                     break
                 used = min(need, model[bucket])
@@ -50,6 +56,8 @@ def replay(
                 need -= used
             if need:
                 problems.append(f"{entry_id}: subtract of {-amount} finds {need} missing")
+            if running < 0 and model:
+                problems.append(f"{entry_id}: in debt while buckets hold credits")
         elif kind == "e":
             take(f.get("g", "?"), -amount, entry_id)
         elif kind == "c":
@@ -57,7 +65,7 @@ def replay(
             if "f" in f:
                 take(f["f"], carried, entry_id)
             if "g" in f:
-                model[f["g"]] = amount + carried
+                model[f["g"]] = amount + carried - repaid
         else:
             problems.append(f"{entry_id}: unknown kind {kind!r}")
 

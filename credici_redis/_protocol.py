@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, TypeVar, cast
 
 from credici_redis import _audit, _keys, _schedule, _scripts
@@ -45,7 +46,15 @@ from credici_redis.errors import (
     InvalidExpiryError,
     StorageError,
 )
-from credici_redis.models import AuditReport, Cycle, CycleStatus, Transaction, TransactionKind
+from credici_redis.models import (
+    AuditReport,
+    BalanceDetails,
+    Bucket,
+    Cycle,
+    CycleStatus,
+    Transaction,
+    TransactionKind,
+)
 
 T = TypeVar("T")
 
@@ -202,7 +211,7 @@ class Ledger:
             _scripts.ADD, req.user_id, req.idempotency_key,
             _clock(req.now_ms), extension, req.amount, _opt(req.expire_at_ms), _opt(req.ttl_ms),
             req.fingerprint, self.idempotency_ttl_ms, req.idempotency_key or "",
-            req.metadata_json,
+            req.metadata_json, req.priority,
         )  # fmt: skip
 
     def _subtract_call(self, req: SubtractRequest, extension: str) -> Call:
@@ -229,6 +238,37 @@ class Ledger:
             ]
         )
         return int(text(reply[1]))
+
+    def balance_details(self, user_id: str, now_ms: int | None) -> Flow[BalanceDetails]:
+        (reply,) = yield from self._scheduled(
+            lambda extension: [
+                self._script(_scripts.DETAILS, user_id, None, _clock(now_ms), extension)
+            ]
+        )
+        f = _checked(reply, user_id, 0, None)
+        balance, limit = int(f[1]), int(f[2])
+        buckets = [
+            Bucket(amount=int(f[i + 1]), expire_at=bucket_expiry(f[i]), priority=int(f[i + 2]))
+            for i in range(3, len(f), 3)
+        ]
+        return BalanceDetails(
+            user_id=user_id,
+            balance=balance,
+            available=balance + limit,
+            held=0,
+            debt=max(-balance, 0),
+            credit_limit=limit,
+            buckets=buckets,
+        )
+
+    def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> Flow[None]:
+        yield from self._scheduled(
+            lambda extension: [
+                self._script(
+                    _scripts.SET_CREDIT_LIMIT, user_id, None, _clock(now_ms), extension, limit
+                )
+            ]
+        )
 
     def start_cycle(self, req: StartCycleRequest) -> Flow[Cycle]:
         now_ms, first_ends = req.now_ms, ""
@@ -394,6 +434,15 @@ def parse_cycle(user_id: str, reply: Any) -> Cycle | None:
         period=decode_period(f[11]),
         tz=f[12],
     )
+
+
+NEVER_MS = 999_999_999_999_999
+
+
+def bucket_expiry(bucket_id: str) -> datetime | None:
+    """A bucket id starts with its expiry in ms (15 digits; all nines: never)."""
+    ms = int(bucket_id[:15])
+    return None if ms == NEVER_MS else from_ms(ms)
 
 
 def _fields(raw: Any) -> dict[str, str]:

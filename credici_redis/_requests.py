@@ -27,6 +27,7 @@ from credici_redis.errors import (
     InvalidInputError,
     InvalidMetadataError,
     InvalidPeriodError,
+    InvalidPriorityError,
     InvalidTimeZoneError,
     InvalidUserIdError,
     StorageError,
@@ -52,6 +53,7 @@ class AddRequest:
     fingerprint: str
     metadata_json: str
     now_ms: int | None
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +249,21 @@ def cycle_duration(time_delta: object) -> int:
     return ms
 
 
+MAX_PRIORITY = 1_000_000
+
+
+def priority(value: object) -> int:
+    if type(value) is not int or not -MAX_PRIORITY <= value <= MAX_PRIORITY:
+        raise InvalidPriorityError(
+            f"priority must be an int from {-MAX_PRIORITY} to {MAX_PRIORITY}, got {value!r}"
+        )
+    return value
+
+
+def credit_limit(value: object) -> int:
+    return amount(value, allow_zero=True)
+
+
 def batch_size(value: object) -> int:
     if type(value) is not int or not 1 <= value <= 100_000:
         raise InvalidInputError(f"batch must be an int from 1 to 100000, got {value!r}")
@@ -267,7 +284,9 @@ def keyed(req: KeyedRequest, key: str | None) -> KeyedRequest:
     if key is None:
         return replace(req, idempotency_key=None, fingerprint="")
     if isinstance(req, AddRequest):
-        fp = fingerprint("add", req.amount, req.expire_at_ms, req.ttl_ms, req.metadata_json)
+        fp = fingerprint(
+            "add", req.amount, req.expire_at_ms, req.ttl_ms, req.metadata_json, req.priority
+        )
     elif isinstance(req, SubtractRequest):
         fp = fingerprint("subtract", req.amount, req.metadata_json)
     else:
@@ -288,11 +307,13 @@ def build_add(
     key: object,
     meta: object,
     now_ms: int | None,
+    rank: object = 0,
 ) -> AddRequest:
     uid, n = user_id(user), amount(credits)
     exp_ms, ttl_ms = expiry(expire_at, ttl)
     ikey, meta_json = idempotency_key(key), metadata(meta)
-    return keyed(AddRequest(uid, n, exp_ms, ttl_ms, None, "", meta_json, now_ms), ikey)
+    req = AddRequest(uid, n, exp_ms, ttl_ms, None, "", meta_json, now_ms, priority(rank))
+    return keyed(req, ikey)
 
 
 def build_subtract(
@@ -341,7 +362,9 @@ def build_history(
 
 
 SUBTRACT_ITEM_KEYS = frozenset({"user_id", "amount", "idempotency_key", "metadata"})
-ADD_ITEM_KEYS = frozenset({"user_id", "amount", "expire_at", "ttl", "idempotency_key", "metadata"})
+ADD_ITEM_KEYS = frozenset(
+    {"user_id", "amount", "expire_at", "ttl", "idempotency_key", "metadata", "priority"}
+)
 
 
 def _item_fields(item: object, keys: frozenset[str], positional: int) -> dict[str, Any]:
@@ -368,7 +391,7 @@ def build_add_item(item: object, now_ms: int | None) -> AddRequest:
     f = _item_fields(item, ADD_ITEM_KEYS, 3)
     return build_add(
         f.get("user_id"), f.get("amount"), f.get("expire_at"), f.get("ttl"),
-        f.get("idempotency_key"), f.get("metadata"), now_ms,
+        f.get("idempotency_key"), f.get("metadata"), now_ms, f.get("priority", 0),
     )  # fmt: skip
 
 

@@ -56,5 +56,7 @@ START_CYCLE = load("start_cycle", effect=True)
 CYCLE = load("cycle", effect=False)
 CANCEL_CYCLE = load("cancel_cycle", effect=True)
 AUDIT = load("audit", effect=False)
+DETAILS = load("details", effect=False)
+SET_CREDIT_LIMIT = load("set_credit_limit", effect=False)  # setting it twice is setting it once
 
-ALL = (ADD, SUBTRACT, BALANCE, START_CYCLE, CYCLE, CANCEL_CYCLE, AUDIT)
+ALL = (ADD, SUBTRACT, BALANCE, START_CYCLE, CYCLE, CANCEL_CYCLE, AUDIT, DETAILS, SET_CREDIT_LIMIT)

@@ -16,7 +16,7 @@ from credici_redis import _requests
 from credici_redis._connect import DEFAULT_TIMEOUT, open_async_storage, open_storage
 from credici_redis._time import to_ms
 from credici_redis.errors import CrediciError
-from credici_redis.models import AuditReport, CalendarPeriod, Cycle, Transaction
+from credici_redis.models import AuditReport, BalanceDetails, CalendarPeriod, Cycle, Transaction
 from credici_redis.storage import (
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_NAMESPACE,
@@ -83,11 +83,16 @@ class CrediciClient(_ClientBase):
         ttl: timedelta | None = None,
         idempotency_key: str | None = None,
         metadata: dict[str, str] | None = None,
+        priority: int = 0,
     ) -> Transaction:
-        """Grant `amount` credits expiring at `expire_at` (naive = UTC), after `ttl`, or never."""
+        """Grant `amount` credits expiring at `expire_at` (naive = UTC), after `ttl`, or never.
+
+        Burn order: priority ascending, then soonest expiry, never-expiring last, then oldest.
+        A debt (see set_credit_limit) is repaid first.
+        """
         return self.storage.add(
             _requests.build_add(
-                user_id, amount, expire_at, ttl, idempotency_key, metadata, self._now()
+                user_id, amount, expire_at, ttl, idempotency_key, metadata, self._now(), priority
             )
         )
 
@@ -166,6 +171,16 @@ class CrediciClient(_ClientBase):
         req = _requests.build_history(user_id, from_, to_, self._now(), period=True)
         return self.storage.history(req)
 
+    def get_balance_details(self, user_id: UserId) -> BalanceDetails:
+        """Balance, debt, credit limit and the buckets in burn order."""
+        return self.storage.balance_details(_requests.user_id(user_id), self._now())
+
+    def set_credit_limit(self, user_id: UserId, limit: int) -> None:
+        """Allow the balance down to -limit (0, the default: no overdraft)."""
+        return self.storage.set_credit_limit(
+            _requests.user_id(user_id), _requests.credit_limit(limit), self._now()
+        )
+
     def audit(self, user_id: UserId) -> AuditReport:
         """Rebuild the balance and every bucket from the history; report any difference."""
         return self.storage.audit(_requests.user_id(user_id), self._now())
@@ -236,11 +251,16 @@ class AsyncCrediciClient(_ClientBase):
         ttl: timedelta | None = None,
         idempotency_key: str | None = None,
         metadata: dict[str, str] | None = None,
+        priority: int = 0,
     ) -> Transaction:
-        """Grant `amount` credits expiring at `expire_at` (naive = UTC), after `ttl`, or never."""
+        """Grant `amount` credits expiring at `expire_at` (naive = UTC), after `ttl`, or never.
+
+        Burn order: priority ascending, then soonest expiry, never-expiring last, then oldest.
+        A debt (see set_credit_limit) is repaid first.
+        """
         return await self.storage.add(
             _requests.build_add(
-                user_id, amount, expire_at, ttl, idempotency_key, metadata, self._now()
+                user_id, amount, expire_at, ttl, idempotency_key, metadata, self._now(), priority
             )
         )
 
@@ -320,6 +340,16 @@ class AsyncCrediciClient(_ClientBase):
         """History entries with from_ <= created_at <= to_ (naive = UTC), newest first."""
         req = _requests.build_history(user_id, from_, to_, self._now(), period=True)
         return await self.storage.history(req)
+
+    async def get_balance_details(self, user_id: UserId) -> BalanceDetails:
+        """Balance, debt, credit limit and the buckets in burn order."""
+        return await self.storage.balance_details(_requests.user_id(user_id), self._now())
+
+    async def set_credit_limit(self, user_id: UserId, limit: int) -> None:
+        """Allow the balance down to -limit (0, the default: no overdraft)."""
+        return await self.storage.set_credit_limit(
+            _requests.user_id(user_id), _requests.credit_limit(limit), self._now()
+        )
 
     async def audit(self, user_id: UserId) -> AuditReport:
         """Rebuild the balance and every bucket from the history; report any difference."""

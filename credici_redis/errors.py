@@ -8,6 +8,7 @@
     │   ├── InvalidCycleError
     │   │   └── InvalidTimeZoneError
     │   ├── InvalidPeriodError
+    │   ├── InvalidPriorityError
     │   ├── InvalidIdempotencyKeyError
     │   └── InvalidMetadataError
     ├── InsufficientCreditsError      subtract asked for more than the user has
@@ -62,6 +63,10 @@ class InvalidPeriodError(InvalidInputError):
 
 class InvalidTimeZoneError(InvalidCycleError):
     """tz is not a known IANA time zone name."""
+
+
+class InvalidPriorityError(InvalidInputError):
+    """priority is not an int from -1,000,000 to 1,000,000."""
 
 
 class InvalidIdempotencyKeyError(InvalidInputError):

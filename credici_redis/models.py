@@ -48,6 +48,30 @@ class Cycle(BaseModel):
     tz: str
 
 
+class Bucket(BaseModel):
+    """Credits of one grant: what is left of it, until when, and where it stands in burn order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    amount: int
+    expire_at: AwareDatetime | None
+    priority: int
+
+
+class BalanceDetails(BaseModel):
+    """The balance taken apart. Buckets are listed in burn order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    user_id: str
+    balance: int = Field(description="what get_balance returns; negative while in debt")
+    available: int = Field(description="what can be charged now: balance + credit_limit")
+    held: int = Field(description="credits reserved by holds (none until holds exist)")
+    debt: int
+    credit_limit: int
+    buckets: list[Bucket]
+
+
 class AuditReport(BaseModel):
     """The audit of one user: the balance and every bucket rebuilt from history, compared."""
 

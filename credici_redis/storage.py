@@ -45,7 +45,7 @@ from credici_redis.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from credici_redis.models import AuditReport, Cycle, Transaction
+from credici_redis.models import AuditReport, BalanceDetails, Cycle, Transaction
 
 if TYPE_CHECKING:
     import redis
@@ -114,6 +114,8 @@ class Storage(Protocol):
     def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle: ...
     def history(self, req: HistoryRequest) -> list[Transaction]: ...
     def audit(self, user_id: str, now_ms: int | None) -> AuditReport: ...
+    def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails: ...
+    def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None: ...
     def scan_users(self, batch: int) -> Iterator[list[str]]: ...
     def close(self) -> None: ...
 
@@ -133,6 +135,8 @@ class AsyncStorage(Protocol):
     async def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle: ...
     async def history(self, req: HistoryRequest) -> list[Transaction]: ...
     async def audit(self, user_id: str, now_ms: int | None) -> AuditReport: ...
+    async def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails: ...
+    async def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None: ...
     def scan_users(self, batch: int) -> AsyncIterator[list[str]]: ...
     async def aclose(self) -> None: ...
 
@@ -285,6 +289,12 @@ class RedisStorage(_RedisStorageBase):
 
     def audit(self, user_id: str, now_ms: int | None) -> AuditReport:
         return self.retrying(lambda: self.ledger.audit(user_id, now_ms))
+
+    def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails:
+        return self.retrying(lambda: self.ledger.balance_details(user_id, now_ms))
+
+    def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None:
+        return self.retrying(lambda: self.ledger.set_credit_limit(user_id, limit, now_ms))
 
     def scan_users(self, batch: int) -> Iterator[list[str]]:
         """Every user of the namespace, in batches, by SCAN: Redis is never blocked for long."""
@@ -498,6 +508,12 @@ class AsyncRedisStorage(_RedisStorageBase):
 
     async def audit(self, user_id: str, now_ms: int | None) -> AuditReport:
         return await self.retrying(lambda: self.ledger.audit(user_id, now_ms))
+
+    async def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails:
+        return await self.retrying(lambda: self.ledger.balance_details(user_id, now_ms))
+
+    async def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None:
+        return await self.retrying(lambda: self.ledger.set_credit_limit(user_id, limit, now_ms))
 
     async def scan_users(self, batch: int) -> AsyncIterator[list[str]]:
         """Every user of the namespace, in batches, by SCAN: Redis is never blocked for long."""

@@ -1,9 +1,9 @@
 --[[ _ledger.lua: helpers shared by every ledger script. Included (--!include), never run alone.
 
 Keys, built by credici_redis/_keys.py, in the same order for every script; all share one hash tag:
-  KEYS[1] state    hash    bal, ms+sq (last history id), seq (bucket counter), nx (no bucket
-                           expires before it), the cycle (c*)
-  KEYS[2] order    zset    bucket id -> priority (0 for now); equal scores sort by bucket id
+  KEYS[1] state    hash    bal (negative = debt), cl (credit limit), ms+sq (last history id),
+                           seq (bucket counter), nx (no bucket expires before it), the cycle (c*)
+  KEYS[2] order    zset    bucket id -> priority; equal priorities sort by bucket id
   KEYS[3] expiry   zset    bucket id -> expire_at ms, expiring buckets only
   KEYS[4] amounts  hash    bucket id -> credits left, always > 0
   KEYS[5] history  stream  one entry per change: k kind, n signed amount, b balance after,
@@ -24,8 +24,12 @@ The cycle lives in the state hash:
   cb  the bucket holding this cycle's grant ('' = none)
 Boundaries are on the original schedule: B(k) = c0 + k * cdur, or the k-th calendar boundary.
 
-A bucket id is "<expire_at ms, 15 digits, 999999999999999 = never><seq, 12 digits>", so within a
-priority the burn order is: soonest expiry first, never-expiring last, ties oldest first.
+A bucket id is "<expire_at ms, 15 digits, 999999999999999 = never><seq, 12 digits>", so the burn
+order is: priority ascending, then soonest expiry, never-expiring last, ties oldest first.
+
+Overdraft: with a credit limit, the balance may go down to -limit. The buckets always hold
+max(balance, 0): a charge that takes the balance below 0 empties them, and a grant repays the debt
+before it fills a bucket.
 
 Numbers are Lua doubles (exact up to 2^53-1, the library's limit); they are always written with
 fmt(), because tostring() switches to exponent notation past 14 digits.
@@ -47,10 +51,10 @@ local function clock(injected)
 end
 
 local function load_state()
-  local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst', 'nx')
+  local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst', 'nx', 'cl')
   return {
     bal = tonumber(v[1]) or 0, ms = tonumber(v[2]) or 0, sq = tonumber(v[3]) or 0, dirty = false,
-    ce = tonumber(v[4]), cst = v[5] or nil, nx = tonumber(v[6]),
+    ce = tonumber(v[4]), cst = v[5] or nil, nx = tonumber(v[6]), limit = tonumber(v[7]) or 0,
   }
 end
 
@@ -119,10 +123,15 @@ local function purge(st, now)
   redis.call('ZREMRANGEBYSCORE', K_EXPIRY, '-inf', fmt(now))
 end
 
--- Takes `amount` credits out of the buckets in burn order. The caller has checked the balance,
--- and the balance is the sum of the buckets, so the loop always finds enough.
-local function burn(amount)
-  local need, batch = amount, 1  -- usually the first bucket covers the charge: fetch one first
+-- The part of a grant that repays debt; the rest goes into a bucket.
+local function repaid(st, amount)
+  return math.min(amount, math.max(-st.bal, 0))
+end
+
+-- Takes `amount` credits out of the buckets in burn order, as far as they hold credits (past
+-- that, the charge is debt). The buckets hold max(balance, 0), so the loop always finds enough.
+local function burn(st, amount)
+  local need, batch = math.min(amount, math.max(st.bal, 0)), 1  -- usually one bucket is enough
   while need > 0 do
     local ids = redis.call('ZRANGE', K_ORDER, 0, batch - 1)
     batch = 32
@@ -284,7 +293,8 @@ local function advance(st, now, extension)
     end
     local grant = 0
     if next_end > now then grant = tonumber(c.ca) end
-    if grant + carry > 0 then c.cb = new_bucket(st, grant + carry, next_end, 0) end
+    local fill = grant + carry - repaid(st, grant)
+    if fill > 0 then c.cb = new_bucket(st, fill, next_end, 0) end
     st.bal = st.bal + grant
     c.ci = append(st, 'c', grant, ends, start_fields(next_end, c.cb, rolled, ''))
     c.ck, c.cs, c.ce = fmt(k), fmt(ends), fmt(next_end)

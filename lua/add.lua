@@ -2,10 +2,11 @@
 KEYS  1-5 the user's keys (see _ledger.lua); 6 the idempotency record, when a key was given
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 expire_at ms or ''
       5 ttl ms or '' | 6 fingerprint | 7 idempotency retention ms | 8 idempotency key or ''
-      9 metadata JSON or ''
+      9 metadata JSON or '' | 10 priority
 Reply {'OK', id, 'a', amount, balance_after, expire_at, ikey, meta}
       | {'IDEM_CONFLICT'} | {'EXPIRY_PAST', now} | {'BALANCE_LIMIT', balance} | SCHEDULE
 History: cycle renewals and expired buckets, then one "a" entry. Counts as `added` in the cycle.
+With debt, the grant repays it first; only the rest goes into the new bucket.
 ]]
 --!include _ledger.lua
 
@@ -28,12 +29,19 @@ if st.bal + amount > MAX_CREDITS then
   return { 'BALANCE_LIMIT', fmt(st.bal) }
 end
 
-local bucket = new_bucket(st, amount, expire_at, 0)
+local priority = tonumber(ARGV[10])
+local fill = amount - repaid(st, amount)
+local fields = extras(expire_at, ikey, meta)
+if fill > 0 then
+  fields[#fields + 1] = 'g'
+  fields[#fields + 1] = new_bucket(st, fill, expire_at, priority)
+  if priority ~= 0 then
+    fields[#fields + 1] = 'p'
+    fields[#fields + 1] = ARGV[10]
+  end
+end
 st.bal = st.bal + amount
 count_usage(st, now, 'cad', amount)
-local fields = extras(expire_at, ikey, meta)
-fields[#fields + 1] = 'g'
-fields[#fields + 1] = bucket
 local id = append(st, 'a', amount, now, fields)
 save_state(st)
 local reply = tx_reply(id, 'a', amount, st.bal, expire_at, ikey, meta)

@@ -43,7 +43,8 @@ c = {
   cg = fmt(amount + carry), cu = '0', cad = '0', cst = 'a', crn = ARGV[8], cro = ARGV[9],
   cp = ARGV[6], ctz = ARGV[7], cdur = ARGV[4], cq = queue, cb = '',
 }
-if amount + carry > 0 then c.cb = new_bucket(st, amount + carry, ends_at, 0) end
+local fill = amount + carry - repaid(st, amount)
+if fill > 0 then c.cb = new_bucket(st, fill, ends_at, 0) end
 st.bal = st.bal + amount
 c.ci = append(st, 'c', amount, now, start_fields(ends_at, c.cb, rolled, ikey))
 c.cs = fmt(st.ms)  -- the entry's time (later than now only if the clock stepped back)

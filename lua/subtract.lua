@@ -3,7 +3,7 @@ KEYS  1-5 the user's keys (see _ledger.lua); 6 the idempotency record, when a ke
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 fingerprint
       5 idempotency retention ms | 6 idempotency key or '' | 7 metadata JSON or ''
 Reply {'OK', id, 's', -amount, balance_after, '', ikey, meta}
-      | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available} | SCHEDULE
+      | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available (balance + credit limit)} | SCHEDULE
 History: cycle renewals and expired buckets, then one "s" entry (none when insufficient).
 Counts as `used` in the cycle.
 ]]
@@ -19,12 +19,12 @@ local st = load_state()
 local ask = advance(st, now, ARGV[2])
 if ask then return ask end
 purge(st, now)
-if st.bal < amount then
+if st.bal - amount < -st.limit then
   save_state(st)
-  return { 'INSUFFICIENT', fmt(st.bal) }
+  return { 'INSUFFICIENT', fmt(st.bal + st.limit) }
 end
 
-burn(amount)
+burn(st, amount)
 st.bal = st.bal - amount
 count_usage(st, now, 'cu', amount)
 local id = append(st, 's', -amount, now, extras(nil, ikey, meta))

@@ -201,3 +201,21 @@ async def test_auto_batching_sends_concurrent_calls_together(client: Any, user: 
     assert sum(sent) == 300
     assert len(sent) <= 3  # 300 calls in one event-loop moment: a pipeline or a few
     assert await client.get_balance(user) == 700
+
+
+@pytest.mark.parametrize("api", ["async", "async-batched"])
+async def test_overdraft_never_passes_the_limit_under_concurrency(client: Any, user: str) -> None:
+    await client.add(user, 100)
+    await client.set_credit_limit(user, 50)
+
+    async def charge() -> bool:
+        try:
+            await client.subtract(user, 1)
+            return True
+        except InsufficientCreditsError:
+            return False
+
+    results = await asyncio.gather(*(charge() for _ in range(400)))
+    assert sum(results) == 150
+    assert await client.get_balance(user) == -50
+    assert (await client.audit(user)).ok
