@@ -7,8 +7,11 @@ share one implementation; ``from_url("memory://")`` runs the same scripts in pro
 
 from credici_redis.client import AsyncCrediciClient, CrediciClient
 from credici_redis.errors import (
+    CaptureExceedsHoldError,
     CrediciError,
     CycleNotFoundError,
+    HoldFinishedError,
+    HoldNotFoundError,
     IdempotencyConflictError,
     InsufficientCreditsError,
     InvalidAmountError,
@@ -25,7 +28,7 @@ from credici_redis.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from credici_redis.models import AuditReport, BalanceDetails, Bucket, Cycle, Transaction
+from credici_redis.models import AuditReport, BalanceDetails, Bucket, Cycle, Hold, Transaction
 from credici_redis.storage import AsyncRedisStorage, AsyncStorage, RedisStorage, Storage
 
 __version__ = "0.1.0"
@@ -37,10 +40,14 @@ __all__ = [
     "AuditReport",
     "BalanceDetails",
     "Bucket",
+    "CaptureExceedsHoldError",
     "CrediciClient",
     "CrediciError",
     "Cycle",
     "CycleNotFoundError",
+    "Hold",
+    "HoldFinishedError",
+    "HoldNotFoundError",
     "IdempotencyConflictError",
     "InsufficientCreditsError",
     "InvalidAmountError",

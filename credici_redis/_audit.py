@@ -1,9 +1,10 @@
-"""The audit: rebuild a user's balance and buckets from the history alone, compare with Redis.
+"""The audit: rebuild a user's balance, buckets and holds from the history alone, compare.
 
-Pure code. Each grant names its bucket in history (field g), each expiry the bucket it hit, each
-rollover what it carried from which bucket (r, f); a subtract is replayed with the scripts' burn
-order (priority, then bucket id), and a grant repays any debt before it fills its bucket. Any
-difference is a problem in the report.
+Pure code. Each grant names its bucket in history (field g, priority p), each expiry the bucket it
+hit, each rollover what it carried from which bucket (r, f). Charges and reserves are replayed
+with the scripts' burn order (priority, then bucket id); a grant repays a debt before it fills a
+bucket; capture and release give a hold's parts back to their buckets as of the time they name
+(t), except the parts of buckets whose expiry had come. Any difference is a problem in the report.
 """
 
 from __future__ import annotations
@@ -12,20 +13,24 @@ from collections.abc import Iterable, Mapping
 
 from credici_redis.models import AuditReport
 
+NEVER_MS = 999_999_999_999_999
+
 
 def replay(
     user_id: str,
     entries: Iterable[tuple[str, Mapping[str, str]]],
     balance: int,
     buckets: Mapping[str, int],
+    held: int = 0,
 ) -> AuditReport:
-    """entries: (entry id, fields), oldest first. balance, buckets: what Redis holds now."""
+    """entries: (entry id, fields), oldest first. balance, buckets, held: what Redis holds now."""
     model: dict[str, int] = {}
     rank: dict[str, int] = {}  # priority of each bucket (0 unless the grant said otherwise)
+    holds: dict[str, list[tuple[str, int]]] = {}  # active holds: their parts
     running = count = 0
     problems: list[str] = []
 
-    def take(bucket: str, credits: int, entry_id: str) -> None:
+    def drop(bucket: str, credits: int, entry_id: str) -> None:
         left = model.get(bucket, 0) - credits
         if bucket not in model or left < 0:
             problems.append(f"{entry_id}: takes {credits} from bucket {bucket}, which has less")
@@ -33,6 +38,29 @@ def replay(
             model[bucket] = left
         else:
             model.pop(bucket, None)
+
+    def take(need: int, entry_id: str) -> list[tuple[str, int]]:
+        parts = []
+        for bucket in sorted(model, key=lambda b: (rank.get(b, 0), b)):
+            if need == 0:
+                break
+            used = min(need, model[bucket])
+            parts.append((bucket, used))
+            drop(bucket, used, entry_id)
+            need -= used
+        if need:
+            problems.append(f"{entry_id}: needs {need} more credits than the buckets hold")
+        return parts
+
+    def give_back(parts: list[tuple[str, int]], at: int, before: int, entry_id: str) -> None:
+        restored = 0
+        for bucket, credits in parts:
+            expiry = int(bucket[:15])
+            if expiry == NEVER_MS or expiry > at:
+                model[bucket] = model.get(bucket, 0) + credits
+                restored += credits
+        if before < 0 and restored:
+            take(min(restored, -before), entry_id)
 
     for entry_id, f in entries:
         count += 1
@@ -47,30 +75,40 @@ def replay(
                 model[f["g"]] = amount - repaid
                 rank[f["g"]] = int(f.get("p", "0"))
         elif kind == "s":
-            need = min(-amount, max(before, 0))  # past the buckets, a charge is debt
-            for bucket in sorted(model, key=lambda b: (rank.get(b, 0), b)):
-                if need == 0:
-                    break
-                used = min(need, model[bucket])
-                take(bucket, used, entry_id)
-                need -= used
-            if need:
-                problems.append(f"{entry_id}: subtract of {-amount} finds {need} missing")
+            take(min(-amount, max(before, 0)), entry_id)  # past the buckets, a charge is debt
             if running < 0 and model:
                 problems.append(f"{entry_id}: in debt while buckets hold credits")
         elif kind == "e":
-            take(f.get("g", "?"), -amount, entry_id)
+            if "h" not in f:  # a hold's expired parts had already left the buckets
+                drop(f.get("g", "?"), -amount, entry_id)
         elif kind == "c":
             carried = int(f.get("r", "0"))
             if "f" in f:
-                take(f["f"], carried, entry_id)
+                drop(f["f"], carried, entry_id)
             if "g" in f:
                 model[f["g"]] = amount + carried - repaid
+        elif kind == "r":
+            holds[f.get("h", "?")] = take(-amount, entry_id)
+        elif kind in ("p", "l"):
+            parts = holds.pop(f.get("h", "?"), None)
+            if parts is None:
+                problems.append(f"{entry_id}: ends hold {f.get('h')}, which is not active")
+                continue
+            charge, rest = int(f.get("q", "0")), []
+            for bucket, credits in parts:
+                used = min(credits, charge)
+                charge -= used
+                if credits > used:
+                    rest.append((bucket, credits - used))
+            give_back(rest, int(f.get("t", "0")), before, entry_id)
         else:
             problems.append(f"{entry_id}: unknown kind {kind!r}")
 
     if running != balance:
         problems.append(f"balance is {balance}, history adds up to {running}")
+    holding = sum(credits for parts in holds.values() for _, credits in parts)
+    if holding != held:
+        problems.append(f"holds hold {held}, history gives {holding}")
     for bucket in sorted(set(model) | set(buckets)):
         if model.get(bucket) != buckets.get(bucket):
             problems.append(

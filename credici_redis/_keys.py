@@ -9,6 +9,8 @@ ids never share keys) and leaves no '{' or '}' that could end the tag early.
     <ns>:{<user>}:x        zset    expiring buckets by expiry (ms)
     <ns>:{<user>}:a        hash    credits left in each bucket
     <ns>:{<user>}:h        stream  history, ids are "<created_at ms>-<seq>"
+    <ns>:{<user>}:d        hash    holds
+    <ns>:{<user>}:t        zset    hold timers (release by ttl, forget when done)
     <ns>:{<user>}:i:<key>  string  idempotency record, expires after the retention time
 """
 
@@ -25,13 +27,15 @@ _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
 
 
 class UserKeys(NamedTuple):
-    """The keys every ledger script receives, in the order the scripts expect (KEYS[1..5])."""
+    """The keys every ledger script receives, in the order the scripts expect (KEYS[1..7])."""
 
     state: str
     order: str
     expiry: str
     amounts: str
     history: str
+    holds: str
+    timers: str
 
 
 def check_namespace(namespace: str) -> str:
@@ -50,7 +54,9 @@ def user_tag(user_id: str) -> str:
 
 def user_keys(namespace: str, user_id: str) -> UserKeys:
     base = f"{namespace}:{{{user_tag(user_id)}}}:"
-    return UserKeys(base + "s", base + "o", base + "x", base + "a", base + "h")
+    return UserKeys(
+        base + "s", base + "o", base + "x", base + "a", base + "h", base + "d", base + "t"
+    )
 
 
 def idempotency_key(namespace: str, user_id: str, key: str) -> str:
@@ -73,3 +79,16 @@ def user_from_key(namespace: str, key: str) -> str:
 def transaction_id(user_id: str, entry_id: str) -> str:
     """Globally unique: the history entry id, then the user it belongs to."""
     return f"{entry_id}@{user_tag(user_id)}"
+
+
+def hold_id(user_id: str, local_id: str) -> str:
+    """Globally unique, and it names its user: capture and release need nothing else."""
+    return f"{local_id}@{user_tag(user_id)}"
+
+
+def parse_hold_id(value: str) -> tuple[str, str]:
+    """(user id, the hold's id within the user); InvalidInputError if it is not a hold id."""
+    local, at, tag = value.partition("@")
+    if not at or not local.startswith("h") or not local[1:].isdigit() or not tag:
+        raise InvalidInputError(f"{value!r} is not a hold id")
+    return unquote(tag), local

@@ -30,7 +30,9 @@ from typing import Any, Generic, TypeVar, cast
 from credici_redis import _audit, _keys, _schedule, _scripts
 from credici_redis._requests import (
     AddRequest,
+    CaptureRequest,
     HistoryRequest,
+    ReserveRequest,
     StartCycleRequest,
     SubtractRequest,
     decode_period,
@@ -38,8 +40,11 @@ from credici_redis._requests import (
 from credici_redis._scripts import Script
 from credici_redis._time import from_ms
 from credici_redis.errors import (
+    CaptureExceedsHoldError,
     CrediciError,
     CycleNotFoundError,
+    HoldFinishedError,
+    HoldNotFoundError,
     IdempotencyConflictError,
     InsufficientCreditsError,
     InvalidAmountError,
@@ -52,6 +57,8 @@ from credici_redis.models import (
     Bucket,
     Cycle,
     CycleStatus,
+    Hold,
+    HoldStatus,
     Transaction,
     TransactionKind,
 )
@@ -69,6 +76,9 @@ KINDS: dict[str, TransactionKind] = {
     "s": "subtract",
     "e": "expire",
     "c": "cycle_start",
+    "r": "reserve",
+    "p": "capture",
+    "l": "release",
 }
 
 
@@ -239,6 +249,34 @@ class Ledger:
         )
         return int(text(reply[1]))
 
+    def reserve(self, req: ReserveRequest) -> Flow[Hold]:
+        (reply,) = yield from self._scheduled(lambda extension: [
+            self._script(
+                _scripts.RESERVE, req.user_id, req.idempotency_key,
+                _clock(req.now_ms), extension, req.amount, req.ttl_ms, req.fingerprint,
+                self.idempotency_ttl_ms, req.idempotency_key or "", req.metadata_json,
+            )
+        ])  # fmt: skip
+        return parse_hold(req.user_id, reply, req.amount)
+
+    def capture(self, req: CaptureRequest) -> Flow[Transaction]:
+        (reply,) = yield from self._scheduled(lambda extension: [
+            self._script(
+                _scripts.CAPTURE, req.user_id, req.idempotency_key,
+                _clock(req.now_ms), extension, req.local_id, _opt(req.amount), req.fingerprint,
+                self.idempotency_ttl_ms, req.idempotency_key or "",
+            )
+        ])  # fmt: skip
+        fields = _checked_hold(reply, req.hold_id, req.amount)
+        tx = _transaction(req.user_id, fields)
+        return tx.model_copy(update={"hold_id": req.hold_id, "captured": int(fields[9])})
+
+    def release(self, user_id: str, local_id: str, now_ms: int | None) -> Flow[Hold]:
+        (reply,) = yield from self._scheduled(lambda extension: [
+            self._script(_scripts.RELEASE, user_id, None, _clock(now_ms), extension, local_id)
+        ])  # fmt: skip
+        return parse_hold(user_id, reply, 0, _keys.hold_id(user_id, local_id))
+
     def balance_details(self, user_id: str, now_ms: int | None) -> Flow[BalanceDetails]:
         (reply,) = yield from self._scheduled(
             lambda extension: [
@@ -246,16 +284,16 @@ class Ledger:
             ]
         )
         f = _checked(reply, user_id, 0, None)
-        balance, limit = int(f[1]), int(f[2])
+        balance, limit, held = int(f[1]), int(f[2]), int(f[3])
         buckets = [
             Bucket(amount=int(f[i + 1]), expire_at=bucket_expiry(f[i]), priority=int(f[i + 2]))
-            for i in range(3, len(f), 3)
+            for i in range(4, len(f), 3)
         ]
         return BalanceDetails(
             user_id=user_id,
             balance=balance,
             available=balance + limit,
-            held=0,
+            held=held,
             debt=max(-balance, 0),
             credit_limit=limit,
             buckets=buckets,
@@ -320,8 +358,8 @@ class Ledger:
             ]
         )
         f = _checked(reply, user_id, 0, None)
-        balance, last, stream_last = int(f[1]), f[2], f[3]
-        buckets = {f[i]: int(f[i + 1]) for i in range(4, len(f), 2)}
+        balance, last, stream_last, held = int(f[1]), f[2], f[3], int(f[4])
+        buckets = {f[i]: int(f[i + 1]) for i in range(5, len(f), 2)}
         stream = _keys.user_keys(self.namespace, user_id).history
         entries: list[tuple[str, dict[str, str]]] = []
         start = "-"
@@ -333,7 +371,7 @@ class Ledger:
             if len(page) < HISTORY_PAGE:
                 break
             start = "(" + text(page[-1][0])
-        report = _audit.replay(user_id, entries, balance, buckets)
+        report = _audit.replay(user_id, entries, balance, buckets, held)
         if stream_last != last:
             problem = f"the history ends at {stream_last}, the balance knows it up to {last}"
             return report.model_copy(update={"ok": False, "problems": [*report.problems, problem]})
@@ -455,8 +493,50 @@ def _fields(raw: Any) -> dict[str, str]:
 def parse_entry(user_id: str, entry: Any) -> Transaction:
     """One XRANGE entry: (id, fields)."""
     entry_id, f = entry[0], _fields(entry[1])
-    return _build(
-        user_id, text(entry_id), f["k"], f["n"], f["b"], f.get("x"), f.get("i"), f.get("m")
+    tx = _build(user_id, text(entry_id), f["k"], f["n"], f["b"], f.get("x"), f.get("i"), f.get("m"))
+    if "h" in f and f["k"] != "e":
+        update: dict[str, Any] = {"hold_id": _keys.hold_id(user_id, f["h"])}
+        if "q" in f:
+            update["captured"] = int(f["q"])
+        return tx.model_copy(update=update)
+    return tx
+
+
+HOLD_STATUSES: dict[str, HoldStatus] = {
+    "active": "active",
+    "captured": "captured",
+    "released": "released",
+    "expired": "expired",
+}
+
+
+def _checked_hold(reply: Any, hold_id: str, amount: int | None) -> list[str]:
+    """A hold script's reply, with the hold's own errors raised."""
+    if isinstance(reply, list) and reply:
+        code = text(reply[0])
+        if code == "NO_HOLD":
+            raise HoldNotFoundError(hold_id)
+        if code == "HOLD_DONE":
+            raise HoldFinishedError(hold_id, text(reply[1]))
+        if code == "HOLD_EXCEEDED":
+            raise CaptureExceedsHoldError(hold_id, amount or 0, int(text(reply[1])))
+    return _checked(reply, "", amount or 0, None)
+
+
+def parse_hold(user_id: str, reply: Any, amount: int, hold_id: str = "") -> Hold:
+    # OK, hold id, amount, status, created, expires, captured[, reserve entry id]
+    if isinstance(reply, list) and reply and text(reply[0]) == "INSUFFICIENT":
+        raise InsufficientCreditsError(user_id, amount, int(text(reply[1])))
+    f = _checked_hold(reply, hold_id, amount)
+    return Hold(
+        hold_id=_keys.hold_id(user_id, f[1]),
+        user_id=user_id,
+        amount=int(f[2]),
+        status=HOLD_STATUSES[f[3]],
+        created_at=from_ms(int(f[4])),
+        expires_at=from_ms(int(f[5])),
+        captured=int(f[6]),
+        transaction_id=_keys.transaction_id(user_id, f[7]) if len(f) > 7 else None,
     )
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
+from credici_redis._keys import parse_hold_id
 from credici_redis._schedule import CALENDAR_PERIODS, zone
 from credici_redis._time import duration_ms, to_ms, to_ms_ceil
 from credici_redis.errors import (
@@ -77,6 +78,28 @@ class StartCycleRequest:
     tz: str
     renew: bool
     rollover: int | None
+    idempotency_key: str | None
+    fingerprint: str
+    now_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    user_id: str
+    amount: int
+    ttl_ms: int
+    idempotency_key: str | None
+    fingerprint: str
+    metadata_json: str
+    now_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureRequest:
+    hold_id: str
+    user_id: str
+    local_id: str
+    amount: int | None
     idempotency_key: str | None
     fingerprint: str
     now_ms: int | None
@@ -276,7 +299,9 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
-KeyedRequest = TypeVar("KeyedRequest", AddRequest, SubtractRequest, StartCycleRequest)
+KeyedRequest = TypeVar(
+    "KeyedRequest", AddRequest, SubtractRequest, StartCycleRequest, ReserveRequest, CaptureRequest
+)
 
 
 def keyed(req: KeyedRequest, key: str | None) -> KeyedRequest:
@@ -289,6 +314,10 @@ def keyed(req: KeyedRequest, key: str | None) -> KeyedRequest:
         )
     elif isinstance(req, SubtractRequest):
         fp = fingerprint("subtract", req.amount, req.metadata_json)
+    elif isinstance(req, ReserveRequest):
+        fp = fingerprint("reserve", req.amount, req.ttl_ms, req.metadata_json)
+    elif isinstance(req, CaptureRequest):
+        fp = fingerprint("capture", req.local_id, req.amount)
     else:
         fp = fingerprint("start_cycle", req.amount, req.period, req.tz, req.renew, req.rollover)
     return replace(req, idempotency_key=key, fingerprint=fp)
@@ -411,3 +440,35 @@ def build_many(
         except InvalidInputError as error:
             built.append(error)
     return built
+
+
+DEFAULT_HOLD_TTL = timedelta(minutes=5)
+
+
+def build_reserve(
+    user: object, credits: object, ttl: object, key: object, meta: object, now_ms: int | None
+) -> ReserveRequest:
+    uid, n = user_id(user), amount(credits)
+    if not isinstance(ttl, timedelta):
+        raise InvalidExpiryError(f"ttl must be a timedelta, not {type(ttl).__name__}")
+    _, ttl_ms = expiry(None, ttl)
+    assert ttl_ms is not None
+    ikey, meta_json = idempotency_key(key), metadata(meta)
+    return keyed(ReserveRequest(uid, n, ttl_ms, None, "", meta_json, now_ms), ikey)
+
+
+def build_capture(hold: object, credits: object, key: object, now_ms: int | None) -> CaptureRequest:
+    if not isinstance(hold, str):
+        raise InvalidInputError(f"hold_id must be a str, not {type(hold).__name__}")
+    uid, local = parse_hold_id(hold)
+    n = None if credits is None else amount(credits)
+    ikey = idempotency_key(key)
+    return keyed(CaptureRequest(hold, user_id(uid), local, n, None, "", now_ms), ikey)
+
+
+def hold(value: object) -> tuple[str, str]:
+    """(user id, hold id within the user) of a hold id."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"hold_id must be a str, not {type(value).__name__}")
+    uid, local = parse_hold_id(value)
+    return user_id(uid), local

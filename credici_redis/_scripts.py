@@ -59,4 +59,11 @@ AUDIT = load("audit", effect=False)
 DETAILS = load("details", effect=False)
 SET_CREDIT_LIMIT = load("set_credit_limit", effect=False)  # setting it twice is setting it once
 
-ALL = (ADD, SUBTRACT, BALANCE, START_CYCLE, CYCLE, CANCEL_CYCLE, AUDIT, DETAILS, SET_CREDIT_LIMIT)
+RESERVE = load("reserve", effect=True)
+CAPTURE = load("capture", effect=True)
+RELEASE = load("release", effect=False)  # a second release has no effect: safe to repeat
+
+ALL = (
+    ADD, SUBTRACT, BALANCE, START_CYCLE, CYCLE, CANCEL_CYCLE, AUDIT, DETAILS, SET_CREDIT_LIMIT,
+    RESERVE, CAPTURE, RELEASE,
+)  # fmt: skip

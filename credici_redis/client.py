@@ -16,7 +16,14 @@ from credici_redis import _requests
 from credici_redis._connect import DEFAULT_TIMEOUT, open_async_storage, open_storage
 from credici_redis._time import to_ms
 from credici_redis.errors import CrediciError
-from credici_redis.models import AuditReport, BalanceDetails, CalendarPeriod, Cycle, Transaction
+from credici_redis.models import (
+    AuditReport,
+    BalanceDetails,
+    CalendarPeriod,
+    Cycle,
+    Hold,
+    Transaction,
+)
 from credici_redis.storage import (
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_NAMESPACE,
@@ -170,6 +177,35 @@ class CrediciClient(_ClientBase):
         """History entries with from_ <= created_at <= to_ (naive = UTC), newest first."""
         req = _requests.build_history(user_id, from_, to_, self._now(), period=True)
         return self.storage.history(req)
+
+    def reserve(
+        self,
+        user_id: UserId,
+        amount: int,
+        *,
+        ttl: timedelta = _requests.DEFAULT_HOLD_TTL,
+        idempotency_key: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Hold:
+        """Hold `amount` credits (out of the available balance, in burn order) until capture,
+        release, or `ttl`, after which the next operation on the user releases them."""
+        req = _requests.build_reserve(user_id, amount, ttl, idempotency_key, metadata, self._now())
+        return self.storage.reserve(req)
+
+    def capture(
+        self, hold_id: str, amount: int | None = None, *, idempotency_key: str | None = None
+    ) -> Transaction:
+        """Charge `amount` (None: all) of a hold and give the rest back; once per hold.
+
+        The Transaction's `captured` is the charge, its `amount` what came back.
+        """
+        req = _requests.build_capture(hold_id, amount, idempotency_key, self._now())
+        return self.storage.capture(req)
+
+    def release(self, hold_id: str) -> Hold:
+        """Give every held credit back; once per hold."""
+        user, local = _requests.hold(hold_id)
+        return self.storage.release(user, local, self._now())
 
     def get_balance_details(self, user_id: UserId) -> BalanceDetails:
         """Balance, debt, credit limit and the buckets in burn order."""
@@ -340,6 +376,35 @@ class AsyncCrediciClient(_ClientBase):
         """History entries with from_ <= created_at <= to_ (naive = UTC), newest first."""
         req = _requests.build_history(user_id, from_, to_, self._now(), period=True)
         return await self.storage.history(req)
+
+    async def reserve(
+        self,
+        user_id: UserId,
+        amount: int,
+        *,
+        ttl: timedelta = _requests.DEFAULT_HOLD_TTL,
+        idempotency_key: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Hold:
+        """Hold `amount` credits (out of the available balance, in burn order) until capture,
+        release, or `ttl`, after which the next operation on the user releases them."""
+        req = _requests.build_reserve(user_id, amount, ttl, idempotency_key, metadata, self._now())
+        return await self.storage.reserve(req)
+
+    async def capture(
+        self, hold_id: str, amount: int | None = None, *, idempotency_key: str | None = None
+    ) -> Transaction:
+        """Charge `amount` (None: all) of a hold and give the rest back; once per hold.
+
+        The Transaction's `captured` is the charge, its `amount` what came back.
+        """
+        req = _requests.build_capture(hold_id, amount, idempotency_key, self._now())
+        return await self.storage.capture(req)
+
+    async def release(self, hold_id: str) -> Hold:
+        """Give every held credit back; once per hold."""
+        user, local = _requests.hold(hold_id)
+        return await self.storage.release(user, local, self._now())
 
     async def get_balance_details(self, user_id: UserId) -> BalanceDetails:
         """Balance, debt, credit limit and the buckets in burn order."""

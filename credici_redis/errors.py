@@ -4,6 +4,7 @@
     ├── InvalidInputError (also a ValueError): bad input, nothing was sent or changed
     │   ├── InvalidUserIdError
     │   ├── InvalidAmountError
+    │   │   └── CaptureExceedsHoldError
     │   ├── InvalidExpiryError
     │   ├── InvalidCycleError
     │   │   └── InvalidTimeZoneError
@@ -14,6 +15,8 @@
     ├── InsufficientCreditsError      subtract asked for more than the user has
     ├── IdempotencyConflictError      a key reused for a different request
     ├── CycleNotFoundError            cancel_cycle on a user with no running cycle
+    ├── HoldNotFoundError             no such hold (or it ended more than a day ago)
+    ├── HoldFinishedError             the hold was already captured, released or expired
     └── StorageError                  Redis answered something the library cannot use (a bug)
         └── StorageUnavailableError   connection failure or timeout; chained to the driver error
             └── OutcomeUnknownError   a request was sent but no reply came: it may have applied
@@ -47,6 +50,17 @@ class InvalidAmountError(InvalidInputError):
     def __init__(self, message: str, *, amount: object) -> None:
         super().__init__(message)
         self.amount = amount
+
+
+class CaptureExceedsHoldError(InvalidAmountError):
+    """capture asked for more than the hold holds; nothing changed."""
+
+    def __init__(self, hold_id: str, amount: int, held: int) -> None:
+        super().__init__(
+            f"hold {hold_id!r} holds {held} credits, {amount} were asked", amount=amount
+        )
+        self.hold_id = hold_id
+        self.held = held
 
 
 class InvalidExpiryError(InvalidInputError):
@@ -105,6 +119,23 @@ class CycleNotFoundError(CrediciError):
     def __init__(self, user_id: str) -> None:
         super().__init__(f"user {user_id!r} has no running cycle")
         self.user_id = user_id
+
+
+class HoldNotFoundError(CrediciError):
+    """No such hold: never made, or finished more than a day ago."""
+
+    def __init__(self, hold_id: str) -> None:
+        super().__init__(f"no hold {hold_id!r}")
+        self.hold_id = hold_id
+
+
+class HoldFinishedError(CrediciError):
+    """The hold was already captured, released or expired: a second call has no effect."""
+
+    def __init__(self, hold_id: str, status: str) -> None:
+        super().__init__(f"hold {hold_id!r} is already {status}")
+        self.hold_id = hold_id
+        self.status = status
 
 
 class StorageError(CrediciError):

@@ -7,7 +7,10 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-TransactionKind = Literal["add", "subtract", "expire", "cycle_start"]
+TransactionKind = Literal[
+    "add", "subtract", "expire", "cycle_start", "reserve", "capture", "release"
+]
+HoldStatus = Literal["active", "captured", "released", "expired"]
 CycleStatus = Literal["active", "canceled", "ended"]
 CalendarPeriod = Literal["day", "week", "month", "year"]
 
@@ -26,6 +29,10 @@ class Transaction(BaseModel):
     balance_after: int
     idempotency_key: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    hold_id: str | None = Field(default=None, description="reserve, capture, release: the hold")
+    captured: int | None = Field(
+        default=None, description="capture: credits charged (`amount` is what came back)"
+    )
 
 
 class Cycle(BaseModel):
@@ -46,6 +53,21 @@ class Cycle(BaseModel):
     added: int = Field(description="credits added by `add` during this cycle")
     period: int | timedelta | CalendarPeriod = Field(description="time_delta, as given")
     tz: str
+
+
+class Hold(BaseModel):
+    """Credits set aside by reserve until capture, release, or its ttl."""
+
+    model_config = ConfigDict(frozen=True)
+
+    hold_id: str
+    user_id: str
+    amount: int = Field(description="credits held")
+    status: HoldStatus
+    created_at: AwareDatetime
+    expires_at: AwareDatetime
+    captured: int = Field(description="credits charged by capture (0 otherwise)")
+    transaction_id: str | None = Field(default=None, description="reserve: its history entry")
 
 
 class Bucket(BaseModel):

@@ -31,8 +31,10 @@ from redis import exceptions as redis_errors
 from credici_redis._protocol import Call, Flow, Ledger
 from credici_redis._requests import (
     AddRequest,
+    CaptureRequest,
     HistoryRequest,
     KeyedRequest,
+    ReserveRequest,
     StartCycleRequest,
     SubtractRequest,
     generated_key,
@@ -45,7 +47,7 @@ from credici_redis.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from credici_redis.models import AuditReport, BalanceDetails, Cycle, Transaction
+from credici_redis.models import AuditReport, BalanceDetails, Cycle, Hold, Transaction
 
 if TYPE_CHECKING:
     import redis
@@ -113,6 +115,9 @@ class Storage(Protocol):
     def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None: ...
     def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle: ...
     def history(self, req: HistoryRequest) -> list[Transaction]: ...
+    def reserve(self, req: ReserveRequest) -> Hold: ...
+    def capture(self, req: CaptureRequest) -> Transaction: ...
+    def release(self, user_id: str, local_id: str, now_ms: int | None) -> Hold: ...
     def audit(self, user_id: str, now_ms: int | None) -> AuditReport: ...
     def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails: ...
     def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None: ...
@@ -134,6 +139,9 @@ class AsyncStorage(Protocol):
     async def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None: ...
     async def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle: ...
     async def history(self, req: HistoryRequest) -> list[Transaction]: ...
+    async def reserve(self, req: ReserveRequest) -> Hold: ...
+    async def capture(self, req: CaptureRequest) -> Transaction: ...
+    async def release(self, user_id: str, local_id: str, now_ms: int | None) -> Hold: ...
     async def audit(self, user_id: str, now_ms: int | None) -> AuditReport: ...
     async def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails: ...
     async def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None: ...
@@ -286,6 +294,17 @@ class RedisStorage(_RedisStorageBase):
 
     def history(self, req: HistoryRequest) -> list[Transaction]:
         return self.retrying(lambda: self.ledger.history(req))
+
+    def reserve(self, req: ReserveRequest) -> Hold:
+        req = self._retry_safe(req)
+        return self.retrying(lambda: self.ledger.reserve(req))
+
+    def capture(self, req: CaptureRequest) -> Transaction:
+        req = self._retry_safe(req)
+        return self.retrying(lambda: self.ledger.capture(req))
+
+    def release(self, user_id: str, local_id: str, now_ms: int | None) -> Hold:
+        return self.retrying(lambda: self.ledger.release(user_id, local_id, now_ms))
 
     def audit(self, user_id: str, now_ms: int | None) -> AuditReport:
         return self.retrying(lambda: self.ledger.audit(user_id, now_ms))
@@ -505,6 +524,17 @@ class AsyncRedisStorage(_RedisStorageBase):
 
     async def history(self, req: HistoryRequest) -> list[Transaction]:
         return await self.retrying(lambda: self.ledger.history(req))
+
+    async def reserve(self, req: ReserveRequest) -> Hold:
+        req = self._retry_safe(req)
+        return await self.retrying(lambda: self.ledger.reserve(req))
+
+    async def capture(self, req: CaptureRequest) -> Transaction:
+        req = self._retry_safe(req)
+        return await self.retrying(lambda: self.ledger.capture(req))
+
+    async def release(self, user_id: str, local_id: str, now_ms: int | None) -> Hold:
+        return await self.retrying(lambda: self.ledger.release(user_id, local_id, now_ms))
 
     async def audit(self, user_id: str, now_ms: int | None) -> AuditReport:
         return await self.retrying(lambda: self.ledger.audit(user_id, now_ms))

@@ -10,7 +10,11 @@ Keys, built by credici_redis/_keys.py, in the same order for every script; all s
                            x expire_at ms, i idempotency key, m metadata JSON, and for the
                            audit (which replays the buckets from history): g the bucket a grant
                            made or an expiry hit, r credits rolled over from bucket f
-  KEYS[6] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
+  KEYS[6] holds    hash    hold id -> "a|amount|expires|created|parts" while active, then
+                           "<c(aptured) r(eleased) x (expired)>|amount|expires|created|captured"
+                           parts: "bucket:credits:priority;..." (where the held credits came from)
+  KEYS[7] timers   zset    hold id -> when it is released by itself (active) or forgotten (done)
+  KEYS[8] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
 ARGV[1] is always the clock: '' means the server's TIME; tests inject milliseconds.
 ARGV[2] is always a schedule extension for a calendar cycle: '' or "<index>:<ms>,<ms>,..." (the
 boundaries from that period index on, computed by the client after a SCHEDULE reply).
@@ -35,8 +39,9 @@ Numbers are Lua doubles (exact up to 2^53-1, the library's limit); they are alwa
 fmt(), because tostring() switches to exponent notation past 14 digits.
 ]]
 
-local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_IDEM =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_IDEM =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local RETAIN = 86400000  -- a finished hold is remembered a day: a late second capture gets its answer
 local MAX_CREDITS = 9007199254740991
 local NEVER = 999999999999999
 
@@ -51,10 +56,11 @@ local function clock(injected)
 end
 
 local function load_state()
-  local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst', 'nx', 'cl')
+  local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst', 'nx', 'cl', 'hd', 'hx')
   return {
     bal = tonumber(v[1]) or 0, ms = tonumber(v[2]) or 0, sq = tonumber(v[3]) or 0, dirty = false,
     ce = tonumber(v[4]), cst = v[5] or nil, nx = tonumber(v[6]), limit = tonumber(v[7]) or 0,
+    held = tonumber(v[8]) or 0, hx = tonumber(v[9]), holds_dirty = false,
   }
 end
 
@@ -62,6 +68,9 @@ local function save_state(st)
   if st.dirty then
     redis.call('HSET', K_STATE, 'bal', fmt(st.bal), 'ms', fmt(st.ms), 'sq', fmt(st.sq),
       'nx', fmt(st.nx or 0))
+  end
+  if st.holds_dirty then
+    redis.call('HSET', K_STATE, 'hd', fmt(st.held), 'hx', fmt(st.hx or 0))
   end
 end
 
@@ -128,16 +137,21 @@ local function repaid(st, amount)
   return math.min(amount, math.max(-st.bal, 0))
 end
 
--- Takes `amount` credits out of the buckets in burn order, as far as they hold credits (past
--- that, the charge is debt). The buckets hold max(balance, 0), so the loop always finds enough.
-local function burn(st, amount)
-  local need, batch = math.min(amount, math.max(st.bal, 0)), 1  -- usually one bucket is enough
+-- Takes `need` credits out of the buckets in burn order; with `parts`, notes where each came
+-- from ("bucket:credits:priority"). The caller knows the buckets hold at least `need`.
+local function take(need, parts)
+  local batch = 1  -- usually the first bucket is enough
   while need > 0 do
-    local ids = redis.call('ZRANGE', K_ORDER, 0, batch - 1)
+    local got = redis.call('ZRANGE', K_ORDER, 0, batch - 1, 'WITHSCORES')
     batch = 32
+    local ids = {}
+    for i = 1, #got, 2 do ids[#ids + 1] = got[i] end
     local lefts = redis.call('HMGET', K_AMOUNTS, unpack(ids))
     for i = 1, #ids do
       local left = tonumber(lefts[i])
+      if parts then
+        parts[#parts + 1] = ids[i] .. ':' .. fmt(math.min(left, need)) .. ':' .. got[2 * i]
+      end
       if left > need then
         redis.call('HSET', K_AMOUNTS, ids[i], fmt(left - need))
         return
@@ -147,6 +161,12 @@ local function burn(st, amount)
       if need == 0 then return end
     end
   end
+end
+
+-- A charge: out of the buckets as far as they hold credits (past that, it is debt). The buckets
+-- hold max(balance, 0), so they always have enough.
+local function burn(st, amount)
+  take(math.min(amount, math.max(st.bal, 0)), nil)
 end
 
 -- The reply every operation that records a change returns; also what an idempotency record keeps.
@@ -316,4 +336,101 @@ local function cycle_reply(c, now)
   local status = c.cst
   if now >= tonumber(c.ce) then status = 'e' end
   return { 'OK', c.ci, c.cs, c.ce, c.ca, c.cg, c.cu, c.cad, status, c.crn, c.cro, c.cp, c.ctz }
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- Holds
+
+local HOLD_STATUS = { a = 'active', c = 'captured', r = 'released', x = 'expired' }
+
+local function split(text, sep)
+  local out = {}
+  for piece in string.gmatch(text, '[^' .. sep .. ']+') do out[#out + 1] = piece end
+  return out
+end
+
+-- Puts held credits back into the buckets they came from (re-created if emptied meanwhile).
+-- Parts of buckets whose expiry has come by `at` are not restored. Returns restored, expired.
+local function restore(st, parts, at)
+  local restored, expired = 0, 0
+  for _, part in ipairs(split(parts, ';')) do
+    local id, credits, priority = string.match(part, '^([^:]+):([^:]+):(.+)$')
+    credits = tonumber(credits)
+    local expire_at = tonumber(string.sub(id, 1, 15))
+    if expire_at ~= NEVER and expire_at <= at then
+      expired = expired + credits
+    else
+      if redis.call('HEXISTS', K_AMOUNTS, id) == 1 then
+        redis.call('HINCRBY', K_AMOUNTS, id, credits)
+      else
+        redis.call('ZADD', K_ORDER, priority, id)
+        if expire_at ~= NEVER then
+          redis.call('ZADD', K_EXPIRY, fmt(expire_at), id)
+          if not st.nx or expire_at < st.nx then st.nx, st.dirty = expire_at, true end
+        end
+        redis.call('HSET', K_AMOUNTS, id, fmt(credits))
+      end
+      restored = restored + credits
+    end
+  end
+  return restored, expired
+end
+
+-- Gives held credits back to the available balance at `at` and records it (entry `kind`, for
+-- all of them, then an "e" entry for the parts whose bucket expired while held). As any grant,
+-- what comes back repays a debt first. Returns the entry's id and how much came back.
+local function give_back(st, hold_id, parts, at, kind, fields)
+  local before = st.bal
+  local restored, expired = restore(st, parts, at)
+  if before < 0 and restored > 0 then take(math.min(restored, -before), nil) end
+  st.bal = st.bal + restored + expired
+  fields[#fields + 1] = 'h'
+  fields[#fields + 1] = hold_id
+  fields[#fields + 1] = 't'
+  fields[#fields + 1] = fmt(at)
+  local id = append(st, kind, restored + expired, at, fields)
+  if expired > 0 then
+    st.bal = st.bal - expired
+    append(st, 'e', -expired, at, { 'h', hold_id })
+  end
+  return id, restored + expired
+end
+
+local function hold_timer(st, hold_id, at)
+  redis.call('ZADD', K_TIMERS, fmt(at), hold_id)
+  if not st.hx or st.hx == 0 or at < st.hx then st.hx = at end
+  st.holds_dirty = true
+end
+
+-- Finishes a hold: status c/r/x, remembered (for a late second call) until RETAIN has passed.
+local function finish_hold(st, hold_id, rec, status, captured, now)
+  st.held = st.held - tonumber(rec[2])
+  redis.call('HSET', K_HOLDS, hold_id,
+    status .. '|' .. rec[2] .. '|' .. rec[3] .. '|' .. rec[4] .. '|' .. fmt(captured))
+  hold_timer(st, hold_id, now + RETAIN)
+end
+
+-- Releases every hold whose ttl has passed (dated at its expiry) and forgets finished ones
+-- whose time is up. st.hx: no timer is due before it (absent: the user never had a hold).
+local function settle_holds(st, now)
+  if not st.hx or now < st.hx then return end
+  local due = redis.call('ZRANGEBYSCORE', K_TIMERS, '-inf', fmt(now), 'WITHSCORES')
+  for i = 1, #due, 2 do
+    local hold_id, at = due[i], tonumber(due[i + 1])
+    local rec = split(redis.call('HGET', K_HOLDS, hold_id) or 'x', '|')
+    redis.call('ZREM', K_TIMERS, hold_id)
+    if rec[1] == 'a' then
+      give_back(st, hold_id, rec[5] or '', at, 'l', {})
+      finish_hold(st, hold_id, rec, 'x', 0, at)
+    else
+      redis.call('HDEL', K_HOLDS, hold_id)
+    end
+  end
+  local first = redis.call('ZRANGE', K_TIMERS, 0, 0, 'WITHSCORES')
+  st.hx, st.holds_dirty = tonumber(first[2]) or NEVER, true
+end
+
+local function hold_reply(hold_id, rec)
+  -- OK, hold id, amount, status, created, expires, captured
+  return { 'OK', hold_id, rec[2], HOLD_STATUS[rec[1]], rec[4], rec[3], rec[5] or '0' }
 end

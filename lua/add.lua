@@ -1,11 +1,11 @@
 --[[ add.lua: grant credits in a new bucket.
-KEYS  1-5 the user's keys (see _ledger.lua); 6 the idempotency record, when a key was given
+KEYS  1-7 the user's keys (see _ledger.lua); 8 the idempotency record, when a key was given
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 expire_at ms or ''
       5 ttl ms or '' | 6 fingerprint | 7 idempotency retention ms | 8 idempotency key or ''
       9 metadata JSON or '' | 10 priority
 Reply {'OK', id, 'a', amount, balance_after, expire_at, ikey, meta}
       | {'IDEM_CONFLICT'} | {'EXPIRY_PAST', now} | {'BALANCE_LIMIT', balance} | SCHEDULE
-History: cycle renewals and expired buckets, then one "a" entry. Counts as `added` in the cycle.
+History: cycle renewals, holds released by their ttl, expired buckets, then one "a" entry. Counts as `added` in the cycle.
 With debt, the grant repays it first; only the rest goes into the new bucket.
 ]]
 --!include _ledger.lua
@@ -23,6 +23,7 @@ if expire_at and expire_at <= now then return { 'EXPIRY_PAST', fmt(now) } end
 local st = load_state()
 local ask = advance(st, now, ARGV[2])
 if ask then return ask end
+settle_holds(st, now)
 purge(st, now)
 if st.bal + amount > MAX_CREDITS then
   save_state(st)

@@ -1,10 +1,10 @@
 --[[ audit.lua: bring the user up to now, then return what the audit compares with its history.
-KEYS  1-5 the user's keys (see _ledger.lua)
+KEYS  1-7 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension
-Reply {'OK', balance, last history id (as the state knows it), last id in the stream,
+Reply {'OK', balance, last history id (as the state knows it), last id in the stream, held,
        bucket id, credits left, bucket id, credits left, ...}
       | SCHEDULE
-History: cycle renewals and expired buckets. The history up to the returned id is then read in
+History: cycle renewals, holds released by their ttl, expired buckets. The history up to the returned id is then read in
 pages by the client: it only grows, so that part cannot change under the audit.
 ]]
 --!include _ledger.lua
@@ -13,12 +13,13 @@ local now = clock(ARGV[1])
 local st = load_state()
 local ask = advance(st, now, ARGV[2])
 if ask then return ask end
+settle_holds(st, now)
 purge(st, now)
 save_state(st)
 local newest = redis.call('XREVRANGE', K_HISTORY, '+', '-', 'COUNT', 1)
 local stream_last = '0-0'
 if #newest > 0 then stream_last = newest[1][1] end
-local reply = { 'OK', fmt(st.bal), fmt(st.ms) .. '-' .. fmt(st.sq), stream_last }
+local reply = { 'OK', fmt(st.bal), fmt(st.ms) .. '-' .. fmt(st.sq), stream_last, fmt(st.held) }
 local buckets = redis.call('HGETALL', K_AMOUNTS)
 for i = 1, #buckets do reply[#reply + 1] = buckets[i] end
 return reply

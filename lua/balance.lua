@@ -1,9 +1,9 @@
 --[[ balance.lua: bring the user up to now (cycle renewals, expiry), then read the balance.
 Writes only when a cycle renewed or a bucket expired.
-KEYS  1-5 the user's keys (see _ledger.lua)
+KEYS  1-7 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension
 Reply {'OK', balance} | SCHEDULE
-History: cycle renewals and expired buckets.
+History: cycle renewals, holds released by their ttl, expired buckets.
 ]]
 --!include _ledger.lua
 
@@ -11,6 +11,7 @@ local now = clock(ARGV[1])
 local st = load_state()
 local ask = advance(st, now, ARGV[2])
 if ask then return ask end
+settle_holds(st, now)
 purge(st, now)
 save_state(st)
 return { 'OK', fmt(st.bal) }

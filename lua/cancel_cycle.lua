@@ -1,8 +1,8 @@
 --[[ cancel_cycle.lua: stop the cycle from renewing; with forfeit, its grant expires now.
-KEYS  1-5 the user's keys (see _ledger.lua)
+KEYS  1-7 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 forfeit 0|1
 Reply cycle_reply (see _ledger.lua) | {'NO_CYCLE'} | SCHEDULE
-History: cycle renewals and expired buckets; with forfeit, an "e" entry for what the grant had left.
+History: cycle renewals, holds released by their ttl, expired buckets; with forfeit, an "e" entry for what the grant had left.
 Cancelling a canceled cycle changes nothing (but forfeit still takes effect).
 ]]
 --!include _ledger.lua
@@ -11,6 +11,7 @@ local now = clock(ARGV[1])
 local st = load_state()
 local ask = advance(st, now, ARGV[2])
 if ask then return ask end
+settle_holds(st, now)
 purge(st, now)
 local c = load_cycle()
 if not c or c.cst == 'e' then

@@ -1,8 +1,8 @@
 --[[ cycle.lua: bring the user up to now, then read the current (or last) cycle.
-KEYS  1-5 the user's keys (see _ledger.lua)
+KEYS  1-7 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension
 Reply cycle_reply (see _ledger.lua) | {'NONE'} | SCHEDULE
-History: cycle renewals and expired buckets.
+History: cycle renewals, holds released by their ttl, expired buckets.
 ]]
 --!include _ledger.lua
 
@@ -10,6 +10,7 @@ local now = clock(ARGV[1])
 local st = load_state()
 local ask = advance(st, now, ARGV[2])
 if ask then return ask end
+settle_holds(st, now)
 purge(st, now)
 save_state(st)
 local c = load_cycle()

@@ -1,8 +1,9 @@
 --[[ details.lua: bring the user up to now, then read the balance in detail.
-KEYS  1-5 the user's keys (see _ledger.lua)
+KEYS  1-7 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension
-Reply {'OK', balance, credit limit, bucket id, credits left, priority, bucket id, ...} | SCHEDULE
-History: cycle renewals and expired buckets.
+Reply {'OK', balance, credit limit, held, bucket id, credits left, priority, bucket id, ...}
+      | SCHEDULE
+History: cycle renewals, holds released by their ttl, expired buckets.
 ]]
 --!include _ledger.lua
 
@@ -10,9 +11,10 @@ local now = clock(ARGV[1])
 local st = load_state()
 local ask = advance(st, now, ARGV[2])
 if ask then return ask end
+settle_holds(st, now)
 purge(st, now)
 save_state(st)
-local reply = { 'OK', fmt(st.bal), fmt(st.limit) }
+local reply = { 'OK', fmt(st.bal), fmt(st.limit), fmt(st.held) }
 local ids = redis.call('ZRANGE', K_ORDER, 0, -1, 'WITHSCORES')
 for i = 1, #ids, 2 do
   reply[#reply + 1] = ids[i]

@@ -1,8 +1,8 @@
 --[[ set_credit_limit.lua: let the balance go down to -limit (0: no overdraft).
-KEYS  1-5 the user's keys (see _ledger.lua)
+KEYS  1-7 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 limit
 Reply {'OK', balance} | SCHEDULE
-History: cycle renewals and expired buckets; the limit itself is not a change of the balance.
+History: cycle renewals, holds released by their ttl, expired buckets; the limit itself is not a change of the balance.
 A debt beyond a lowered limit stays; it only stops further charges.
 ]]
 --!include _ledger.lua
@@ -11,6 +11,7 @@ local now = clock(ARGV[1])
 local st = load_state()
 local ask = advance(st, now, ARGV[2])
 if ask then return ask end
+settle_holds(st, now)
 purge(st, now)
 st.dirty = true
 save_state(st)

@@ -1,12 +1,12 @@
 --[[ start_cycle.lua: start a cycle granting `amount` until its end; ends the running one first.
-KEYS  1-5 the user's keys (see _ledger.lua); 6 the idempotency record, when a key was given
+KEYS  1-7 the user's keys (see _ledger.lua); 8 the idempotency record, when a key was given
 ARGV  1 clock ('' = server TIME) | 2 schedule extension (for the running cycle)
       3 amount (0 allowed) | 4 fixed period ms, or '' for a calendar period
       5 calendar boundaries of the new cycle "B1,B2,..." (calendar only) | 6 period as given
       7 time zone | 8 renew 0|1 | 9 rollover ('' = all) | 10 fingerprint
       11 idempotency retention ms | 12 idempotency key or ''
 Reply cycle_reply (see _ledger.lua) | {'IDEM_CONFLICT'} | {'BALANCE_LIMIT', balance} | SCHEDULE
-History: renewals and expired buckets; the running cycle's grant minus what rolls over, as an "e"
+History: renewals, holds released by their ttl, expired buckets; the running cycle's grant minus what rolls over, as an "e"
 entry; then one "c" entry for the new grant (rollover moves credits, it is not a new grant).
 ]]
 --!include _ledger.lua
@@ -20,6 +20,7 @@ if prior then return prior end
 local st = load_state()
 local ask = advance(st, now, ARGV[2])
 if ask then return ask end
+settle_holds(st, now)
 purge(st, now)
 if st.bal + amount > MAX_CREDITS then
   save_state(st)

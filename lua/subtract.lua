@@ -1,10 +1,10 @@
 --[[ subtract.lua: take credits out, soonest-expiring buckets first, all or nothing.
-KEYS  1-5 the user's keys (see _ledger.lua); 6 the idempotency record, when a key was given
+KEYS  1-7 the user's keys (see _ledger.lua); 8 the idempotency record, when a key was given
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 fingerprint
       5 idempotency retention ms | 6 idempotency key or '' | 7 metadata JSON or ''
 Reply {'OK', id, 's', -amount, balance_after, '', ikey, meta}
       | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available (balance + credit limit)} | SCHEDULE
-History: cycle renewals and expired buckets, then one "s" entry (none when insufficient).
+History: cycle renewals, holds released by their ttl, expired buckets, then one "s" entry (none when insufficient).
 Counts as `used` in the cycle.
 ]]
 --!include _ledger.lua
@@ -18,6 +18,7 @@ if prior then return prior end
 local st = load_state()
 local ask = advance(st, now, ARGV[2])
 if ask then return ask end
+settle_holds(st, now)
 purge(st, now)
 if st.bal - amount < -st.limit then
   save_state(st)

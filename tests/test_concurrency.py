@@ -219,3 +219,55 @@ async def test_overdraft_never_passes_the_limit_under_concurrency(client: Any, u
     assert sum(results) == 150
     assert await client.get_balance(user) == -50
     assert (await client.audit(user)).ok
+
+
+@pytest.mark.parametrize("api", ["async", "async-batched"])
+async def test_concurrent_holds_never_capture_more_than_was_available(
+    client: Any, user: str
+) -> None:
+    import random
+
+    from credici_redis import HoldFinishedError
+
+    await client.add(user, 500)
+    rng = random.Random(7)
+    captured = 0
+
+    async def llm_call(i: int) -> None:
+        nonlocal captured
+        try:
+            hold = await client.reserve(user, rng.randint(5, 40))
+        except InsufficientCreditsError:
+            return
+        await asyncio.sleep(0)
+        if i % 4 == 0:
+            await client.release(hold.hold_id)
+        else:
+            tx = await client.capture(hold.hold_id, rng.randint(0, hold.amount) or None)
+            captured += tx.captured
+        with pytest.raises(HoldFinishedError):  # a second settle never has an effect
+            await client.capture(hold.hold_id)
+
+    await asyncio.gather(*(llm_call(i) for i in range(300)))
+    details = await client.get_balance_details(user)
+    assert details.held == 0
+    assert captured <= 500
+    assert details.balance == 500 - captured
+    assert (await client.audit(user)).ok
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+async def test_a_hold_that_times_out_is_never_captured(make_client: Any, user: str) -> None:
+    from credici_redis import HoldFinishedError
+
+    client = make_client()  # the real clock
+    other = make_client()
+    await client.add(user, 100)
+    hold = await client.reserve(user, 60, ttl=timedelta(milliseconds=150))
+    await asyncio.sleep(0.3)  # the holder is still "running"...
+    assert await other.get_balance(user) == 100  # ...when another operation releases the hold
+    with pytest.raises(HoldFinishedError) as info:
+        await client.capture(hold.hold_id, 10)
+    assert info.value.status == "expired"
+    assert await client.get_balance(user) == 100
+    assert (await client.audit(user)).ok

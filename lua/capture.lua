@@ -1,0 +1,62 @@
+--[[ capture.lua: charge what a hold was for (all of it, or less) and give back the rest.
+KEYS  1-7 the user's keys (see _ledger.lua); 8 the idempotency record, when a key was given
+ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 hold id (per user) | 4 amount or ''
+      (all) | 5 fingerprint | 6 idempotency retention ms | 7 idempotency key or ''
+Reply {'OK', id, 'p', +returned, balance_after, '', ikey, '', hold id, captured}
+      | {'IDEM_CONFLICT'} | {'NO_HOLD'} | {'HOLD_DONE', status} | {'HOLD_EXCEEDED', held}
+      | SCHEDULE
+History: renewals, holds released by their ttl, expired buckets, then one "p" entry for what came
+back to the available balance (the captured credits had already left it at reserve), then an "e"
+entry for returned credits whose bucket expired while held. Counts as `used` in the cycle.
+Held credits stay capturable until the hold ends, even when their bucket expired meanwhile.
+]]
+--!include _ledger.lua
+
+local now, hold_id = clock(ARGV[1]), ARGV[3]
+local fingerprint, ikey = ARGV[5], ARGV[7]
+
+local prior = replay(fingerprint)
+if prior then return prior end
+
+local st = load_state()
+local ask = advance(st, now, ARGV[2])
+if ask then return ask end
+settle_holds(st, now)
+purge(st, now)
+local raw = redis.call('HGET', K_HOLDS, hold_id)
+if not raw then
+  save_state(st)
+  return { 'NO_HOLD' }
+end
+local rec = split(raw, '|')
+if rec[1] ~= 'a' then
+  save_state(st)
+  return { 'HOLD_DONE', HOLD_STATUS[rec[1]] }
+end
+local held = tonumber(rec[2])
+local charge = tonumber(ARGV[4]) or held
+if charge > held then
+  save_state(st)
+  return { 'HOLD_EXCEEDED', rec[2] }
+end
+
+-- The captured credits are the first parts (burn order); the rest go back.
+local rest, left = {}, charge
+for _, part in ipairs(split(rec[5] or '', ';')) do
+  local bucket, credits, priority = string.match(part, '^([^:]+):([^:]+):(.+)$')
+  credits = tonumber(credits)
+  local used = math.min(credits, left)
+  left = left - used
+  if credits > used then rest[#rest + 1] = bucket .. ':' .. fmt(credits - used) .. ':' .. priority end
+end
+local fields = { 'q', fmt(charge) }
+if ikey ~= '' then fields[#fields + 1] = 'i'; fields[#fields + 1] = ikey end
+local id, back = give_back(st, hold_id, table.concat(rest, ';'), now, 'p', fields)
+count_usage(st, now, 'cu', charge)
+finish_hold(st, hold_id, rec, 'c', charge, now)
+save_state(st)
+local reply = tx_reply(id, 'p', back, st.bal, nil, ikey, '')
+reply[#reply + 1] = hold_id
+reply[#reply + 1] = fmt(charge)
+remember(fingerprint, ARGV[6], reply)
+return reply

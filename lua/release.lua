@@ -1,0 +1,29 @@
+--[[ release.lua: end a hold without charging: every held credit goes back.
+KEYS  1-7 the user's keys (see _ledger.lua)
+ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 hold id (per user)
+Reply hold_reply (status 'released') | {'NO_HOLD'} | {'HOLD_DONE', status} | SCHEDULE
+History: renewals, holds released by their ttl, expired buckets, then one "l" entry (+amount),
+then an "e" entry for credits whose bucket expired while held.
+]]
+--!include _ledger.lua
+
+local now, hold_id = clock(ARGV[1]), ARGV[3]
+local st = load_state()
+local ask = advance(st, now, ARGV[2])
+if ask then return ask end
+settle_holds(st, now)
+purge(st, now)
+local raw = redis.call('HGET', K_HOLDS, hold_id)
+if not raw then
+  save_state(st)
+  return { 'NO_HOLD' }
+end
+local rec = split(raw, '|')
+if rec[1] ~= 'a' then
+  save_state(st)
+  return { 'HOLD_DONE', HOLD_STATUS[rec[1]] }
+end
+give_back(st, hold_id, rec[5] or '', now, 'l', {})
+finish_hold(st, hold_id, rec, 'r', 0, now)
+save_state(st)
+return hold_reply(hold_id, { 'r', rec[2], rec[3], rec[4], '0' })

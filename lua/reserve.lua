@@ -1,0 +1,45 @@
+--[[ reserve.lua: hold credits for a charge whose size is known later (capture or release).
+KEYS  1-7 the user's keys (see _ledger.lua); 8 the idempotency record, when a key was given
+ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 ttl ms | 5 fingerprint
+      6 idempotency retention ms | 7 idempotency key or '' | 8 metadata JSON or ''
+Reply hold_reply + {transaction id of the "r" entry} | {'IDEM_CONFLICT'}
+      | {'INSUFFICIENT', available} | SCHEDULE
+History: renewals, holds released by their ttl, expired buckets, then one "r" entry (-amount).
+Credits are taken from the available balance in burn order; a hold never uses the credit limit.
+]]
+--!include _ledger.lua
+
+local now, amount, ttl = clock(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local fingerprint, ikey, meta = ARGV[5], ARGV[7], ARGV[8]
+
+local prior = replay(fingerprint)
+if prior then return prior end
+
+local st = load_state()
+local ask = advance(st, now, ARGV[2])
+if ask then return ask end
+settle_holds(st, now)
+purge(st, now)
+if amount > math.max(st.bal, 0) then
+  save_state(st)
+  return { 'INSUFFICIENT', fmt(math.max(st.bal, 0)) }
+end
+
+local parts = {}
+take(amount, parts)
+local hold_id = 'h' .. fmt(redis.call('HINCRBY', K_STATE, 'hs', 1))
+st.bal = st.bal - amount
+st.held = st.held + amount
+local fields = extras(nil, ikey, meta)
+fields[#fields + 1] = 'h'
+fields[#fields + 1] = hold_id
+local id = append(st, 'r', -amount, now, fields)
+local expires = now + ttl
+local rec = { 'a', fmt(amount), fmt(expires), fmt(st.ms), table.concat(parts, ';') }
+redis.call('HSET', K_HOLDS, hold_id, table.concat(rec, '|'))
+hold_timer(st, hold_id, expires)
+save_state(st)
+local reply = hold_reply(hold_id, { 'a', rec[2], rec[3], rec[4], '0' })
+reply[#reply + 1] = id
+remember(fingerprint, ARGV[6], reply)
+return reply
