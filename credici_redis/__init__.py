@@ -7,6 +7,7 @@ share one implementation; ``from_url("memory://")`` runs the same scripts in pro
 
 from credici_redis.client import AsyncCrediciClient, CrediciClient
 from credici_redis.errors import (
+    AlreadyReversedError,
     CaptureExceedsHoldError,
     CrediciError,
     CycleNotFoundError,
@@ -24,9 +25,11 @@ from credici_redis.errors import (
     InvalidPriorityError,
     InvalidTimeZoneError,
     InvalidUserIdError,
+    NotReversibleError,
     OutcomeUnknownError,
     StorageError,
     StorageUnavailableError,
+    TransactionNotFoundError,
 )
 from credici_redis.models import AuditReport, BalanceDetails, Bucket, Cycle, Hold, Transaction
 from credici_redis.storage import AsyncRedisStorage, AsyncStorage, RedisStorage, Storage
@@ -34,6 +37,7 @@ from credici_redis.storage import AsyncRedisStorage, AsyncStorage, RedisStorage,
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlreadyReversedError",
     "AsyncCrediciClient",
     "AsyncRedisStorage",
     "AsyncStorage",
@@ -60,11 +64,13 @@ __all__ = [
     "InvalidPriorityError",
     "InvalidTimeZoneError",
     "InvalidUserIdError",
+    "NotReversibleError",
     "OutcomeUnknownError",
     "RedisStorage",
     "Storage",
     "StorageError",
     "StorageUnavailableError",
     "Transaction",
+    "TransactionNotFoundError",
     "__version__",
 ]

@@ -27,6 +27,7 @@ def replay(
     model: dict[str, int] = {}
     rank: dict[str, int] = {}  # priority of each bucket (0 unless the grant said otherwise)
     holds: dict[str, list[tuple[str, int]]] = {}  # active holds: their parts
+    seen: dict[str, Mapping[str, str]] = {}  # entries by id, for reversals
     running = count = 0
     problems: list[str] = []
 
@@ -52,8 +53,10 @@ def replay(
             problems.append(f"{entry_id}: needs {need} more credits than the buckets hold")
         return parts
 
-    def give_back(parts: list[tuple[str, int]], at: int, before: int, entry_id: str) -> None:
-        restored = 0
+    def give_back(
+        parts: list[tuple[str, int]], at: int, before: int, entry_id: str, extra: int = 0
+    ) -> None:
+        restored = extra
         for bucket, credits in parts:
             expiry = int(bucket[:15])
             if expiry == NEVER_MS or expiry > at:
@@ -62,8 +65,16 @@ def replay(
         if before < 0 and restored:
             take(min(restored, -before), entry_id)
 
+    def parts_of(f: Mapping[str, str]) -> list[tuple[str, int]]:
+        return [
+            (part.split(":")[0], int(part.split(":")[1]))
+            for part in f.get("u", "").split(";")
+            if part
+        ]
+
     for entry_id, f in entries:
         count += 1
+        seen[entry_id] = f
         kind, amount = f.get("k", "?"), int(f.get("n", "0"))
         before = running
         repaid = min(max(amount, 0), max(-before, 0))  # what a grant pays back of a debt
@@ -75,7 +86,9 @@ def replay(
                 model[f["g"]] = amount - repaid
                 rank[f["g"]] = int(f.get("p", "0"))
         elif kind == "s":
-            take(min(-amount, max(before, 0)), entry_id)  # past the buckets, a charge is debt
+            taken = take(min(-amount, max(before, 0)), entry_id)  # past the buckets: debt
+            if sorted(taken) != sorted(parts_of(f)):
+                problems.append(f"{entry_id}: took {taken}, history says {parts_of(f)}")
             if running < 0 and model:
                 problems.append(f"{entry_id}: in debt while buckets hold credits")
         elif kind == "e":
@@ -101,6 +114,23 @@ def replay(
                 if credits > used:
                     rest.append((bucket, credits - used))
             give_back(rest, int(f.get("t", "0")), before, entry_id)
+        elif kind == "v":
+            original = seen.get(f.get("o", "?"))
+            if original is None:
+                problems.append(f"{entry_id}: reverses {f.get('o')}, not in the history")
+            elif original.get("k") == "a":
+                if "g" in f and amount:
+                    drop(f["g"], -amount, entry_id)  # all that was left of the grant
+                elif "g" in f:
+                    model.pop(f["g"], None)
+            else:
+                charged = parts_of(original)
+                overdraft = (
+                    -int(original["n"]) if original.get("k") == "s" else int(original["q"])
+                ) - sum(credits for _, credits in charged)
+                if overdraft > 0 and "g" in f:
+                    model[f["g"]] = overdraft
+                give_back(charged, int(f.get("t", "0")), before, entry_id, max(overdraft, 0))
         else:
             problems.append(f"{entry_id}: unknown kind {kind!r}")
 

@@ -81,6 +81,15 @@ def transaction_id(user_id: str, entry_id: str) -> str:
     return f"{entry_id}@{user_tag(user_id)}"
 
 
+def parse_transaction_id(value: str) -> tuple[str, str]:
+    """(user id, history entry id); InvalidInputError if it is not a transaction id."""
+    entry, at, tag = value.partition("@")
+    ms, dash, seq = entry.partition("-")
+    if not at or not tag or not dash or not ms.isdigit() or not seq.isdigit():
+        raise InvalidInputError(f"{value!r} is not a transaction id")
+    return unquote(tag), entry
+
+
 def hold_id(user_id: str, local_id: str) -> str:
     """Globally unique, and it names its user: capture and release need nothing else."""
     return f"{local_id}@{user_tag(user_id)}"

@@ -33,6 +33,7 @@ from credici_redis._requests import (
     CaptureRequest,
     HistoryRequest,
     ReserveRequest,
+    ReverseRequest,
     StartCycleRequest,
     SubtractRequest,
     decode_period,
@@ -40,6 +41,7 @@ from credici_redis._requests import (
 from credici_redis._scripts import Script
 from credici_redis._time import from_ms
 from credici_redis.errors import (
+    AlreadyReversedError,
     CaptureExceedsHoldError,
     CrediciError,
     CycleNotFoundError,
@@ -49,7 +51,9 @@ from credici_redis.errors import (
     InsufficientCreditsError,
     InvalidAmountError,
     InvalidExpiryError,
+    NotReversibleError,
     StorageError,
+    TransactionNotFoundError,
 )
 from credici_redis.models import (
     AuditReport,
@@ -79,6 +83,7 @@ KINDS: dict[str, TransactionKind] = {
     "r": "reserve",
     "p": "capture",
     "l": "release",
+    "v": "reverse",
 }
 
 
@@ -276,6 +281,28 @@ class Ledger:
             self._script(_scripts.RELEASE, user_id, None, _clock(now_ms), extension, local_id)
         ])  # fmt: skip
         return parse_hold(user_id, reply, 0, _keys.hold_id(user_id, local_id))
+
+    def reverse(self, req: ReverseRequest) -> Flow[Transaction]:
+        (reply,) = yield from self._scheduled(lambda extension: [
+            self._script(
+                _scripts.REVERSE, req.user_id, req.idempotency_key,
+                _clock(req.now_ms), extension, req.entry_id, req.fingerprint,
+                self.idempotency_ttl_ms, req.idempotency_key or "",
+            )
+        ])  # fmt: skip
+        if isinstance(reply, list) and reply:
+            code = text(reply[0])
+            if code == "NO_TX":
+                raise TransactionNotFoundError(req.transaction_id)
+            if code == "NOT_REVERSIBLE":
+                raise NotReversibleError(req.transaction_id, KINDS.get(text(reply[1]), "?"))
+            if code == "REVERSED":
+                reversal = _keys.transaction_id(req.user_id, text(reply[1]))
+                raise AlreadyReversedError(req.transaction_id, reversal)
+        f = _checked(reply, req.user_id, 0, req.idempotency_key)
+        return _transaction(req.user_id, f).model_copy(
+            update={"related_id": req.transaction_id, "unrestored": int(f[9])}
+        )
 
     def balance_details(self, user_id: str, now_ms: int | None) -> Flow[BalanceDetails]:
         (reply,) = yield from self._scheduled(
@@ -494,12 +521,15 @@ def parse_entry(user_id: str, entry: Any) -> Transaction:
     """One XRANGE entry: (id, fields)."""
     entry_id, f = entry[0], _fields(entry[1])
     tx = _build(user_id, text(entry_id), f["k"], f["n"], f["b"], f.get("x"), f.get("i"), f.get("m"))
+    update: dict[str, Any] = {}
     if "h" in f and f["k"] != "e":
-        update: dict[str, Any] = {"hold_id": _keys.hold_id(user_id, f["h"])}
+        update["hold_id"] = _keys.hold_id(user_id, f["h"])
         if "q" in f:
             update["captured"] = int(f["q"])
-        return tx.model_copy(update=update)
-    return tx
+    if "o" in f:
+        update["related_id"] = _keys.transaction_id(user_id, f["o"])
+        update["unrestored"] = int(f.get("w", "0"))
+    return tx.model_copy(update=update) if update else tx
 
 
 HOLD_STATUSES: dict[str, HoldStatus] = {

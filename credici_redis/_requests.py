@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from credici_redis._keys import parse_hold_id
+from credici_redis._keys import parse_hold_id, parse_transaction_id
 from credici_redis._schedule import CALENDAR_PERIODS, zone
 from credici_redis._time import duration_ms, to_ms, to_ms_ceil
 from credici_redis.errors import (
@@ -100,6 +100,16 @@ class CaptureRequest:
     user_id: str
     local_id: str
     amount: int | None
+    idempotency_key: str | None
+    fingerprint: str
+    now_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReverseRequest:
+    transaction_id: str
+    user_id: str
+    entry_id: str
     idempotency_key: str | None
     fingerprint: str
     now_ms: int | None
@@ -300,7 +310,13 @@ def fingerprint(*parts: Any) -> str:
 
 
 KeyedRequest = TypeVar(
-    "KeyedRequest", AddRequest, SubtractRequest, StartCycleRequest, ReserveRequest, CaptureRequest
+    "KeyedRequest",
+    AddRequest,
+    SubtractRequest,
+    StartCycleRequest,
+    ReserveRequest,
+    CaptureRequest,
+    ReverseRequest,
 )
 
 
@@ -318,6 +334,8 @@ def keyed(req: KeyedRequest, key: str | None) -> KeyedRequest:
         fp = fingerprint("reserve", req.amount, req.ttl_ms, req.metadata_json)
     elif isinstance(req, CaptureRequest):
         fp = fingerprint("capture", req.local_id, req.amount)
+    elif isinstance(req, ReverseRequest):
+        fp = fingerprint("reverse", req.entry_id)
     else:
         fp = fingerprint("start_cycle", req.amount, req.period, req.tz, req.renew, req.rollover)
     return replace(req, idempotency_key=key, fingerprint=fp)
@@ -472,3 +490,11 @@ def hold(value: object) -> tuple[str, str]:
         raise InvalidInputError(f"hold_id must be a str, not {type(value).__name__}")
     uid, local = parse_hold_id(value)
     return user_id(uid), local
+
+
+def build_reverse(transaction: object, key: object, now_ms: int | None) -> ReverseRequest:
+    if not isinstance(transaction, str):
+        raise InvalidInputError(f"transaction_id must be a str, not {type(transaction).__name__}")
+    uid, entry = parse_transaction_id(transaction)
+    ikey = idempotency_key(key)
+    return keyed(ReverseRequest(transaction, user_id(uid), entry, None, "", now_ms), ikey)

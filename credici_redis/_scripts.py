@@ -62,8 +62,9 @@ SET_CREDIT_LIMIT = load("set_credit_limit", effect=False)  # setting it twice is
 RESERVE = load("reserve", effect=True)
 CAPTURE = load("capture", effect=True)
 RELEASE = load("release", effect=False)  # a second release has no effect: safe to repeat
+REVERSE = load("reverse", effect=True)
 
 ALL = (
     ADD, SUBTRACT, BALANCE, START_CYCLE, CYCLE, CANCEL_CYCLE, AUDIT, DETAILS, SET_CREDIT_LIMIT,
-    RESERVE, CAPTURE, RELEASE,
+    RESERVE, CAPTURE, RELEASE, REVERSE,
 )  # fmt: skip

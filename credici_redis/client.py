@@ -207,6 +207,12 @@ class CrediciClient(_ClientBase):
         user, local = _requests.hold(hold_id)
         return self.storage.release(user, local, self._now())
 
+    def reverse(self, transaction_id: str, *, idempotency_key: str | None = None) -> Transaction:
+        """Undo a subtract or capture (credits back to their buckets, unless those expired:
+        see `unrestored`) or an add (what is left of it is removed). Once per transaction."""
+        req = _requests.build_reverse(transaction_id, idempotency_key, self._now())
+        return self.storage.reverse(req)
+
     def get_balance_details(self, user_id: UserId) -> BalanceDetails:
         """Balance, debt, credit limit and the buckets in burn order."""
         return self.storage.balance_details(_requests.user_id(user_id), self._now())
@@ -405,6 +411,14 @@ class AsyncCrediciClient(_ClientBase):
         """Give every held credit back; once per hold."""
         user, local = _requests.hold(hold_id)
         return await self.storage.release(user, local, self._now())
+
+    async def reverse(
+        self, transaction_id: str, *, idempotency_key: str | None = None
+    ) -> Transaction:
+        """Undo a subtract or capture (credits back to their buckets, unless those expired:
+        see `unrestored`) or an add (what is left of it is removed). Once per transaction."""
+        req = _requests.build_reverse(transaction_id, idempotency_key, self._now())
+        return await self.storage.reverse(req)
 
     async def get_balance_details(self, user_id: UserId) -> BalanceDetails:
         """Balance, debt, credit limit and the buckets in burn order."""

@@ -17,6 +17,9 @@
     ├── CycleNotFoundError            cancel_cycle on a user with no running cycle
     ├── HoldNotFoundError             no such hold (or it ended more than a day ago)
     ├── HoldFinishedError             the hold was already captured, released or expired
+    ├── TransactionNotFoundError      reverse of an unknown transaction
+    ├── NotReversibleError            reverse of an entry that is not a subtract, capture or add
+    ├── AlreadyReversedError          a transaction is reversed once
     └── StorageError                  Redis answered something the library cannot use (a bug)
         └── StorageUnavailableError   connection failure or timeout; chained to the driver error
             └── OutcomeUnknownError   a request was sent but no reply came: it may have applied
@@ -136,6 +139,32 @@ class HoldFinishedError(CrediciError):
         super().__init__(f"hold {hold_id!r} is already {status}")
         self.hold_id = hold_id
         self.status = status
+
+
+class TransactionNotFoundError(CrediciError):
+    """No such transaction in the history kept in Redis."""
+
+    def __init__(self, transaction_id: str) -> None:
+        super().__init__(f"no transaction {transaction_id!r}")
+        self.transaction_id = transaction_id
+
+
+class NotReversibleError(CrediciError):
+    """Only a subtract, a capture or an add can be reversed."""
+
+    def __init__(self, transaction_id: str, kind: str) -> None:
+        super().__init__(f"transaction {transaction_id!r} is a {kind}, which cannot be reversed")
+        self.transaction_id = transaction_id
+        self.kind = kind
+
+
+class AlreadyReversedError(CrediciError):
+    """The transaction was reversed before; a reversal happens once."""
+
+    def __init__(self, transaction_id: str, reversal_id: str) -> None:
+        super().__init__(f"transaction {transaction_id!r} was reversed by {reversal_id!r}")
+        self.transaction_id = transaction_id
+        self.reversal_id = reversal_id
 
 
 class StorageError(CrediciError):

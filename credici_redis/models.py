@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 TransactionKind = Literal[
-    "add", "subtract", "expire", "cycle_start", "reserve", "capture", "release"
+    "add", "subtract", "expire", "cycle_start", "reserve", "capture", "release", "reverse"
 ]
 HoldStatus = Literal["active", "captured", "released", "expired"]
 CycleStatus = Literal["active", "canceled", "ended"]
@@ -32,6 +32,10 @@ class Transaction(BaseModel):
     hold_id: str | None = Field(default=None, description="reserve, capture, release: the hold")
     captured: int | None = Field(
         default=None, description="capture: credits charged (`amount` is what came back)"
+    )
+    related_id: str | None = Field(default=None, description="reverse: the transaction reversed")
+    unrestored: int | None = Field(
+        default=None, description="reverse: credits not given back (their bucket had expired)"
     )
 
 

@@ -9,7 +9,10 @@ Keys, built by credici_redis/_keys.py, in the same order for every script; all s
   KEYS[5] history  stream  one entry per change: k kind, n signed amount, b balance after,
                            x expire_at ms, i idempotency key, m metadata JSON, and for the
                            audit (which replays the buckets from history): g the bucket a grant
-                           made or an expiry hit, r credits rolled over from bucket f
+                           made or an expiry hit, r credits rolled over from bucket f, u the
+                           buckets a charge took from ("bucket:credits:priority;..."), holds: h
+                           the hold, q captured, t the time a hold's parts came back; reversals:
+                           o the entry reversed, w credits not restored (their bucket expired)
   KEYS[6] holds    hash    hold id -> "a|amount|expires|created|parts" while active, then
                            "<c(aptured) r(eleased) x (expired)>|amount|expires|created|captured"
                            parts: "bucket:credits:priority;..." (where the held credits came from)
@@ -164,9 +167,11 @@ local function take(need, parts)
 end
 
 -- A charge: out of the buckets as far as they hold credits (past that, it is debt). The buckets
--- hold max(balance, 0), so they always have enough.
+-- hold max(balance, 0), so they always have enough. Returns where the credits came from.
 local function burn(st, amount)
-  take(math.min(amount, math.max(st.bal, 0)), nil)
+  local parts = {}
+  take(math.min(amount, math.max(st.bal, 0)), parts)
+  return table.concat(parts, ';')
 end
 
 -- The reply every operation that records a change returns; also what an idempotency record keeps.

@@ -41,15 +41,17 @@ if charge > held then
 end
 
 -- The captured credits are the first parts (burn order); the rest go back.
-local rest, left = {}, charge
+local rest, charged, left = {}, {}, charge
 for _, part in ipairs(split(rec[5] or '', ';')) do
   local bucket, credits, priority = string.match(part, '^([^:]+):([^:]+):(.+)$')
   credits = tonumber(credits)
   local used = math.min(credits, left)
   left = left - used
+  if used > 0 then charged[#charged + 1] = bucket .. ':' .. fmt(used) .. ':' .. priority end
   if credits > used then rest[#rest + 1] = bucket .. ':' .. fmt(credits - used) .. ':' .. priority end
 end
 local fields = { 'q', fmt(charge) }
+if #charged > 0 then fields[#fields + 1] = 'u'; fields[#fields + 1] = table.concat(charged, ';') end
 if ikey ~= '' then fields[#fields + 1] = 'i'; fields[#fields + 1] = ikey end
 local id, back = give_back(st, hold_id, table.concat(rest, ';'), now, 'p', fields)
 count_usage(st, now, 'cu', charge)

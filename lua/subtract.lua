@@ -25,10 +25,12 @@ if st.bal - amount < -st.limit then
   return { 'INSUFFICIENT', fmt(st.bal + st.limit) }
 end
 
-burn(st, amount)
+local parts = burn(st, amount)
 st.bal = st.bal - amount
 count_usage(st, now, 'cu', amount)
-local id = append(st, 's', -amount, now, extras(nil, ikey, meta))
+local fields = extras(nil, ikey, meta)
+if parts ~= '' then fields[#fields + 1] = 'u'; fields[#fields + 1] = parts end
+local id = append(st, 's', -amount, now, fields)
 save_state(st)
 local reply = tx_reply(id, 's', -amount, st.bal, nil, ikey, meta)
 remember(fingerprint, ARGV[5], reply)

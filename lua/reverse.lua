@@ -1,0 +1,84 @@
+--[[ reverse.lua: undo a subtract, a capture or an add, once.
+KEYS  1-7 the user's keys (see _ledger.lua); 8 the idempotency record, when a key was given
+ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 history entry id to reverse
+      4 fingerprint | 5 idempotency retention ms | 6 idempotency key or ''
+Reply {'OK', id, 'v', amount, balance_after, '', ikey, '', reversed entry id, not restored}
+      | {'IDEM_CONFLICT'} | {'NO_TX'} | {'NOT_REVERSIBLE', kind} | {'REVERSED', reversal id}
+      | SCHEDULE
+History: renewals, holds released by their ttl, expired buckets, then one "v" entry linked (o) to
+the entry it reverses.
+- subtract / capture: the charged credits go back to the buckets they came from, except those of
+  buckets whose expiry has come (w: not restored); a charge's overdraft part comes back as a new
+  never-expiring bucket. As any grant, what comes back repays a debt first.
+- add: what is left of that grant is removed (nothing, if it was spent or expired).
+]]
+--!include _ledger.lua
+
+local now, target = clock(ARGV[1]), ARGV[3]
+local fingerprint, ikey = ARGV[4], ARGV[6]
+
+local prior = replay(fingerprint)
+if prior then return prior end
+
+local st = load_state()
+local ask = advance(st, now, ARGV[2])
+if ask then return ask end
+settle_holds(st, now)
+purge(st, now)
+
+local found = redis.call('XRANGE', K_HISTORY, target, target)
+if #found == 0 then
+  save_state(st)
+  return { 'NO_TX' }
+end
+local f = {}
+for i = 1, #found[1][2], 2 do f[found[1][2][i]] = found[1][2][i + 1] end
+if f.k ~= 'a' and f.k ~= 's' and f.k ~= 'p' then
+  save_state(st)
+  return { 'NOT_REVERSIBLE', f.k }
+end
+local done = redis.call('HGET', K_STATE, 'v:' .. target)
+if done then
+  save_state(st)
+  return { 'REVERSED', done }
+end
+
+local fields, amount, unrestored = { 'o', target }, 0, 0
+if f.k == 'a' then
+  local left = 0
+  if f.g then
+    left = tonumber(redis.call('HGET', K_AMOUNTS, f.g)) or 0
+    drop_bucket(f.g)
+    fields[#fields + 1] = 'g'
+    fields[#fields + 1] = f.g
+  end
+  amount = -left
+else
+  local charged = (f.k == 's' and -tonumber(f.n)) or tonumber(f.q)
+  local from_buckets = 0
+  for _, part in ipairs(split(f.u or '', ';')) do
+    from_buckets = from_buckets + tonumber(string.match(part, '^[^:]+:([^:]+):'))
+  end
+  local before = st.bal
+  local restored, expired = restore(st, f.u or '', now)
+  local overdraft = charged - from_buckets
+  if overdraft > 0 then
+    fields[#fields + 1] = 'g'
+    fields[#fields + 1] = new_bucket(st, overdraft, nil, 0)
+  end
+  if before < 0 then take(math.min(restored + overdraft, -before), nil) end
+  amount, unrestored = restored + overdraft, expired
+  fields[#fields + 1] = 't'
+  fields[#fields + 1] = fmt(now)
+  if expired > 0 then fields[#fields + 1] = 'w'; fields[#fields + 1] = fmt(expired) end
+end
+if ikey ~= '' then fields[#fields + 1] = 'i'; fields[#fields + 1] = ikey end
+st.bal = st.bal + amount
+local id = append(st, 'v', amount, now, fields)
+redis.call('HSET', K_STATE, 'v:' .. target, id)
+save_state(st)
+local reply = tx_reply(id, 'v', amount, st.bal, nil, ikey, '')
+reply[#reply + 1] = target
+reply[#reply + 1] = fmt(unrestored)
+remember(fingerprint, ARGV[5], reply)
+return reply
