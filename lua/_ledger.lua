@@ -439,3 +439,32 @@ local function hold_reply(hold_id, rec)
   -- OK, hold id, amount, status, created, expires, captured
   return { 'OK', hold_id, rec[2], HOLD_STATUS[rec[1]], rec[4], rec[3], rec[5] or '0' }
 end
+
+-- ---------------------------------------------------------------------------------------------
+-- Every script starts here
+
+-- Loads the user and brings it up to now: cycle renewals, holds whose ttl passed, expired buckets.
+-- Returns the state, or nil and the SCHEDULE reply to return (nothing written then).
+local function up_to_now(now, extension)
+  local st = load_state()
+  local ask = advance(st, now, extension)
+  if ask then return nil, ask end
+  settle_holds(st, now)
+  purge(st, now)
+  return st, nil
+end
+
+-- An active hold's record, or nil and the reply for a missing or finished one.
+local function active_hold(st, hold_id)
+  local raw = redis.call('HGET', K_HOLDS, hold_id)
+  if not raw then
+    save_state(st)
+    return nil, { 'NO_HOLD' }
+  end
+  local rec = split(raw, '|')
+  if rec[1] ~= 'a' then
+    save_state(st)
+    return nil, { 'HOLD_DONE', HOLD_STATUS[rec[1]] }
+  end
+  return rec, nil
+end

@@ -20,11 +20,8 @@ if prior then return prior end
 if ARGV[5] ~= '' then expire_at = now + tonumber(ARGV[5]) end
 if expire_at and expire_at <= now then return { 'EXPIRY_PAST', fmt(now) } end
 
-local st = load_state()
-local ask = advance(st, now, ARGV[2])
+local st, ask = up_to_now(now, ARGV[2])
 if ask then return ask end
-settle_holds(st, now)
-purge(st, now)
 if st.bal + amount > MAX_CREDITS then
   save_state(st)
   return { 'BALANCE_LIMIT', fmt(st.bal) }

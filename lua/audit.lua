@@ -10,11 +10,8 @@ pages by the client: it only grows, so that part cannot change under the audit.
 --!include _ledger.lua
 
 local now = clock(ARGV[1])
-local st = load_state()
-local ask = advance(st, now, ARGV[2])
+local st, ask = up_to_now(now, ARGV[2])
 if ask then return ask end
-settle_holds(st, now)
-purge(st, now)
 save_state(st)
 local newest = redis.call('XREVRANGE', K_HISTORY, '+', '-', 'COUNT', 1)
 local stream_last = '0-0'

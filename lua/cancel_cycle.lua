@@ -8,11 +8,8 @@ Cancelling a canceled cycle changes nothing (but forfeit still takes effect).
 --!include _ledger.lua
 
 local now = clock(ARGV[1])
-local st = load_state()
-local ask = advance(st, now, ARGV[2])
+local st, ask = up_to_now(now, ARGV[2])
 if ask then return ask end
-settle_holds(st, now)
-purge(st, now)
 local c = load_cycle()
 if not c or c.cst == 'e' then
   save_state(st)

@@ -18,21 +18,10 @@ local fingerprint, ikey = ARGV[5], ARGV[7]
 local prior = replay(fingerprint)
 if prior then return prior end
 
-local st = load_state()
-local ask = advance(st, now, ARGV[2])
+local st, ask = up_to_now(now, ARGV[2])
 if ask then return ask end
-settle_holds(st, now)
-purge(st, now)
-local raw = redis.call('HGET', K_HOLDS, hold_id)
-if not raw then
-  save_state(st)
-  return { 'NO_HOLD' }
-end
-local rec = split(raw, '|')
-if rec[1] ~= 'a' then
-  save_state(st)
-  return { 'HOLD_DONE', HOLD_STATUS[rec[1]] }
-end
+local rec, missing = active_hold(st, hold_id)
+if missing then return missing end
 local held = tonumber(rec[2])
 local charge = tonumber(ARGV[4]) or held
 if charge > held then

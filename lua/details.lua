@@ -8,11 +8,8 @@ History: cycle renewals, holds released by their ttl, expired buckets.
 --!include _ledger.lua
 
 local now = clock(ARGV[1])
-local st = load_state()
-local ask = advance(st, now, ARGV[2])
+local st, ask = up_to_now(now, ARGV[2])
 if ask then return ask end
-settle_holds(st, now)
-purge(st, now)
 save_state(st)
 local reply = { 'OK', fmt(st.bal), fmt(st.limit), fmt(st.held) }
 local ids = redis.call('ZRANGE', K_ORDER, 0, -1, 'WITHSCORES')

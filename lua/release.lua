@@ -8,21 +8,10 @@ then an "e" entry for credits whose bucket expired while held.
 --!include _ledger.lua
 
 local now, hold_id = clock(ARGV[1]), ARGV[3]
-local st = load_state()
-local ask = advance(st, now, ARGV[2])
+local st, ask = up_to_now(now, ARGV[2])
 if ask then return ask end
-settle_holds(st, now)
-purge(st, now)
-local raw = redis.call('HGET', K_HOLDS, hold_id)
-if not raw then
-  save_state(st)
-  return { 'NO_HOLD' }
-end
-local rec = split(raw, '|')
-if rec[1] ~= 'a' then
-  save_state(st)
-  return { 'HOLD_DONE', HOLD_STATUS[rec[1]] }
-end
+local rec, missing = active_hold(st, hold_id)
+if missing then return missing end
 give_back(st, hold_id, rec[5] or '', now, 'l', {})
 finish_hold(st, hold_id, rec, 'r', 0, now)
 save_state(st)

@@ -15,11 +15,8 @@ local fingerprint, ikey, meta = ARGV[5], ARGV[7], ARGV[8]
 local prior = replay(fingerprint)
 if prior then return prior end
 
-local st = load_state()
-local ask = advance(st, now, ARGV[2])
+local st, ask = up_to_now(now, ARGV[2])
 if ask then return ask end
-settle_holds(st, now)
-purge(st, now)
 if amount > math.max(st.bal, 0) then
   save_state(st)
   return { 'INSUFFICIENT', fmt(math.max(st.bal, 0)) }

@@ -20,11 +20,8 @@ local fingerprint, ikey = ARGV[4], ARGV[6]
 local prior = replay(fingerprint)
 if prior then return prior end
 
-local st = load_state()
-local ask = advance(st, now, ARGV[2])
+local st, ask = up_to_now(now, ARGV[2])
 if ask then return ask end
-settle_holds(st, now)
-purge(st, now)
 
 local found = redis.call('XRANGE', K_HISTORY, target, target)
 if #found == 0 then

@@ -8,11 +8,8 @@ A debt beyond a lowered limit stays; it only stops further charges.
 --!include _ledger.lua
 
 local now = clock(ARGV[1])
-local st = load_state()
-local ask = advance(st, now, ARGV[2])
+local st, ask = up_to_now(now, ARGV[2])
 if ask then return ask end
-settle_holds(st, now)
-purge(st, now)
 st.dirty = true
 save_state(st)
 redis.call('HSET', K_STATE, 'cl', ARGV[3])

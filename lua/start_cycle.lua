@@ -17,11 +17,8 @@ local fingerprint, ikey = ARGV[10], ARGV[12]
 local prior = replay(fingerprint)
 if prior then return prior end
 
-local st = load_state()
-local ask = advance(st, now, ARGV[2])
+local st, ask = up_to_now(now, ARGV[2])
 if ask then return ask end
-settle_holds(st, now)
-purge(st, now)
 if st.bal + amount > MAX_CREDITS then
   save_state(st)
   return { 'BALANCE_LIMIT', fmt(st.bal) }
