@@ -1,0 +1,24 @@
+"""What both clients share: the types of their arguments and the clock they may be given."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from credici_redis._time import to_ms
+
+Clock = Callable[[], datetime]
+UserId = str | UUID
+SubtractItem = tuple[UserId, int] | Mapping[str, Any]
+AddItem = tuple[UserId, int] | tuple[UserId, int, datetime | None] | Mapping[str, Any]
+
+
+class ClientBase:
+    def __init__(self, clock: Clock | None) -> None:
+        self._clock = clock
+
+    def _now(self) -> int | None:
+        """None: the storage's own clock (Redis TIME). A clock is for tests and simulations."""
+        return None if self._clock is None else to_ms(self._clock())

@@ -1,0 +1,226 @@
+"""The sync client. GENERATED from _async_client.py by tools/async_to_sync.py.
+
+Do not edit: edit _async_client.py, then run `python tools/async_to_sync.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+from credici_redis import _requests
+from credici_redis._client_base import AddItem, ClientBase, Clock, SubtractItem, UserId
+from credici_redis._connect import DEFAULT_TIMEOUT, open_storage
+from credici_redis.errors import CrediciError
+from credici_redis.models import (
+    AuditReport,
+    BalanceDetails,
+    CalendarPeriod,
+    Cycle,
+    Hold,
+    Transaction,
+)
+from credici_redis.storage import DEFAULT_IDEMPOTENCY_TTL, DEFAULT_NAMESPACE, Storage
+
+
+class CrediciClient(ClientBase):
+    """Credits of many users, kept by a storage. One client serves a whole process."""
+
+    def __init__(self, storage: Storage, *, clock: Clock | None = None) -> None:
+        super().__init__(clock)
+        self.storage = storage
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str = "memory://",
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        timeout: float = DEFAULT_TIMEOUT,
+        idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        retries: int = 0,
+        batching: bool = False,  # async only: calls of one event-loop moment share a pipeline
+        clock: Clock | None = None,
+        **redis_options: Any,
+    ) -> CrediciClient:
+        """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded).
+
+        timeout: seconds before a call fails with StorageUnavailableError. retries: how often a
+        call is retried by itself after an outage (writes get an idempotency key, so a retry never
+        applies twice). Other keyword arguments go to redis-py.
+        """
+        storage = open_storage(
+            url,
+            namespace,
+            timeout=timeout,
+            idempotency_ttl=idempotency_ttl,
+            retries=retries,
+            **redis_options,
+        )
+        return cls(storage, clock=clock)
+
+    def add(
+        self,
+        user_id: UserId,
+        amount: int,
+        expire_at: datetime | None = None,
+        *,
+        ttl: timedelta | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, str] | None = None,
+        priority: int = 0,
+    ) -> Transaction:
+        """Grant `amount` credits expiring at `expire_at` (naive = UTC), after `ttl`, or never.
+
+        Burn order: priority ascending, then soonest expiry, never-expiring last, then oldest.
+        A debt (see set_credit_limit) is repaid first.
+        """
+        return self.storage.add(
+            _requests.build_add(
+                user_id, amount, expire_at, ttl, idempotency_key, metadata, self._now(), priority
+            )
+        )
+
+    def subtract(
+        self,
+        user_id: UserId,
+        amount: int,
+        *,
+        idempotency_key: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Transaction:
+        """Take `amount` credits, soonest-expiring first; all or nothing."""
+        return self.storage.subtract(
+            _requests.build_subtract(user_id, amount, idempotency_key, metadata, self._now())
+        )
+
+    def add_many(self, items: Iterable[AddItem]) -> list[Transaction | CrediciError]:
+        """Many adds in one round trip. An item is (user_id, amount[, expire_at]) or a mapping
+        with the keys of `add`; each result, in order, is its Transaction or the error it got."""
+        reqs = _requests.build_many(items, _requests.build_add_item, self._now())
+        return self.storage.add_many(reqs)
+
+    def subtract_many(self, items: Iterable[SubtractItem]) -> list[Transaction | CrediciError]:
+        """Many subtracts in one round trip. An item is (user_id, amount) or a mapping with the
+        keys of `subtract`; each result, in order, is its Transaction or the error it got."""
+        reqs = _requests.build_many(items, _requests.build_subtract_item, self._now())
+        return self.storage.subtract_many(reqs)
+
+    def get_balance(self, user_id: UserId) -> int:
+        """Credits available now (expired buckets excluded). Cost does not grow with history."""
+        return self.storage.balance(_requests.user_id(user_id), self._now())
+
+    def start_cycle(
+        self,
+        amount: int,
+        time_delta: int | timedelta | CalendarPeriod = 30,
+        user_id: UserId | None = None,
+        *,
+        rollover: int | None = 0,
+        renew: bool = False,
+        tz: str = "UTC",
+        idempotency_key: str | None = None,
+    ) -> Cycle:
+        """Start a cycle granting `amount` per period; a running cycle ends now (rollover applies).
+
+        time_delta: days (int), a timedelta, or "day"/"week"/"month"/"year" in time zone `tz`.
+        rollover: how much of the previous grant carries over (0, N, or None for all).
+        renew: start the next period by itself, on the original schedule, at the next operation.
+        With no user_id a new user (a uuid4) is created; `Cycle.user_id` tells which.
+        """
+        req = _requests.build_start_cycle(
+            amount, time_delta, user_id, rollover_=rollover, renew=renew, tz=tz,
+            key=idempotency_key, now_ms=self._now(),
+        )  # fmt: skip
+        return self.storage.start_cycle(req)
+
+    def get_cycle(self, user_id: UserId) -> Cycle | None:
+        """The user's current (or last) cycle, renewed up to now; None if it never had one."""
+        return self.storage.get_cycle(_requests.user_id(user_id), self._now())
+
+    def cancel_cycle(self, user_id: UserId, *, forfeit: bool = False) -> Cycle:
+        """Stop renewal; the grant stays until the cycle's end, or expires now with forfeit."""
+        return self.storage.cancel_cycle(
+            _requests.user_id(user_id), _requests.flag("forfeit", forfeit), self._now()
+        )
+
+    def get_all_user_transactions(self, user_id: UserId) -> list[Transaction]:
+        """The user's whole history, newest first."""
+        req = _requests.build_history(user_id, None, None, self._now(), period=False)
+        return self.storage.history(req)
+
+    def get_user_transactions_for_period(
+        self, user_id: UserId, from_: datetime, to_: datetime
+    ) -> list[Transaction]:
+        """History entries with from_ <= created_at <= to_ (naive = UTC), newest first."""
+        req = _requests.build_history(user_id, from_, to_, self._now(), period=True)
+        return self.storage.history(req)
+
+    def reserve(
+        self,
+        user_id: UserId,
+        amount: int,
+        *,
+        ttl: timedelta = _requests.DEFAULT_HOLD_TTL,
+        idempotency_key: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Hold:
+        """Hold `amount` credits (out of the available balance, in burn order) until capture,
+        release, or `ttl`, after which the next operation on the user releases them."""
+        req = _requests.build_reserve(user_id, amount, ttl, idempotency_key, metadata, self._now())
+        return self.storage.reserve(req)
+
+    def capture(
+        self, hold_id: str, amount: int | None = None, *, idempotency_key: str | None = None
+    ) -> Transaction:
+        """Charge `amount` (None: all) of a hold and give the rest back; once per hold.
+
+        The Transaction's `captured` is the charge, its `amount` what came back.
+        """
+        req = _requests.build_capture(hold_id, amount, idempotency_key, self._now())
+        return self.storage.capture(req)
+
+    def release(self, hold_id: str) -> Hold:
+        """Give every held credit back; once per hold."""
+        user, local = _requests.hold(hold_id)
+        return self.storage.release(user, local, self._now())
+
+    def reverse(self, transaction_id: str, *, idempotency_key: str | None = None) -> Transaction:
+        """Undo a subtract or capture (credits back to their buckets, unless those expired:
+        see `unrestored`) or an add (what is left of it is removed). Once per transaction."""
+        req = _requests.build_reverse(transaction_id, idempotency_key, self._now())
+        return self.storage.reverse(req)
+
+    def get_balance_details(self, user_id: UserId) -> BalanceDetails:
+        """Balance, debt, credit limit and the buckets in burn order."""
+        return self.storage.balance_details(_requests.user_id(user_id), self._now())
+
+    def set_credit_limit(self, user_id: UserId, limit: int) -> None:
+        """Allow the balance down to -limit (0, the default: no overdraft)."""
+        return self.storage.set_credit_limit(
+            _requests.user_id(user_id), _requests.credit_limit(limit), self._now()
+        )
+
+    def audit(self, user_id: UserId) -> AuditReport:
+        """Rebuild the balance and every bucket from the history; report any difference."""
+        return self.storage.audit(_requests.user_id(user_id), self._now())
+
+    def scan_users(self, batch: int = 500) -> Iterator[list[str]]:
+        """Every user of the namespace, `batch` at a time (SCAN: never blocks Redis for long)."""
+        return self.storage.scan_users(_requests.batch_size(batch))
+
+    def close(self) -> None:
+        self.storage.close()
+
+    def __enter__(self) -> CrediciClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
