@@ -2,16 +2,23 @@
 
     .venv/bin/python benchmarks/bench.py [--redis-url URL] [--quick] [--json PATH]
 
-Three sections, each figure of the library printed beside a raw redis-py baseline and their ratio
-(library / raw):
+Six sections, printed as one table; each figure of the library beside a raw baseline measured in
+the same run, their ratio (library / raw), and the issue's target where it sets one (PASS/MISS):
 
 1. sync latency p50/p99, one connection, sequential calls: subtract, add and get_balance against
    ``EVALSHA`` of ``return 1``, and against raw ``EVALSHA`` of the operation's own script with the
    arguments the library sends (so the difference is the library's client-side cost alone).
-2. asyncio throughput: 64 tasks calling ``subtract``, one user per task (no key contention),
-   against 64 tasks sending ``EVALSHA 'return 1'`` (and subtract.lua with prebuilt arguments).
-3. get_balance p50 for a user with 10 history entries and one with 100,000 (filled by pipelined
-   EVALSHA of add.lua): the balance is kept, never summed from history, so the ratio is ~1.
+2. ``subtract_many`` of 100 users, items/s, against a raw redis-py pipeline of 100
+   ``EVALSHA 'return 1'`` (and of the 100 subtract.lua calls the library sends).
+3. asyncio throughput, 64 tasks on 64 users: ``AsyncCrediciClient`` without and with
+   ``batching=True``, against 64 tasks sending ``EVALSHA 'return 1'`` with redis.asyncio.
+4. server side: subtract.lua under ``redis-benchmark`` (50 clients, one user) against
+   ``return 1``, on a ``redis-server`` of the benchmark's own (skipped when it is not installed).
+5. memory (MEMORY USAGE): bytes per user holding one bucket, and bytes per history entry, against
+   a string counter per user and a stream of bare charges.
+6. cost growth: subtract p50 with 1, 100 and 1,000 buckets; get_balance p50 with 10 and 100,000
+   history entries; a period query over a narrow window in a history of 1,000 and of 1,000,000
+   entries (100,000 with --quick).
 
 Every key lives under a fresh namespace ``bench-<random>``, deleted at exit (also on error).
 """
@@ -20,16 +27,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import csv
 import gc
 import hashlib
+import itertools
 import json
 import math
 import os
 import platform
 import secrets
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -43,7 +58,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 
-from credici_redis import AsyncCrediciClient, CrediciClient, _keys, _requests, _scripts
+from credici_redis import AsyncCrediciClient, CrediciClient, Transaction, _keys, _requests, _scripts
 from credici_redis._protocol import Call, Flow
 from credici_redis._scripts import Script
 from credici_redis.errors import StorageUnavailableError
@@ -52,53 +67,112 @@ TRIVIAL = "return 1"
 PLENTY = 10**15
 """Credits given to every user that subtracts, so no run ever meets InsufficientCreditsError."""
 TASKS = 64
+BATCH = 100
+"""Items per subtract_many call (section 2)."""
+BENCHMARK_CLIENTS = 50
+"""redis-benchmark connections (section 4)."""
+BUCKET_COUNTS = (1, 100, 1_000)
+BUCKET_CREDITS = 10**9
+"""Credits per bucket in section 6: subtract(1) never empties one, so the bucket count holds."""
+PERIOD_WINDOW = 10
+"""Entries in the period query's window (section 6): one entry per millisecond, 10 ms wide."""
+CHARGE_SPACING_MS = 1_000
+"""Time between the history entries whose memory is measured (section 5): a charge a second."""
 FILL_BATCH = 5_000
 """EVALSHA calls per pipeline when filling a history."""
 
 
 @dataclass(frozen=True)
 class Settings:
-    calls: int  # sync calls measured per operation
+    calls: int  # sync calls measured per operation (section 1)
     warmup: int  # sync calls per operation before measuring
     rounds: int  # measured calls are split in this many interleaved blocks per operation
-    async_seconds: float  # length of one asyncio throughput round
+    batch_calls: int  # subtract_many / pipeline calls measured per variant (section 2)
+    async_seconds: float  # length of one asyncio throughput round (section 3)
     async_rounds: int  # rounds per variant, alternated between variants
-    big_history: int  # history entries of the big user in section 3
-    balance_calls: int  # get_balance calls measured per user in section 3
+    server_requests: int  # requests per redis-benchmark run (section 4)
+    server_rounds: int  # redis-benchmark runs per script, alternated
+    memory_users: int  # users measured for bytes per user (section 5)
+    memory_entries: int  # history entries measured for bytes per entry
+    growth_calls: int  # calls measured per variant in section 6
+    big_history: int  # history entries of the big get_balance user (section 6)
+    period_small: int  # history entries of the small period-query user
+    period_big: int  # history entries of the big period-query user
 
 
 FULL = Settings(
     calls=10_000,
     warmup=1_000,
     rounds=50,
-    async_seconds=2.0,
-    async_rounds=3,
+    batch_calls=1_000,
+    async_seconds=1.0,
+    async_rounds=6,
+    server_requests=100_000,
+    server_rounds=3,
+    memory_users=1_000,
+    memory_entries=10_000,
+    growth_calls=5_000,
     big_history=100_000,
-    balance_calls=5_000,
+    period_small=1_000,
+    period_big=1_000_000,
 )
 QUICK = Settings(
     calls=1_000,
     warmup=200,
     rounds=10,
-    async_seconds=0.5,
-    async_rounds=1,
+    batch_calls=200,
+    async_seconds=0.4,
+    async_rounds=3,
+    server_requests=20_000,
+    server_rounds=1,
+    memory_users=200,
+    memory_entries=1_000,
+    growth_calls=1_000,
     big_history=100_000,
-    balance_calls=1_000,
+    period_small=1_000,
+    period_big=100_000,
 )
+
+
+@dataclass(frozen=True)
+class Target:
+    """The issue's target for a row: on its ratio, or on the library's figure itself."""
+
+    op: str  # "<=" or ">="
+    bound: float
+    on: str = "ratio"  # "ratio" or "value"
+    unit: str = "x"
+
+    def met(self, row: Row) -> bool:
+        value = row.ratio if self.on == "ratio" else row.library
+        return value <= self.bound if self.op == "<=" else value >= self.bound
+
+    def label(self) -> str:
+        return f"{self.op} {self.bound:g}{self.unit}"
 
 
 @dataclass(frozen=True)
 class Row:
     section: str
     operation: str
-    stat: str  # "p50" / "p99" (µs) or "ops/s"
+    stat: str  # "p50 µs", "p99 µs", "µs/call", "ops/s", "req/s", "bytes"
     library: float
     raw: float
     baseline: str
+    target: Target | None = None
 
     @property
     def ratio(self) -> float:
         return self.library / self.raw
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.target is None else self.target.met(self)
+
+
+def progress(message: str) -> None:
+    """What the run is doing, on stderr: the full run takes minutes."""
+    print(f"  [bench] {message}", file=sys.stderr, flush=True)
 
 
 # --- clients -----------------------------------------------------------------------------------
@@ -147,9 +221,22 @@ async def send_async(r: redis.asyncio.Redis, call: Call) -> Any:
         return await r.execute_command(*call.args)
 
 
+def send_pipeline(r: redis.Redis, calls: list[Call]) -> list[Any]:
+    """Raw redis-py pipeline (no transaction), as `subtract_many` sends one; NOSCRIPT reloads."""
+    pipe = r.pipeline(transaction=False)
+    for call in calls:
+        pipe.execute_command(*call.args)
+    replies: list[Any] = pipe.execute(raise_on_error=False)
+    if any(isinstance(reply, NoScriptError) for reply in replies):
+        for source in {call.script.source for call in calls if call.script is not None}:
+            r.script_load(source)
+        return send_pipeline(r, calls)
+    return replies
+
+
 def trivial_call() -> Call:
-    script = Script("trivial", TRIVIAL, hashlib.sha1(TRIVIAL.encode()).hexdigest())
-    return Call(("EVALSHA", script.sha, 0), script)
+    digest = hashlib.sha1(TRIVIAL.encode()).hexdigest()
+    return Call(("EVALSHA", digest, 0), Script("trivial", TRIVIAL, digest, effect=False))
 
 
 def first_call(flow: Flow[Any]) -> Call:
@@ -159,13 +246,19 @@ def first_call(flow: Flow[Any]) -> Call:
     return call
 
 
-def subtract_call(client: CrediciClient, user: str, amount: int) -> Call:
-    req = _requests.build_subtract(user, amount, None, None, None)
+def subtract_call(client: CrediciClient, user: str, amount: int, now_ms: int | None = None) -> Call:
+    req = _requests.build_subtract(user, amount, None, None, now_ms)
     return first_call(client.storage.ledger.subtract(req))
 
 
-def add_call(client: CrediciClient, user: str, amount: int, ttl: timedelta | None) -> Call:
-    req = _requests.build_add(user, amount, None, ttl, None, None, None)
+def add_call(
+    client: CrediciClient,
+    user: str,
+    amount: int,
+    ttl: timedelta | None,
+    now_ms: int | None = None,
+) -> Call:
+    req = _requests.build_add(user, amount, None, ttl, None, None, now_ms)
     return first_call(client.storage.ledger.add(req))
 
 
@@ -180,6 +273,70 @@ def delete_namespace(r: redis.Redis, namespace: str) -> int:
     if batch:
         deleted += r.unlink(*batch)
     return deleted
+
+
+# --- filling histories -------------------------------------------------------------------------
+
+
+def fill(raw: redis.Redis, script: Script, commands: Iterable[tuple[Any, ...]]) -> int:
+    """Send the commands (EVALSHA of `script`) pipelined, FILL_BATCH at a time, in order; every
+    reply must be OK. Commands refused with NOSCRIPT are sent again, in order, after a load."""
+    sent = 0
+    commands = iter(commands)
+    while batch := list(itertools.islice(commands, FILL_BATCH)):
+        while batch:
+            pipe = raw.pipeline(transaction=False)
+            for args in batch:
+                pipe.execute_command(*args)
+            refused = []
+            for args, reply in zip(batch, pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(reply, NoScriptError):
+                    refused.append(args)
+                elif isinstance(reply, Exception):
+                    raise reply
+                elif not (isinstance(reply, list) and reply and reply[0] in (b"OK", "OK")):
+                    raise RuntimeError(f"filling got {reply!r}, not OK")
+                else:
+                    sent += 1
+            if refused:
+                raw.script_load(script.source)
+            batch = refused
+    return sent
+
+
+def clocked(make: Callable[[int], Call], start_ms: int, n: int, step_ms: int) -> Iterator[tuple]:
+    """The args of make(start_ms), make(start_ms + step_ms), ... (n calls): built by the library
+    once, then only the clock argument (found by building two calls) changes."""
+    one, two = make(1).args, make(2).args
+    moved = [i for i, (a, b) in enumerate(zip(one, two, strict=True)) if a != b]
+    if len(moved) != 1:
+        raise RuntimeError(f"cannot find the clock argument in {one!r}")
+    head, tail = one[: moved[0]], one[moved[0] + 1 :]
+    return ((*head, str(start_ms + i * step_ms), *tail) for i in range(n))
+
+
+def server_ms(raw: redis.Redis) -> int:
+    seconds, micros = raw.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def clocked_history(
+    client: CrediciClient, raw: redis.Redis, user: str, entries: int, step_ms: int
+) -> int:
+    """A user with a grant of PLENTY, then `entries` subtracts of 1, one every `step_ms`, ending a
+    minute ago (injected clock: the history is old, as real ones are). Returns the first
+    subtract's time (ms)."""
+    start = server_ms(raw) - 60_000 - entries * step_ms
+    send(raw, add_call(client, user, PLENTY, None, start - step_ms))
+    fill(
+        raw,
+        _scripts.SUBTRACT,
+        clocked(lambda ms: subtract_call(client, user, 1, ms), start, entries, step_ms),
+    )
+    stream = _keys.user_keys(client.storage.namespace, user).history
+    if raw.xlen(stream) != entries + 1:
+        raise RuntimeError(f"filling {user} gave {raw.xlen(stream)} entries, not {entries + 1}")
+    return start
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -235,12 +392,13 @@ async def throughput(
     return sum(counts), (clock() - start) / 1e9
 
 
-# --- sections ----------------------------------------------------------------------------------
+# --- 1. sync latency ---------------------------------------------------------------------------
 
 
 def sync_latency(
     client: CrediciClient, raw: redis.Redis, trivial: Call, ns: str, s: Settings
 ) -> list[Row]:
+    progress("1. sync latency")
     sub_user, add_user, bal_user = f"{ns}-sub", f"{ns}-add", f"{ns}-bal"
     client.add(sub_user, PLENTY)
     client.add(bal_user, PLENTY)
@@ -268,7 +426,7 @@ def sync_latency(
         measured[name] = library_fn
         measured[f"raw {name}"] = partial(send, raw, call)
     samples = interleaved(measured, s.calls, s.warmup, s.rounds)
-    section = f"1. sync latency (µs), one connection, {s.calls:,} sequential calls per operation"
+    section = f"1. sync latency, one connection, {s.calls:,} sequential calls per operation"
     rows = []
     for name, (label, _, call) in ops.items():
         script = call.script.name if call.script else "?"
@@ -277,32 +435,93 @@ def sync_latency(
             (f"raw {name}", f"EVALSHA {script}.lua, same args"),
         ):
             for p in (50, 99):
+                target = None
+                if name == "subtract" and raw_name == "trivial" and p == 50:
+                    target = Target("<=", 1.25)
                 rows.append(
                     Row(
                         section,
                         label,
-                        f"p{p}",
+                        f"p{p} µs",
                         percentile(samples[name], p),
                         percentile(samples[raw_name], p),
                         baseline,
+                        target,
                     )
                 )
     return rows
 
 
+# --- 2. subtract_many --------------------------------------------------------------------------
+
+
+def batch_throughput(
+    client: CrediciClient, raw: redis.Redis, trivial: Call, ns: str, s: Settings
+) -> list[Row]:
+    progress(f"2. subtract_many({BATCH})")
+    users = [f"{ns}-many{i}" for i in range(BATCH)]
+    client.add_many([(user, PLENTY) for user in users])
+    items = [(user, 1) for user in users]
+    results = client.subtract_many(items)
+    if not all(isinstance(result, Transaction) for result in results):
+        raise RuntimeError(f"subtract_many failed: {results!r}")
+    samples = interleaved(
+        {
+            "raw_trivial": partial(send_pipeline, raw, [trivial] * BATCH),
+            "raw_subtract": partial(
+                send_pipeline, raw, [subtract_call(client, user, 1) for user in users]
+            ),
+            "library": lambda: client.subtract_many(items),
+        },
+        s.batch_calls,
+        max(1, s.batch_calls // 10),
+        s.rounds,
+    )
+    rate = {name: BATCH * len(ns_) / (sum(ns_) / 1e9) for name, ns_ in samples.items()}
+    section = (
+        f"2. subtract_many({BATCH}): {BATCH} users, amount 1, one round trip per call, "
+        f"{s.batch_calls:,} calls; items/s"
+    )
+    return [
+        Row(
+            section,
+            f"subtract_many({BATCH} items)",
+            "ops/s",
+            rate["library"],
+            rate["raw_trivial"],
+            f"pipeline of {BATCH} EVALSHA '{TRIVIAL}'",
+            Target(">=", 0.7),
+        ),
+        Row(
+            section,
+            f"subtract_many({BATCH} items)",
+            "ops/s",
+            rate["library"],
+            rate["raw_subtract"],
+            f"pipeline of {BATCH} EVALSHA subtract.lua, same args",
+        ),
+    ]
+
+
+# --- 3. asyncio throughput ---------------------------------------------------------------------
+
+
 async def async_throughput(
     url: str, trivial: Call, ns: str, sub_calls: list[Call], s: Settings
 ) -> list[Row]:
+    progress(f"3. asyncio, {TASKS} tasks")
     aclient = AsyncCrediciClient.from_url(url, namespace=ns)
+    bclient = AsyncCrediciClient.from_url(url, namespace=ns, batching=True)
     araw = raw_async(url)
     try:
         users = [f"{ns}-task{i}" for i in range(TASKS)]
         variants: dict[str, list[Callable[[], Awaitable[object]]]] = {
             "raw_trivial": [partial(send_async, araw, trivial) for _ in users],
             "raw_subtract": [partial(send_async, araw, call) for call in sub_calls],
-            "subtract": [(lambda user=user: aclient.subtract(user, 1)) for user in users],
+            "subtract": [partial(aclient.subtract, user, 1) for user in users],
+            "batched": [partial(bclient.subtract, user, 1) for user in users],
         }
-        for fns in variants.values():  # opens the 64 connections of each pool
+        for fns in variants.values():  # opens the connections of each pool
             await throughput(fns, 0.3)
         totals = {name: [0, 0.0] for name in variants}
         gc.collect()
@@ -313,12 +532,14 @@ async def async_throughput(
                 totals[name][1] += elapsed
     finally:
         await aclient.aclose()
+        await bclient.aclose()
         await araw.aclose()
     rate = {name: calls / elapsed for name, (calls, elapsed) in totals.items()}
     section = (
-        f"2. asyncio throughput (ops/s), {TASKS} tasks on {TASKS} users (one per task), "
-        f"{s.async_rounds} x {s.async_seconds:g} s"
+        f"3. asyncio throughput, {TASKS} tasks on {TASKS} users (one per task), "
+        f"{s.async_rounds} x {s.async_seconds:g} s per variant"
     )
+    trivial_baseline = f"{TASKS} tasks, EVALSHA '{TRIVIAL}'"
     return [
         Row(
             section,
@@ -326,7 +547,8 @@ async def async_throughput(
             "ops/s",
             rate["subtract"],
             rate["raw_trivial"],
-            f"EVALSHA '{TRIVIAL}'",
+            trivial_baseline,
+            Target(">=", 0.8),
         ),
         Row(
             section,
@@ -334,76 +556,426 @@ async def async_throughput(
             "ops/s",
             rate["subtract"],
             rate["raw_subtract"],
-            "EVALSHA subtract.lua, same args",
+            f"{TASKS} tasks, EVALSHA subtract.lua, same args",
+        ),
+        Row(
+            section,
+            "subtract(u, 1), batching=True",
+            "ops/s",
+            rate["batched"],
+            rate["raw_trivial"],
+            trivial_baseline,
+            Target(">=", 2.0),
         ),
     ]
 
 
-def fill(raw: redis.Redis, call: Call, n: int) -> None:
-    """Send `call` n times, pipelined; calls refused with NOSCRIPT are sent again after a load."""
-    assert call.script is not None
-    while n > 0:
-        pipe = raw.pipeline(transaction=False)
-        for _ in range(min(FILL_BATCH, n)):
-            pipe.execute_command(*call.args)
-        replies = pipe.execute(raise_on_error=False)
-        for reply in replies:
-            if isinstance(reply, Exception) and not isinstance(reply, NoScriptError):
-                raise reply
-        refused = sum(isinstance(reply, NoScriptError) for reply in replies)
-        if refused:
-            raw.script_load(call.script.source)
-        n -= len(replies) - refused
+# --- 4. server side ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[int]:
+    """A redis-server of our own on a free port, no persistence; stopped (and its files removed)
+    on exit. A port taken between choosing and binding it just means another try."""
+    with tempfile.TemporaryDirectory(prefix="credici-bench-") as directory:
+        for _ in range(5):
+            port = free_port()
+            proc = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", directory],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            probe = redis.Redis(port=port, socket_connect_timeout=0.2)
+            try:
+                for _ in range(100):
+                    if proc.poll() is not None:
+                        break
+                    try:
+                        probe.ping()
+                    except redis.ConnectionError:
+                        time.sleep(0.05)
+                        continue
+                    yield port
+                    return
+            finally:
+                probe.close()
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        raise RuntimeError("could not start a redis-server of our own")
+
+
+def redis_benchmark(port: int, args: tuple[str | int, ...], requests: int) -> float:
+    """Requests per second of `args` sent by redis-benchmark, BENCHMARK_CLIENTS connections, no
+    pipelining. Arguments are passed as they are, empty strings included."""
+    command = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-n", str(requests),
+               "-c", str(BENCHMARK_CLIENTS), "-P", "1", "--csv", *map(str, args)]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
+    table = list(csv.reader(line for line in out.stdout.splitlines() if line.strip()))
+    header = next(i for i, row in enumerate(table) if row and row[0] == "test")
+    return float(table[header + 1][table[header].index("rps")])
+
+
+def redis_cli_first_line(port: int, args: tuple[str | int, ...]) -> str:
+    command = ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *map(str, args)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30)
+    return out.stdout.splitlines()[0] if out.stdout else out.stderr
+
+
+def server_side(trivial: Call, s: Settings) -> list[Row]:
+    missing = [t for t in ("redis-server", "redis-benchmark", "redis-cli") if not shutil.which(t)]
+    if missing:
+        progress(f"4. server side skipped: {', '.join(missing)} not on PATH")
+        return []
+    progress(f"4. server side: redis-benchmark, {BENCHMARK_CLIENTS} clients")
+    ns, user = "bench", "server-side-user"
+    with private_redis() as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        r = redis.Redis(port=port)
+        with CrediciClient.from_url(url, namespace=ns) as client:
+            # Real state through the library: one never-expiring bucket, a charge in history.
+            client.add(user, PLENTY)
+            client.subtract(user, 1)
+            # The very EVALSHA the library sends for subtract(user, 1) on the server's clock.
+            req = _requests.build_subtract(user, 1, None, None, None)
+            sub_args = client.storage.ledger._subtract_call(req, "").args
+            for script in (_scripts.SUBTRACT, trivial.script):
+                assert script is not None
+                if r.script_load(script.source) != script.sha:
+                    raise RuntimeError(f"Redis hashed {script.name} differently")
+            # The same args by redis-cli first: the reply must be OK, not an error.
+            first = redis_cli_first_line(port, sub_args)
+            if first != "OK":
+                raise RuntimeError(f"subtract.lua by redis-cli answered {first!r}, not OK")
+            before = client.get_balance(user)
+            rps: dict[str, list[float]] = {"trivial": [], "subtract": []}
+            cpu: dict[str, list[float]] = {"trivial": [], "subtract": []}  # usec, calls, ...
+            for _ in range(s.server_rounds):
+                for name, args in (("trivial", trivial.args), ("subtract", sub_args)):
+                    r.config_resetstat()
+                    rps[name].append(redis_benchmark(port, args, s.server_requests))
+                    evalsha = r.info("commandstats")["cmdstat_evalsha"]
+                    cpu[name] += [evalsha["usec"], evalsha["calls"]]
+            # Every request was a real charge: the balance fell by exactly the requests sent.
+            charged = before - client.get_balance(user)
+            if charged != s.server_requests * s.server_rounds:
+                raise RuntimeError(f"redis-benchmark charged {charged}, not every request")
+        r.close()
+    mean = {name: sum(v) / len(v) for name, v in rps.items()}
+    usec = {name: sum(v[0::2]) / sum(v[1::2]) for name, v in cpu.items()}
+    section = (
+        f"4. server side: redis-benchmark -c {BENCHMARK_CLIENTS} -P 1, "
+        f"{s.server_rounds} x {s.server_requests:,} requests per script, on a redis-server "
+        "of the benchmark's own"
+    )
+    return [
+        Row(
+            section,
+            "EVALSHA subtract.lua, 1 user",
+            "req/s",
+            mean["subtract"],
+            mean["trivial"],
+            f"EVALSHA '{TRIVIAL}'",
+            Target(">=", 0.5),
+        ),
+        Row(
+            section,
+            "EVALSHA subtract.lua, Redis CPU",
+            "µs/call",
+            usec["subtract"],
+            usec["trivial"],
+            f"EVALSHA '{TRIVIAL}' (INFO commandstats, same runs)",
+        ),
+    ]
+
+
+# --- 5. memory ---------------------------------------------------------------------------------
+
+
+def memory_usage(raw: redis.Redis, keys: list[str]) -> list[int]:
+    """MEMORY USAGE of each key, every element counted (SAMPLES 0); 0 for a missing key."""
+    pipe = raw.pipeline(transaction=False)
+    for key in keys:
+        pipe.memory_usage(key, samples=0)
+    return [int(n or 0) for n in pipe.execute()]
+
+
+def bare_charges(raw: redis.Redis, stream: str, ids: list[str]) -> None:
+    pipe = raw.pipeline(transaction=False)
+    for entry_id in ids:
+        pipe.xadd(stream, {"n": -1}, id=entry_id)
+    pipe.execute()
+
+
+def memory(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) -> list[Row]:
+    progress("5. memory")
+    # Per user: uuid4 ids (realistic key lengths), one never-expiring grant each.
+    users = [str(uuid.uuid4()) for _ in range(s.memory_users)]
+    results = client.add_many([(user, 1000) for user in users])
+    if not all(isinstance(result, Transaction) for result in results):
+        raise RuntimeError("add_many failed")
+    keys = [_keys.user_keys(ns, user) for user in users]
+    state = memory_usage(
+        raw, [k for user_keys in keys for k in user_keys if k != user_keys.history]
+    )
+    streams = memory_usage(raw, [user_keys.history for user_keys in keys])
+    counters = [f"{ns}:{{{_keys.user_tag(user)}}}:counter" for user in users]
+    pipe = raw.pipeline(transaction=False)
+    for key in counters:
+        pipe.set(key, 1000)
+    pipe.execute()
+    counter = sum(memory_usage(raw, counters)) / len(users)
+    per_user = sum(state) / len(users)
+    with_stream = (sum(state) + sum(streams)) / len(users)
+
+    # Per history entry: subtract entries a second apart (a steadily charged user), the growth
+    # of the stream's MEMORY USAGE over `memory_entries` of them, after the first 1,000.
+    user = f"{ns}-memory-history"
+    stream = _keys.user_keys(ns, user).history
+    warm, n = 1_000, s.memory_entries
+    start = server_ms(raw) - 60_000 - (warm + n) * CHARGE_SPACING_MS
+    send(raw, add_call(client, user, PLENTY, None, start - CHARGE_SPACING_MS))
+    make = partial(subtract_call, client, user, 1)
+    times = clocked(make, start, warm + n, CHARGE_SPACING_MS)
+    fill(raw, _scripts.SUBTRACT, itertools.islice(times, warm))
+    (before,) = memory_usage(raw, [stream])
+    fill(raw, _scripts.SUBTRACT, times)
+    (after,) = memory_usage(raw, [stream])
+    per_entry = (after - before) / n
+
+    # The raw baseline: a stream of bare charges (XADD <ms>-0 n -1), as far apart.
+    bare = f"{ns}:bare-charges"
+    ids = [f"{start + i * CHARGE_SPACING_MS}-0" for i in range(warm + n)]
+    bare_charges(raw, bare, ids[:warm])
+    (bare_before,) = memory_usage(raw, [bare])
+    bare_charges(raw, bare, ids[warm:])
+    (bare_after,) = memory_usage(raw, [bare])
+    bare_entry = (bare_after - bare_before) / n
+
+    section = (
+        f"5. memory, MEMORY USAGE ... SAMPLES 0: {s.memory_users:,} users (uuid4 ids) with one "
+        f"never-expiring bucket; {n:,} history entries"
+    )
+    return [
+        Row(
+            section,
+            "per user, history stream excluded",
+            "bytes",
+            per_user,
+            counter,
+            "SET <user key> 1000 (a string counter per user)",
+            Target("<=", 400, on="value", unit=" B"),
+        ),
+        Row(
+            section,
+            "per user, with its 1-entry history",
+            "bytes",
+            with_stream,
+            counter,
+            "SET <user key> 1000 (a string counter per user)",
+        ),
+        Row(
+            section,
+            "per history entry (subtract, 1/s)",
+            "bytes",
+            per_entry,
+            bare_entry,
+            "XADD <ms>-0 n -1 (a stream of bare charges)",
+            Target("<=", 150, on="value", unit=" B"),
+        ),
+    ]
+
+
+# --- 6. cost growth ----------------------------------------------------------------------------
+
+
+def bucket_growth(
+    client: CrediciClient, raw: redis.Redis, trivial: Call, ns: str, s: Settings
+) -> list[Row]:
+    progress("6. cost growth: buckets")
+    # N buckets of BUCKET_CREDITS, distinct expiries far in the future: subtract(1) takes from
+    # the soonest-expiring one and never empties it, so the bucket count stays N throughout.
+    far = datetime(2100, 1, 1, tzinfo=timezone.utc)
+    users = {n: f"{ns}-buckets{n}" for n in BUCKET_COUNTS}
+    for n, user in users.items():
+        for chunk in range(0, n, 500):
+            grants = [
+                (user, BUCKET_CREDITS, far + timedelta(minutes=i))
+                for i in range(chunk, min(n, chunk + 500))
+            ]
+            if not all(isinstance(t, Transaction) for t in client.add_many(grants)):
+                raise RuntimeError(f"granting {user} failed")
+        amounts = _keys.user_keys(ns, user).amounts
+        if raw.hlen(amounts) != n:
+            raise RuntimeError(f"{user} has {raw.hlen(amounts)} buckets, not {n}")
+    samples = interleaved(
+        {
+            "trivial": partial(send, raw, trivial),
+            **{str(n): partial(client.subtract, user, 1) for n, user in users.items()},
+        },
+        s.growth_calls,
+        s.warmup,
+        s.rounds,
+    )
+    for n, user in users.items():
+        if raw.hlen(_keys.user_keys(ns, user).amounts) != n:
+            raise RuntimeError(f"{user} no longer has {n} buckets")
+    section = (
+        f"6a. cost growth: subtract(u, 1) p50, a user with N buckets of {BUCKET_CREDITS:,} "
+        f"credits (distinct expiries), {s.growth_calls:,} calls each"
+    )
+    p50 = {n: percentile(samples[str(n)], 50) for n in BUCKET_COUNTS}
+    rows = [
+        Row(
+            section,
+            f"subtract, {n:,} bucket{'s' if n > 1 else ''}",
+            "p50 µs",
+            p50[n],
+            percentile(samples["trivial"], 50),
+            f"EVALSHA '{TRIVIAL}'",
+        )
+        for n in BUCKET_COUNTS
+    ]
+    one = BUCKET_COUNTS[0]
+    rows += [
+        Row(
+            section,
+            f"subtract, {n:,} vs {one} bucket",
+            "p50 µs",
+            p50[n],
+            p50[one],
+            f"the library's subtract with {one} bucket",
+            Target("<=", 1.3),
+        )
+        for n in BUCKET_COUNTS[1:]
+    ]
+    return rows
 
 
 def balance_growth(
     client: CrediciClient, raw: redis.Redis, trivial: Call, ns: str, s: Settings
-) -> tuple[list[Row], dict[str, float]]:
+) -> list[Row]:
+    progress(f"6. cost growth: get_balance, {s.big_history:,} history entries")
     # Adds of 1 credit expiring in 30 days: the big user has `big_history` history entries, as
     # many buckets and as many entries in the expiry index, all of which get_balance must ignore.
     ttl = timedelta(days=30)
     sizes = {"small": 10, "big": s.big_history}
     users = {name: f"{ns}-hist{n}" for name, n in sizes.items()}
     for name, user in users.items():
-        fill(raw, add_call(client, user, 1, ttl), sizes[name])
+        call = add_call(client, user, 1, ttl)
+        fill(raw, _scripts.ADD, itertools.repeat(call.args, sizes[name]))
         stream = raw.xlen(_keys.user_keys(ns, user).history)
         if stream != sizes[name] or client.get_balance(user) != sizes[name]:
             raise RuntimeError(f"filling {user} gave {stream} history entries, not {sizes[name]}")
     samples = interleaved(
         {
             "raw_trivial": partial(send, raw, trivial),
-            "small": lambda: client.get_balance(users["small"]),
-            "big": lambda: client.get_balance(users["big"]),
+            "small": partial(client.get_balance, users["small"]),
+            "big": partial(client.get_balance, users["big"]),
         },
-        s.balance_calls,
+        s.growth_calls,
         s.warmup,
         s.rounds,
     )
     section = (
-        f"3. get_balance p50 (µs) as history grows, {s.balance_calls:,} calls per user "
-        "(history of adds of 1 credit, each its own bucket expiring in 30 days)"
+        f"6b. cost growth: get_balance(u) p50, history of adds of 1 credit (each its own bucket "
+        f"expiring in 30 days), {s.growth_calls:,} calls each"
     )
-    trivial = percentile(samples["raw_trivial"], 50)
+    trivial_p50 = percentile(samples["raw_trivial"], 50)
     small, big = percentile(samples["small"], 50), percentile(samples["big"], 50)
-    rows = [
+    return [
+        *(
+            Row(
+                section,
+                f"get_balance, {n:,} entries",
+                "p50 µs",
+                value,
+                trivial_p50,
+                f"EVALSHA '{TRIVIAL}'",
+            )
+            for n, value in ((sizes["small"], small), (sizes["big"], big))
+        ),
         Row(
             section,
-            f"get_balance, {n:,} entries",
-            "p50",
-            value,
-            trivial,
-            f"EVALSHA '{TRIVIAL}'",
-        )
-        for n, value in ((sizes["small"], small), (sizes["big"], big))
+            f"get_balance, {sizes['big']:,} vs {sizes['small']} entries",
+            "p50 µs",
+            big,
+            small,
+            f"the library's get_balance with {sizes['small']} entries (expected ~1x)",
+        ),
     ]
-    growth = {
-        "small_entries": sizes["small"],
-        "big_entries": sizes["big"],
-        "small_p50_us": small,
-        "big_p50_us": big,
-        "ratio": big / small,
-    }
-    return rows, growth
+
+
+def period_growth(
+    client: CrediciClient, raw: redis.Redis, trivial: Call, ns: str, s: Settings
+) -> list[Row]:
+    sizes = {"small": s.period_small, "big": s.period_big}
+    users = {name: f"{ns}-period{n}" for name, n in sizes.items()}
+    windows: dict[str, tuple[datetime, datetime]] = {}
+    raw_windows: dict[str, Call] = {}
+    for name, user in users.items():
+        progress(f"6. cost growth: period query, filling {sizes[name]:,} history entries")
+        started = time.perf_counter()
+        # One subtract per millisecond; the window: PERIOD_WINDOW of them, mid-history.
+        first = clocked_history(client, raw, user, sizes[name], 1)
+        low = first + sizes[name] // 2
+        high = low + PERIOD_WINDOW - 1
+        windows[name] = (
+            datetime.fromtimestamp(low / 1000, timezone.utc),
+            datetime.fromtimestamp(high / 1000, timezone.utc),
+        )
+        stream = _keys.user_keys(ns, user).history
+        raw_windows[name] = Call(("XREVRANGE", stream, str(high), str(low), "COUNT", 1000))
+        found = client.get_user_transactions_for_period(user, *windows[name])
+        if len(found) != PERIOD_WINDOW or len(send(raw, raw_windows[name])) != PERIOD_WINDOW:
+            raise RuntimeError(f"the window of {user} holds {len(found)} entries")
+        progress(f"   filled in {time.perf_counter() - started:.1f} s")
+    samples = interleaved(
+        {
+            "raw_trivial": partial(send, raw, trivial),
+            **{f"raw {name}": partial(send, raw, call) for name, call in raw_windows.items()},
+            **{
+                name: partial(client.get_user_transactions_for_period, user, *windows[name])
+                for name, user in users.items()
+            },
+        },
+        s.growth_calls,
+        s.warmup,
+        s.rounds,
+    )
+    section = (
+        f"6c. cost growth: get_user_transactions_for_period p50, a {PERIOD_WINDOW} ms window "
+        f"({PERIOD_WINDOW} entries) mid-history, {s.growth_calls:,} calls each"
+    )
+    p50 = {name: percentile(found, 50) for name, found in samples.items()}
+    rows = []
+    for name in sizes:
+        label = f"period query, {sizes[name]:,} entries"
+        rows += [
+            Row(section, label, "p50 µs", p50[name], p50["raw_trivial"], f"EVALSHA '{TRIVIAL}'"),
+            Row(section, label, "p50 µs", p50[name], p50[f"raw {name}"], "XREVRANGE, same window"),
+        ]
+    rows.append(
+        Row(
+            section,
+            f"period query, {sizes['big']:,} vs {sizes['small']:,}",
+            "p50 µs",
+            p50["big"],
+            p50["small"],
+            f"the library's query in {sizes['small']:,} entries (expected ~1x)",
+        )
+    )
+    return rows
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -428,9 +1000,13 @@ def machine(r: redis.Redis, url: str) -> dict[str, Any]:
     }
 
 
-def render(
-    info: dict[str, Any], mode: str, ns: str, rows: list[Row], growth: dict[str, float]
-) -> str:
+def verdict(row: Row) -> str:
+    if row.target is None:
+        return ""
+    return f"{row.target.label()} {'PASS' if row.passed else 'MISS'}"
+
+
+def render(info: dict[str, Any], mode: str, ns: str, rows: list[Row]) -> str:
     lines = [
         f"credici-redis benchmark ({mode} run, namespace {ns})",
         f"machine: {info['cpu_count']} CPUs shared by this client and Redis, 1-min load "
@@ -438,26 +1014,33 @@ def render(
         f"versions: Python {info['python']} | "
         f"redis-py {info['redis_py']} ({'hiredis' if info['hiredis'] else 'no hiredis'}) | "
         f"pydantic {info['pydantic']} | Redis {info['redis_server']} at {info['redis_url']}",
-        "raw = redis-py on its own pool with the library's client settings; ratio = library / raw",
+        "raw = the baseline named on the right, measured in the same run (redis-py on its own "
+        "pool with the library's client settings unless named); ratio = library / raw",
+        "",
+        f"  {'operation':<36} {'stat':<7} {'library':>10} {'raw':>10} {'ratio':>7}  "
+        f"{'target':<15} raw baseline",
     ]
-    header = (
-        f"  {'operation':<30} {'stat':<6} {'library':>10} {'raw':>10} {'ratio':>7}  raw baseline"
-    )
     section = None
     for row in rows:
         if row.section != section:
             section = row.section
-            lines += ["", section, header]
-        fmt = "{:>10,.0f}" if row.stat == "ops/s" else "{:>10,.1f}"
+            lines.append(section)
+        fmt = "{:>10,.0f}" if row.stat in ("ops/s", "req/s", "bytes") else "{:>10,.1f}"
         lines.append(
-            f"  {row.operation:<30} {row.stat:<6} {fmt.format(row.library)} "
-            f"{fmt.format(row.raw)} {row.ratio:>6.2f}x  {row.baseline}"
+            f"  {row.operation:<36} {row.stat:<7} {fmt.format(row.library)} "
+            f"{fmt.format(row.raw)} {row.ratio:>6.2f}x  {verdict(row):<15} {row.baseline}"
         )
-    lines.append(
-        f"  growth: {growth['big_entries']:,.0f} vs {growth['small_entries']:,.0f} entries "
-        f"p50 {growth['big_p50_us']:.1f} / {growth['small_p50_us']:.1f} µs = "
-        f"{growth['ratio']:.2f}x (expected ~1.0: the balance is never summed from history)"
-    )
+    targeted = [row for row in rows if row.target is not None]
+    missed = [row for row in targeted if not row.passed]
+    lines += ["", f"targets: {len(targeted) - len(missed)} of {len(targeted)} PASS"]
+    for row in missed:
+        assert row.target is not None
+        if row.target.on == "ratio":
+            figure = f"{row.ratio:.2f}x"
+        else:
+            figure = f"{row.library:,.0f}{row.target.unit}"
+        section = row.section.split(" ")[0]
+        lines.append(f"  MISS {section} {row.operation}: {figure}, target {row.target.label()}")
     return "\n".join(lines)
 
 
@@ -474,15 +1057,18 @@ def run(url: str, settings: Settings, mode: str, json_path: str | None) -> None:
                 raise RuntimeError(f"Redis hashed script {script} differently")
 
         rows = sync_latency(client, raw, trivial, ns, settings)
+        rows += batch_throughput(client, raw, trivial, ns, settings)
 
         users = [f"{ns}-task{i}" for i in range(TASKS)]
-        for user in users:
-            client.add(user, PLENTY)
+        client.add_many([(user, PLENTY) for user in users])
         sub_calls = [subtract_call(client, user, 1) for user in users]
         rows += asyncio.run(async_throughput(url, trivial, ns, sub_calls, settings))
 
-        growth_rows, growth = balance_growth(client, raw, trivial, ns, settings)
-        rows += growth_rows
+        rows += server_side(trivial, settings)
+        rows += memory(client, raw, ns, settings)
+        rows += bucket_growth(client, raw, trivial, ns, settings)
+        rows += balance_growth(client, raw, trivial, ns, settings)
+        rows += period_growth(client, raw, trivial, ns, settings)
         info["load_average_1m_end"] = load_average()
     finally:
         try:
@@ -491,7 +1077,7 @@ def run(url: str, settings: Settings, mode: str, json_path: str | None) -> None:
             client.close()
             raw.close()
     wall = time.perf_counter() - started
-    print(render(info, mode, ns, rows, growth))
+    print(render(info, mode, ns, rows))
     print(f"\nwall time {wall:.1f} s; {deleted:,} keys of {ns} deleted")
     if json_path:
         report = {
@@ -500,8 +1086,9 @@ def run(url: str, settings: Settings, mode: str, json_path: str | None) -> None:
             "namespace": ns,
             "machine": info,
             "settings": asdict(settings),
-            "rows": [{**asdict(row), "ratio": row.ratio} for row in rows],
-            "balance_growth": growth,
+            "rows": [{**asdict(row), "ratio": row.ratio, "passed": row.passed} for row in rows],
+            "targets_passed": sum(row.passed is True for row in rows),
+            "targets_missed": sum(row.passed is False for row in rows),
             "wall_seconds": wall,
             "keys_deleted": deleted,
         }
