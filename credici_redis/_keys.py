@@ -85,9 +85,14 @@ def parse_transaction_id(value: str) -> tuple[str, str]:
     """(user id, history entry id); InvalidInputError if it is not a transaction id."""
     entry, at, tag = value.partition("@")
     ms, dash, seq = entry.partition("-")
-    if not at or not tag or not dash or not ms.isdigit() or not seq.isdigit():
+    if not at or not tag or not dash or not _stream_number(ms) or not _stream_number(seq):
         raise InvalidInputError(f"{value!r} is not a transaction id")
     return unquote(tag), entry
+
+
+def _stream_number(text: str) -> bool:
+    """A part of a stream id: ASCII digits that fit 64 bits (str.isdigit takes '²' and '١')."""
+    return text.isascii() and text.isdigit() and int(text) < 2**64
 
 
 def hold_id(user_id: str, local_id: str) -> str:
@@ -98,6 +103,6 @@ def hold_id(user_id: str, local_id: str) -> str:
 def parse_hold_id(value: str) -> tuple[str, str]:
     """(user id, the hold's id within the user); InvalidInputError if it is not a hold id."""
     local, at, tag = value.partition("@")
-    if not at or not local.startswith("h") or not local[1:].isdigit() or not tag:
+    if not at or not local.startswith("h") or not _stream_number(local[1:]) or not tag:
         raise InvalidInputError(f"{value!r} is not a hold id")
     return unquote(tag), local

@@ -410,7 +410,13 @@ class Ledger:
             [Call(("SCAN", cursor, "MATCH", _keys.user_pattern(self.namespace), "COUNT", count))]
         )
         next_cursor, keys = reply
-        users = [_keys.user_from_key(self.namespace, text(k)) for k in keys]
+        users = []
+        for key in map(text, keys):
+            # The pattern also matches other keys that end in "}:s" (an idempotency record of
+            # key "x}:s"): a user is one whose state key this is.
+            user = _keys.user_from_key(self.namespace, key)
+            if _keys.user_keys(self.namespace, user).state == key:
+                users.append(user)
         return int(text(next_cursor)), users
 
     def history(self, req: HistoryRequest) -> Flow[list[Transaction]]:

@@ -72,7 +72,7 @@ class StartCycleRequest:
     user_id: str
     amount: int
     period: str
-    """The period as given, encoded: "days:N", "ms:N", or a calendar period name."""
+    """The period as given, encoded: "days:N", "us:N", or a calendar period name."""
     duration_ms: int | None
     """Fixed periods only; None for a calendar period."""
     tz: str
@@ -207,7 +207,10 @@ def expiry(expire_at: object, ttl: object) -> tuple[int | None, int | None]:
             raise InvalidExpiryError(
                 f"expire_at must be a datetime, not {type(expire_at).__name__}"
             )
-        return to_ms(expire_at), None
+        try:
+            return to_ms(expire_at), None
+        except OverflowError as exc:  # an aware time whose UTC is outside datetime's range
+            raise InvalidExpiryError(f"expire_at {expire_at} is out of range") from exc
     if ttl is not None:
         if not isinstance(ttl, timedelta):
             raise InvalidExpiryError(f"ttl must be a timedelta, not {type(ttl).__name__}")
@@ -230,7 +233,10 @@ def cycle_period(time_delta: object) -> tuple[str, int | None]:
             )
         return time_delta, None
     ms = cycle_duration(time_delta)
-    return (f"days:{time_delta}" if type(time_delta) is int else f"ms:{ms}"), ms
+    if type(time_delta) is int:
+        return f"days:{time_delta}", ms
+    assert isinstance(time_delta, timedelta)
+    return f"us:{time_delta // timedelta(microseconds=1)}", ms  # exact: Cycle.period as given
 
 
 def decode_period(encoded: str) -> int | timedelta | CalendarPeriod:
@@ -238,6 +244,8 @@ def decode_period(encoded: str) -> int | timedelta | CalendarPeriod:
     kind, _, number = encoded.partition(":")
     if kind == "days":
         return int(number)
+    if kind == "us":
+        return timedelta(microseconds=int(number))
     if kind == "ms":
         return timedelta(milliseconds=int(number))
     if encoded not in CALENDAR_PERIODS:
@@ -405,7 +413,10 @@ def build_history(
         if not isinstance(value, datetime):
             raise InvalidPeriodError(f"{name} must be a datetime, not {type(value).__name__}")
     assert isinstance(from_, datetime) and isinstance(to_, datetime)
-    return HistoryRequest(uid, to_ms_ceil(from_), to_ms(to_), now_ms)
+    try:
+        return HistoryRequest(uid, to_ms_ceil(from_), to_ms(to_), now_ms)
+    except OverflowError as exc:  # an aware time whose UTC is outside datetime's range
+        raise InvalidPeriodError(f"from_ {from_} or to_ {to_} is out of range") from exc
 
 
 SUBTRACT_ITEM_KEYS = frozenset({"user_id", "amount", "idempotency_key", "metadata"})

@@ -1,33 +1,42 @@
-"""What the ASGI and WSGI middlewares share: the charge, the refusals, the headers (no I/O).
+"""What the ASGI and WSGI middlewares share: charges, meters, refusals, headers (no I/O).
 
-Both middlewares do the same three steps around one `subtract`: decide the price and the user,
-charge, then either run the app with the credit headers added or answer with a refusal built
-here. Only the sending differs (`credici_redis.asgi`, `credici_redis.wsgi`).
+Both middlewares do the same steps around one `subtract` (a fixed price) or one `reserve` then
+`capture` / `release` (usage known after the response): decide the price and the user, charge or
+reserve, then either run the app with the credit headers added or answer with a refusal built
+here; a metered request is settled after its response by the rules of `settlement`. Only the
+sending differs (`credici_redis.asgi`, `credici_redis.wsgi`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from http import HTTPStatus
 from typing import Literal
 
+from credici_redis._keys import parse_hold_id
 from credici_redis._requests import MAX_IDEMPOTENCY_KEY_CHARS
 from credici_redis.errors import (
     CrediciError,
+    HoldFinishedError,
+    HoldNotFoundError,
     IdempotencyConflictError,
     InsufficientCreditsError,
     InvalidIdempotencyKeyError,
     InvalidUserIdError,
     StorageError,
 )
-from credici_redis.models import Transaction
+from credici_redis.models import Hold, Transaction
 
 StorageErrorPolicy = Literal["closed", "open"]
+DisconnectPolicy = Literal["capture", "release"]
 
 REMAINING_HEADER = "X-Credits-Remaining"
 COST_HEADER = "X-Credits-Cost"
+RESERVED_HEADER = "X-Credits-Reserved"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_PREFIX = "http:"
 """Keys from the header are stored as ``http:<header>``, so a client's key can never replay or
@@ -35,6 +44,14 @@ block a key the application itself uses for the same user (``add(..., idempotenc
 MAX_IDEMPOTENCY_HEADER_CHARS = MAX_IDEMPOTENCY_KEY_CHARS - len(IDEMPOTENCY_PREFIX)
 MAX_METADATA_PATH = 512
 """Characters of the path kept in a charge's metadata (metadata is at most 4 KiB of JSON)."""
+CAPTURE_KEY_PREFIX = "http-capture:"
+RETRY_KEY_PREFIX = "http-retry:"
+"""Keys the middleware derives for a metered request with an ``Idempotency-Key``, from the hold
+the key reserved: never ``http:...``, so no client header can take them first."""
+MAX_RESERVATIONS = 5
+"""Holds one ``Idempotency-Key`` may reserve in turn, each after the previous one was released
+(a failed or abandoned attempt); past that a retry reserves without a key (logged)."""
+DEFAULT_HOLD_TTL = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,206 @@ def charge_headers(charge: Charge) -> tuple[tuple[str, str], ...]:
     return ((REMAINING_HEADER, str(charge.remaining)), (COST_HEADER, str(charge.cost)))
 
 
+def check_disconnect_policy(value: object) -> DisconnectPolicy:
+    if value == "capture":
+        return "capture"
+    if value == "release":
+        return "release"
+    raise ValueError(f"on_disconnect must be 'capture' or 'release', not {value!r}")
+
+
+def check_hold_ttl(value: object) -> timedelta:
+    if not isinstance(value, timedelta):
+        raise TypeError(f"hold_ttl must be a timedelta, not {type(value).__name__}")
+    if value <= timedelta(0):
+        raise ValueError(f"hold_ttl must be positive, not {value}")
+    return value
+
+
+def check_usage(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"usage must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"usage must be >= 0, not {value}")
+    return value
+
+
+class Meter:
+    """A request metered by usage: what was reserved, what the handler reports, the outcome.
+
+    The handler reports with `add` (credits used by one more piece: a chunk, a token...) or
+    `report` (the total so far; the last report counts). Reports are kept even when nothing is
+    billed (no user, storage down with ``on_storage_error="open"``), so a handler can always
+    report and may bound its work by `left`.
+    """
+
+    def __init__(self, user_id: str | None, reserved: int) -> None:
+        self.user_id = user_id
+        """The user billed; None: the request has no user (it is not billed)."""
+        self.reserved = reserved
+        """The most this request may cost: the credits reserved before the handler ran."""
+        self.hold: Hold | None = None
+        """The reservation; None when nothing was reserved (no user, free, or failed open)."""
+        self.replayed = False
+        """True for a retry (same ``Idempotency-Key``) of a request whose usage was already
+        captured: this run is not charged again."""
+        self.used: int | None = None
+        """Credits reported so far; None: nothing reported."""
+        self.charged: int | None = None
+        """After the response: the credits captured (0: all released); None until settled, or
+        when settling failed or was not needed (see `replayed`)."""
+        self.transaction: Transaction | None = None
+        """After the response: the capture (None when released)."""
+        self._lock = threading.Lock()
+
+    @property
+    def billed(self) -> bool:
+        """Whether this request's usage will be captured from a reservation of its own."""
+        return self.hold is not None and not self.replayed
+
+    @property
+    def left(self) -> int:
+        """Credits of the reservation not reported used yet (what more work may cost)."""
+        return max(self.reserved - (self.used or 0), 0)
+
+    def add(self, credits: int) -> int:
+        """Report `credits` more used; returns the total reported."""
+        check_usage(credits)
+        with self._lock:
+            self.used = (self.used or 0) + credits
+            return self.used
+
+    def report(self, used: int) -> None:
+        """Report the credits used in total so far (replaces earlier reports)."""
+        check_usage(used)
+        with self._lock:
+            self.used = used
+
+    def settled(self, charged: int, transaction: Transaction | None) -> None:
+        self.charged, self.transaction = charged, transaction
+
+    def __repr__(self) -> str:
+        return (
+            f"Meter(user_id={self.user_id!r}, reserved={self.reserved}, used={self.used}, "
+            f"billed={self.billed}, charged={self.charged})"
+        )
+
+
+def reservation_headers(meter: Meter) -> tuple[tuple[str, str], ...]:
+    return ((RESERVED_HEADER, str(meter.reserved)),)
+
+
+def hold_local_id(hold: Hold) -> str:
+    return parse_hold_id(hold.hold_id)[1]
+
+
+def capture_key(hold: Hold) -> str:
+    """The capture's idempotency key, for a hold reserved under an ``Idempotency-Key``."""
+    return CAPTURE_KEY_PREFIX + hold_local_id(hold)
+
+
+def retry_key(released: Hold) -> str:
+    """The key of the next reservation of an ``Idempotency-Key`` whose hold was released."""
+    return RETRY_KEY_PREFIX + hold_local_id(released)
+
+
+@dataclass
+class Exchange:
+    """How far the response of a metered request went."""
+
+    status: int | None = None
+    complete: bool = False
+    """The last byte of the body was handed to the server."""
+    disconnected: bool = False
+    """The client left before that (the app received ``http.disconnect``, ``send`` raised
+    OSError, or the WSGI server closed the body before its end)."""
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What to do with a hold once its response ended: capture `credits` (0: release all)."""
+
+    credits: int
+    reason: str
+    overused: bool = False
+    """The handler reported more than was reserved: `credits` is the reservation."""
+
+
+def settlement(meter: Meter, exchange: Exchange, on_disconnect: DisconnectPolicy) -> Settlement:
+    """The rules, in order (the usage is what the handler reported, or None):
+
+    1. response not complete: the client left and ``on_disconnect="capture"``: the usage so far
+       (nothing reported: 0); otherwise (an exception, an abandoned response, or
+       ``on_disconnect="release"``) 0;
+    2. status >= 500: 0;
+    3. nothing reported: all of the reservation for a status < 400, 0 for a 4xx;
+    4. the usage, at most the reservation.
+    """
+    used = meter.used
+    status = exchange.status if exchange.status is not None else 500
+    if not exchange.complete:
+        if exchange.disconnected and on_disconnect == "capture":
+            credits, reason = used or 0, "client disconnected, usage so far"
+        else:
+            credits = 0
+            reason = "client disconnected" if exchange.disconnected else "response not completed"
+    elif status >= 500:
+        credits, reason = 0, f"status {status}"
+    elif used is None:
+        credits = meter.reserved if status < 400 else 0
+        reason = "no usage reported"
+    else:
+        credits, reason = used, "usage reported"
+    if credits > meter.reserved:
+        return Settlement(meter.reserved, reason, overused=True)
+    return Settlement(credits, reason)
+
+
+def log_overuse(
+    logger: logging.Logger, meter: Meter, method: str, path: str
+) -> None:
+    logger.warning(
+        "%s %s of user %r reported %s credits used, more than the %s reserved: charging %s",
+        method, path, meter.user_id, meter.used, meter.reserved, meter.reserved,
+    )  # fmt: skip
+
+
+def log_settle_failure(
+    logger: logging.Logger,
+    exc: CrediciError,
+    meter: Meter,
+    credits: int,
+    method: str,
+    path: str,
+) -> None:
+    """A capture or release after the response failed: nothing can be refused any more, so say
+    why in the log (the hold, if still active, is released by its ttl)."""
+    hold = meter.hold
+    assert hold is not None
+    action = f"capture {credits} credits of" if credits else "release"
+    where = f"{method} {path} of user {meter.user_id!r}"
+    if isinstance(exc, IdempotencyConflictError) or (
+        isinstance(exc, HoldFinishedError) and exc.status == "captured"
+    ):
+        # Another attempt with the same Idempotency-Key settled the hold first.
+        logger.info("%s: hold %s was settled by another attempt", where, hold.hold_id)
+    elif isinstance(exc, HoldFinishedError | HoldNotFoundError):
+        if credits:
+            status = exc.status if isinstance(exc, HoldFinishedError) else "forgotten"
+            logger.warning(
+                "%s: could not %s hold %s, already %s (is hold_ttl=%s shorter than the "
+                "response?): not charged",
+                where, action, hold.hold_id, status, hold.expires_at - hold.created_at,
+            )  # fmt: skip
+    elif isinstance(exc, StorageError):
+        logger.error(
+            "%s: could not %s hold %s (%s); it is released by its ttl at %s",
+            where, action, hold.hold_id, exc, hold.expires_at.isoformat(),
+        )  # fmt: skip
+    else:
+        logger.error("%s: could not %s hold %s: %r", where, action, hold.hold_id, exc)
+
+
 def refusal_for(
     exc: CrediciError,
     *,
@@ -118,8 +335,10 @@ def refusal_for(
     logger: logging.Logger,
     method: str,
     path: str,
+    reserving: bool = False,
 ) -> Refusal | None:
-    """The answer to a charge that raised `exc`; None means fail open (run the handler unpaid).
+    """The answer to a charge (or a reservation: `reserving`, `cost` is then the amount to
+    reserve) that raised `exc`; None means fail open (run the handler unpaid).
 
     Errors that are not the client's doing nor an outage (a bad `cost`, a bug) are re-raised.
     """
@@ -131,7 +350,10 @@ def refusal_for(
                 "required": exc.requested,
                 "available": exc.available,
             },
-            ((REMAINING_HEADER, str(exc.available)), (COST_HEADER, str(cost))),
+            (
+                (REMAINING_HEADER, str(exc.available)),
+                (RESERVED_HEADER if reserving else COST_HEADER, str(cost)),
+            ),
         )
     if isinstance(exc, IdempotencyConflictError):
         key = exc.idempotency_key.removeprefix(IDEMPOTENCY_PREFIX)
@@ -143,8 +365,8 @@ def refusal_for(
     if isinstance(exc, StorageError):
         if policy == "open":
             logger.warning(
-                "credits storage failed, serving %s %s to user %r without charging %s credits: %s",
-                method, path, user_id, cost, exc,
+                "credits storage failed, serving %s %s to user %r without %s %s credits: %s",
+                method, path, user_id, "reserving" if reserving else "charging", cost, exc,
             )  # fmt: skip
             return None
         logger.error(

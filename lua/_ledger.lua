@@ -135,6 +135,12 @@ local function purge(st, now)
   redis.call('ZREMRANGEBYSCORE', K_EXPIRY, '-inf', fmt(now))
 end
 
+-- Credits that may still come in: the balance plus what holds hold stays within 2^53-1, so
+-- nothing that comes back (a release, a reversal) can pass it.
+local function room(st)
+  return MAX_CREDITS - st.bal - st.held
+end
+
 -- The part of a grant that repays debt; the rest goes into a bucket.
 local function repaid(st, amount)
   return math.min(amount, math.max(-st.bal, 0))
@@ -317,7 +323,7 @@ local function advance(st, now, extension)
       next_end, c.cq = pop_list(c.cq)
     end
     local grant = 0
-    if next_end > now then grant = tonumber(c.ca) end
+    if next_end > now then grant = math.max(math.min(tonumber(c.ca), room(st)), 0) end
     local fill = grant + carry - repaid(st, grant)
     if fill > 0 then c.cb = new_bucket(st, fill, next_end, 0) end
     st.bal = st.bal + grant

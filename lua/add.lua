@@ -5,6 +5,7 @@ ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 expire_at
       9 metadata JSON or '' | 10 priority
 Reply {'OK', id, 'a', amount, balance_after, expire_at, ikey, meta}
       | {'IDEM_CONFLICT'} | {'EXPIRY_PAST', now} | {'BALANCE_LIMIT', balance} | SCHEDULE
+      (the balance plus held credits stays within 2^53-1)
 History: cycle renewals, holds released by their ttl, expired buckets, then one "a" entry. Counts as `added` in the cycle.
 With debt, the grant repays it first; only the rest goes into the new bucket.
 ]]
@@ -22,7 +23,7 @@ if expire_at and expire_at <= now then return { 'EXPIRY_PAST', fmt(now) } end
 
 local st, ask = up_to_now(now, ARGV[2])
 if ask then return ask end
-if st.bal + amount > MAX_CREDITS then
+if amount > room(st) then
   save_state(st)
   return { 'BALANCE_LIMIT', fmt(st.bal) }
 end

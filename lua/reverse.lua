@@ -4,6 +4,7 @@ ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 history entry id to 
       4 fingerprint | 5 idempotency retention ms | 6 idempotency key or ''
 Reply {'OK', id, 'v', amount, balance_after, '', ikey, '', reversed entry id, not restored}
       | {'IDEM_CONFLICT'} | {'NO_TX'} | {'NOT_REVERSIBLE', kind} | {'REVERSED', reversal id}
+      | {'BALANCE_LIMIT', balance} (what would come back does not fit under 2^53-1)
       | SCHEDULE
 History: renewals, holds released by their ttl, expired buckets, then one "v" entry linked (o) to
 the entry it reverses.
@@ -56,9 +57,19 @@ else
   for _, part in ipairs(split(f.u or '', ';')) do
     from_buckets = from_buckets + tonumber(string.match(part, '^[^:]+:([^:]+):'))
   end
+  local overdraft = charged - from_buckets
+  local coming = overdraft
+  for _, part in ipairs(split(f.u or '', ';')) do
+    local bucket, credits = string.match(part, '^([^:]+):([^:]+):')
+    local expire_at = tonumber(string.sub(bucket, 1, 15))
+    if expire_at == NEVER or expire_at > now then coming = coming + tonumber(credits) end
+  end
+  if coming > room(st) then
+    save_state(st)
+    return { 'BALANCE_LIMIT', fmt(st.bal) }
+  end
   local before = st.bal
   local restored, expired = restore(st, f.u or '', now)
-  local overdraft = charged - from_buckets
   if overdraft > 0 then
     fields[#fields + 1] = 'g'
     fields[#fields + 1] = new_bucket(st, overdraft, nil, 0)

@@ -19,7 +19,7 @@ if prior then return prior end
 
 local st, ask = up_to_now(now, ARGV[2])
 if ask then return ask end
-if st.bal + amount > MAX_CREDITS then
+if amount > room(st) then
   save_state(st)
   return { 'BALANCE_LIMIT', fmt(st.bal) }
 end
