@@ -31,7 +31,15 @@ from credici_redis.errors import (
     StorageUnavailableError,
     TransactionNotFoundError,
 )
-from credici_redis.models import AuditReport, BalanceDetails, Bucket, Cycle, Hold, Transaction
+from credici_redis.models import (
+    AuditReport,
+    BalanceDetails,
+    BalanceEvent,
+    Bucket,
+    Cycle,
+    Hold,
+    Transaction,
+)
 from credici_redis.storage import AsyncRedisStorage, AsyncStorage, RedisStorage, Storage
 
 __version__ = "0.1.0"
@@ -43,6 +51,7 @@ __all__ = [
     "AsyncStorage",
     "AuditReport",
     "BalanceDetails",
+    "BalanceEvent",
     "Bucket",
     "CaptureExceedsHoldError",
     "CrediciClient",

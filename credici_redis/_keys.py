@@ -11,15 +11,24 @@ ids never share keys) and leaves no '{' or '}' that could end the tag early.
     <ns>:{<user>}:h        stream  history, ids are "<created_at ms>-<seq>"
     <ns>:{<user>}:d        hash    holds
     <ns>:{<user>}:t        zset    hold timers (release by ttl, forget when done)
+    <ns>:{%S<x>}:ev        stream  low-balance events of every user in the slot of tag %S<x>
+
+Events cannot go to one namespace-wide stream: the script that notices a low balance may only
+touch its user's slot. So each Redis Cluster slot has its own event stream, named by a tag that
+hashes to that slot ("%S" never occurs in a percent-encoded user id).
     <ns>:{<user>}:i:<key>  string  idempotency record, expires after the retention time
 """
 
 from __future__ import annotations
 
 import re
+import string
 from functools import lru_cache
+from itertools import product
 from typing import NamedTuple
 from urllib.parse import quote, unquote
+
+from redis.crc import key_slot
 
 from credici_redis.errors import InvalidInputError
 
@@ -27,7 +36,7 @@ _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
 
 
 class UserKeys(NamedTuple):
-    """The keys every ledger script receives, in the order the scripts expect (KEYS[1..7])."""
+    """The keys every ledger script receives, in the order the scripts expect (KEYS[1..8])."""
 
     state: str
     order: str
@@ -36,6 +45,7 @@ class UserKeys(NamedTuple):
     history: str
     holds: str
     timers: str
+    events: str
 
 
 def check_namespace(namespace: str) -> str:
@@ -52,11 +62,41 @@ def user_tag(user_id: str) -> str:
     return quote(user_id, safe="")
 
 
+@lru_cache(maxsize=65536)
 def user_keys(namespace: str, user_id: str) -> UserKeys:
     base = f"{namespace}:{{{user_tag(user_id)}}}:"
+    events = f"{namespace}:{{{slot_tag(key_slot(user_tag(user_id).encode()))}}}:ev"
     return UserKeys(
-        base + "s", base + "o", base + "x", base + "a", base + "h", base + "d", base + "t"
+        base + "s", base + "o", base + "x", base + "a", base + "h", base + "d", base + "t", events
     )
+
+
+SLOTS = 16384
+
+
+@lru_cache(maxsize=1)
+def _slot_tags() -> tuple[str, ...]:
+    """A hash tag for every Redis Cluster slot: the shortest "%S<base36>" that hashes to it."""
+    tags: list[str | None] = [None] * SLOTS
+    missing = SLOTS
+    for size in range(1, 5):
+        for chars in product(string.digits + string.ascii_lowercase, repeat=size):
+            tag = "%S" + "".join(chars)
+            slot = key_slot(tag.encode())
+            if tags[slot] is None:
+                tags[slot], missing = tag, missing - 1
+                if not missing:
+                    return tuple(t for t in tags if t is not None)
+    raise RuntimeError("no hash tag found for some slots")
+
+
+def slot_tag(slot: int) -> str:
+    return _slot_tags()[slot]
+
+
+def events_pattern(namespace: str) -> str:
+    """A SCAN pattern matching every event stream of the namespace."""
+    return f"{namespace}:{{%S*}}:ev"
 
 
 def idempotency_key(namespace: str, user_id: str, key: str) -> str:

@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, Literal, TypeVar, cast
 
 from credici_redis import _audit, _keys, _schedule, _scripts
 from credici_redis._requests import (
@@ -58,6 +58,7 @@ from credici_redis.errors import (
 from credici_redis.models import (
     AuditReport,
     BalanceDetails,
+    BalanceEvent,
     Bucket,
     Cycle,
     CycleStatus,
@@ -404,6 +405,68 @@ class Ledger:
             return report.model_copy(update={"ok": False, "problems": [*report.problems, problem]})
         return report
 
+    def set_low_balance_threshold(
+        self, user_id: str, threshold: int | None, now_ms: int | None
+    ) -> Flow[None]:
+        yield from self._scheduled(lambda extension: [
+            self._script(
+                _scripts.SET_LOW_BALANCE_THRESHOLD, user_id, None, _clock(now_ms), extension,
+                _opt(threshold),
+            )
+        ])  # fmt: skip
+
+    def find_event_streams(self, cursor: int, count: int) -> Flow[tuple[int, list[str]]]:
+        """One SCAN step over the namespace's event streams (one per slot that had an event)."""
+        pattern = _keys.events_pattern(self.namespace)
+        (reply,) = yield from _sent(
+            [Call(("SCAN", cursor, "MATCH", pattern, "COUNT", count, "TYPE", "stream"))]
+        )
+        next_cursor, keys = reply
+        return int(text(next_cursor)), [text(k) for k in keys]
+
+    def join_group(self, streams: list[str], group: str) -> Flow[None]:
+        """Create the consumer group on each stream, from its first event (once is enough)."""
+        replies = yield [Call(("XGROUP", "CREATE", stream, group, "0")) for stream in streams]
+        for reply in replies:
+            if isinstance(reply, CrediciError) and "BUSYGROUP" not in str(reply.__cause__):
+                raise reply
+
+    def read_events(
+        self, streams: list[str], group: str, consumer: str, count: int, claim_idle_ms: int | None
+    ) -> Flow[list[BalanceEvent]]:
+        """New events of every stream, one call per stream (no call crosses a slot); with
+        claim_idle_ms, also events another consumer read but did not acknowledge for that long."""
+        calls = [
+            Call(("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "STREAMS", stream, ">"))
+            for stream in streams
+        ]
+        if claim_idle_ms is not None:
+            calls += [
+                Call(("XAUTOCLAIM", stream, group, consumer, claim_idle_ms, "0-0", "COUNT", count))
+                for stream in streams
+            ]
+        replies = yield calls
+        found: list[BalanceEvent] = []
+        for i, reply in enumerate(replies):
+            stream = streams[i % len(streams)]
+            if isinstance(reply, CrediciError):
+                if "NOGROUP" in str(reply.__cause__):
+                    continue  # a stream made after the group was joined: joined next time
+                raise reply
+            if not reply:
+                continue
+            entries = reply[1] if i >= len(streams) else reply[0][1]
+            found.extend(parse_event(self.namespace, stream, e) for e in entries if e[1])
+        return found
+
+    def ack_events(self, events: list[BalanceEvent], group: str) -> Flow[None]:
+        calls = []
+        for event in events:
+            entry_id, _, tag = event.event_id.partition("@")
+            calls.append(Call(("XACK", f"{self.namespace}:{{{tag}}}:ev", group, entry_id)))
+        if calls:
+            yield from _sent(calls)
+
     def scan_users(self, cursor: int, count: int) -> Flow[tuple[int, list[str]]]:
         """One SCAN step over the namespace's users: (next cursor, user ids); cursor 0 ends."""
         (reply,) = yield from _sent(
@@ -536,6 +599,27 @@ def parse_entry(user_id: str, entry: Any) -> Transaction:
         update["related_id"] = _keys.transaction_id(user_id, f["o"])
         update["unrestored"] = int(f.get("w", "0"))
     return tx.model_copy(update=update) if update else tx
+
+
+EVENT_KINDS: dict[str, Literal["low_balance", "depleted"]] = {
+    "low_balance": "low_balance",
+    "depleted": "depleted",
+}
+
+
+def parse_event(namespace: str, stream: str, entry: Any) -> BalanceEvent:
+    entry_id, f = text(entry[0]), _fields(entry[1])
+    user_id = _keys.user_from_key(namespace, f["h"])
+    tag = stream[len(namespace) + 2 : stream.index("}")]
+    return BalanceEvent(
+        event_id=f"{entry_id}@{tag}",
+        kind=EVENT_KINDS[f["t"]],
+        user_id=user_id,
+        balance=int(f["b"]),
+        threshold=int(f["l"]),
+        transaction_id=_keys.transaction_id(user_id, f["e"]),
+        created_at=from_ms(int(entry_id.partition("-")[0])),
+    )
 
 
 HOLD_STATUSES: dict[str, HoldStatus] = {

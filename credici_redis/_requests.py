@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import socket
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -113,6 +115,19 @@ class ReverseRequest:
     idempotency_key: str | None
     fingerprint: str
     now_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventReading:
+    """How `events()` reads: events per call and stream, seconds between polls when idle,
+    seconds before another consumer's unacknowledged events are taken over, seconds between
+    looks for new event streams, and seconds without events before it stops (None: never)."""
+
+    batch: int = 100
+    poll: float = 0.2
+    claim_after: float = 60.0
+    discover_every: float = 5.0
+    idle_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,3 +524,39 @@ def build_reverse(transaction: object, key: object, now_ms: int | None) -> Rever
     uid, entry = parse_transaction_id(transaction)
     ikey = idempotency_key(key)
     return keyed(ReverseRequest(transaction, user_id(uid), entry, None, "", now_ms), ikey)
+
+
+def threshold(value: object) -> int | None:
+    return None if value is None else amount(value, allow_zero=True)
+
+
+def event_reading(
+    batch: object, poll: object, claim_after: object, idle_timeout: object
+) -> EventReading:
+    """How events() reads; bad settings are an InvalidInputError."""
+    if type(batch) is not int or not 1 <= batch <= 10_000:
+        raise InvalidInputError(f"batch must be an int from 1 to 10000, got {batch!r}")
+    for name, value in (("poll", poll), ("claim_after", claim_after)):
+        if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+            raise InvalidInputError(f"{name} must be a positive number of seconds")
+    if idle_timeout is not None and (
+        not isinstance(idle_timeout, int | float) or isinstance(idle_timeout, bool)
+        or idle_timeout < 0
+    ):  # fmt: skip
+        raise InvalidInputError("idle_timeout must be None or a number of seconds >= 0")
+    return EventReading(
+        batch=batch,
+        poll=float(cast(float, poll)),
+        claim_after=float(cast(float, claim_after)),
+        idle_timeout=None if idle_timeout is None else float(cast(float, idle_timeout)),
+    )
+
+
+def consumer_name(group: object, consumer: object) -> tuple[str, str]:
+    """The group's name, and the consumer's (by default one of its own: host, process, random)."""
+    if consumer is None:
+        consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    for name, value in (("group", group), ("consumer", consumer)):
+        if not isinstance(value, str) or not 1 <= len(value) <= 256:
+            raise InvalidInputError(f"{name} must be a str of 1 to 256 characters")
+    return cast(str, group), cast(str, consumer)

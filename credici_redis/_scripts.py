@@ -63,8 +63,9 @@ RESERVE = load("reserve", effect=True)
 CAPTURE = load("capture", effect=True)
 RELEASE = load("release", effect=False)  # a second release has no effect: safe to repeat
 REVERSE = load("reverse", effect=True)
+SET_LOW_BALANCE_THRESHOLD = load("set_low_balance_threshold", effect=False)
 
 ALL = (
     ADD, SUBTRACT, BALANCE, START_CYCLE, CYCLE, CANCEL_CYCLE, AUDIT, DETAILS, SET_CREDIT_LIMIT,
-    RESERVE, CAPTURE, RELEASE, REVERSE,
+    RESERVE, CAPTURE, RELEASE, REVERSE, SET_LOW_BALANCE_THRESHOLD,
 )  # fmt: skip

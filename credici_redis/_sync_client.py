@@ -17,6 +17,7 @@ from credici_redis.errors import CrediciError
 from credici_redis.models import (
     AuditReport,
     BalanceDetails,
+    BalanceEvent,
     CalendarPeriod,
     Cycle,
     Hold,
@@ -202,6 +203,31 @@ class CrediciClient(ClientBase):
         return self.storage.set_credit_limit(
             _requests.user_id(user_id), _requests.credit_limit(limit), self._now()
         )
+
+    def set_low_balance_threshold(self, user_id: UserId, threshold: int | None) -> None:
+        """Ask for events when the user's balance falls below `threshold` (or to 0);
+        None: no events for this user (the default)."""
+        return self.storage.set_low_balance_threshold(
+            _requests.user_id(user_id), _requests.threshold(threshold), self._now()
+        )
+
+    def events(
+        self,
+        group: str = "credici",
+        consumer: str | None = None,
+        *,
+        batch: int = 100,
+        poll: float = 0.2,
+        claim_after: float = 60.0,
+        idle_timeout: float | None = None,
+    ) -> Iterator[BalanceEvent]:
+        """Low-balance and depleted events of the namespace's users, shared by the consumers of
+        `group` (each event goes to one of them). At least once: an event is acknowledged when
+        you come back for the next one; one a consumer never acknowledged is taken over after
+        `claim_after` seconds. Stops after `idle_timeout` seconds without events (None: never)."""
+        names = _requests.consumer_name(group, consumer)
+        reading = _requests.event_reading(batch, poll, claim_after, idle_timeout)
+        return self.storage.events(*names, reading)
 
     def audit(self, user_id: UserId) -> AuditReport:
         """Rebuild the balance and every bucket from the history; report any difference."""

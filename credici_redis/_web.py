@@ -281,9 +281,20 @@ def settlement(meter: Meter, exchange: Exchange, on_disconnect: DisconnectPolicy
     return Settlement(credits, reason)
 
 
-def log_overuse(
-    logger: logging.Logger, meter: Meter, method: str, path: str
+def log_settlement(
+    logger: logging.Logger, meter: Meter, outcome: Settlement, method: str, path: str
 ) -> None:
+    """Debug: how a metered request is settled; warning: it reported more than reserved."""
+    if outcome.overused:
+        log_overuse(logger, meter, method, path)
+    logger.debug(
+        "%s %s of user %r: %s (%s), %s %s of the %s credits reserved",
+        method, path, meter.user_id, outcome.reason, meter.used,
+        "capturing" if outcome.credits else "releasing all", outcome.credits, meter.reserved,
+    )  # fmt: skip
+
+
+def log_overuse(logger: logging.Logger, meter: Meter, method: str, path: str) -> None:
     logger.warning(
         "%s %s of user %r reported %s credits used, more than the %s reserved: charging %s",
         method, path, meter.user_id, meter.used, meter.reserved, meter.reserved,
@@ -310,12 +321,16 @@ def log_settle_failure(
         # Another attempt with the same Idempotency-Key settled the hold first.
         logger.info("%s: hold %s was settled by another attempt", where, hold.hold_id)
     elif isinstance(exc, HoldFinishedError | HoldNotFoundError):
-        if credits:
+        if credits:  # a release finding the hold ended already has nothing to regret
             status = exc.status if isinstance(exc, HoldFinishedError) else "forgotten"
+            why = (
+                "released by another attempt with the same Idempotency-Key"
+                if status == "released"
+                else f"is hold_ttl={hold.expires_at - hold.created_at} shorter than the response?"
+            )
             logger.warning(
-                "%s: could not %s hold %s, already %s (is hold_ttl=%s shorter than the "
-                "response?): not charged",
-                where, action, hold.hold_id, status, hold.expires_at - hold.created_at,
+                "%s: could not %s hold %s, already %s (%s): not charged",
+                where, action, hold.hold_id, status, why,
             )  # fmt: skip
     elif isinstance(exc, StorageError):
         logger.error(

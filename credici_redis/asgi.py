@@ -1,4 +1,5 @@
-"""Meter an ASGI app (FastAPI, Starlette, any ASGI 3 app) in credits, charged before the handler.
+"""Meter an ASGI app (FastAPI, Starlette, any ASGI 3 app) in credits: a price charged before the
+handler, or a reservation before it and the usage it reports captured after the response.
 
     from credici_redis import AsyncCrediciClient
     from credici_redis.asgi import CreditMiddleware, user_from_header
@@ -8,7 +9,7 @@
 
 For each HTTP request the middleware finds the price (the route's, else `cost`) and the user
 (`user(scope)`); if either is 0 / None the request passes untouched. Otherwise it charges the
-price in one atomic `subtract` *before* calling the app:
+price in one atomic `subtract` *before* calling the app (requests metered by usage: below):
 
 - paid: the app runs; its response (streamed or not) gets ``X-Credits-Remaining`` (the balance
   right after the charge) and ``X-Credits-Cost``; the `Charge` is in ``scope["credici.charge"]``;
@@ -40,24 +41,78 @@ lifespan scopes pass through.
 
 A charge is final: a handler that fails afterwards (500) keeps it.
 
-Not here: usage known only after the response (e.g. LLM tokens) needs holds (reserve a
-maximum, then capture the actual amount or release it), which the library does not have yet;
-holds would also let a failed handler give its credits back.
+Metered by usage (the cost is known only after the response: LLM tokens, bytes streamed):
+
+    app.add_middleware(CreditMiddleware, client=credici, user=user_from_header("X-User"),
+                       reserve=200)          # or per route: @metered(200), Depends(meter(200))
+
+    @app.post("/v1/generate")
+    async def generate(usage: Annotated[Meter, Depends(meter(200))]) -> StreamingResponse:
+        async def tokens() -> AsyncIterator[str]:
+            async for token in model(max_tokens=usage.left):
+                usage.add(1)  # or report_usage(request, total)
+                yield token
+        return StreamingResponse(tokens())
+
+Before the app runs the middleware reserves the maximum: a route's ``@metered(n)`` or
+``Depends(meter(n))`` (``meter()``: the middleware's `reserve`), else the middleware's `reserve`
+(an int, or ``reserve(scope)``, sync or async, returning one, or None for the fixed `cost`). The
+endpoint's decorator (``@priced`` or ``@metered``) wins, then the innermost dependency
+(``charge`` or ``meter``), then `reserve`, then `cost`. Not enough credits answers
+the same ``402`` as a charge and the app never runs; a storage failure follows
+`on_storage_error` as for a charge. The response then carries ``X-Credits-Reserved: n`` (the
+cost is not known yet when streaming starts; trailers are not used) and the app finds the
+`Meter` in ``scope["credici.meter"]`` (`current_meter`, or ``Depends(meter(...))``). The handler
+reports what it used, with ``meter.add(n)`` as it goes or ``meter.report(total)`` /
+``report_usage(request, total)`` (``meter.report(0)`` first, so that an answer using nothing
+costs nothing). When the app returns the hold is settled (`settlement` in
+``credici_redis._web``):
+
+- response complete, status < 500: the usage reported is captured and the rest of the
+  reservation comes back; more than reserved captures the reservation (logged as a warning);
+  nothing reported captures the whole reservation for a status < 400, nothing for a 4xx;
+- status >= 500, or the app raised before the response was complete: everything is released;
+- the client disconnected before the end (the app received ``http.disconnect``, as Starlette's
+  `StreamingResponse` does, or `send` raised OSError): ``on_disconnect="capture"`` (default)
+  captures the usage reported so far, ``"release"`` releases everything. Releasing would let a
+  client read a stream and hang up before its end to pay nothing; stop generating when the
+  client leaves, and what was reported is what is charged.
+
+Capture and release happen after the last byte went out, so they add no latency; if they fail
+(storage down) it is logged and the hold is released by its ttl (`hold_ttl`, 5 minutes: make it
+longer than the slowest response, a hold that expires first is not charged). The `Meter` says
+afterwards what was charged (`Meter.charged`, `Meter.transaction`).
+
+With an ``Idempotency-Key`` the reservation is made under ``http:<key>`` and the capture under a
+key derived from the hold: a retry finds the same hold, and its usage is captured once. A retry
+of a request already captured runs the handler again unbilled (`Meter.replayed`); a retry of a
+request whose hold was released (it failed, or the client left before using anything) reserves
+again under a key derived from that hold, so duplicates still share one hold. This costs a
+second Redis call per keyed request (the library has no call that reads a hold's status; the
+middleware asks for a capture larger than the hold, which changes nothing).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from datetime import timedelta
+from typing import Any, Protocol, TypeVar
 
 from credici_redis import _web
-from credici_redis._web import Charge, StorageErrorPolicy
+from credici_redis._web import Charge, DisconnectPolicy, Meter, StorageErrorPolicy
 from credici_redis.client import AsyncCrediciClient, UserId
-from credici_redis.errors import CrediciError
+from credici_redis.errors import (
+    CaptureExceedsHoldError,
+    CrediciError,
+    HoldFinishedError,
+    HoldNotFoundError,
+)
+from credici_redis.models import Hold
 
 try:
     from starlette.requests import Request
@@ -77,9 +132,14 @@ UserLookup = Callable[[Scope], "UserId | Awaitable[UserId | None] | None"]
 """`user(scope)`: the user to charge, or None (not metered); sync or async."""
 Price = int | Callable[[Scope], "int | Awaitable[int]"]
 """Credits per request: an int >= 0 (0: free) or `cost(scope)` returning one, sync or async."""
+Reserve = int | Callable[[Scope], "int | Awaitable[int | None] | None"]
+"""The middleware's `reserve`: credits to reserve (0: free), or `reserve(scope)` returning them,
+or None for a request charged its fixed `cost` instead; sync or async."""
 
 CHARGE_KEY = "credici.charge"
 """Scope key of the request's `Charge` (None when the request was not charged)."""
+METER_KEY = "credici.meter"
+"""Scope key of the request's `Meter` (None when the request is not metered by usage)."""
 ROUTE_PRICES_KEY = "credici.route_prices"
 """Scope key of the `charge()` dependencies the middleware found on the request's route."""
 _PRICE_ATTR = "__credici_price__"
@@ -88,26 +148,35 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
     "CHARGE_KEY",
+    "METER_KEY",
     "ASGIApp",
     "Charge",
     "CreditMiddleware",
+    "DisconnectPolicy",
     "Message",
+    "Meter",
     "Price",
     "Receive",
+    "Reserve",
     "Scope",
     "Send",
     "StorageErrorPolicy",
     "UserLookup",
     "charge",
     "current_charge",
+    "current_meter",
+    "meter",
+    "metered",
     "priced",
+    "report_usage",
     "user_from_header",
 ]
 
 
 @dataclass(frozen=True)
 class _RoutePrice:
-    cost: Price | None  # None: the middleware's default
+    cost: Price | None  # None: the middleware's default (its cost, or its reserve if metered)
+    metered: bool = False  # cost is then the reservation, settled by usage after the response
 
 
 def _check_price(cost: object) -> Price:
@@ -169,10 +238,87 @@ def charge(cost: Price | None = None) -> Callable[[Request], Awaitable[Charge | 
     return credits_charged
 
 
+def metered(reserve: Price) -> Callable[[F], F]:
+    """Mark an endpoint as metered by usage: ``@metered(200)`` reserves 200 credits before it
+    runs, then captures what it reports (module docstring). Like `priced`, for Starlette and
+    FastAPI routes, and it wins over dependencies."""
+    price = _RoutePrice(_check_price(reserve), metered=True)
+
+    def mark(endpoint: F) -> F:
+        setattr(endpoint, _PRICE_ATTR, price)
+        return endpoint
+
+    return mark
+
+
+def meter(reserve: Price | None = None) -> Callable[[Request], Awaitable[Meter]]:
+    """A FastAPI dependency metering its route by usage: ``Depends(meter(200))``; returns the
+    request's `Meter`, to report the usage to.
+
+    ``meter()`` reserves the middleware's `reserve`. Like `charge`, it works at the route, router
+    or app level and raises RuntimeError when no middleware metered the route with it (not
+    installed, route not found, or a fixed price won: an ``@priced`` endpoint or an inner
+    ``charge()``). The `Meter` is there for requests that are not billed too (no user): check
+    `Meter.user_id` / `Meter.billed`.
+    """
+    if not _STARLETTE:  # pragma: no cover
+        raise ImportError("meter() needs starlette (pip install 'credici-redis[web]')")
+    price = _RoutePrice(None if reserve is None else _check_price(reserve), metered=True)
+
+    async def credits_metered(request: Request) -> Meter:
+        scope = request.scope
+        if CHARGE_KEY not in scope:
+            raise RuntimeError(
+                "meter() is used on a route but CreditMiddleware is not installed on the app"
+            )
+        if credits_metered not in scope.get(ROUTE_PRICES_KEY, ()):
+            raise RuntimeError(
+                f"CreditMiddleware could not find the route of {scope.get('path')!r}, so its "
+                "meter() was not applied; use the middleware's reserve= for this route"
+            )
+        found = current_meter(scope)
+        if found is None:
+            raise RuntimeError(
+                f"{scope.get('path')!r} is charged a fixed price, not metered: an @priced "
+                "endpoint or an inner charge() wins over meter()"
+            )
+        return found
+
+    setattr(credits_metered, _PRICE_ATTR, price)
+    return credits_metered
+
+
 def current_charge(scope: Scope) -> Charge | None:
     """The `Charge` the middleware made for this request (None: not charged)."""
     value = scope.get(CHARGE_KEY)
     return value if isinstance(value, Charge) else None
+
+
+class HasScope(Protocol):
+    """A request object of a framework (Starlette's `Request`)."""
+
+    @property
+    def scope(self) -> Scope: ...
+
+
+def _scope_of(target: Scope | HasScope) -> Scope:
+    return target if isinstance(target, MutableMapping) else target.scope
+
+
+def current_meter(target: Scope | HasScope) -> Meter | None:
+    """The request's `Meter` (None: not metered by usage); `target` is the scope or a request."""
+    value = _scope_of(target).get(METER_KEY)
+    return value if isinstance(value, Meter) else None
+
+
+def report_usage(target: Scope | HasScope, used: int) -> bool:
+    """Report the credits the request used in total so far (the last report counts); `target`
+    is the scope or a request. False (and nothing done) when the request is not metered."""
+    found = current_meter(target)
+    if found is None:
+        return False
+    found.report(used)
+    return True
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -235,7 +381,8 @@ def _dependency_prices(dependant: Any) -> Iterator[tuple[object, _RoutePrice]]:
 
 
 class CreditMiddleware:
-    """Charges each HTTP request its price in credits before the app runs (module docstring)."""
+    """Charges each HTTP request its price in credits before the app runs, or meters it by
+    usage: reserve before, capture after (module docstring)."""
 
     def __init__(
         self,
@@ -244,6 +391,9 @@ class CreditMiddleware:
         client: AsyncCrediciClient,
         user: UserLookup,
         cost: Price = 1,
+        reserve: Reserve | None = None,
+        hold_ttl: timedelta = _web.DEFAULT_HOLD_TTL,
+        on_disconnect: DisconnectPolicy = "capture",
         on_storage_error: StorageErrorPolicy = "closed",
         logger: logging.Logger | None = None,
     ) -> None:
@@ -251,20 +401,29 @@ class CreditMiddleware:
         self.client = client
         self.user = user
         self.cost = _check_price(cost)
+        self.reserve = None if reserve is None or callable(reserve) else _web.check_cost(reserve)
+        self._reserve_of = reserve if callable(reserve) else None
+        self.hold_ttl = _web.check_hold_ttl(hold_ttl)
+        self.on_disconnect = _web.check_disconnect_policy(on_disconnect)
         self.on_storage_error = _web.check_policy(on_storage_error)
         self.logger = logger if logger is not None else logging.getLogger(__name__)
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        price, dependencies = self._route_price(scope)
+        route, dependencies = self._route_price(scope)
         scope[ROUTE_PRICES_KEY] = dependencies
         scope[CHARGE_KEY] = None
-        cost = price if isinstance(price, int) else await _price_value(price, scope)
-        user = self.user(scope) if cost else None
+        scope[METER_KEY] = None
+        price, is_metered = await self._price(route, scope)
+        user = self.user(scope) if price else None
         if inspect.isawaitable(user):
             user = await user
+        if is_metered:
+            await self._metered(scope, receive, send, price, user)
+            return
         if user is None:
             await self.app(scope, receive, send)
             return
@@ -273,13 +432,13 @@ class CreditMiddleware:
         try:
             transaction = await self.client.subtract(
                 user,
-                cost,
+                price,
                 idempotency_key=_web.idempotency_key(_header(scope, b"idempotency-key")),
                 metadata=_web.charge_metadata(method, path),
             )
         except CrediciError as exc:
             refusal = _web.refusal_for(
-                exc, user_id=str(user), cost=cost, policy=self.on_storage_error,
+                exc, user_id=str(user), cost=price, policy=self.on_storage_error,
                 logger=self.logger, method=method, path=path,
             )  # fmt: skip
             if refusal is None:
@@ -288,7 +447,7 @@ class CreditMiddleware:
                 await _send_refusal(send, refusal)
             return
 
-        paid = Charge(transaction.user_id, cost, transaction)
+        paid = Charge(transaction.user_id, price, transaction)
         scope[CHARGE_KEY] = paid
         credit_headers = _encode_headers(_web.charge_headers(paid))
 
@@ -299,23 +458,185 @@ class CreditMiddleware:
 
         await self.app(scope, receive, send_with_credits)
 
-    def _route_price(self, scope: Scope) -> tuple[Price, tuple[object, ...]]:
-        """The price of the route `scope` goes to, and the `charge()` dependencies found on it."""
+    async def _price(self, route: _RoutePrice | None, scope: Scope) -> tuple[int, bool]:
+        """(credits, metered): the route's own price, else the middleware's reserve, else cost."""
+        if route is not None and route.cost is not None:
+            price = route.cost
+        elif route is not None and route.metered:
+            reserve = await self._middleware_reserve(scope)
+            if reserve is None:
+                raise RuntimeError(
+                    f"{scope.get('path')!r} is metered with meter() but no reservation is "
+                    "known: give meter(n) an amount, or the middleware reserve="
+                )
+            return reserve, True
+        elif route is None and (reserve := await self._middleware_reserve(scope)) is not None:
+            return reserve, True
+        else:  # no price anywhere, or a charge() without one: the middleware's fixed cost
+            price = self.cost
+        value = price if isinstance(price, int) else await _price_value(price, scope)
+        return value, route is not None and route.metered
+
+    async def _middleware_reserve(self, scope: Scope) -> int | None:
+        if self._reserve_of is None:
+            return self.reserve
+        value = self._reserve_of(scope)
+        if inspect.isawaitable(value):
+            value = await value
+        return None if value is None else _web.check_cost(value)
+
+    async def _metered(
+        self, scope: Scope, receive: Receive, send: Send, reserve: int, user: UserId | None
+    ) -> None:
+        """Reserve `reserve`, run the app, then capture what it reported or release."""
+        usage = Meter(None if user is None else str(user), reserve)
+        scope[METER_KEY] = usage
+        if user is None:
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        try:
+            key = _web.idempotency_key(_header(scope, b"idempotency-key"))
+            hold, replayed = await self._reserve(user, reserve, key, method, path)
+        except CrediciError as exc:
+            refusal = _web.refusal_for(
+                exc, user_id=str(user), cost=reserve, policy=self.on_storage_error,
+                logger=self.logger, method=method, path=path, reserving=True,
+            )  # fmt: skip
+            if refusal is None:
+                await self.app(scope, receive, send)
+            else:
+                await _send_refusal(send, refusal)
+            return
+
+        usage.user_id, usage.hold, usage.replayed = hold.user_id, hold, replayed
+        capture_key = None if key is None else _web.capture_key(hold)
+        credit_headers = _encode_headers(_web.reservation_headers(usage))
+        exchange = _web.Exchange()
+
+        async def receive_watching() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not exchange.complete:
+                exchange.disconnected = True
+            return message
+
+        async def send_watching(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                exchange.status = int(message["status"])
+                message = {**message, "headers": [*message.get("headers", ()), *credit_headers]}
+            try:
+                await send(message)
+            except OSError:  # ASGI 2.4 servers: the client is gone
+                exchange.disconnected = True
+                raise
+            if kind == "http.response.pathsend" or (
+                kind == "http.response.body" and not message.get("more_body", False)
+            ):
+                exchange.complete = True
+
+        settle = functools.partial(self._settle, usage, exchange, capture_key, method, path)
+        try:
+            await self.app(scope, receive_watching, send_watching)
+        except asyncio.CancelledError:
+            # Awaiting here could be cancelled again (a cancelled anyio scope): settle in a task
+            # of its own, which the cancellation does not reach.
+            task = asyncio.ensure_future(settle())
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+            raise
+        except BaseException:
+            await settle()
+            raise
+        await settle()
+
+    async def _reserve(
+        self, user: UserId, amount: int, key: str | None, method: str, path: str
+    ) -> tuple[Hold, bool]:
+        """The request's hold, and whether it was already captured (a retry of a served
+        request). Under an Idempotency-Key a retry gets the hold of the first attempt; if that
+        one was released, a new hold under a key derived from it (`_web.retry_key`)."""
+        metadata = _web.charge_metadata(method, path)
+        for _ in range(_web.MAX_RESERVATIONS):
+            hold = await self.client.reserve(
+                user, amount, ttl=self.hold_ttl, idempotency_key=key, metadata=metadata
+            )
+            if key is None:
+                return hold, False
+            status = await _hold_status(self.client, hold)
+            if status in ("active", "captured"):
+                return hold, status == "captured"
+            key = _web.retry_key(hold)
+        self.logger.warning(
+            "%s %s of user %r: the Idempotency-Key's last %s holds were all released, "
+            "reserving without a key",
+            method, path, str(user), _web.MAX_RESERVATIONS,
+        )  # fmt: skip
+        hold = await self.client.reserve(user, amount, ttl=self.hold_ttl, metadata=metadata)
+        return hold, False
+
+    async def _settle(
+        self,
+        usage: Meter,
+        exchange: _web.Exchange,
+        capture_key: str | None,
+        method: str,
+        path: str,
+    ) -> None:
+        """Capture the usage or release the hold, by `_web.settlement`; never raises a
+        CrediciError (the response is over: failures are logged)."""
+        hold = usage.hold
+        if hold is None or usage.replayed:
+            return
+        outcome = _web.settlement(usage, exchange, self.on_disconnect)
+        _web.log_settlement(self.logger, usage, outcome, method, path)
+        try:
+            if outcome.credits:
+                tx = await self.client.capture(
+                    hold.hold_id, outcome.credits, idempotency_key=capture_key
+                )
+                usage.settled(outcome.credits, tx)
+            else:
+                await self.client.release(hold.hold_id)
+                usage.settled(0, None)
+        except CrediciError as exc:
+            _web.log_settle_failure(self.logger, exc, usage, outcome.credits, method, path)
+
+    def _route_price(self, scope: Scope) -> tuple[_RoutePrice | None, tuple[object, ...]]:
+        """The price of the route `scope` goes to (None: the middleware's), and the `charge()`
+        and `meter()` dependencies found on it."""
         routes = getattr(scope.get("app", self.app), "routes", None)
         if not _STARLETTE or not isinstance(routes, list):
-            return self.cost, ()
+            return None, ()
         route = _matched_route(routes, dict(scope))
         if route is None:
-            return self.cost, ()
+            return None, ()
         found = list(_dependency_prices(getattr(route, "dependant", None)))
         dependencies = tuple(call for call, _ in found)
         endpoint_price = getattr(getattr(route, "endpoint", None), _PRICE_ATTR, None)
         if isinstance(endpoint_price, _RoutePrice) and endpoint_price.cost is not None:
-            return endpoint_price.cost, dependencies
+            return endpoint_price, dependencies
         for _, price in reversed(found):
-            if price.cost is not None:
-                return price.cost, dependencies
-        return self.cost, dependencies
+            if price.cost is not None or price.metered:
+                return price, dependencies
+        # Only charge() without a price (or nothing): the middleware's cost, or None for its
+        # default mode.
+        return (found[-1][1] if found else None), dependencies
+
+
+async def _hold_status(client: AsyncCrediciClient, hold: Hold) -> str:
+    """The hold's status now: "active", "captured", "released" or "expired". The client has no
+    call that reads a hold, so ask for a capture of more than it holds, which changes nothing:
+    an active hold answers CaptureExceedsHoldError, a finished one HoldFinishedError."""
+    try:
+        await client.capture(hold.hold_id, hold.amount + 1)
+    except CaptureExceedsHoldError:
+        return "active"
+    except HoldFinishedError as exc:
+        return exc.status
+    except HoldNotFoundError:
+        return "expired"
+    raise AssertionError(f"hold {hold.hold_id} gave more than it holds")  # pragma: no cover
 
 
 def _encode_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:

@@ -74,6 +74,20 @@ class Hold(BaseModel):
     transaction_id: str | None = Field(default=None, description="reserve: its history entry")
 
 
+class BalanceEvent(BaseModel):
+    """A user's balance fell below its low-balance threshold, or to 0 (`depleted`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str
+    kind: Literal["low_balance", "depleted"]
+    user_id: str
+    balance: int = Field(description="the balance right after the change")
+    threshold: int
+    transaction_id: str = Field(description="the change that caused it")
+    created_at: AwareDatetime
+
+
 class Bucket(BaseModel):
     """Credits of one grant: what is left of it, until when, and where it stands in burn order."""
 

@@ -32,6 +32,7 @@ from credici_redis._protocol import Call, Flow, Ledger
 from credici_redis._requests import (
     AddRequest,
     CaptureRequest,
+    EventReading,
     HistoryRequest,
     KeyedRequest,
     ReserveRequest,
@@ -48,7 +49,14 @@ from credici_redis.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from credici_redis.models import AuditReport, BalanceDetails, Cycle, Hold, Transaction
+from credici_redis.models import (
+    AuditReport,
+    BalanceDetails,
+    BalanceEvent,
+    Cycle,
+    Hold,
+    Transaction,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -61,6 +69,8 @@ Batch = list[R | CrediciError]
 
 DEFAULT_NAMESPACE = "credici"
 DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
+
+
 BATCH_CALLS = 512
 """Most calls per auto-batched pipeline; more go out as further pipelines at the same time."""
 
@@ -124,6 +134,12 @@ class Storage(Protocol):
     def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails: ...
     def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None: ...
     def scan_users(self, batch: int) -> Iterator[list[str]]: ...
+    def set_low_balance_threshold(
+        self, user_id: str, threshold: int | None, now_ms: int | None
+    ) -> None: ...
+    def events(
+        self, group: str, consumer: str, reading: EventReading
+    ) -> Iterator[BalanceEvent]: ...
     def close(self) -> None: ...
 
 
@@ -149,6 +165,12 @@ class AsyncStorage(Protocol):
     async def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails: ...
     async def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None: ...
     def scan_users(self, batch: int) -> AsyncIterator[list[str]]: ...
+    async def set_low_balance_threshold(
+        self, user_id: str, threshold: int | None, now_ms: int | None
+    ) -> None: ...
+    def events(
+        self, group: str, consumer: str, reading: EventReading
+    ) -> AsyncIterator[BalanceEvent]: ...
     async def aclose(self) -> None: ...
 
 
@@ -331,6 +353,67 @@ class RedisStorage(_RedisStorageBase):
                 yield users
             if cursor == 0:
                 return
+
+    def set_low_balance_threshold(
+        self, user_id: str, threshold: int | None, now_ms: int | None
+    ) -> None:
+        return self.retrying(
+            lambda: self.ledger.set_low_balance_threshold(user_id, threshold, now_ms)
+        )
+
+    def _event_streams(self) -> Iterator[list[str]]:
+        cursor = 0
+        while True:
+            cursor, streams = self.retrying(partial(self.ledger.find_event_streams, cursor, 1000))
+            yield streams
+            if cursor == 0:
+                return
+
+    def events(self, group: str, consumer: str, reading: EventReading) -> Iterator[BalanceEvent]:
+        """Low-balance events of every user of the namespace, as consumer `consumer` of group
+        `group` (each event goes to one consumer of a group). An event is acknowledged once the
+        caller comes back for the next one, or stops: at least once, never lost; one a dead
+        consumer read but never acknowledged is taken over after `claim_after` seconds."""
+        streams: list[str] = []
+        looked = claimed = -float("inf")
+        quiet_since = time.monotonic()
+        done: list[BalanceEvent] = []
+        try:
+            while True:
+                if time.monotonic() - looked >= reading.discover_every:
+                    for found in self._event_streams():
+                        new = [stream for stream in found if stream not in streams]
+                        if new:
+                            self.run(self.ledger.join_group(new, group))
+                            streams += new
+                    looked = time.monotonic()
+                claim = None
+                if time.monotonic() - claimed >= reading.claim_after:
+                    claim, claimed = int(reading.claim_after * 1000), time.monotonic()
+                batch: list[BalanceEvent] = []
+                if streams:
+                    batch = self.retrying(
+                        partial(
+                            self.ledger.read_events, streams, group, consumer, reading.batch, claim
+                        )
+                    )
+                for event in batch:
+                    yield event
+                    done.append(event)
+                if done:
+                    self.run(self.ledger.ack_events(done, group))
+                    done = []
+                    quiet_since = time.monotonic()
+                elif (
+                    reading.idle_timeout is not None
+                    and time.monotonic() - quiet_since >= reading.idle_timeout
+                ):
+                    return
+                else:
+                    time.sleep(reading.poll)
+        finally:
+            if done:  # the caller stopped: what it has seen is handled
+                self.run(self.ledger.ack_events(done, group))
 
     def close(self) -> None:
         if self._owns_connection:
@@ -565,6 +648,71 @@ class AsyncRedisStorage(_RedisStorageBase):
                 yield users
             if cursor == 0:
                 return
+
+    async def set_low_balance_threshold(
+        self, user_id: str, threshold: int | None, now_ms: int | None
+    ) -> None:
+        return await self.retrying(
+            lambda: self.ledger.set_low_balance_threshold(user_id, threshold, now_ms)
+        )
+
+    async def _event_streams(self) -> AsyncIterator[list[str]]:
+        cursor = 0
+        while True:
+            cursor, streams = await self.retrying(
+                partial(self.ledger.find_event_streams, cursor, 1000)
+            )
+            yield streams
+            if cursor == 0:
+                return
+
+    async def events(
+        self, group: str, consumer: str, reading: EventReading
+    ) -> AsyncIterator[BalanceEvent]:
+        """Low-balance events of every user of the namespace, as consumer `consumer` of group
+        `group` (each event goes to one consumer of a group). An event is acknowledged once the
+        caller comes back for the next one, or stops: at least once, never lost; one a dead
+        consumer read but never acknowledged is taken over after `claim_after` seconds."""
+        streams: list[str] = []
+        looked = claimed = -float("inf")
+        quiet_since = time.monotonic()
+        done: list[BalanceEvent] = []
+        try:
+            while True:
+                if time.monotonic() - looked >= reading.discover_every:
+                    async for found in self._event_streams():
+                        new = [stream for stream in found if stream not in streams]
+                        if new:
+                            await self.run(self.ledger.join_group(new, group))
+                            streams += new
+                    looked = time.monotonic()
+                claim = None
+                if time.monotonic() - claimed >= reading.claim_after:
+                    claim, claimed = int(reading.claim_after * 1000), time.monotonic()
+                batch: list[BalanceEvent] = []
+                if streams:
+                    batch = await self.retrying(
+                        partial(
+                            self.ledger.read_events, streams, group, consumer, reading.batch, claim
+                        )
+                    )
+                for event in batch:
+                    yield event
+                    done.append(event)
+                if done:
+                    await self.run(self.ledger.ack_events(done, group))
+                    done = []
+                    quiet_since = time.monotonic()
+                elif (
+                    reading.idle_timeout is not None
+                    and time.monotonic() - quiet_since >= reading.idle_timeout
+                ):
+                    return
+                else:
+                    await asyncio.sleep(reading.poll)
+        finally:
+            if done:  # the caller stopped: what it has seen is handled
+                await self.run(self.ledger.ack_events(done, group))
 
     async def aclose(self) -> None:
         if self._owns_connection:

@@ -1,4 +1,5 @@
-"""Meter a WSGI app (Flask, Django, any PEP 3333 app) in credits, charged before the app runs.
+"""Meter a WSGI app (Flask, Django, any PEP 3333 app) in credits: a price charged before the app
+runs, or a reservation before it and the usage it reports captured after the response.
 
     from credici_redis import CrediciClient
     from credici_redis.wsgi import CreditMiddleware, user_from_header
@@ -22,22 +23,52 @@ decorator; price by path with `cost(environ)`, e.g. ``cost=lambda environ: 5 if
 environ["PATH_INFO"].startswith("/v1/generate") else 1``. Where the views are WSGI apps of
 their own (a path dispatcher), wrap each one: ``CreditMiddleware(view, ..., cost=5)``.
 
-A charge is final: an app that fails afterwards keeps it. Not here: usage known only after the
-response needs holds (reserve, then capture or release), which the library does not have yet.
+A charge is final: an app that fails afterwards keeps it.
+
+Metered by usage (the cost is known only after the response), as in `credici_redis.asgi`:
+``reserve=200`` (or ``reserve(environ)`` returning an int, or None for a request charged its
+fixed `cost`) reserves that much before the app runs (402 and the app never runs when the user
+has less; `on_storage_error` applies). The response gets ``X-Credits-Reserved``; the app finds
+the `Meter` in ``environ["credici.meter"]`` (`current_meter(environ or request)`) and reports
+with ``meter.add(n)`` or ``meter.report(total)`` / ``report_usage(request, total)``, from the view
+or from the response iterable while it streams. When the server closes the response iterable
+the hold is settled by the same rules: a complete response with a status < 500 captures the
+usage reported (more than reserved: the reservation, logged; nothing reported: all of it for a
+status < 400, nothing for a 4xx); status >= 500 or an exception releases everything; a
+response closed before its end (the client went away: the server could not write) captures
+the usage reported so far with ``on_disconnect="capture"`` (default) or releases everything
+with ``"release"``. ``Idempotency-Key`` works as for ASGI (one hold per key, a retry of a
+captured request runs unbilled, one of a released request reserves again).
+
+    def generate(environ, start_response):
+        usage = current_meter(environ)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        for token in model(max_tokens=usage.left):
+            usage.add(1)
+            yield token.encode()
+
+    app = CreditMiddleware(generate, client=credici, user=user_from_header("X-User"), reserve=200)
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Protocol
 
 from credici_redis import _web
-from credici_redis._web import Charge, StorageErrorPolicy
+from credici_redis._web import Charge, DisconnectPolicy, Meter, StorageErrorPolicy
 from credici_redis.client import CrediciClient, UserId
-from credici_redis.errors import CrediciError
+from credici_redis.errors import (
+    CaptureExceedsHoldError,
+    CrediciError,
+    HoldFinishedError,
+    HoldNotFoundError,
+)
+from credici_redis.models import Hold
 
 if sys.version_info >= (3, 11):
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -62,21 +93,62 @@ UserLookup = Callable[[WSGIEnvironment], "UserId | None"]
 Price = int | Callable[[WSGIEnvironment], int]
 """Credits per request: an int >= 0 (0: free) or `cost(environ)` returning one."""
 
+Reserve = int | Callable[[WSGIEnvironment], "int | None"]
+"""Credits to reserve for a request metered by usage (0: free), or `reserve(environ)` returning
+them, or None for a request charged its fixed `cost` instead."""
+
 CHARGE_KEY = "credici.charge"
 """Environ key of the request's `Charge` (None when the request was not charged)."""
+METER_KEY = "credici.meter"
+"""Environ key of the request's `Meter` (None when the request is not metered by usage)."""
 
 __all__ = [
     "CHARGE_KEY",
+    "METER_KEY",
     "Charge",
     "CreditMiddleware",
+    "DisconnectPolicy",
+    "Meter",
     "Price",
+    "Reserve",
     "StartResponse",
     "StorageErrorPolicy",
     "UserLookup",
     "WSGIApplication",
     "WSGIEnvironment",
+    "current_meter",
+    "report_usage",
     "user_from_header",
 ]
+
+
+def _environ_of(target: object) -> Mapping[str, Any]:
+    """The environ itself, or that of a request object (Werkzeug's `.environ`, Django's
+    `.META`)."""
+    if isinstance(target, Mapping):
+        return target
+    for name in ("environ", "META"):
+        value = getattr(target, name, None)
+        if isinstance(value, Mapping):
+            return value
+    raise TypeError(f"not a WSGI environ nor a request with one: {type(target).__name__}")
+
+
+def current_meter(target: object) -> Meter | None:
+    """The request's `Meter` (None: not metered by usage); `target` is the environ or a request
+    (Flask/Werkzeug, Django)."""
+    value = _environ_of(target).get(METER_KEY)
+    return value if isinstance(value, Meter) else None
+
+
+def report_usage(target: object, used: int) -> bool:
+    """Report the credits the request used in total so far (the last report counts); False
+    (and nothing done) when the request is not metered."""
+    found = current_meter(target)
+    if found is None:
+        return False
+    found.report(used)
+    return True
 
 
 def user_from_header(name: str) -> Callable[[WSGIEnvironment], str | None]:
@@ -95,7 +167,8 @@ def user_from_header(name: str) -> Callable[[WSGIEnvironment], str | None]:
 
 
 class CreditMiddleware:
-    """Charges each request its price in credits before the app runs (module docstring)."""
+    """Charges each request its price in credits before the app runs, or meters it by usage:
+    reserve before, capture after (module docstring)."""
 
     def __init__(
         self,
@@ -104,6 +177,9 @@ class CreditMiddleware:
         client: CrediciClient,
         user: UserLookup,
         cost: Price = 1,
+        reserve: Reserve | None = None,
+        hold_ttl: timedelta = _web.DEFAULT_HOLD_TTL,
+        on_disconnect: DisconnectPolicy = "capture",
         on_storage_error: StorageErrorPolicy = "closed",
         logger: logging.Logger | None = None,
     ) -> None:
@@ -111,18 +187,24 @@ class CreditMiddleware:
         self.client = client
         self.user = user
         self.cost = cost if callable(cost) else _web.check_cost(cost)
+        self.reserve = reserve if reserve is None or callable(reserve) else _web.check_cost(reserve)
+        self.hold_ttl = _web.check_hold_ttl(hold_ttl)
+        self.on_disconnect = _web.check_disconnect_policy(on_disconnect)
         self.on_storage_error = _web.check_policy(on_storage_error)
         self.logger = logger if logger is not None else logging.getLogger(__name__)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         environ[CHARGE_KEY] = None
+        environ[METER_KEY] = None
+        reserve = self.reserve(environ) if callable(self.reserve) else self.reserve
+        if reserve is not None:
+            return self._metered(environ, start_response, _web.check_cost(reserve))
         cost = self.cost if isinstance(self.cost, int) else _web.check_cost(self.cost(environ))
         user = self.user(environ) if cost else None
         if user is None:
             return self.app(environ, start_response)
 
-        method = environ.get("REQUEST_METHOD", "GET")
-        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        method, path = _method_and_path(environ)
         try:
             transaction = self.client.subtract(
                 user,
@@ -137,16 +219,7 @@ class CreditMiddleware:
             )  # fmt: skip
             if refusal is None:
                 return self.app(environ, start_response)
-            payload = refusal.payload()
-            start_response(
-                refusal.status_line,
-                [
-                    ("Content-Type", "application/json"),
-                    ("Content-Length", str(len(payload))),
-                    *refusal.headers,
-                ],
-            )
-            return [payload]
+            return _refuse(start_response, refusal)
 
         paid = Charge(transaction.user_id, cost, transaction)
         environ[CHARGE_KEY] = paid
@@ -160,3 +233,162 @@ class CreditMiddleware:
             return start_response(status, [*headers, *credit_headers], exc_info)
 
         return self.app(environ, start_with_credits)
+
+    def _metered(
+        self, environ: WSGIEnvironment, start_response: StartResponse, reserve: int
+    ) -> Iterable[bytes]:
+        """Reserve `reserve`, run the app, then (when the server closes the response) capture
+        what it reported or release."""
+        user = self.user(environ) if reserve else None
+        usage = Meter(None if user is None else str(user), reserve)
+        environ[METER_KEY] = usage
+        if user is None:
+            return self.app(environ, start_response)
+        method, path = _method_and_path(environ)
+        try:
+            key = _web.idempotency_key(environ.get("HTTP_IDEMPOTENCY_KEY"))
+            hold, replayed = self._reserve(user, reserve, key, method, path)
+        except CrediciError as exc:
+            refusal = _web.refusal_for(
+                exc, user_id=str(user), cost=reserve, policy=self.on_storage_error,
+                logger=self.logger, method=method, path=path, reserving=True,
+            )  # fmt: skip
+            if refusal is None:
+                return self.app(environ, start_response)
+            return _refuse(start_response, refusal)
+
+        usage.user_id, usage.hold, usage.replayed = hold.user_id, hold, replayed
+        capture_key = None if key is None else _web.capture_key(hold)
+        credit_headers = _web.reservation_headers(usage)
+        exchange = _web.Exchange()
+
+        def start_watching(
+            status: str,
+            headers: list[tuple[str, str]],
+            exc_info: Any = None,
+        ) -> Callable[[bytes], object]:
+            code = status.split(" ", 1)[0]
+            exchange.status = int(code) if code.isdigit() else 500
+            return start_response(status, [*headers, *credit_headers], exc_info)
+
+        def settle() -> None:
+            self._settle(usage, exchange, capture_key, method, path)
+
+        try:
+            body = self.app(environ, start_watching)
+        except BaseException:
+            settle()
+            raise
+        return _MeteredBody(body, exchange, settle)
+
+    def _reserve(
+        self, user: UserId, amount: int, key: str | None, method: str, path: str
+    ) -> tuple[Hold, bool]:
+        """As `credici_redis.asgi.CreditMiddleware._reserve`."""
+        metadata = _web.charge_metadata(method, path)
+        for _ in range(_web.MAX_RESERVATIONS):
+            hold = self.client.reserve(
+                user, amount, ttl=self.hold_ttl, idempotency_key=key, metadata=metadata
+            )
+            if key is None:
+                return hold, False
+            status = _hold_status(self.client, hold)
+            if status in ("active", "captured"):
+                return hold, status == "captured"
+            key = _web.retry_key(hold)
+        self.logger.warning(
+            "%s %s of user %r: the Idempotency-Key's last %s holds were all released, "
+            "reserving without a key",
+            method, path, str(user), _web.MAX_RESERVATIONS,
+        )  # fmt: skip
+        return self.client.reserve(user, amount, ttl=self.hold_ttl, metadata=metadata), False
+
+    def _settle(
+        self,
+        usage: Meter,
+        exchange: _web.Exchange,
+        capture_key: str | None,
+        method: str,
+        path: str,
+    ) -> None:
+        """As `credici_redis.asgi.CreditMiddleware._settle`."""
+        hold = usage.hold
+        if hold is None or usage.replayed:
+            return
+        outcome = _web.settlement(usage, exchange, self.on_disconnect)
+        _web.log_settlement(self.logger, usage, outcome, method, path)
+        try:
+            if outcome.credits:
+                tx = self.client.capture(hold.hold_id, outcome.credits, idempotency_key=capture_key)
+                usage.settled(outcome.credits, tx)
+            else:
+                self.client.release(hold.hold_id)
+                usage.settled(0, None)
+        except CrediciError as exc:
+            _web.log_settle_failure(self.logger, exc, usage, outcome.credits, method, path)
+
+
+class _MeteredBody:
+    """The app's response iterable, watched: exhausted means complete; closed before that, the
+    server stopped sending (the client left); settles the hold once, on close."""
+
+    def __init__(
+        self, body: Iterable[bytes], exchange: _web.Exchange, settle: Callable[[], None]
+    ) -> None:
+        self._body = body
+        self._exchange = exchange
+        self._settle: Callable[[], None] | None = settle
+        self._failed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._body
+        except GeneratorExit:
+            raise
+        except BaseException:
+            self._failed = True
+            raise
+        self._exchange.complete = True
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            settle, self._settle = self._settle, None
+            if settle is not None:
+                if not self._exchange.complete and not self._failed:
+                    self._exchange.disconnected = True
+                settle()
+
+
+def _method_and_path(environ: WSGIEnvironment) -> tuple[str, str]:
+    method = environ.get("REQUEST_METHOD", "GET")
+    return method, environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+
+
+def _refuse(start_response: StartResponse, refusal: _web.Refusal) -> list[bytes]:
+    payload = refusal.payload()
+    start_response(
+        refusal.status_line,
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(payload))),
+            *refusal.headers,
+        ],
+    )
+    return [payload]
+
+
+def _hold_status(client: CrediciClient, hold: Hold) -> str:
+    """As `credici_redis.asgi._hold_status`: a capture of more than held changes nothing."""
+    try:
+        client.capture(hold.hold_id, hold.amount + 1)
+    except CaptureExceedsHoldError:
+        return "active"
+    except HoldFinishedError as exc:
+        return exc.status
+    except HoldNotFoundError:
+        return "expired"
+    raise AssertionError(f"hold {hold.hold_id} gave more than it holds")  # pragma: no cover

@@ -17,7 +17,8 @@ Keys, built by credici_redis/_keys.py, in the same order for every script; all s
                            "<c(aptured) r(eleased) x (expired)>|amount|expires|created|captured"
                            parts: "bucket:credits:priority;..." (where the held credits came from)
   KEYS[7] timers   zset    hold id -> when it is released by itself (active) or forgotten (done)
-  KEYS[8] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
+  KEYS[8] events   stream  low-balance events of the user's slot (shared by the users of the slot)
+  KEYS[9] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
 ARGV[1] is always the clock: '' means the server's TIME; tests inject milliseconds.
 ARGV[2] is always a schedule extension for a calendar cycle: '' or "<index>:<ms>,<ms>,..." (the
 boundaries from that period index on, computed by the client after a SCHEDULE reply).
@@ -42,8 +43,8 @@ Numbers are Lua doubles (exact up to 2^53-1, the library's limit); they are alwa
 fmt(), because tostring() switches to exponent notation past 14 digits.
 ]]
 
-local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_IDEM =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_IDEM =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local RETAIN = 86400000  -- a finished hold is remembered a day: a late second capture gets its answer
 local MAX_CREDITS = 9007199254740991
 local NEVER = 999999999999999
@@ -59,11 +60,11 @@ local function clock(injected)
 end
 
 local function load_state()
-  local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst', 'nx', 'cl', 'hd', 'hx')
+  local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst', 'nx', 'cl', 'hd', 'hx', 'lt')
   return {
     bal = tonumber(v[1]) or 0, ms = tonumber(v[2]) or 0, sq = tonumber(v[3]) or 0, dirty = false,
     ce = tonumber(v[4]), cst = v[5] or nil, nx = tonumber(v[6]), limit = tonumber(v[7]) or 0,
-    held = tonumber(v[8]) or 0, hx = tonumber(v[9]), holds_dirty = false,
+    held = tonumber(v[8]) or 0, hx = tonumber(v[9]), holds_dirty = false, low = tonumber(v[10]),
   }
 end
 
@@ -77,6 +78,21 @@ local function save_state(st)
   end
 end
 
+-- With a low-balance threshold set: a change that takes the balance from >= threshold to below
+-- it is a "low_balance" event, one that takes it from above 0 to 0 or less a "depleted" event,
+-- written by the same script as the change (never lost, never twice).
+local function notice(st, amount, entry_id)
+  local after = st.bal
+  local before = after - amount
+  local kinds = {}
+  if before >= st.low and after < st.low then kinds[#kinds + 1] = 'low_balance' end
+  if before > 0 and after <= 0 then kinds[#kinds + 1] = 'depleted' end
+  for _, kind in ipairs(kinds) do
+    redis.call('XADD', K_EVENTS, '*', 't', kind, 'h', K_HISTORY, 'e', entry_id,
+      'b', fmt(after), 'l', fmt(st.low))
+  end
+end
+
 -- Appends a history entry dated `at` and returns its id. Ids only grow: an entry dated before
 -- the last one (a clock step back) is dated at the last one's millisecond, with the next seq.
 local function append(st, kind, amount, at, extra)
@@ -87,6 +103,7 @@ local function append(st, kind, amount, at, extra)
   for i = 1, #extra do args[#args + 1] = extra[i] end
   redis.call(unpack(args))
   st.ms, st.sq, st.dirty = ms, sq, true
+  if st.low then notice(st, amount, id) end
   return id
 end
 

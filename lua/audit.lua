@@ -1,5 +1,5 @@
 --[[ audit.lua: bring the user up to now, then return what the audit compares with its history.
-KEYS  1-7 the user's keys (see _ledger.lua)
+KEYS  1-8 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension
 Reply {'OK', balance, last history id (as the state knows it), last id in the stream, held,
        bucket id, credits left, bucket id, credits left, ...}

@@ -1,5 +1,5 @@
 --[[ reverse.lua: undo a subtract, a capture or an add, once.
-KEYS  1-7 the user's keys (see _ledger.lua); 8 the idempotency record, when a key was given
+KEYS  1-8 the user's keys (see _ledger.lua); 9 the idempotency record, when a key was given
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 history entry id to reverse
       4 fingerprint | 5 idempotency retention ms | 6 idempotency key or ''
 Reply {'OK', id, 'v', amount, balance_after, '', ikey, '', reversed entry id, not restored}

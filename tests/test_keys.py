@@ -19,11 +19,13 @@ def test_distinct_users_get_distinct_keys(a: str, b: str) -> None:
 
 @given(st.text(min_size=1, max_size=80), st.text(min_size=1, max_size=40))
 def test_every_key_of_a_user_is_in_one_slot_and_maps_back(user: str, idem: str) -> None:
-    keys = [*_keys.user_keys("ns", user), _keys.idempotency_key("ns", user, idem)]
-    assert len({key_slot(k.encode()) for k in keys}) == 1
+    own = _keys.user_keys("ns", user)
+    keys = [*own, _keys.idempotency_key("ns", user, idem)]
+    assert len({key_slot(k.encode()) for k in keys}) == 1  # the slot's event stream included
     for key in keys:
         assert key.startswith("ns:{")
-        assert _keys.user_from_key("ns", key) == user
+        if key != own.events:  # shared by the users of the slot
+            assert _keys.user_from_key("ns", key) == user
 
 
 def test_readable_for_plain_ids() -> None:
@@ -39,3 +41,9 @@ def test_bad_namespaces_are_rejected(ns: object) -> None:
 
 def test_transaction_ids_carry_the_user() -> None:
     assert _keys.transaction_id("a@b", "17-0") == "17-0@a%40b"
+
+
+def test_every_slot_has_an_event_stream_tag() -> None:
+    tags = [_keys.slot_tag(slot) for slot in range(_keys.SLOTS)]
+    assert [key_slot(f"ns:{{{tag}}}:ev".encode()) for tag in tags] == list(range(_keys.SLOTS))
+    assert all(tag.startswith("%S") for tag in tags)  # never a percent-encoded user id
