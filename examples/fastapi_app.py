@@ -7,6 +7,10 @@
   the payment provider's webhook, not something a caller can do for itself);
 - ``GET /v1/echo?text=...``: 1 credit, the middleware's default price;
 - ``POST /v1/summarize``: 5 credits (``Depends(charge(5))``), shows the charge in its answer;
+- ``POST /v1/generate`` ``{"prompt": ..., "max_tokens": N}``: a fake LLM streaming its answer one
+  token a line (NDJSON), 1 credit per token, metered by usage (``Depends(meter(200))``): 200
+  credits are reserved before it runs, the tokens streamed are captured after, the rest comes
+  back;
 - ``GET /balance``: the balance and the current cycle (free).
 
 The caller is the ``X-User`` header: a stand-in for real authentication (an API key looked up
@@ -14,31 +18,38 @@ by an async ``user(scope)`` function, a JWT...), fine for a demo, never for prod
 
 Settings from the environment: ``CREDICI_REDIS_URL`` (default ``memory://``, the embedded
 store), ``CREDICI_NAMESPACE`` (default ``credici-example``), ``CREDICI_ON_STORAGE_ERROR``
-(``closed``, the default, or ``open``), ``CREDICI_TIMEOUT`` (seconds, default 0.5).
+(``closed``, the default, or ``open``), ``CREDICI_TIMEOUT`` (seconds, default 0.5),
+``CREDICI_TOKEN_DELAY`` (seconds between two generated tokens, default 0.02).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, cast
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from credici_redis import AsyncCrediciClient, InvalidInputError, StorageUnavailableError
 from credici_redis.asgi import (
     Charge,
     CreditMiddleware,
+    Meter,
     StorageErrorPolicy,
     charge,
+    meter,
     priced,
     user_from_header,
 )
 
 MONTHLY_CREDITS = 1000
+MAX_TOKENS = 200
+"""The longest answer of /v1/generate, in tokens: what it reserves (1 credit per token)."""
 
 
 class TopUp(BaseModel):
@@ -47,6 +58,16 @@ class TopUp(BaseModel):
 
 class Text(BaseModel):
     text: str = Field(max_length=10_000)
+
+
+class Prompt(BaseModel):
+    prompt: str = Field(min_length=1, max_length=10_000)
+    max_tokens: int = Field(default=50, ge=1, le=MAX_TOKENS)
+
+
+def fake_model(prompt: str, max_tokens: int) -> list[str]:
+    """The "model": it answers with the prompt's words, at most `max_tokens` of them."""
+    return prompt.split()[:max_tokens]
 
 
 def paid(charged: Charge | None) -> Charge:
@@ -70,9 +91,15 @@ def create_app(
     *,
     on_storage_error: StorageErrorPolicy | None = None,
     timeout: float | None = None,
+    token_delay: float | None = None,
 ) -> FastAPI:
     """The app, with its settings from the arguments, else the environment."""
     policy = on_storage_error or os.environ.get("CREDICI_ON_STORAGE_ERROR", "closed")
+    delay = (
+        token_delay
+        if token_delay is not None
+        else float(os.environ.get("CREDICI_TOKEN_DELAY", "0.02"))
+    )
     credici = AsyncCrediciClient.from_url(
         redis_url or os.environ.get("CREDICI_REDIS_URL", "memory://"),
         namespace=namespace or os.environ.get("CREDICI_NAMESPACE", "credici-example"),
@@ -160,5 +187,27 @@ def create_app(
             "cost": spent.cost,
             "remaining": spent.remaining,
         }
+
+    @app.post("/v1/generate")
+    async def generate(
+        body: Prompt, usage: Annotated[Meter, Depends(meter(MAX_TOKENS))]
+    ) -> StreamingResponse:
+        # 200 credits are reserved before this runs (402 if the user has fewer); each token
+        # streamed is reported, and after the response the middleware captures what was
+        # reported and gives the rest back. If the client hangs up, StreamingResponse stops
+        # this generator and the tokens reported so far are charged.
+        if usage.user_id is None:
+            raise HTTPException(401, "send an X-User header")
+        usage.report(0)  # from here on, a response with no token costs nothing
+
+        async def tokens() -> AsyncIterator[str]:
+            for token in fake_model(body.prompt, min(body.max_tokens, usage.left)):
+                await asyncio.sleep(delay)  # the model "thinking"
+                usage.add(1)
+                yield json.dumps({"token": token}) + "\n"
+            done = {"done": True, "tokens": usage.used or 0, "reserved": usage.reserved}
+            yield json.dumps(done) + "\n"
+
+        return StreamingResponse(tokens(), media_type="application/x-ndjson")
 
     return app

@@ -13,10 +13,10 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
@@ -24,6 +24,8 @@ import uvicorn
 
 from credici_redis import CrediciClient
 from tests.conftest import REDIS_URL
+
+T = TypeVar("T")
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fastapi_app.py"
 DOWN_URL = "redis://127.0.0.1:1/0"
@@ -98,3 +100,16 @@ def credici(namespace: str) -> Iterator[CrediciClient]:
     """A sync client on the test's namespace of the real Redis, to set up and check credits."""
     with CrediciClient.from_url(REDIS_URL, namespace=namespace) as client:
         yield client
+
+
+def eventually(read: Callable[[], T], until: Callable[[T], bool], timeout: float = 5.0) -> T:
+    """`read()` again until `until(value)`; the last value. A metered request is settled after
+    its last byte went out, so the client may look before the capture or release is done."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not until(value):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still {value!r} after {timeout} s")
+        time.sleep(0.01)
+        value = read()
+    return value
