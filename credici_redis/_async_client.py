@@ -41,6 +41,7 @@ class AsyncCrediciClient(ClientBase):
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
         retries: int = 0,
         batching: bool = False,  # async only: calls of one event-loop moment share a pipeline
+        cluster: bool = False,
         clock: Clock | None = None,
         **redis_options: Any,
     ) -> AsyncCrediciClient:
@@ -48,7 +49,8 @@ class AsyncCrediciClient(ClientBase):
 
         timeout: seconds before a call fails with StorageUnavailableError. retries: how often a
         call is retried by itself after an outage (writes get an idempotency key, so a retry never
-        applies twice). Other keyword arguments go to redis-py.
+        applies twice). cluster: the URL names a node of a Redis Cluster. Other keyword
+        arguments go to redis-py.
         """
         storage = open_async_storage(
             url,
@@ -57,6 +59,7 @@ class AsyncCrediciClient(ClientBase):
             idempotency_ttl=idempotency_ttl,
             retries=retries,
             batching=batching,  # async only
+            cluster=cluster,
             **redis_options,
         )
         return cls(storage, clock=clock)

@@ -1,5 +1,7 @@
 """From a URL to a storage: ``redis://``, ``rediss://``, ``unix://`` and the embedded ``memory://``.
 
+``cluster=True`` makes a Redis Cluster client of a ``redis://`` or ``rediss://`` URL (any node of
+the cluster: the others are discovered).
 ``memory://`` runs the same Lua scripts in process on fakeredis: each ``memory://`` URL is a new,
 private store; ``memory://NAME`` is shared by every client of this process that names it.
 """
@@ -14,10 +16,12 @@ from urllib.parse import urlsplit
 import fakeredis
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from credici_redis.errors import InvalidInputError
+from credici_redis.errors import InvalidInputError, StorageUnavailableError
 from credici_redis.storage import AsyncRedisStorage, RedisStorage
 
 DEFAULT_TIMEOUT = 5.0
@@ -48,6 +52,29 @@ def _scheme(url: str) -> str:
     return scheme
 
 
+def _cluster_scheme(url: str, cluster: bool) -> str:
+    scheme = _scheme(url)
+    if cluster and scheme not in {"redis", "rediss"}:
+        raise InvalidInputError(f"cluster=True needs a redis:// or rediss:// URL, not {scheme!r}")
+    if urlsplit(url).path not in {"", "/", "/0"}:
+        raise InvalidInputError("a Redis Cluster has only database 0")
+    return scheme
+
+
+def _cluster_options(
+    timeout: float, max_connections: int, options: dict[str, Any]
+) -> dict[str, Any]:
+    # No retry (a command that may have run is never re-sent); redis-py still follows MOVED, ASK
+    # and TRYAGAIN, which mean the command did not run.
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "max_connections": max_connections,  # per node
+        **options,
+    }
+
+
 def _redis_options(timeout: float, max_connections: int, options: dict[str, Any]) -> dict[str, Any]:
     # No automatic retry: a command retried after a timeout may already have been applied.
     return {
@@ -67,8 +94,22 @@ def open_storage(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     idempotency_ttl: timedelta,
     retries: int = 0,
+    cluster: bool = False,
     **options: Any,
 ) -> RedisStorage:
+    if cluster:
+        _cluster_scheme(url, cluster)
+        try:  # the sync cluster client connects at once, to learn the cluster's layout
+            nodes = redis.cluster.RedisCluster.from_url(
+                url,
+                connection_pool_class=redis.BlockingConnectionPool,
+                **_cluster_options(timeout, max_connections, {"timeout": timeout, **options}),
+            )
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise StorageUnavailableError(f"no node of the Redis Cluster answered: {exc}") from exc
+        return RedisStorage(
+            nodes, namespace, idempotency_ttl=idempotency_ttl, retries=retries, owns_connection=True
+        )
     if _scheme(url) == "memory":
         client: redis.Redis = fakeredis.FakeRedis(
             server=_memory_server(url),
@@ -94,8 +135,22 @@ def open_async_storage(
     idempotency_ttl: timedelta,
     retries: int = 0,
     batching: bool = False,
+    cluster: bool = False,
     **options: Any,
 ) -> AsyncRedisStorage:
+    if cluster:
+        _cluster_scheme(url, cluster)
+        nodes = redis.asyncio.cluster.RedisCluster.from_url(
+            url, **_cluster_options(timeout, max_connections, options)
+        )
+        return AsyncRedisStorage(
+            nodes,
+            namespace,
+            idempotency_ttl=idempotency_ttl,
+            retries=retries,
+            batching=batching,
+            owns_connection=True,
+        )
     if _scheme(url) == "memory":
         client: redis.asyncio.Redis = fakeredis.FakeAsyncRedis(
             server=_memory_server(url),

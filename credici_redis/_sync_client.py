@@ -43,6 +43,7 @@ class CrediciClient(ClientBase):
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
         retries: int = 0,
         batching: bool = False,  # async only: calls of one event-loop moment share a pipeline
+        cluster: bool = False,
         clock: Clock | None = None,
         **redis_options: Any,
     ) -> CrediciClient:
@@ -50,7 +51,8 @@ class CrediciClient(ClientBase):
 
         timeout: seconds before a call fails with StorageUnavailableError. retries: how often a
         call is retried by itself after an outage (writes get an idempotency key, so a retry never
-        applies twice). Other keyword arguments go to redis-py.
+        applies twice). cluster: the URL names a node of a Redis Cluster. Other keyword
+        arguments go to redis-py.
         """
         storage = open_storage(
             url,
@@ -58,6 +60,7 @@ class CrediciClient(ClientBase):
             timeout=timeout,
             idempotency_ttl=idempotency_ttl,
             retries=retries,
+            cluster=cluster,
             **redis_options,
         )
         return cls(storage, clock=clock)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from redis import exceptions as redis_errors
 
+from credici_redis import _cluster
 from credici_redis._protocol import Call, Flow, Ledger
 from credici_redis._requests import (
     AddRequest,
@@ -61,6 +62,8 @@ from credici_redis.models import (
 if TYPE_CHECKING:
     import redis
     import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.cluster
 
 T = TypeVar("T")
 R = TypeVar("R", AddRequest, SubtractRequest)
@@ -82,7 +85,11 @@ _UNAVAILABLE = (
     redis_errors.ClusterDownError,
     redis_errors.TryAgainError,
     redis_errors.MasterDownError,
+    redis_errors.RedisClusterException,  # e.g. no node of the cluster could be reached
 )
+
+DRIVER_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException)
+"""What redis-py raises; a cluster client's own failures are not RedisErrors."""
 
 
 # redis-py's words for a failure before anything was sent.
@@ -94,7 +101,7 @@ _NOT_SENT = (
 )
 
 
-def _maybe_applied(exc: redis_errors.RedisError, calls: list[Call]) -> bool:
+def _maybe_applied(exc: Exception, calls: list[Call]) -> bool:
     """A request was on the wire when the connection failed: Redis may have run it."""
     lost = isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError) and not (
         isinstance(exc, redis_errors.BusyLoadingError) or any(w in str(exc) for w in _NOT_SENT)
@@ -102,7 +109,7 @@ def _maybe_applied(exc: redis_errors.RedisError, calls: list[Call]) -> bool:
     return lost and any(call.script is not None and call.script.effect for call in calls)
 
 
-def storage_error(exc: redis_errors.RedisError, calls: list[Call]) -> CrediciError:
+def storage_error(exc: Exception, calls: list[Call]) -> CrediciError:
     """The CrediciError a driver error means; the caller chains it (`raise ... from exc`)."""
     if _maybe_applied(exc, calls):
         return OutcomeUnknownError(
@@ -241,14 +248,14 @@ def _scripts_of(calls: list[Call], indices: list[int]) -> list[str]:
 
 
 class RedisStorage(_RedisStorageBase):
-    """The ledger on a `redis.Redis` (or fakeredis) client.
+    """The ledger on a `redis.Redis` (or fakeredis) client, or a `redis.cluster.RedisCluster`.
 
     The storage closes the client on `close()` only if it created it (``from_url``).
     """
 
     def __init__(
         self,
-        redis: redis.Redis,
+        redis: redis.Redis | redis.cluster.RedisCluster,
         namespace: str = DEFAULT_NAMESPACE,
         *,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
@@ -265,6 +272,7 @@ class RedisStorage(_RedisStorageBase):
         )
         self.redis = redis
         self._execute: Callable[..., Any] = redis.execute_command
+        self._cluster = _cluster.is_cluster(redis)
 
     def add(self, req: AddRequest) -> Transaction:
         req = self._retry_safe(req)
@@ -346,13 +354,20 @@ class RedisStorage(_RedisStorageBase):
 
     def scan_users(self, batch: int) -> Iterator[list[str]]:
         """Every user of the namespace, in batches, by SCAN: Redis is never blocked for long."""
-        cursor = 0
-        while True:
-            cursor, users = self.retrying(partial(self.ledger.scan_users, cursor, batch))
+        for users in self._scanning(partial(self.ledger.scan_users, count=batch)):
             if users:
                 yield users
-            if cursor == 0:
-                return
+
+    def _scanning(self, step: Callable[[int], Flow[tuple[int, list[str]]]]) -> Iterator[list[str]]:
+        """Run a SCAN flow from cursor 0 to 0: on each primary of a cluster (a cursor is a
+        node's), on the server otherwise."""
+        for node in _cluster.primaries(self.redis):
+            cursor = 0
+            while True:
+                cursor, found = self.retrying(partial(step, cursor), node)
+                yield found
+                if cursor == 0:
+                    break
 
     def set_low_balance_threshold(
         self, user_id: str, threshold: int | None, now_ms: int | None
@@ -362,12 +377,7 @@ class RedisStorage(_RedisStorageBase):
         )
 
     def _event_streams(self) -> Iterator[list[str]]:
-        cursor = 0
-        while True:
-            cursor, streams = self.retrying(partial(self.ledger.find_event_streams, cursor, 1000))
-            yield streams
-            if cursor == 0:
-                return
+        return self._scanning(partial(self.ledger.find_event_streams, count=1000))
 
     def events(self, group: str, consumer: str, reading: EventReading) -> Iterator[BalanceEvent]:
         """Low-balance events of every user of the namespace, as consumer `consumer` of group
@@ -419,32 +429,33 @@ class RedisStorage(_RedisStorageBase):
         if self._owns_connection:
             self.redis.close()
 
-    def retrying(self, make_flow: Callable[[], Flow[T]]) -> T:
+    def retrying(self, make_flow: Callable[[], Flow[T]], node: Any = None) -> T:
         """Run a flow; after an outage, run it anew up to `retries` times (requests are keyed)."""
         for attempt in itertools.count():
             try:
-                return self.run(make_flow())
+                return self.run(make_flow(), node)
             except StorageUnavailableError:
                 if attempt >= self.retries:
                     raise
                 time.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
 
-    def run(self, flow: Flow[T]) -> T:
-        """Drive a flow: send each batch it yields, hand back the replies, return its result."""
+    def run(self, flow: Flow[T], node: Any = None) -> T:
+        """Drive a flow: send each batch it yields, hand back the replies, return its result.
+        `node`: a cluster node to send every call to (a SCAN step); None routes by key."""
         try:
             calls = next(flow)
             while True:
-                calls = flow.send(self._send(calls))
+                calls = flow.send(self._send(calls, node))
         except StopIteration as done:
             result: T = done.value
             return result
 
-    def _send(self, calls: list[Call]) -> list[Any]:
+    def _send(self, calls: list[Call], node: Any = None) -> list[Any]:
         """One round trip (a pipeline if several calls), reloading scripts on NOSCRIPT.
         A lost connection raises; an error reply comes back in its call's place."""
         try:
-            replies = self._pipeline(calls)
+            replies = self._pipeline(calls, node)
             resend = to_resend(calls, replies)
             if resend:
                 for source in _scripts_of(calls, resend):
@@ -452,16 +463,22 @@ class RedisStorage(_RedisStorageBase):
                 again = self._pipeline([calls[i] for i in resend])
                 for i, reply in zip(resend, again, strict=True):
                     replies[i] = reply
-        except redis_errors.RedisError as exc:
+        except DRIVER_ERRORS as exc:
             raise storage_error(exc, calls) from exc
         return errors_in_place(calls, replies)
 
-    def _pipeline(self, calls: list[Call]) -> list[Any]:
+    def _pipeline(self, calls: list[Call], node: Any = None) -> list[Any]:
+        if node is not None:
+            return [
+                _cluster.scan_reply(self._execute(*c.args, target_nodes=node), node) for c in calls
+            ]
         if len(calls) == 1:  # the hot path: no pipeline object
             try:
                 return [self._execute(*calls[0].args)]
             except redis_errors.ResponseError as exc:
                 return [exc]
+        if self._cluster:
+            return _cluster.pipeline(self.redis, [call.args for call in calls])
         pipe: Any = self.redis.pipeline(transaction=False)
         for call in calls:
             pipe.execute_command(*call.args)
@@ -513,7 +530,7 @@ class _Batcher:
         calls = [call for sent, _ in chunk for call in sent]
         try:
             replies = errors_in_place(calls, await self._round_trip(calls))
-        except redis_errors.RedisError as exc:
+        except DRIVER_ERRORS as exc:
             for sent, future in chunk:
                 if not future.done():
                     error = storage_error(exc, sent)
@@ -533,7 +550,8 @@ class _Batcher:
 
 
 class AsyncRedisStorage(_RedisStorageBase):
-    """The ledger on a `redis.asyncio.Redis` (or fakeredis async) client.
+    """The ledger on a `redis.asyncio.Redis` (or fakeredis async) client, or a
+    `redis.asyncio.cluster.RedisCluster`.
 
     batching=True: concurrent operations issued in the same event-loop moment share one pipeline
     (same semantics, errors and idempotency; fewer round trips under load).
@@ -541,7 +559,7 @@ class AsyncRedisStorage(_RedisStorageBase):
 
     def __init__(
         self,
-        redis: redis.asyncio.Redis,
+        redis: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster,
         namespace: str = DEFAULT_NAMESPACE,
         *,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
@@ -559,6 +577,7 @@ class AsyncRedisStorage(_RedisStorageBase):
         )
         self.redis = redis
         self._execute: Callable[..., Awaitable[Any]] = redis.execute_command
+        self._cluster = _cluster.is_cluster(redis)
         self._batcher = _Batcher(self._round_trip, BATCH_CALLS) if batching else None
 
     async def add(self, req: AddRequest) -> Transaction:
@@ -641,13 +660,26 @@ class AsyncRedisStorage(_RedisStorageBase):
 
     async def scan_users(self, batch: int) -> AsyncIterator[list[str]]:
         """Every user of the namespace, in batches, by SCAN: Redis is never blocked for long."""
-        cursor = 0
-        while True:
-            cursor, users = await self.retrying(partial(self.ledger.scan_users, cursor, batch))
+        async for users in self._scanning(partial(self.ledger.scan_users, count=batch)):
             if users:
                 yield users
-            if cursor == 0:
-                return
+
+    async def _scanning(
+        self, step: Callable[[int], Flow[tuple[int, list[str]]]]
+    ) -> AsyncIterator[list[str]]:
+        """Run a SCAN flow from cursor 0 to 0: on each primary of a cluster (a cursor is a
+        node's), on the server otherwise."""
+        try:
+            nodes = await _cluster.async_primaries(self.redis)
+        except DRIVER_ERRORS as exc:
+            raise storage_error(exc, []) from exc
+        for node in nodes:
+            cursor = 0
+            while True:
+                cursor, found = await self.retrying(partial(step, cursor), node)
+                yield found
+                if cursor == 0:
+                    break
 
     async def set_low_balance_threshold(
         self, user_id: str, threshold: int | None, now_ms: int | None
@@ -656,15 +688,8 @@ class AsyncRedisStorage(_RedisStorageBase):
             lambda: self.ledger.set_low_balance_threshold(user_id, threshold, now_ms)
         )
 
-    async def _event_streams(self) -> AsyncIterator[list[str]]:
-        cursor = 0
-        while True:
-            cursor, streams = await self.retrying(
-                partial(self.ledger.find_event_streams, cursor, 1000)
-            )
-            yield streams
-            if cursor == 0:
-                return
+    def _event_streams(self) -> AsyncIterator[list[str]]:
+        return self._scanning(partial(self.ledger.find_event_streams, count=1000))
 
     async def events(
         self, group: str, consumer: str, reading: EventReading
@@ -718,40 +743,41 @@ class AsyncRedisStorage(_RedisStorageBase):
         if self._owns_connection:
             await self.redis.aclose()
 
-    async def retrying(self, make_flow: Callable[[], Flow[T]]) -> T:
+    async def retrying(self, make_flow: Callable[[], Flow[T]], node: Any = None) -> T:
         """Run a flow; after an outage, run it anew up to `retries` times (requests are keyed)."""
         for attempt in itertools.count():
             try:
-                return await self.run(make_flow())
+                return await self.run(make_flow(), node)
             except StorageUnavailableError:
                 if attempt >= self.retries:
                     raise
                 await asyncio.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
 
-    async def run(self, flow: Generator[list[Call], list[Any], T]) -> T:
-        """Drive a flow: send each batch it yields, hand back the replies, return its result."""
+    async def run(self, flow: Generator[list[Call], list[Any], T], node: Any = None) -> T:
+        """Drive a flow: send each batch it yields, hand back the replies, return its result.
+        `node`: a cluster node to send every call to (a SCAN step); None routes by key."""
         try:
             calls = next(flow)
             while True:
-                calls = flow.send(await self._send(calls))
+                calls = flow.send(await self._send(calls, node))
         except StopIteration as done:
             result: T = done.value
             return result
 
-    async def _send(self, calls: list[Call]) -> list[Any]:
+    async def _send(self, calls: list[Call], node: Any = None) -> list[Any]:
         """One round trip (a pipeline if several calls), reloading scripts on NOSCRIPT.
         A lost connection raises; an error reply comes back in its call's place."""
-        if self._batcher is not None:
+        if self._batcher is not None and node is None:
             return await self._batcher.send(calls)
         try:
-            replies = await self._round_trip(calls)
-        except redis_errors.RedisError as exc:
+            replies = await self._round_trip(calls, node)
+        except DRIVER_ERRORS as exc:
             raise storage_error(exc, calls) from exc
         return errors_in_place(calls, replies)
 
-    async def _round_trip(self, calls: list[Call]) -> list[Any]:
-        replies = await self._pipeline(calls)
+    async def _round_trip(self, calls: list[Call], node: Any = None) -> list[Any]:
+        replies = await self._pipeline(calls, node)
         resend = to_resend(calls, replies)
         if resend:
             for source in _scripts_of(calls, resend):
@@ -761,12 +787,19 @@ class AsyncRedisStorage(_RedisStorageBase):
                 replies[i] = reply
         return replies
 
-    async def _pipeline(self, calls: list[Call]) -> list[Any]:
+    async def _pipeline(self, calls: list[Call], node: Any = None) -> list[Any]:
+        if node is not None:
+            return [
+                _cluster.scan_reply(await self._execute(*c.args, target_nodes=node), node)
+                for c in calls
+            ]
         if len(calls) == 1:  # the hot path: no pipeline object
             try:
                 return [await self._execute(*calls[0].args)]
             except redis_errors.ResponseError as exc:
                 return [exc]
+        if self._cluster:
+            return await _cluster.async_pipeline(self.redis, [call.args for call in calls])
         pipe: Any = self.redis.pipeline(transaction=False)
         for call in calls:
             pipe.execute_command(*call.args)
