@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench.py [--redis-url URL] [--quick] [--json PATH]
 
-Six sections, printed as one table; each figure of the library beside a raw baseline measured in
+Seven sections, printed as one table; each figure of the library beside a raw baseline measured in
 the same run, their ratio (library / raw), and the issue's target where it sets one (PASS/MISS):
 
 1. sync latency p50/p99, one connection, sequential calls: subtract, add and get_balance against
@@ -19,6 +19,10 @@ the same run, their ratio (library / raw), and the issue's target where it sets 
 6. cost growth: subtract p50 with 1, 100 and 1,000 buckets; get_balance p50 with 10 and 100,000
    history entries; a period query over a narrow window in a history of 1,000 and of 1,000,000
    entries (100,000 with --quick).
+
+7. PostgreSQL side by side: the same sync workload (subtract, add, get_balance p50/p99, one
+   connection; subtract ops/s with 8 threads on 8 users) on ``PostgresStorage`` and on
+   ``RedisStorage``, as PostgreSQL / Redis ratios (``--postgres-url``; ``--no-postgres`` skips it).
 
 Every key lives under a fresh namespace ``bench-<random>``, deleted at exit (also on error).
 """
@@ -1044,7 +1048,91 @@ def render(info: dict[str, Any], mode: str, ns: str, rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def run(url: str, settings: Settings, mode: str, json_path: str | None) -> None:
+# --- 7. PostgreSQL side by side -----------------------------------------------------------------
+
+PG_THREADS = 8
+
+
+def storage_workload(url: str, ns: str, calls: int, seconds: float) -> dict[str, float]:
+    """p50/p99 (µs) of sequential subtract, add and get_balance, and subtract ops/s of
+    PG_THREADS threads on a user each, on the storage `url` names."""
+    import threading
+
+    figures: dict[str, float] = {}
+    with CrediciClient.from_url(url, namespace=ns) as client:
+        user = f"{ns}-pg"
+        client.add(user, PLENTY)
+        samples = interleaved(
+            {
+                "subtract": partial(client.subtract, user, 1),
+                "add": partial(client.add, user, 1),
+                "get_balance": partial(client.get_balance, user),
+            },
+            calls,
+            max(10, calls // 10),
+            5,
+        )
+        for name, found in samples.items():
+            figures[f"{name} p50"] = percentile(found, 50)
+            figures[f"{name} p99"] = percentile(found, 99)
+        users = [f"{ns}-thread{i}" for i in range(PG_THREADS)]
+        for u in users:
+            client.add(u, PLENTY)
+        counts = [0] * PG_THREADS
+        deadline = time.perf_counter() + seconds
+
+        def work(i: int) -> None:
+            while time.perf_counter() < deadline:
+                client.subtract(users[i], 1)
+                counts[i] += 1
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(PG_THREADS)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        figures["threads"] = sum(counts) / (time.perf_counter() - start)
+    return figures
+
+
+def postgres_side_by_side(redis_url: str, postgres_url: str, ns: str, s: Settings) -> list[Row]:
+    from credici_redis.postgres import PostgresStorage
+
+    calls = max(100, s.calls // 20)
+    seconds = s.async_seconds * 2
+    progress(f"7. PostgreSQL side by side ({calls} calls per operation, {seconds:g} s threads)")
+    on_redis = storage_workload(redis_url, ns, calls, seconds)
+    try:
+        on_postgres = storage_workload(postgres_url, ns, calls, seconds)
+    finally:
+        cleanup = PostgresStorage.from_url(postgres_url, ns)
+        try:
+            cleanup.sql(cleanup.postgres.delete_namespace())
+        finally:
+            cleanup.close()
+    section = "7. PostgreSQL side by side (library = PostgresStorage, raw = RedisStorage)"
+    baseline = "the same calls on RedisStorage"
+    rows = [
+        Row(section, f"sync {name}", "p50 µs" if "p50" in name else "p99 µs", value, on_redis[name],
+            baseline)
+        for name, value in on_postgres.items()
+        if name != "threads"
+    ]  # fmt: skip
+    rows.append(
+        Row(section, f"subtract, {PG_THREADS} threads", "ops/s", on_postgres["threads"],
+            on_redis["threads"], baseline)
+    )  # fmt: skip
+    return rows
+
+
+def run(
+    url: str,
+    settings: Settings,
+    mode: str,
+    json_path: str | None,
+    postgres_url: str | None = None,
+) -> None:
     started = time.perf_counter()
     ns = f"bench-{secrets.token_hex(4)}"
     raw = raw_sync(url)
@@ -1069,6 +1157,8 @@ def run(url: str, settings: Settings, mode: str, json_path: str | None) -> None:
         rows += bucket_growth(client, raw, trivial, ns, settings)
         rows += balance_growth(client, raw, trivial, ns, settings)
         rows += period_growth(client, raw, trivial, ns, settings)
+        if postgres_url:
+            rows += postgres_side_by_side(url, postgres_url, ns, settings)
         info["load_average_1m_end"] = load_average()
     finally:
         try:
@@ -1102,10 +1192,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--no-postgres", action="store_true", help="skip section 7")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
+    postgres_url = None if args.no_postgres else args.postgres_url
     try:
-        run(args.redis_url, QUICK if args.quick else FULL, mode, args.json)
+        run(args.redis_url, QUICK if args.quick else FULL, mode, args.json, postgres_url)
     except (redis.ConnectionError, StorageUnavailableError) as exc:
         print(f"bench: cannot reach Redis at {args.redis_url}: {exc}", file=sys.stderr)
         return 1

@@ -40,6 +40,7 @@ from credici_redis.models import (
     Hold,
     Transaction,
 )
+from credici_redis.postgres import AsyncPostgresStorage, PostgresStorage
 from credici_redis.storage import AsyncRedisStorage, AsyncStorage, RedisStorage, Storage
 
 __version__ = "0.1.0"
@@ -47,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AlreadyReversedError",
     "AsyncCrediciClient",
+    "AsyncPostgresStorage",
     "AsyncRedisStorage",
     "AsyncStorage",
     "AuditReport",
@@ -75,6 +77,7 @@ __all__ = [
     "InvalidUserIdError",
     "NotReversibleError",
     "OutcomeUnknownError",
+    "PostgresStorage",
     "RedisStorage",
     "Storage",
     "StorageError",

@@ -11,6 +11,7 @@ from typing import Any
 from credici_redis import _requests
 from credici_redis._client_base import AddItem, ClientBase, Clock, SubtractItem, UserId
 from credici_redis._connect import DEFAULT_TIMEOUT, open_async_storage
+from credici_redis.archive import AsyncArchiveReader, merge
 from credici_redis.errors import CrediciError
 from credici_redis.models import (
     AuditReport,
@@ -21,15 +22,29 @@ from credici_redis.models import (
     Hold,
     Transaction,
 )
-from credici_redis.storage import DEFAULT_IDEMPOTENCY_TTL, DEFAULT_NAMESPACE, AsyncStorage
+from credici_redis.storage import (
+    DEFAULT_IDEMPOTENCY_TTL,
+    DEFAULT_NAMESPACE,
+    AsyncStorage,
+    Durability,
+)
 
 
 class AsyncCrediciClient(ClientBase):
     """Credits of many users, kept by a storage. One client serves a whole process."""
 
-    def __init__(self, storage: AsyncStorage, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        storage: AsyncStorage,
+        *,
+        clock: Clock | None = None,
+        archive: AsyncArchiveReader | None = None,
+    ) -> None:
+        """archive: where the history the archiver moved out of Redis is (credici_redis.archive);
+        history reads and the audit then cover it too."""
         super().__init__(clock)
         self.storage = storage
+        self.archive = archive
 
     @classmethod
     def from_url(
@@ -42,16 +57,24 @@ class AsyncCrediciClient(ClientBase):
         retries: int = 0,
         batching: bool = False,  # async only: calls of one event-loop moment share a pipeline
         cluster: bool = False,
+        durability: Durability = "primary",
         clock: Clock | None = None,
+        archive_url: str | None = None,
         **redis_options: Any,
     ) -> AsyncCrediciClient:
         """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded).
 
         timeout: seconds before a call fails with StorageUnavailableError. retries: how often a
         call is retried by itself after an outage (writes get an idempotency key, so a retry never
-        applies twice). cluster: the URL names a node of a Redis Cluster. Other keyword
-        arguments go to redis-py.
+        applies twice). cluster: the URL names a node of a Redis Cluster. archive_url: the
+        PostgreSQL database the archiver (credici_redis.archive) moves old history to; history
+        reads return one seamless history across both. durability="replica": a write returns
+        once a replica has it too (WAIT, up to timeout/2), else raises ReplicationTimeoutError.
+        Other keyword arguments go to redis-py.
         """
+        archive = None
+        if archive_url is not None:
+            archive = AsyncArchiveReader(archive_url, namespace, timeout=timeout)
         storage = open_async_storage(
             url,
             namespace,
@@ -60,9 +83,10 @@ class AsyncCrediciClient(ClientBase):
             retries=retries,
             batching=batching,  # async only
             cluster=cluster,
+            durability=durability,
             **redis_options,
         )
-        return cls(storage, clock=clock)
+        return cls(storage, clock=clock, archive=archive)
 
     async def add(
         self,
@@ -154,14 +178,21 @@ class AsyncCrediciClient(ClientBase):
     async def get_all_user_transactions(self, user_id: UserId) -> list[Transaction]:
         """The user's whole history, newest first."""
         req = _requests.build_history(user_id, None, None, self._now(), period=False)
-        return await self.storage.history(req)
+        return await self._history(req)
 
     async def get_user_transactions_for_period(
         self, user_id: UserId, from_: datetime, to_: datetime
     ) -> list[Transaction]:
         """History entries with from_ <= created_at <= to_ (naive = UTC), newest first."""
         req = _requests.build_history(user_id, from_, to_, self._now(), period=True)
-        return await self.storage.history(req)
+        return await self._history(req)
+
+    async def _history(self, req: _requests.HistoryRequest) -> list[Transaction]:
+        recent = await self.storage.history(req)
+        if self.archive is None:
+            return recent
+        # Redis first: an entry trimmed after this read was committed to PostgreSQL before.
+        return merge(recent, await self.archive.history(req))
 
     async def reserve(
         self,
@@ -237,7 +268,7 @@ class AsyncCrediciClient(ClientBase):
 
     async def audit(self, user_id: UserId) -> AuditReport:
         """Rebuild the balance and every bucket from the history; report any difference."""
-        return await self.storage.audit(_requests.user_id(user_id), self._now())
+        return await self.storage.audit(_requests.user_id(user_id), self._now(), self.archive)
 
     def scan_users(self, batch: int = 500) -> AsyncIterator[list[str]]:
         """Every user of the namespace, `batch` at a time (SCAN: never blocks Redis for long)."""
@@ -245,6 +276,8 @@ class AsyncCrediciClient(ClientBase):
 
     async def aclose(self) -> None:
         await self.storage.aclose()
+        if self.archive is not None:
+            await self.archive.aclose()
 
     async def __aenter__(self) -> AsyncCrediciClient:
         return self

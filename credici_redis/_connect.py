@@ -1,4 +1,5 @@
-"""From a URL to a storage: ``redis://``, ``rediss://``, ``unix://`` and the embedded ``memory://``.
+"""From a URL to a storage: ``redis://``, ``rediss://``, ``unix://``, the embedded ``memory://``,
+and ``postgresql://`` (PostgreSQL alone, `credici_redis.postgres`).
 
 ``cluster=True`` makes a Redis Cluster client of a ``redis://`` or ``rediss://`` URL (any node of
 the cluster: the others are discovered).
@@ -22,7 +23,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from credici_redis.errors import InvalidInputError, StorageUnavailableError
-from credici_redis.storage import AsyncRedisStorage, RedisStorage
+from credici_redis.storage import (
+    AsyncRedisStorage,
+    AsyncStorage,
+    Durability,
+    RedisStorage,
+    Storage,
+)
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MAX_CONNECTIONS = 64
@@ -45,9 +52,7 @@ def _scheme(url: str) -> str:
     if not isinstance(url, str):
         raise InvalidInputError(f"url must be a str, not {type(url).__name__}")
     scheme = urlsplit(url).scheme
-    if scheme in {"postgres", "postgresql"}:
-        raise InvalidInputError("PostgreSQL storage is not available yet in this version")
-    if scheme not in {"memory", "redis", "rediss", "unix"}:
+    if scheme not in {"memory", "redis", "rediss", "unix", "postgres", "postgresql"}:
         raise InvalidInputError(f"unsupported storage URL scheme {scheme!r}")
     return scheme
 
@@ -75,6 +80,16 @@ def _cluster_options(
     }
 
 
+def _durability(url: str, durability: Durability, timeout: float) -> dict[str, Any]:
+    """durability="replica" needs a Redis with replicas; a write waits for one up to half of
+    `timeout`, leaving the other half to the write itself."""
+    if durability not in {"primary", "replica"}:
+        raise InvalidInputError(f"durability must be 'primary' or 'replica', not {durability!r}")
+    if durability == "replica" and _scheme(url) not in {"redis", "rediss", "unix"}:
+        raise InvalidInputError("durability='replica' needs a Redis URL (redis://, rediss://)")
+    return {"durability": durability, "replica_timeout": timeout / 2}
+
+
 def _redis_options(timeout: float, max_connections: int, options: dict[str, Any]) -> dict[str, Any]:
     # No automatic retry: a command retried after a timeout may already have been applied.
     return {
@@ -95,8 +110,17 @@ def open_storage(
     idempotency_ttl: timedelta,
     retries: int = 0,
     cluster: bool = False,
+    durability: Durability = "primary",
     **options: Any,
-) -> RedisStorage:
+) -> Storage:
+    waiting = _durability(url, durability, timeout)
+    if _scheme(url) in {"postgres", "postgresql"} and not cluster:
+        from credici_redis.postgres import PostgresStorage
+
+        return PostgresStorage.from_url(
+            url, namespace, timeout=timeout, idempotency_ttl=idempotency_ttl, retries=retries,
+            **options,
+        )  # fmt: skip
     if cluster:
         _cluster_scheme(url, cluster)
         try:  # the sync cluster client connects at once, to learn the cluster's layout
@@ -108,7 +132,12 @@ def open_storage(
         except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise StorageUnavailableError(f"no node of the Redis Cluster answered: {exc}") from exc
         return RedisStorage(
-            nodes, namespace, idempotency_ttl=idempotency_ttl, retries=retries, owns_connection=True
+            nodes,
+            namespace,
+            idempotency_ttl=idempotency_ttl,
+            retries=retries,
+            owns_connection=True,
+            **waiting,
         )
     if _scheme(url) == "memory":
         client: redis.Redis = fakeredis.FakeRedis(
@@ -122,7 +151,12 @@ def open_storage(
         )
         client = redis.Redis.from_pool(pool)
     return RedisStorage(
-        client, namespace, idempotency_ttl=idempotency_ttl, retries=retries, owns_connection=True
+        client,
+        namespace,
+        idempotency_ttl=idempotency_ttl,
+        retries=retries,
+        owns_connection=True,
+        **waiting,
     )
 
 
@@ -136,8 +170,17 @@ def open_async_storage(
     retries: int = 0,
     batching: bool = False,
     cluster: bool = False,
+    durability: Durability = "primary",
     **options: Any,
-) -> AsyncRedisStorage:
+) -> AsyncStorage:
+    waiting = _durability(url, durability, timeout)
+    if _scheme(url) in {"postgres", "postgresql"} and not cluster:
+        from credici_redis.postgres import AsyncPostgresStorage
+
+        return AsyncPostgresStorage.from_url(
+            url, namespace, timeout=timeout, idempotency_ttl=idempotency_ttl, retries=retries,
+            batching=batching, **options,
+        )  # fmt: skip
     if cluster:
         _cluster_scheme(url, cluster)
         nodes = redis.asyncio.cluster.RedisCluster.from_url(
@@ -150,6 +193,7 @@ def open_async_storage(
             retries=retries,
             batching=batching,
             owns_connection=True,
+            **waiting,
         )
     if _scheme(url) == "memory":
         client: redis.asyncio.Redis = fakeredis.FakeAsyncRedis(
@@ -169,4 +213,5 @@ def open_async_storage(
         retries=retries,
         batching=batching,
         owns_connection=True,
+        **waiting,
     )

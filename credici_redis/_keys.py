@@ -12,10 +12,13 @@ ids never share keys) and leaves no '{' or '}' that could end the tag early.
     <ns>:{<user>}:d        hash    holds
     <ns>:{<user>}:t        zset    hold timers (release by ttl, forget when done)
     <ns>:{%S<x>}:ev        stream  low-balance events of every user in the slot of tag %S<x>
+    <ns>:{%S<x>}:ob        zset    archive outbox of the slot: history key -> oldest unarchived ms
+    <ns>:{%S<x>}:tq        zset    trim queue of the slot: history key -> when kept entries may go
 
 Events cannot go to one namespace-wide stream: the script that notices a low balance may only
 touch its user's slot. So each Redis Cluster slot has its own event stream, named by a tag that
-hashes to that slot ("%S" never occurs in a percent-encoded user id).
+hashes to that slot ("%S" never occurs in a percent-encoded user id). The archive outbox is per
+slot for the same reason: the archiver visits the 16384 slot outboxes, never the users.
     <ns>:{<user>}:i:<key>  string  idempotency record, expires after the retention time
 """
 
@@ -36,7 +39,7 @@ _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
 
 
 class UserKeys(NamedTuple):
-    """The keys every ledger script receives, in the order the scripts expect (KEYS[1..8])."""
+    """The keys every ledger script receives, in the order the scripts expect (KEYS[1..9])."""
 
     state: str
     order: str
@@ -46,6 +49,7 @@ class UserKeys(NamedTuple):
     holds: str
     timers: str
     events: str
+    outbox: str
 
 
 def check_namespace(namespace: str) -> str:
@@ -65,10 +69,11 @@ def user_tag(user_id: str) -> str:
 @lru_cache(maxsize=65536)
 def user_keys(namespace: str, user_id: str) -> UserKeys:
     base = f"{namespace}:{{{user_tag(user_id)}}}:"
-    events = f"{namespace}:{{{slot_tag(key_slot(user_tag(user_id).encode()))}}}:ev"
+    slot = f"{namespace}:{{{slot_tag(key_slot(user_tag(user_id).encode()))}}}:"
     return UserKeys(
-        base + "s", base + "o", base + "x", base + "a", base + "h", base + "d", base + "t", events
-    )
+        base + "s", base + "o", base + "x", base + "a", base + "h", base + "d", base + "t",
+        slot + "ev", slot + "ob",
+    )  # fmt: skip
 
 
 SLOTS = 16384
@@ -92,6 +97,20 @@ def _slot_tags() -> tuple[str, ...]:
 
 def slot_tag(slot: int) -> str:
     return _slot_tags()[slot]
+
+
+def outbox(namespace: str, slot: int) -> str:
+    """The archive outbox of one Redis Cluster slot."""
+    return f"{namespace}:{{{slot_tag(slot)}}}:ob"
+
+
+def trim_queue(namespace: str, slot: int) -> str:
+    """Users of one slot whose archived entries wait for the archiver's keep time to pass."""
+    return f"{namespace}:{{{slot_tag(slot)}}}:tq"
+
+
+def user_slot(user_id: str) -> int:
+    return int(key_slot(user_tag(user_id).encode()))
 
 
 def events_pattern(namespace: str) -> str:

@@ -53,6 +53,7 @@ from credici_redis.errors import (
     InvalidExpiryError,
     NotReversibleError,
     StorageError,
+    TransactionArchivedError,
     TransactionNotFoundError,
 )
 from credici_redis.models import (
@@ -295,6 +296,8 @@ class Ledger:
             code = text(reply[0])
             if code == "NO_TX":
                 raise TransactionNotFoundError(req.transaction_id)
+            if code == "ARCHIVED":
+                raise TransactionArchivedError(req.transaction_id)
             if code == "NOT_REVERSIBLE":
                 raise NotReversibleError(req.transaction_id, KINDS.get(text(reply[1]), "?"))
             if code == "REVERSED":
@@ -379,6 +382,10 @@ class Ledger:
         return cycle
 
     def audit(self, user_id: str, now_ms: int | None) -> Flow[AuditReport]:
+        snapshot = yield from self.audit_snapshot(user_id, now_ms)
+        return snapshot.report(())
+
+    def audit_snapshot(self, user_id: str, now_ms: int | None) -> Flow[AuditSnapshot]:
         """A snapshot of balance and buckets, then the history up to it, oldest first, in pages."""
         (reply,) = yield from self._scheduled(
             lambda extension: [
@@ -386,8 +393,8 @@ class Ledger:
             ]
         )
         f = _checked(reply, user_id, 0, None)
-        balance, last, stream_last, held = int(f[1]), f[2], f[3], int(f[4])
-        buckets = {f[i]: int(f[i + 1]) for i in range(5, len(f), 2)}
+        balance, last, stream_last, held, trimmed = int(f[1]), f[2], f[3], int(f[4]), f[5]
+        buckets = {f[i]: int(f[i + 1]) for i in range(6, len(f), 2)}
         stream = _keys.user_keys(self.namespace, user_id).history
         entries: list[tuple[str, dict[str, str]]] = []
         start = "-"
@@ -399,11 +406,7 @@ class Ledger:
             if len(page) < HISTORY_PAGE:
                 break
             start = "(" + text(page[-1][0])
-        report = _audit.replay(user_id, entries, balance, buckets, held)
-        if stream_last != last:
-            problem = f"the history ends at {stream_last}, the balance knows it up to {last}"
-            return report.model_copy(update={"ok": False, "problems": [*report.problems, problem]})
-        return report
+        return AuditSnapshot(user_id, balance, buckets, held, entries, last, stream_last, trimmed)
 
     def set_low_balance_threshold(
         self, user_id: str, threshold: int | None, now_ms: int | None
@@ -502,6 +505,55 @@ class Ledger:
             (page,) = yield from _sent(
                 [Call(("XREVRANGE", stream, after, low, "COUNT", HISTORY_PAGE))]
             )
+
+
+def entry_key(entry_id: str) -> tuple[int, int]:
+    """A history entry id "<ms>-<seq>" as a sortable pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSnapshot:
+    """What Redis holds of a user, and the history it still keeps, read by `Ledger.audit_snapshot`.
+
+    `trimmed`: entries before this id were archived to PostgreSQL and trimmed from Redis ('' =
+    none); the audit then needs them (`report(archived)`), read after this snapshot so none can be
+    trimmed between the two reads unseen.
+    """
+
+    user_id: str
+    balance: int
+    buckets: dict[str, int]
+    held: int
+    entries: list[tuple[str, dict[str, str]]]
+    last: str
+    stream_last: str
+    trimmed: str
+
+    def report(self, archived: Sequence[tuple[str, dict[str, str]]]) -> AuditReport:
+        """The audit, with the archived entries (any order, duplicates of kept ones allowed)."""
+        kept = {entry_id for entry_id, _ in self.entries}
+        older = sorted(
+            ((i, f) for i, f in archived if i not in kept and entry_key(i) <= entry_key(self.last)),
+            key=lambda e: entry_key(e[0]),
+        )
+        entries = [*older, *self.entries]
+        report = _audit.replay(self.user_id, entries, self.balance, self.buckets, self.held)
+        problems = list(report.problems)
+        if self.trimmed and not archived:
+            problems.insert(
+                0,
+                f"the history before {self.trimmed} was archived to PostgreSQL: audit with the "
+                "archive (archive_url) to replay it",
+            )
+        ends = [i for i in (self.stream_last, entries[-1][0] if entries else "0-0") if i != "0-0"]
+        newest = max(ends, key=entry_key, default="0-0")  # an empty stream may be all archived
+        if newest != self.last:
+            problems.append(f"the history ends at {newest}, the balance knows it up to {self.last}")
+        if problems == report.problems:
+            return report
+        return report.model_copy(update={"ok": False, "problems": problems})
 
 
 def raise_for_code(

@@ -13,6 +13,7 @@ from typing import Any
 from credici_redis import _requests
 from credici_redis._client_base import AddItem, ClientBase, Clock, SubtractItem, UserId
 from credici_redis._connect import DEFAULT_TIMEOUT, open_storage
+from credici_redis.archive import ArchiveReader, merge
 from credici_redis.errors import CrediciError
 from credici_redis.models import (
     AuditReport,
@@ -23,15 +24,29 @@ from credici_redis.models import (
     Hold,
     Transaction,
 )
-from credici_redis.storage import DEFAULT_IDEMPOTENCY_TTL, DEFAULT_NAMESPACE, Storage
+from credici_redis.storage import (
+    DEFAULT_IDEMPOTENCY_TTL,
+    DEFAULT_NAMESPACE,
+    Durability,
+    Storage,
+)
 
 
 class CrediciClient(ClientBase):
     """Credits of many users, kept by a storage. One client serves a whole process."""
 
-    def __init__(self, storage: Storage, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        clock: Clock | None = None,
+        archive: ArchiveReader | None = None,
+    ) -> None:
+        """archive: where the history the archiver moved out of Redis is (credici_redis.archive);
+        history reads and the audit then cover it too."""
         super().__init__(clock)
         self.storage = storage
+        self.archive = archive
 
     @classmethod
     def from_url(
@@ -44,16 +59,24 @@ class CrediciClient(ClientBase):
         retries: int = 0,
         batching: bool = False,  # async only: calls of one event-loop moment share a pipeline
         cluster: bool = False,
+        durability: Durability = "primary",
         clock: Clock | None = None,
+        archive_url: str | None = None,
         **redis_options: Any,
     ) -> CrediciClient:
         """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded).
 
         timeout: seconds before a call fails with StorageUnavailableError. retries: how often a
         call is retried by itself after an outage (writes get an idempotency key, so a retry never
-        applies twice). cluster: the URL names a node of a Redis Cluster. Other keyword
-        arguments go to redis-py.
+        applies twice). cluster: the URL names a node of a Redis Cluster. archive_url: the
+        PostgreSQL database the archiver (credici_redis.archive) moves old history to; history
+        reads return one seamless history across both. durability="replica": a write returns
+        once a replica has it too (WAIT, up to timeout/2), else raises ReplicationTimeoutError.
+        Other keyword arguments go to redis-py.
         """
+        archive = None
+        if archive_url is not None:
+            archive = ArchiveReader(archive_url, namespace, timeout=timeout)
         storage = open_storage(
             url,
             namespace,
@@ -61,9 +84,10 @@ class CrediciClient(ClientBase):
             idempotency_ttl=idempotency_ttl,
             retries=retries,
             cluster=cluster,
+            durability=durability,
             **redis_options,
         )
-        return cls(storage, clock=clock)
+        return cls(storage, clock=clock, archive=archive)
 
     def add(
         self,
@@ -153,14 +177,21 @@ class CrediciClient(ClientBase):
     def get_all_user_transactions(self, user_id: UserId) -> list[Transaction]:
         """The user's whole history, newest first."""
         req = _requests.build_history(user_id, None, None, self._now(), period=False)
-        return self.storage.history(req)
+        return self._history(req)
 
     def get_user_transactions_for_period(
         self, user_id: UserId, from_: datetime, to_: datetime
     ) -> list[Transaction]:
         """History entries with from_ <= created_at <= to_ (naive = UTC), newest first."""
         req = _requests.build_history(user_id, from_, to_, self._now(), period=True)
-        return self.storage.history(req)
+        return self._history(req)
+
+    def _history(self, req: _requests.HistoryRequest) -> list[Transaction]:
+        recent = self.storage.history(req)
+        if self.archive is None:
+            return recent
+        # Redis first: an entry trimmed after this read was committed to PostgreSQL before.
+        return merge(recent, self.archive.history(req))
 
     def reserve(
         self,
@@ -234,7 +265,7 @@ class CrediciClient(ClientBase):
 
     def audit(self, user_id: UserId) -> AuditReport:
         """Rebuild the balance and every bucket from the history; report any difference."""
-        return self.storage.audit(_requests.user_id(user_id), self._now())
+        return self.storage.audit(_requests.user_id(user_id), self._now(), self.archive)
 
     def scan_users(self, batch: int = 500) -> Iterator[list[str]]:
         """Every user of the namespace, `batch` at a time (SCAN: never blocks Redis for long)."""
@@ -242,6 +273,8 @@ class CrediciClient(ClientBase):
 
     def close(self) -> None:
         self.storage.close()
+        if self.archive is not None:
+            self.archive.close()
 
     def __enter__(self) -> CrediciClient:
         return self

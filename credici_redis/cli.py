@@ -5,8 +5,12 @@
     credici-redis add USER AMOUNT [--ttl SECONDS | --expire-at ISO8601] [--idempotency-key K]
     credici-redis subtract USER AMOUNT [--idempotency-key K]
     credici-redis history USER [--from ISO8601] [--to ISO8601] [--json]
+    credici-redis audit (USER | --all)
+    credici-redis archive --postgres-url URL [--init | --lag | --once | --follow] [--keep DURATION]
 
-The store is ``--redis-url`` or ``$CREDICI_REDIS_URL``. The demo runs on the embedded store
+The store is ``--redis-url`` or ``$CREDICI_REDIS_URL``; the history archive (PostgreSQL) is
+``--postgres-url`` or ``$CREDICI_POSTGRES_URL``: with it, history and audit cover the archived
+part. The demo runs on the embedded store
 without one; the operator commands need a real Redis. Exit status: 0 done, 1 refused by the
 ledger (or a failed demo audit), 2 bad usage.
 """
@@ -18,6 +22,7 @@ import json
 import os
 import secrets
 import sys
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit, urlunsplit
@@ -25,12 +30,14 @@ from urllib.parse import urlsplit, urlunsplit
 from tqdm import tqdm
 
 from credici_redis._demo import DemoResult, run_demo
+from credici_redis.archive import DEFAULT_KEEP, ArchiveLag, Archiver, ArchiveStats
 from credici_redis.client import CrediciClient
 from credici_redis.errors import CrediciError
 from credici_redis.models import Transaction
 from credici_redis.storage import DEFAULT_NAMESPACE
 
 URL_ENV = "CREDICI_REDIS_URL"
+POSTGRES_ENV = "CREDICI_POSTGRES_URL"
 PROG = "credici-redis"
 
 
@@ -141,6 +148,35 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("--from", dest="from_", type=_instant, metavar="ISO8601")
     history.add_argument("--to", dest="to_", type=_instant, metavar="ISO8601")
     history.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    archive = commands.add_parser(
+        "archive",
+        parents=[store],
+        help="move history from Redis to PostgreSQL (see credici_redis.archive)",
+        description=(
+            "Copies every user's new history entries to the PostgreSQL table credici_history "
+            "(created by --init or the first run), then lets Redis trim what PostgreSQL holds "
+            "once it is older than --keep. Prints the lag (oldest entry not yet archived, "
+            "entries waiting) after each pass."
+        ),
+    )
+    mode = archive.add_mutually_exclusive_group()
+    mode.add_argument("--init", action="store_true", help="create the table, then stop")
+    mode.add_argument("--lag", action="store_true", help="print the lag, then stop")
+    mode.add_argument("--once", action="store_true", help="one pass (the default)")
+    mode.add_argument("--follow", action="store_true", help="pass after pass, until Ctrl-C")
+    archive.add_argument(
+        "--keep",
+        type=_duration,
+        default=DEFAULT_KEEP,
+        metavar="DURATION",
+        help="archived entries younger than this stay in Redis too: 30s, 15m, 12h, 7d (7d)",
+    )
+    archive.add_argument(
+        "--interval", type=_positive_float, default=1.0, metavar="S", help="idle pause (1)"
+    )
+    archive.add_argument("--cluster", action="store_true", help="the URL names a cluster node")
+    archive.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -149,6 +185,11 @@ def _store_options(parser: argparse.ArgumentParser, default: str | None) -> None
         "--redis-url",
         default=default,
         help=f"redis://host:port/db of the store (default: ${URL_ENV})",
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default=default,
+        help=f"postgresql:// URL of the history archive (default: ${POSTGRES_ENV})",
     )
     parser.add_argument(
         "--namespace",
@@ -169,6 +210,19 @@ def _positive_float(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def _duration(text: str) -> timedelta:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration like 30s, 15m, 12h, 7d: {text!r}"
+        ) from None
+    if not 0 <= value < 10**9:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return timedelta(seconds=value)
 
 
 def _instant(text: str) -> datetime:
@@ -241,7 +295,11 @@ def _operate(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.command} needs --redis-url or ${URL_ENV}")
     if url.startswith("memory:"):
         raise UsageError("memory:// lives only as long as one command; give a Redis URL")
-    with CrediciClient.from_url(url, namespace=args.namespace or DEFAULT_NAMESPACE) as client:
+    postgres = args.postgres_url or os.environ.get(POSTGRES_ENV)
+    namespace = args.namespace or DEFAULT_NAMESPACE
+    if args.command == "archive":
+        return _archive(url, postgres, namespace, args)
+    with CrediciClient.from_url(url, namespace=namespace, archive_url=postgres) as client:
         if args.command == "balance":
             print(client.get_balance(args.user))
         elif args.command == "add":
@@ -289,6 +347,48 @@ def _audit(client: CrediciClient, args: argparse.Namespace) -> int:
                 bar.update()
     print(f"audited {audited} users: {audited - failed} ok, {failed} failed")
     return 0 if failed == 0 else 1
+
+
+def _archive(url: str, postgres: str | None, namespace: str, args: argparse.Namespace) -> int:
+    if not postgres:
+        raise UsageError(f"archive needs --postgres-url or ${POSTGRES_ENV}")
+    with Archiver(url, postgres, namespace=namespace, keep=args.keep, cluster=args.cluster) as job:
+        if args.init:
+            job.init_schema()
+            print("the table credici_history is ready")
+            return 0
+        if args.lag:
+            print(_lag(job.lag()))
+            return 0
+        bar = tqdm(desc="archive", unit=" entries", disable=args.no_progress, file=sys.stderr)
+        seen = 0
+
+        def progress(stats: ArchiveStats) -> None:
+            nonlocal seen
+            bar.update(stats.entries - seen)
+            seen = stats.entries
+
+        with bar:
+            while True:
+                seen = 0
+                stats = job.run_once(progress)
+                bar.write(
+                    f"archived {stats.entries} entries of {stats.users} users in "
+                    f"{stats.seconds:.2f} s, trimmed {stats.trimmed} from Redis; " + _lag(job.lag())
+                )
+                if not args.follow:
+                    return 0
+                if stats.entries == 0 and stats.trimmed == 0:
+                    time.sleep(args.interval)
+
+
+def _lag(lag: ArchiveLag) -> str:
+    if lag.oldest_unarchived is None:
+        return "lag: nothing waiting"
+    return (
+        f"lag: {lag.seconds:.1f} s (oldest unarchived entry {_when(lag.oldest_unarchived)}), "
+        f"{lag.entries_pending} entries of {lag.users_pending} users waiting"
+    )
 
 
 def _history(client: CrediciClient, args: argparse.Namespace) -> None:

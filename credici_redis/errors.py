@@ -18,11 +18,13 @@
     ├── HoldNotFoundError             no such hold (or it ended more than a day ago)
     ├── HoldFinishedError             the hold was already captured, released or expired
     ├── TransactionNotFoundError      reverse of an unknown transaction
+    │   └── TransactionArchivedError  ... or of one the archiver moved to PostgreSQL
     ├── NotReversibleError            reverse of an entry that is not a subtract, capture or add
     ├── AlreadyReversedError          a transaction is reversed once
     └── StorageError                  Redis answered something the library cannot use (a bug)
         └── StorageUnavailableError   connection failure or timeout; chained to the driver error
             └── OutcomeUnknownError   a request was sent but no reply came: it may have applied
+                └── ReplicationTimeoutError  applied on the primary, no replica confirmed it in time
 
 Domain outcomes come back from the Lua scripts as coded replies and become these exceptions in
 one place (`credici_redis._protocol.raise_for_code`); a Redis error reply is a bug or an outage.
@@ -149,6 +151,19 @@ class TransactionNotFoundError(CrediciError):
         self.transaction_id = transaction_id
 
 
+class TransactionArchivedError(TransactionNotFoundError):
+    """The transaction was archived to PostgreSQL and trimmed from Redis (after the archiver's
+    ``keep`` time): it can no longer be reversed."""
+
+    def __init__(self, transaction_id: str) -> None:
+        CrediciError.__init__(
+            self,
+            f"transaction {transaction_id!r} was archived to PostgreSQL and is no longer kept "
+            "in Redis: it cannot be reversed",
+        )
+        self.transaction_id = transaction_id
+
+
 class NotReversibleError(CrediciError):
     """Only a subtract, a capture or an add can be reversed."""
 
@@ -184,3 +199,18 @@ class OutcomeUnknownError(StorageUnavailableError):
     It may or may not have been applied. Retry it with the same idempotency key: a retry applies it
     at most once. Clients made with ``retries=N`` do this by themselves.
     """
+
+
+class ReplicationTimeoutError(OutcomeUnknownError):
+    """``durability="replica"``: the primary applied the write, but no replica acknowledged it
+    within the timeout (Redis ``WAIT``). It is not known to survive a failover: if the primary
+    dies before its replica catches up, the write is lost.
+
+    Retry it with the same idempotency key: the retry applies it at most once, and waits for a
+    replica again. Clients made with ``retries=N`` do this by themselves.
+    """
+
+    def __init__(self, message: str, *, replicas: int, timeout: float) -> None:
+        super().__init__(message)
+        self.replicas = replicas
+        self.timeout = timeout

@@ -14,6 +14,10 @@ A redis-py client built by hand retries a command after a timeout by default (3 
 redis-py 6+), without such a key: a charge whose first attempt did reach Redis is applied twice.
 Clients built by ``CrediciClient.from_url`` turn that off; pass ``retry=Retry(NoBackoff(), 0)``
 when you build your own.
+
+``durability="replica"``: every round trip that carries a write ends with ``WAIT 1 <ms>`` on the
+same connection (the node that ran the writes), and a write no replica acknowledged in time
+raises `ReplicationTimeoutError` (applied on the primary, not known to be replicated).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from datetime import timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, get_args
 
 from redis import exceptions as redis_errors
 
@@ -47,6 +51,7 @@ from credici_redis._time import duration_ms
 from credici_redis.errors import (
     CrediciError,
     OutcomeUnknownError,
+    ReplicationTimeoutError,
     StorageError,
     StorageUnavailableError,
 )
@@ -72,6 +77,16 @@ Batch = list[R | CrediciError]
 
 DEFAULT_NAMESPACE = "credici"
 DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
+
+Durability = Literal["primary", "replica"]
+"""When a write is acknowledged: once the primary applied it (Redis's default), or once a
+replica too has it (``WAIT 1``), so that a failover does not lose it."""
+DEFAULT_REPLICA_TIMEOUT = 1.0
+"""Seconds a write waits for a replica's acknowledgement (``durability="replica"``)."""
+
+READ_SCRIPTS = frozenset({"balance", "cycle", "audit", "details"})
+"""Scripts that only read (what they write, expiry and renewal, any later call writes again): no
+WAIT for them. Every other script is a write a caller was told about, and is waited for."""
 
 
 BATCH_CALLS = 512
@@ -121,6 +136,18 @@ def storage_error(exc: Exception, calls: list[Call]) -> CrediciError:
     return StorageError(f"Redis refused a credici command: {exc}")
 
 
+class ArchiveSource(Protocol):
+    """Where the history Redis no longer keeps is (`credici_redis.archive.ArchiveReader`)."""
+
+    def entries_before(self, user_id: str, entry_id: str) -> list[tuple[str, dict[str, str]]]: ...
+
+
+class AsyncArchiveSource(Protocol):
+    async def entries_before(
+        self, user_id: str, entry_id: str
+    ) -> list[tuple[str, dict[str, str]]]: ...
+
+
 class Storage(Protocol):
     """What `CrediciClient` needs from a storage. Requests arrive validated."""
 
@@ -137,7 +164,9 @@ class Storage(Protocol):
     def capture(self, req: CaptureRequest) -> Transaction: ...
     def release(self, user_id: str, local_id: str, now_ms: int | None) -> Hold: ...
     def reverse(self, req: ReverseRequest) -> Transaction: ...
-    def audit(self, user_id: str, now_ms: int | None) -> AuditReport: ...
+    def audit(
+        self, user_id: str, now_ms: int | None, archive: ArchiveSource | None = None
+    ) -> AuditReport: ...
     def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails: ...
     def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None: ...
     def scan_users(self, batch: int) -> Iterator[list[str]]: ...
@@ -168,7 +197,9 @@ class AsyncStorage(Protocol):
     async def capture(self, req: CaptureRequest) -> Transaction: ...
     async def release(self, user_id: str, local_id: str, now_ms: int | None) -> Hold: ...
     async def reverse(self, req: ReverseRequest) -> Transaction: ...
-    async def audit(self, user_id: str, now_ms: int | None) -> AuditReport: ...
+    async def audit(
+        self, user_id: str, now_ms: int | None, archive: AsyncArchiveSource | None = None
+    ) -> AuditReport: ...
     async def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails: ...
     async def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None: ...
     def scan_users(self, batch: int) -> AsyncIterator[list[str]]: ...
@@ -190,11 +221,19 @@ class _RedisStorageBase:
         retries: int = 0,
         retry_backoff: float = 0.05,
         owns_connection: bool = False,
+        durability: Durability = "primary",
+        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
     ) -> None:
         if idempotency_ttl < timedelta(seconds=1):
             raise ValueError("idempotency_ttl must be at least one second")
         if type(retries) is not int or retries < 0:
             raise ValueError("retries must be an int >= 0")
+        if durability not in get_args(Durability):
+            raise ValueError(f"durability must be one of {get_args(Durability)}")
+        if not isinstance(replica_timeout, int | float) or not 0.001 <= replica_timeout < 3600:
+            raise ValueError("replica_timeout must be seconds, at least 0.001")
+        self.durability = durability
+        self.replica_timeout = float(replica_timeout)
         self.ledger = Ledger(namespace, duration_ms(idempotency_ttl))
         self.namespace = namespace
         self.retries = retries
@@ -212,6 +251,58 @@ class _RedisStorageBase:
 
     def _pause(self, attempt: int) -> float:
         return float(min(self.retry_backoff * 2**attempt, 1.0))
+
+    def _waits(self, calls: list[Call]) -> list[bool]:
+        """Which calls a WAIT must follow: with durability="replica", every write."""
+        replica = self.durability == "replica"
+        return [
+            replica and call.script is not None and call.script.name not in READ_SCRIPTS
+            for call in calls
+        ]
+
+    @property
+    def _wait_ms(self) -> int:
+        return max(1, round(self.replica_timeout * 1000))  # WAIT 0 would wait forever
+
+    def _wait_command(self) -> tuple[str | int, ...]:
+        return ("WAIT", 1, self._wait_ms)
+
+    def _replicated(self, replies: list[Any], acks: list[Any], waits: list[bool]) -> list[Any]:
+        """A write whose WAIT saw no replica acknowledge it becomes ReplicationTimeoutError."""
+        out = []
+        for reply, ack, waited in zip(replies, acks, waits, strict=True):
+            if waited and not isinstance(reply, Exception) and not _acknowledged(ack):
+                reply = _not_replicated(ack, self.replica_timeout)
+            out.append(reply)
+        return out
+
+
+def _acknowledged(ack: Any) -> bool:
+    return isinstance(ack, int) and ack >= 1
+
+
+def _not_replicated(ack: Any, timeout: float) -> CrediciError:
+    if isinstance(ack, int):
+        return ReplicationTimeoutError(
+            f"the write was applied on the primary, but no replica acknowledged it within "
+            f"{timeout:g} s: a failover now could lose it; retry it with the same idempotency key",
+            replicas=ack,
+            timeout=timeout,
+        )
+    error: CrediciError
+    if isinstance(ack, redis_errors.ConnectionError | redis_errors.TimeoutError):
+        error = OutcomeUnknownError(
+            f"the write was applied on the primary, but the connection failed while waiting for "
+            f"a replica ({ack}): retry it with the same idempotency key"
+        )
+        error.__cause__ = ack
+        return error
+    error = StorageError(
+        f"the write was applied on the primary, but Redis refused WAIT ({ack}): "
+        "durability='replica' needs WAIT and a replica"
+    )
+    error.__cause__ = ack if isinstance(ack, BaseException) else None
+    return error
 
 
 def to_resend(calls: list[Call], replies: list[Any]) -> list[int]:
@@ -251,6 +342,8 @@ class RedisStorage(_RedisStorageBase):
     """The ledger on a `redis.Redis` (or fakeredis) client, or a `redis.cluster.RedisCluster`.
 
     The storage closes the client on `close()` only if it created it (``from_url``).
+    durability="replica": a write returns once a replica acknowledged it (``WAIT 1``, up to
+    `replica_timeout` seconds), else raises ReplicationTimeoutError.
     """
 
     def __init__(
@@ -262,6 +355,8 @@ class RedisStorage(_RedisStorageBase):
         retries: int = 0,
         retry_backoff: float = 0.05,
         owns_connection: bool = False,
+        durability: Durability = "primary",
+        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
     ) -> None:
         super().__init__(
             namespace,
@@ -269,6 +364,8 @@ class RedisStorage(_RedisStorageBase):
             retries=retries,
             retry_backoff=retry_backoff,
             owns_connection=owns_connection,
+            durability=durability,
+            replica_timeout=replica_timeout,
         )
         self.redis = redis
         self._execute: Callable[..., Any] = redis.execute_command
@@ -343,8 +440,14 @@ class RedisStorage(_RedisStorageBase):
         req = self._retry_safe(req)
         return self.retrying(lambda: self.ledger.reverse(req))
 
-    def audit(self, user_id: str, now_ms: int | None) -> AuditReport:
-        return self.retrying(lambda: self.ledger.audit(user_id, now_ms))
+    def audit(
+        self, user_id: str, now_ms: int | None, archive: ArchiveSource | None = None
+    ) -> AuditReport:
+        snapshot = self.retrying(lambda: self.ledger.audit_snapshot(user_id, now_ms))
+        if archive is None or not snapshot.trimmed:
+            return snapshot.report(())
+        # Read after the snapshot: whatever Redis trimmed before it is in PostgreSQL by now.
+        return snapshot.report(archive.entries_before(user_id, snapshot.trimmed))
 
     def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails:
         return self.retrying(lambda: self.ledger.balance_details(user_id, now_ms))
@@ -472,18 +575,25 @@ class RedisStorage(_RedisStorageBase):
             return [
                 _cluster.scan_reply(self._execute(*c.args, target_nodes=node), node) for c in calls
             ]
-        if len(calls) == 1:  # the hot path: no pipeline object
+        waits = self._waits(calls)
+        if self._cluster:
+            replies, acks = _cluster.send(self.redis, [c.args for c in calls], waits, self._wait_ms)
+            return self._replicated(replies, acks, waits)
+        if len(calls) == 1 and not waits[0]:  # the hot path: no pipeline object
             try:
                 return [self._execute(*calls[0].args)]
             except redis_errors.ResponseError as exc:
                 return [exc]
-        if self._cluster:
-            return _cluster.pipeline(self.redis, [call.args for call in calls])
         pipe: Any = self.redis.pipeline(transaction=False)
         for call in calls:
             pipe.execute_command(*call.args)
-        replies: list[Any] = pipe.execute(raise_on_error=False)
-        return replies
+        if any(waits):  # on the connection that sent the writes, right after them
+            pipe.execute_command(*self._wait_command())
+        replies = pipe.execute(raise_on_error=False)
+        if any(waits):
+            ack = replies.pop()
+            return self._replicated(replies, [ack] * len(replies), waits)
+        return list(replies)
 
 
 class _Batcher:
@@ -555,6 +665,7 @@ class AsyncRedisStorage(_RedisStorageBase):
 
     batching=True: concurrent operations issued in the same event-loop moment share one pipeline
     (same semantics, errors and idempotency; fewer round trips under load).
+    durability="replica": as for `RedisStorage`.
     """
 
     def __init__(
@@ -567,6 +678,8 @@ class AsyncRedisStorage(_RedisStorageBase):
         retry_backoff: float = 0.05,
         batching: bool = False,
         owns_connection: bool = False,
+        durability: Durability = "primary",
+        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
     ) -> None:
         super().__init__(
             namespace,
@@ -574,6 +687,8 @@ class AsyncRedisStorage(_RedisStorageBase):
             retries=retries,
             retry_backoff=retry_backoff,
             owns_connection=owns_connection,
+            durability=durability,
+            replica_timeout=replica_timeout,
         )
         self.redis = redis
         self._execute: Callable[..., Awaitable[Any]] = redis.execute_command
@@ -649,8 +764,14 @@ class AsyncRedisStorage(_RedisStorageBase):
         req = self._retry_safe(req)
         return await self.retrying(lambda: self.ledger.reverse(req))
 
-    async def audit(self, user_id: str, now_ms: int | None) -> AuditReport:
-        return await self.retrying(lambda: self.ledger.audit(user_id, now_ms))
+    async def audit(
+        self, user_id: str, now_ms: int | None, archive: AsyncArchiveSource | None = None
+    ) -> AuditReport:
+        snapshot = await self.retrying(lambda: self.ledger.audit_snapshot(user_id, now_ms))
+        if archive is None or not snapshot.trimmed:
+            return snapshot.report(())
+        # Read after the snapshot: whatever Redis trimmed before it is in PostgreSQL by now.
+        return snapshot.report(await archive.entries_before(user_id, snapshot.trimmed))
 
     async def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails:
         return await self.retrying(lambda: self.ledger.balance_details(user_id, now_ms))
@@ -793,15 +914,24 @@ class AsyncRedisStorage(_RedisStorageBase):
                 _cluster.scan_reply(await self._execute(*c.args, target_nodes=node), node)
                 for c in calls
             ]
-        if len(calls) == 1:  # the hot path: no pipeline object
+        waits = self._waits(calls)
+        if self._cluster:
+            replies, acks = await _cluster.async_send(
+                self.redis, [c.args for c in calls], waits, self._wait_ms
+            )
+            return self._replicated(replies, acks, waits)
+        if len(calls) == 1 and not waits[0]:  # the hot path: no pipeline object
             try:
                 return [await self._execute(*calls[0].args)]
             except redis_errors.ResponseError as exc:
                 return [exc]
-        if self._cluster:
-            return await _cluster.async_pipeline(self.redis, [call.args for call in calls])
         pipe: Any = self.redis.pipeline(transaction=False)
         for call in calls:
             pipe.execute_command(*call.args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
+        if any(waits):  # on the connection that sent the writes, right after them
+            pipe.execute_command(*self._wait_command())
+        replies = await pipe.execute(raise_on_error=False)
+        if any(waits):
+            ack = replies.pop()
+            return self._replicated(replies, [ack] * len(replies), waits)
+        return list(replies)

@@ -2,7 +2,9 @@
 
 Keys, built by credici_redis/_keys.py, in the same order for every script; all share one hash tag:
   KEYS[1] state    hash    bal (negative = debt), cl (credit limit), ms+sq (last history id),
-                           seq (bucket counter), nx (no bucket expires before it), the cycle (c*)
+                           seq (bucket counter), nx (no bucket expires before it), the cycle (c*),
+                           archive: pn (entries not yet archived), ar (archived up to this id),
+                           tm (entries before this id were trimmed away after archiving)
   KEYS[2] order    zset    bucket id -> priority; equal priorities sort by bucket id
   KEYS[3] expiry   zset    bucket id -> expire_at ms, expiring buckets only
   KEYS[4] amounts  hash    bucket id -> credits left, always > 0
@@ -18,7 +20,9 @@ Keys, built by credici_redis/_keys.py, in the same order for every script; all s
                            parts: "bucket:credits:priority;..." (where the held credits came from)
   KEYS[7] timers   zset    hold id -> when it is released by itself (active) or forgotten (done)
   KEYS[8] events   stream  low-balance events of the user's slot (shared by the users of the slot)
-  KEYS[9] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
+  KEYS[9] outbox   zset    the archive outbox of the user's slot (shared by its users): history
+                           stream key -> ms of its oldest entry not yet archived to PostgreSQL
+  KEYS[10] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
 ARGV[1] is always the clock: '' means the server's TIME; tests inject milliseconds.
 ARGV[2] is always a schedule extension for a calendar cycle: '' or "<index>:<ms>,<ms>,..." (the
 boundaries from that period index on, computed by the client after a SCHEDULE reply).
@@ -43,14 +47,27 @@ Numbers are Lua doubles (exact up to 2^53-1, the library's limit); they are alwa
 fmt(), because tostring() switches to exponent notation past 14 digits.
 ]]
 
-local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_IDEM =
+local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_OUTBOX =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local K_IDEM = KEYS[10]
 local RETAIN = 86400000  -- a finished hold is remembered a day: a late second capture gets its answer
 local MAX_CREDITS = 9007199254740991
 local NEVER = 999999999999999
 
 local function fmt(n)
   return string.format('%.0f', n)
+end
+
+-- Stream ids "<ms>-<seq>" as numbers, to compare them.
+local function id_parts(id)
+  local ms, sq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(sq)
+end
+
+local function id_less(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am < bm or (am == bm and as < bs)
 end
 
 local function clock(injected)
@@ -75,6 +92,10 @@ local function save_state(st)
   end
   if st.holds_dirty then
     redis.call('HSET', K_STATE, 'hd', fmt(st.held), 'hx', fmt(st.hx or 0))
+  end
+  if st.appended then
+    redis.call('HINCRBY', K_STATE, 'pn', st.appended)
+    st.appended = nil
   end
 end
 
@@ -103,6 +124,13 @@ local function append(st, kind, amount, at, extra)
   for i = 1, #extra do args[#args + 1] = extra[i] end
   redis.call(unpack(args))
   st.ms, st.sq, st.dirty = ms, sq, true
+  -- The archive's outbox learns that this user has something to archive (from ms on, at the
+  -- latest: NX keeps an earlier mark), in the user's own slot.
+  if not st.appended then
+    redis.call('ZADD', K_OUTBOX, 'NX', ms, K_HISTORY)
+    st.appended = 0
+  end
+  st.appended = st.appended + 1
   if st.low then notice(st, amount, id) end
   return id
 end

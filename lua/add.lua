@@ -1,5 +1,5 @@
 --[[ add.lua: grant credits in a new bucket.
-KEYS  1-8 the user's keys (see _ledger.lua); 9 the idempotency record, when a key was given
+KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 expire_at ms or ''
       5 ttl ms or '' | 6 fingerprint | 7 idempotency retention ms | 8 idempotency key or ''
       9 metadata JSON or '' | 10 priority

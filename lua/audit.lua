@@ -1,7 +1,8 @@
 --[[ audit.lua: bring the user up to now, then return what the audit compares with its history.
-KEYS  1-8 the user's keys (see _ledger.lua)
+KEYS  1-9 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension
 Reply {'OK', balance, last history id (as the state knows it), last id in the stream, held,
+       trim mark (entries before it were archived to PostgreSQL and trimmed; '' = none),
        bucket id, credits left, bucket id, credits left, ...}
       | SCHEDULE
 History: cycle renewals, holds released by their ttl, expired buckets. The history up to the returned id is then read in
@@ -16,7 +17,8 @@ save_state(st)
 local newest = redis.call('XREVRANGE', K_HISTORY, '+', '-', 'COUNT', 1)
 local stream_last = '0-0'
 if #newest > 0 then stream_last = newest[1][1] end
-local reply = { 'OK', fmt(st.bal), fmt(st.ms) .. '-' .. fmt(st.sq), stream_last, fmt(st.held) }
+local reply = { 'OK', fmt(st.bal), fmt(st.ms) .. '-' .. fmt(st.sq), stream_last, fmt(st.held),
+  redis.call('HGET', K_STATE, 'tm') or '' }
 local buckets = redis.call('HGETALL', K_AMOUNTS)
 for i = 1, #buckets do reply[#reply + 1] = buckets[i] end
 return reply

@@ -1,6 +1,6 @@
 --[[ balance.lua: bring the user up to now (cycle renewals, expiry), then read the balance.
 Writes only when a cycle renewed or a bucket expired.
-KEYS  1-8 the user's keys (see _ledger.lua)
+KEYS  1-9 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension
 Reply {'OK', balance} | SCHEDULE
 History: cycle renewals, holds released by their ttl, expired buckets.

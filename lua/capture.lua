@@ -1,5 +1,5 @@
 --[[ capture.lua: charge what a hold was for (all of it, or less) and give back the rest.
-KEYS  1-8 the user's keys (see _ledger.lua); 9 the idempotency record, when a key was given
+KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 hold id (per user) | 4 amount or ''
       (all) | 5 fingerprint | 6 idempotency retention ms | 7 idempotency key or ''
 Reply {'OK', id, 'p', +returned, balance_after, '', ikey, '', hold id, captured}

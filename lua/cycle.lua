@@ -1,5 +1,5 @@
 --[[ cycle.lua: bring the user up to now, then read the current (or last) cycle.
-KEYS  1-8 the user's keys (see _ledger.lua)
+KEYS  1-9 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension
 Reply cycle_reply (see _ledger.lua) | {'NONE'} | SCHEDULE
 History: cycle renewals, holds released by their ttl, expired buckets.

@@ -1,5 +1,5 @@
 --[[ details.lua: bring the user up to now, then read the balance in detail.
-KEYS  1-8 the user's keys (see _ledger.lua)
+KEYS  1-9 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension
 Reply {'OK', balance, credit limit, held, bucket id, credits left, priority, bucket id, ...}
       | SCHEDULE

@@ -1,5 +1,5 @@
 --[[ reserve.lua: hold credits for a charge whose size is known later (capture or release).
-KEYS  1-8 the user's keys (see _ledger.lua); 9 the idempotency record, when a key was given
+KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 ttl ms | 5 fingerprint
       6 idempotency retention ms | 7 idempotency key or '' | 8 metadata JSON or ''
 Reply hold_reply + {transaction id of the "r" entry} | {'IDEM_CONFLICT'}

@@ -1,9 +1,9 @@
 --[[ reverse.lua: undo a subtract, a capture or an add, once.
-KEYS  1-8 the user's keys (see _ledger.lua); 9 the idempotency record, when a key was given
+KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 history entry id to reverse
       4 fingerprint | 5 idempotency retention ms | 6 idempotency key or ''
 Reply {'OK', id, 'v', amount, balance_after, '', ikey, '', reversed entry id, not restored}
-      | {'IDEM_CONFLICT'} | {'NO_TX'} | {'NOT_REVERSIBLE', kind} | {'REVERSED', reversal id}
+      | {'IDEM_CONFLICT'} | {'NO_TX'} | {'ARCHIVED', trim mark} (moved to PostgreSQL) | {'NOT_REVERSIBLE', kind} | {'REVERSED', reversal id}
       | {'BALANCE_LIMIT', balance} (what would come back does not fit under 2^53-1)
       | SCHEDULE
 History: renewals, holds released by their ttl, expired buckets, then one "v" entry linked (o) to
@@ -27,6 +27,8 @@ if ask then return ask end
 local found = redis.call('XRANGE', K_HISTORY, target, target)
 if #found == 0 then
   save_state(st)
+  local trimmed = redis.call('HGET', K_STATE, 'tm')
+  if trimmed and id_less(target, trimmed) then return { 'ARCHIVED', trimmed } end
   return { 'NO_TX' }
 end
 local f = {}

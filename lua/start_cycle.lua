@@ -1,5 +1,5 @@
 --[[ start_cycle.lua: start a cycle granting `amount` until its end; ends the running one first.
-KEYS  1-8 the user's keys (see _ledger.lua); 9 the idempotency record, when a key was given
+KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
 ARGV  1 clock ('' = server TIME) | 2 schedule extension (for the running cycle)
       3 amount (0 allowed) | 4 fixed period ms, or '' for a calendar period
       5 calendar boundaries of the new cycle "B1,B2,..." (calendar only) | 6 period as given

@@ -1,5 +1,5 @@
 --[[ subtract.lua: take credits out, soonest-expiring buckets first, all or nothing.
-KEYS  1-8 the user's keys (see _ledger.lua); 9 the idempotency record, when a key was given
+KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 fingerprint
       5 idempotency retention ms | 6 idempotency key or '' | 7 metadata JSON or ''
 Reply {'OK', id, 's', -amount, balance_after, '', ikey, meta}

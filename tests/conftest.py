@@ -1,35 +1,82 @@
 """Fixtures shared by every test.
 
-The contract suite runs each behaviour against every backend (the real Redis at REDIS_URL and the
-embedded memory://) and every client (sync, asyncio, asyncio with auto-batching). Sync clients are
-wrapped so that one async test body drives them all. Every test gets its own namespace; its keys
-are deleted afterwards.
+The contract suite (tests/contract, tests/test_concurrency.py) runs each behaviour against every
+backend: the real Redis at REDIS_URL, the embedded memory://, PostgreSQL at POSTGRES_URL
+(PostgresStorage), and a storage of your own named by CREDICI_TEST_STORAGE (docs/storage.md);
+and with every client (sync, asyncio, asyncio with auto-batching). Other tests, which look at
+Redis itself, run on the Redis backends (BACKENDS). Sync clients are wrapped so that one async
+test body drives them all. Every test gets its own namespace; its keys and rows are deleted
+afterwards.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 
 from credici_redis import AsyncCrediciClient, CrediciClient
+from credici_redis.postgres import TABLES
 
 REDIS_URL = os.environ.get("CREDICI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get(
+    "CREDICI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+CUSTOM_STORAGE = os.environ.get("CREDICI_TEST_STORAGE", "")
+"""``module:callable`` making a storage of your own: the contract suite runs on it too, as the
+backend "custom". See docs/storage.md."""
+
 BACKENDS = ("redis", "memory")
+"""The Redis backends: tests that read Redis itself run on these."""
+URL_BACKENDS = (*BACKENDS, "postgres")
+"""Backends a client can be made for with from_url."""
+CONTRACT_BACKENDS = (*URL_BACKENDS, "custom") if CUSTOM_STORAGE else URL_BACKENDS
+"""Every backend: the contract suite runs on each."""
+_CONTRACT_PATHS = ("contract", "test_concurrency.py")
 APIS = ("sync", "async", "async-batched")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    # The real Redis is required, never skipped: `./run test` starts it when it is down.
+    # The real Redis and PostgreSQL are required, never skipped: `./run test` starts them when
+    # they are down (and fails under CI=true).
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except redis.RedisError as exc:
         raise pytest.UsageError(f"Redis is not reachable at {REDIS_URL}: {exc}") from exc
+    try:
+        psycopg.connect(POSTGRES_URL, connect_timeout=2).close()
+    except psycopg.Error as exc:
+        raise pytest.UsageError(f"PostgreSQL is not reachable at {POSTGRES_URL}: {exc}") from exc
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that needs a backend and does not name its own runs on every backend if it is part
+    of the contract suite, on the Redis backends otherwise."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        names = marker.args[0]
+        if "backend" in (
+            [n.strip() for n in names.split(",")] if isinstance(names, str) else names
+        ):
+            return
+    path = Path(str(metafunc.definition.path))
+    contract = any(part in _CONTRACT_PATHS for part in path.parts)
+    metafunc.parametrize("backend", CONTRACT_BACKENDS if contract else BACKENDS)
+
+
+def custom_factory() -> Any:
+    """The callable CREDICI_TEST_STORAGE names."""
+    module, _, name = CUSTOM_STORAGE.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class FakeClock:
@@ -73,23 +120,48 @@ def delete_namespace(namespace: str) -> None:
         r.close()
 
 
+def delete_postgres_namespace(namespace: str) -> None:
+    """Every PostgreSQL row of the namespace and of namespaces named after it (a test's
+    neighbour namespace is its name plus a suffix)."""
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        exists = conn.execute("SELECT to_regclass('credici_user_state') IS NOT NULL").fetchone()
+        if not (exists and exists[0]):
+            return
+        for table in TABLES:
+            conn.execute(
+                f"DELETE FROM {table} WHERE namespace LIKE %s",  # type: ignore[arg-type]
+                (namespace + "%",),
+            )
+
+
 @pytest.fixture
-def namespace() -> Iterator[str]:
+def namespace(request: pytest.FixtureRequest) -> Iterator[str]:
     ns = f"t{uuid.uuid4().hex[:12]}"
     yield ns
     delete_namespace(ns)
+    backend = (
+        request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
+    )
+    if backend == "postgres":
+        delete_postgres_namespace(ns)
+    elif backend == "custom":
+        cleanup = getattr(custom_factory(), "delete_namespace", None)
+        if cleanup is not None:
+            cleanup(ns)
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
 def url(backend: str, namespace: str) -> str:
-    # The shared real Redis (namespaced), or an embedded store of this test's own, shared by the
-    # clients the test makes.
-    return REDIS_URL if backend == "redis" else f"memory://{namespace}"
+    # The shared real Redis (namespaced), an embedded store of this test's own, shared by the
+    # clients the test makes, or the shared PostgreSQL (namespaced).
+    if backend == "custom":
+        pytest.fail("the custom backend has no URL: parametrize this test over URL_BACKENDS")
+    return {"redis": REDIS_URL, "postgres": POSTGRES_URL}.get(backend, f"memory://{namespace}")
 
 
 @pytest.fixture
@@ -106,18 +178,32 @@ MakeClient = Callable[..., Any]
 
 
 @pytest.fixture
-async def make_client(api: str, url: str, namespace: str) -> AsyncIterator[MakeClient]:
+async def make_client(api: str, backend: str, namespace: str) -> AsyncIterator[MakeClient]:
     """Builds clients of this test's backend and API; all are closed at the end."""
     made: list[Any] = []
+    url = (
+        {"redis": REDIS_URL, "postgres": POSTGRES_URL}.get(backend, f"memory://{namespace}")
+        if backend != "custom"
+        else ""
+    )
 
     def make(**options: Any) -> Any:
-        if api == "sync":
-            sync = CrediciClient.from_url(url, namespace=namespace, **options)
-            made.append(sync)
-            return SyncAsAsync(sync)
         if api == "async-batched":
             options = {"batching": True, **options}
-        aclient = AsyncCrediciClient.from_url(url, namespace=namespace, **options)
+        clock = options.pop("clock", None)
+        if api == "sync":
+            if backend == "custom":
+                storage = custom_factory()(namespace, asynchronous=False, **options)
+                sync = CrediciClient(storage, clock=clock)
+            else:
+                sync = CrediciClient.from_url(url, namespace=namespace, clock=clock, **options)
+            made.append(sync)
+            return SyncAsAsync(sync)
+        if backend == "custom":
+            astorage = custom_factory()(namespace, asynchronous=True, **options)
+            aclient = AsyncCrediciClient(astorage, clock=clock)
+        else:
+            aclient = AsyncCrediciClient.from_url(url, namespace=namespace, clock=clock, **options)
         made.append(aclient)
         return aclient
 

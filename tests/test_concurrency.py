@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from credici_redis import CrediciClient, InsufficientCreditsError
-from tests.conftest import REDIS_URL
+from tests.conftest import BACKENDS, POSTGRES_URL, REDIS_URL
 
 WORKER = textwrap.dedent(
     """
@@ -41,12 +41,14 @@ def _subtract_entries(history: list[Any]) -> int:
 
 
 @pytest.mark.slow
-def test_eight_processes_never_overspend(namespace: str, user: str) -> None:
-    with CrediciClient.from_url(REDIS_URL, namespace=namespace) as client:
+@pytest.mark.parametrize("backend", ["redis", "postgres"])  # servers other processes can reach
+def test_eight_processes_never_overspend(backend: str, namespace: str, user: str) -> None:
+    url = REDIS_URL if backend == "redis" else POSTGRES_URL
+    with CrediciClient.from_url(url, namespace=namespace) as client:
         client.add(user, 1000)
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", WORKER, REDIS_URL, namespace, user, "200"],
+                [sys.executable, "-c", WORKER, url, namespace, user, "200"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -72,7 +74,7 @@ def test_eight_processes_never_overspend(namespace: str, user: str) -> None:
         assert sum(t.amount for t in history) == 0
 
 
-@pytest.mark.parametrize("backend", ["redis", "memory"])
+@pytest.mark.parametrize("backend", ["redis", "memory", "postgres"])
 def test_threads_never_overspend(url: str, namespace: str, user: str) -> None:
     with CrediciClient.from_url(url, namespace=namespace) as client:
         client.add(user, 300)
@@ -184,6 +186,7 @@ async def test_charging_while_the_cycle_renews_never_exceeds_the_grants(
     assert max(per_period) <= 40
 
 
+@pytest.mark.parametrize("backend", BACKENDS)  # counts Redis pipelines
 @pytest.mark.parametrize("api", ["async-batched"])
 async def test_auto_batching_sends_concurrent_calls_together(client: Any, user: str) -> None:
     await client.add(user, 1000)

@@ -13,18 +13,20 @@ from credici_redis.errors import InvalidInputError
 
 @given(st.text(min_size=1, max_size=80), st.text(min_size=1, max_size=80))
 def test_distinct_users_get_distinct_keys(a: str, b: str) -> None:
-    if a != b:
-        assert set(_keys.user_keys("ns", a)).isdisjoint(_keys.user_keys("ns", b))
+    if a != b:  # the slot's event stream and archive outbox are shared by the slot's users
+        ka, kb = _keys.user_keys("ns", a), _keys.user_keys("ns", b)
+        assert set(ka[:7]).isdisjoint(kb[:7])
+        assert ka.events.endswith("}:ev") and ka.outbox.endswith("}:ob")
 
 
 @given(st.text(min_size=1, max_size=80), st.text(min_size=1, max_size=40))
 def test_every_key_of_a_user_is_in_one_slot_and_maps_back(user: str, idem: str) -> None:
     own = _keys.user_keys("ns", user)
     keys = [*own, _keys.idempotency_key("ns", user, idem)]
-    assert len({key_slot(k.encode()) for k in keys}) == 1  # the slot's event stream included
+    assert len({key_slot(k.encode()) for k in keys}) == 1  # the slot's shared keys included
     for key in keys:
         assert key.startswith("ns:{")
-        if key != own.events:  # shared by the users of the slot
+        if key not in (own.events, own.outbox):  # shared by the users of the slot
             assert _keys.user_from_key("ns", key) == user
 
 

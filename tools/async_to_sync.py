@@ -22,6 +22,7 @@ TARGET = ROOT / "credici_redis" / "_sync_client.py"
 RENAMES = {
     "AsyncCrediciClient": "CrediciClient",
     "AsyncStorage": "Storage",
+    "AsyncArchiveReader": "ArchiveReader",
     "open_async_storage": "open_storage",
     "AsyncIterator": "Iterator",
     "aclose": "close",

@@ -268,12 +268,14 @@ async def test_no_node_answering_is_an_outage() -> None:
 
 
 @pytest.mark.slow
-async def test_a_master_killed_under_load_fails_over() -> None:
+@pytest.mark.parametrize("batching", [False, True])
+async def test_a_master_killed_under_load_fails_over(batching: bool) -> None:
     """SIGKILL the master of some users while 32 tasks charge: once its replica is promoted
-    (4-5 s with a 2 s node timeout), those users are served again by the same client (with
-    auto-batching: see docs/cluster.md for the plain asyncio client), and
+    (4-5 s with a 2 s node timeout), those users are served again by the same client (with and
+    without auto-batching), and
     every balance still equals its history. (Replication is asynchronous: a charge that the dead
-    master acknowledged but had not yet sent to its replica is lost with it; Redis's trade-off.)"""
+    master acknowledged but had not yet sent to its replica is lost with it, unless
+    durability="replica": test_durability.py.)"""
     local = start_cluster()
     try:
         probe = redis.cluster.RedisCluster.from_url(local.url)
@@ -283,7 +285,7 @@ async def test_a_master_killed_under_load_fails_over() -> None:
         victims = [u for u in users if _node_of(probe, namespace, u) == victim_name]
         probe.close()
         client = AsyncCrediciClient.from_url(
-            local.url, namespace=namespace, cluster=True, retries=12, timeout=1.0, batching=True
+            local.url, namespace=namespace, cluster=True, retries=12, timeout=1.0, batching=batching
         )
         await client.add_many(users_of(users, 1_000_000))
         served_after: Counter[str] = Counter()

@@ -9,7 +9,7 @@ import pytest
 
 from credici_redis import _keys
 from credici_redis.cli import main
-from tests.conftest import REDIS_URL, FakeClock, SyncAsAsync
+from tests.conftest import REDIS_URL, URL_BACKENDS, FakeClock, SyncAsAsync
 
 DAY = timedelta(days=1)
 
@@ -48,6 +48,7 @@ async def test_unknown_user_audits_clean(client: Any, user: str) -> None:
     assert (report.ok, report.entries, report.balance, report.buckets) == (True, 0, 0, 0)
 
 
+@pytest.mark.parametrize("backend", URL_BACKENDS)  # opens a neighbour namespace by URL
 async def test_scan_users_sees_this_namespace_only(
     make_client: Any, clock: FakeClock, url: str, namespace: str, api: str
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from credici_redis import InvalidAmountError
 from credici_redis.errors import InvalidInputError
-from tests.conftest import FakeClock, SyncAsAsync
+from tests.conftest import BACKENDS, FakeClock, SyncAsAsync
 
 
 async def collect(client: Any, **options: Any) -> list[Any]:
@@ -91,6 +91,7 @@ async def test_a_group_shares_events_and_groups_each_get_all(
     assert len({e.event_id for e in first}) == 40
 
 
+@pytest.mark.parametrize("backend", BACKENDS)  # drives the Redis storage's own event calls
 @pytest.mark.parametrize("api", ["sync"])
 async def test_events_a_dead_consumer_held_are_taken_over(client: Any, user: str) -> None:
     import asyncio

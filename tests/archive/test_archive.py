@@ -1,0 +1,262 @@
+"""The archive: Redis history -> PostgreSQL, one seamless history, lag, trimming, CLI.
+
+Runs on the real Redis and on memory:// (the archiver then drives the same fakeredis server the
+clients use), always against the real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import fakeredis
+import psycopg
+import pytest
+import redis
+
+from credici_redis import AsyncCrediciClient, CrediciClient, _connect, _keys
+from credici_redis.archive import (
+    Archiver,
+    ArchiveReader,
+    AsyncArchiver,
+    merge,
+)
+from credici_redis.cli import main
+from credici_redis.errors import InvalidInputError, TransactionArchivedError
+from credici_redis.storage import RedisStorage
+from tests.conftest import REDIS_URL, FakeClock
+
+
+@pytest.fixture
+def raw(url: str) -> Any:
+    """A plain Redis client on the test's store, to look at keys."""
+    if url.startswith("memory://"):
+        return fakeredis.FakeRedis(server=_connect._memory_server(url))
+    return redis.Redis.from_url(url)
+
+
+def archiver(url: str, namespace: str, postgres_url: str, **options: Any) -> Archiver:
+    storage = _connect.open_storage(url, namespace, idempotency_ttl=timedelta(days=1))
+    assert isinstance(storage, RedisStorage)
+    return Archiver(storage=storage, postgres_url=postgres_url, namespace=namespace, **options)
+
+
+def rows(pg: psycopg.Connection, namespace: str) -> list[tuple[Any, ...]]:
+    return pg.execute(
+        "SELECT transaction_id, user_id, amount, balance_after FROM credici_history"
+        " WHERE namespace = %s ORDER BY user_id, created_at, entry_seq",
+        (namespace,),
+    ).fetchall()
+
+
+def charge(client: CrediciClient, users: list[str], rounds: int) -> None:
+    for r in range(rounds):
+        for u in users:
+            client.add(u, 10, metadata={"r": str(r)})
+            client.subtract(u, 3)
+
+
+def test_a_pass_moves_every_entry_once_and_redis_forgets_them(
+    url: str, namespace: str, pg: psycopg.Connection, postgres_url: str, raw: Any
+) -> None:
+    users = [f"u{i}" for i in range(7)] + ["ü:{odd}\x00 id"]  # PostgreSQL text has no NUL
+    plain = CrediciClient.from_url(url, namespace=namespace)
+    charge(plain, users, 4)
+    before = {u: plain.get_all_user_transactions(u) for u in users}
+    with archiver(url, namespace, postgres_url, keep=timedelta(0)) as job:
+        lag = job.lag()
+        assert lag.users_pending == len(users)
+        assert lag.entries_pending == 8 * len(users)
+        assert lag.oldest_unarchived == min(tx.created_at for h in before.values() for tx in h)
+        stats = job.run_once()
+        assert (stats.users, stats.entries, stats.trimmed) == (len(users), 64, 64)
+        after = job.lag()
+        assert (after.users_pending, after.entries_pending, after.oldest_unarchived) == (0, 0, None)
+        again = job.run_once()
+        assert (again.entries, again.trimmed) == (0, 0)
+    found = rows(pg, namespace)
+    assert len(found) == 64 == len({r[0] for r in found})
+    assert {r[0] for r in found} == {tx.transaction_id for h in before.values() for tx in h}
+    for u in users:
+        assert raw.xlen(_keys.user_keys(namespace, u).history) == 0
+    # Without the archive the history is what Redis still keeps; with it, all of it.
+    assert plain.get_all_user_transactions(users[0]) == []
+    assert not plain.audit(users[0]).ok
+    with CrediciClient.from_url(url, namespace=namespace, archive_url=postgres_url) as client:
+        for u in users:
+            assert client.get_all_user_transactions(u) == before[u]
+            assert client.audit(u).ok
+            assert client.get_balance(u) == 28
+    plain.close()
+
+
+async def test_history_is_seamless_across_the_archive_and_redis(
+    url: str, namespace: str, pg: psycopg.Connection, postgres_url: str
+) -> None:
+    clock = FakeClock()
+    clock.now = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=10)
+    sync = CrediciClient.from_url(url, namespace=namespace, clock=clock)
+    made: list[datetime] = []
+    for day in range(6):  # days -10 .. -5: archived and trimmed
+        made.append(sync.add("alice", 100 + day, metadata={"day": str(day)}).created_at)
+        clock.advance(timedelta(days=1))
+    with archiver(url, namespace, postgres_url, keep=timedelta(0)) as job:
+        assert job.run_once().trimmed == 6
+    for day in range(6, 9):  # days -4 .. -2: in Redis only
+        made.append(sync.subtract("alice", day).created_at)
+        clock.advance(timedelta(days=1))
+    sync.close()
+    expected_amounts = [-8, -7, -6, 105, 104, 103, 102, 101, 100]
+    for client in (
+        CrediciClient.from_url(url, namespace=namespace, archive_url=postgres_url, clock=clock),
+        AsyncCrediciClient.from_url(
+            url, namespace=namespace, archive_url=postgres_url, clock=clock
+        ),
+    ):
+
+        async def call(name: str, *args: Any, c: Any = client) -> Any:
+            result = getattr(c, name)(*args)
+            return await result if isinstance(c, AsyncCrediciClient) else result
+
+        everything = await call("get_all_user_transactions", "alice")
+        assert [tx.amount for tx in everything] == expected_amounts
+        assert len({tx.transaction_id for tx in everything}) == 9
+        # A period that straddles the seam: from day 3 (archived) to day 7 (Redis), inclusive.
+        period = await call("get_user_transactions_for_period", "alice", made[3], made[7])
+        assert [tx.amount for tx in period] == [-7, -6, 105, 104, 103]
+        only_old = await call("get_user_transactions_for_period", "alice", made[0], made[1])
+        assert [tx.amount for tx in only_old] == [101, 100]
+        assert (await call("audit", "alice")).ok
+        if isinstance(client, AsyncCrediciClient):
+            await client.aclose()
+        else:
+            client.close()
+
+
+def test_kept_entries_stay_in_redis_until_their_time_then_go(
+    url: str, namespace: str, pg: psycopg.Connection, postgres_url: str, raw: Any
+) -> None:
+    client = CrediciClient.from_url(url, namespace=namespace, archive_url=postgres_url)
+    grant = client.add("bob", 50)
+    spend = client.subtract("bob", 20)
+    history = _keys.user_keys(namespace, "bob").history
+    with archiver(url, namespace, postgres_url, keep=timedelta(hours=1)) as job:
+        stats = job.run_once()
+        assert (stats.entries, stats.trimmed) == (2, 0)
+        assert raw.xlen(history) == 2  # archived, and kept: reverse needs them
+        assert job.lag().users_pending == 0
+    assert len(rows(pg, namespace)) == 2
+    # In both places, returned once.
+    assert client.get_all_user_transactions("bob") == [spend, grant]
+    assert client.reverse(spend.transaction_id).amount == 20
+    # An archiver that keeps nothing trims them, though nothing new was written since.
+    with archiver(url, namespace, postgres_url, keep=timedelta(0)) as job:
+        stats = job.run_once()
+        assert (stats.entries, stats.trimmed) == (1, 3)
+    assert raw.xlen(history) == 0
+    with pytest.raises(TransactionArchivedError):
+        client.reverse(grant.transaction_id)
+    assert [tx.kind for tx in client.get_all_user_transactions("bob")] == [
+        "reverse", "subtract", "add",
+    ]  # fmt: skip
+    assert client.audit("bob").ok
+    client.close()
+
+
+def test_two_archivers_at_once_insert_nothing_twice(
+    url: str, namespace: str, pg: psycopg.Connection, postgres_url: str
+) -> None:
+    client = CrediciClient.from_url(url, namespace=namespace)
+    users = [f"c{i}" for i in range(30)]
+    charge(client, users, 3)
+    jobs = [
+        archiver(url, namespace, postgres_url, keep=timedelta(0), users_per_batch=4,
+                 entries_per_user=2)
+        for _ in range(2)
+    ]  # fmt: skip
+    for job in jobs:
+        job.init_schema()
+    threads = [threading.Thread(target=job.run_once) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert jobs[0].run_once().entries == 0
+    for job in jobs:
+        job.close()
+    found = rows(pg, namespace)
+    assert len(found) == 180 == len({r[0] for r in found})
+    client.close()
+
+
+def test_history_with_an_archive_is_indexed(pg: psycopg.Connection, namespace: str) -> None:
+    pg.execute("SET enable_seqscan = off")
+    plan = pg.execute(
+        "EXPLAIN SELECT fields FROM credici_history WHERE namespace = %s AND user_id = %s"
+        " AND created_at >= now() - interval '1 day' AND created_at < now()"
+        " ORDER BY created_at DESC, entry_seq DESC",
+        (namespace, "alice"),
+    ).fetchall()
+    text = "\n".join(r[0] for r in plan)
+    assert "Index" in text and "credici_history_pkey" in text and "Sort" not in text
+
+
+def test_bad_archiver_settings_are_typed_errors(url: str, namespace: str) -> None:
+    with pytest.raises(InvalidInputError):
+        Archiver(REDIS_URL, "mysql://x", namespace=namespace)
+    with pytest.raises(InvalidInputError):
+        Archiver(REDIS_URL, "postgresql://x", namespace=namespace, keep=timedelta(seconds=-1))
+    with pytest.raises(InvalidInputError):
+        Archiver(REDIS_URL, "postgresql://x", namespace="bad name")
+    with pytest.raises(InvalidInputError):
+        CrediciClient.from_url(url, namespace=namespace, archive_url="redis://x")
+
+
+def test_merge_prefers_redis_and_sorts_newest_first(url: str, namespace: str) -> None:
+    client = CrediciClient.from_url(url, namespace=namespace)
+    a, b, c = (client.add("m", n) for n in (1, 2, 3))
+    assert merge([c, b], [b, a]) == [c, b, a]
+    assert merge([c], []) == [c]
+    client.close()
+
+
+@pytest.mark.parametrize("backend", ["redis"])  # a URL another thread or process can reach
+async def test_async_archiver_and_reader(
+    url: str, namespace: str, pg: psycopg.Connection, postgres_url: str
+) -> None:
+    client = CrediciClient.from_url(url, namespace=namespace)
+    client.add("d", 5)
+    async with AsyncArchiver(url, postgres_url, namespace=namespace, keep=timedelta(0)) as job:
+        assert (await job.lag()).entries_pending == 1
+        assert (await job.run_once()).entries == 1
+    reader = ArchiveReader(postgres_url, namespace)
+    assert [e[1]["n"] for e in reader.entries_before("d", "99999999999999-0")] == ["5"]
+    reader.close()
+    client.close()
+
+
+@pytest.mark.parametrize("backend", ["redis"])
+def test_cli_archive(
+    url: str,
+    namespace: str,
+    pg: psycopg.Connection,
+    postgres_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client = CrediciClient.from_url(url, namespace=namespace)
+    client.add("e", 5)
+    client.subtract("e", 2)
+    common = ["--redis-url", url, "--postgres-url", postgres_url, "--namespace", namespace]
+    assert main([*common, "archive", "--init"]) == 0
+    assert main([*common, "archive", "--lag"]) == 0
+    assert "2 entries of 1 users waiting" in capsys.readouterr().out
+    assert main([*common, "archive", "--once", "--keep", "0s", "--no-progress"]) == 0
+    assert "archived 2 entries of 1 users" in capsys.readouterr().out
+    assert main([*common, "archive", "--lag"]) == 0
+    assert "nothing waiting" in capsys.readouterr().out
+    assert main([*common, "history", "e", "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main([*common, "audit", "e"]) == 0
+    assert main([*common, "archive", "--keep", "soon"]) == 2
+    client.close()
