@@ -68,11 +68,16 @@ async def test_all_keys_of_a_user_share_one_slot(
         await client.start_cycle(5, 30, uid)
     keys = [k.decode() for k in await _scan(client, f"{namespace}:*")]
     by_user: dict[str, set[int]] = {}
+    shared: set[int] = set()  # a slot's event stream and archive outbox, shared by its users
     for key in keys:
         assert key.startswith(namespace + ":")
+        if key.startswith(namespace + ":{%S"):
+            shared.add(key_slot(key.encode()))
+            continue
         by_user.setdefault(_keys.user_from_key(namespace, key), set()).add(key_slot(key.encode()))
     assert set(by_user) == set(users)
     assert all(len(slots) == 1 for slots in by_user.values())
+    assert shared == {_keys.user_slot(u) for u in users}  # each user's outbox is in its slot
 
 
 async def _scan(client: Any, pattern: str) -> list[bytes]:
