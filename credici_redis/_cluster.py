@@ -139,7 +139,7 @@ class Routing:
         if self._again and time.monotonic() > self._deadline:
             for i in self._pending:  # still redirected: it never ran
                 self.replies[i] = redis_errors.TryAgainError(
-                    f"not sent: still redirected when the timeout passed ({self._again[i]})"
+                    f"not sent: still redirected when the timeout passed ({self._again.get(i)})"
                 )
             self._pending = []
         by_node: dict[str, NodeBatch] = {}
@@ -232,36 +232,37 @@ def send(
     """Send calls over a sync cluster client: (replies or errors in place, WAIT replies)."""
     routing = Routing(client, args, wait, wait_ms, patience(client))
     while batches := routing.batches():
-        sent = []
-        for batch in batches:  # write to every node, then read from each
-            try:
-                node = client.get_redis_connection(batch.node)
-                connection = node.connection_pool.get_connection()
-            except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
-                routing.failed(batch, exc)
-                continue
-            try:
-                connection.send_packed_command(connection.pack_commands(batch.commands))
-            except LOST as exc:
-                connection.disconnect()
+        sent: list[tuple[NodeBatch, Any, Any]] = []
+        try:
+            for batch in batches:  # write to every node, then read from each
+                try:
+                    node = client.get_redis_connection(batch.node)
+                    connection = node.connection_pool.get_connection()
+                except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
+                    routing.failed(batch, exc)
+                    continue
+                sent.append((batch, node, connection))
+                try:
+                    connection.send_packed_command(connection.pack_commands(batch.commands))
+                except redis_errors.RedisError as exc:
+                    sent.pop()
+                    connection.disconnect()
+                    node.connection_pool.release(connection)
+                    routing.failed(batch, exc)
+            while sent:
+                batch, node, connection = sent[0]
+                try:
+                    replies = _read(node, connection, batch.commands)
+                except redis_errors.RedisError as exc:  # it may have run: never sent again
+                    connection.disconnect()
+                    routing.failed(batch, exc)
+                else:
+                    routing.took(batch, replies)
                 node.connection_pool.release(connection)
-                routing.failed(batch, exc)
-                continue
-            sent.append((batch, node, connection))
-        for batch, node, connection in sent:
-            replies: list[Any] = []
-            try:
-                for command in batch.commands:
-                    try:
-                        replies.append(node.parse_response(connection, command[0]))
-                    except redis_errors.ResponseError as exc:
-                        replies.append(exc)
-            except LOST as exc:
+                sent.pop(0)
+        finally:  # interrupted (or a bug): no connection goes back with replies left unread
+            for _, node, connection in sent:
                 connection.disconnect()
-                routing.failed(batch, exc)
-            else:
-                routing.took(batch, replies)
-            finally:
                 node.connection_pool.release(connection)
         for moved in routing.moved:
             with suppress(redis_errors.RedisError, redis_errors.RedisClusterException):
@@ -270,6 +271,16 @@ def send(
             refresh(client)
         time.sleep(routing.pause())
     return routing.replies, routing.acks
+
+
+def _read(node: Any, connection: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    replies: list[Any] = []
+    for command in commands:
+        try:
+            replies.append(node.parse_response(connection, command[0]))
+        except redis_errors.ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 def refresh(client: Any) -> None:

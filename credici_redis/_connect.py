@@ -69,8 +69,8 @@ def _cluster_scheme(url: str, cluster: bool) -> str:
 def _cluster_options(
     timeout: float, max_connections: int, options: dict[str, Any]
 ) -> dict[str, Any]:
-    # No retry (a command that may have run is never re-sent); redis-py still follows MOVED, ASK
-    # and TRYAGAIN, which mean the command did not run.
+    # No retry (a command that may have run is never re-sent); MOVED, ASK and TRYAGAIN, which
+    # mean the command did not run, are followed (by the storage's routing, `_cluster.Routing`).
     return {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
