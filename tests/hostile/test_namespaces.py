@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from credici_redis import AsyncCrediciClient, CrediciClient, InvalidInputError
+from credici_redis import AsyncCrediciClient, CrediciClient, InvalidInputError, _keys
 from credici_redis._keys import user_tag
 from tests.conftest import REDIS_URL, SyncAsAsync, delete_namespace
 from tests.hostile.test_hostile_input import Seen, forget, hostile_settings, look, raw_redis, scan
@@ -146,7 +146,9 @@ async def test_two_namespaces_never_see_each_other(
     assert keys_a and keys_b and not keys_a & keys_b
     for ns, user, keys in ((ns_a, u_a, keys_a), (ns_b, u_b, keys_b)):
         prefix = f"{ns}:{{{user_tag(user)}}}:".encode()
-        assert all(key.startswith(prefix) for key in keys), (prefix, keys)
+        # ... or the user's slot's shared keys (the archive outbox, events): same slot
+        slot_prefix = f"{ns}:{{{_keys.slot_tag(_keys.user_slot(user))}}}:".encode()
+        assert all(key.startswith((prefix, slot_prefix)) for key in keys), (prefix, keys)
         assert len({key_slot(key) for key in keys}) == 1
         for other, _ in namespaces.values():
             if other != ns:
