@@ -168,8 +168,13 @@ async def test_charging_while_the_cycle_renews_never_exceeds_the_grants(
                 await asyncio.sleep(0.005)
 
     await asyncio.gather(*(worker() for _ in range(32)))
-    history = await client.get_all_user_transactions(user)
-    balance = await client.get_balance(user)
+    # The cycle keeps renewing on the real clock: a renewal between the two reads (likely on a
+    # slower backend) would pair a balance with an older history, so read until both are stable.
+    for _ in range(20):
+        history = await client.get_all_user_transactions(user)
+        balance = await client.get_balance(user)
+        if await client.get_all_user_transactions(user) == history:
+            break
     assert balance == sum(t.amount for t in history) == history[0].balance_after
     charges = [t for t in history if t.kind == "subtract"]
     assert len(charges) == accepted > 40
