@@ -264,7 +264,7 @@ class Ledger:
                 self.idempotency_ttl_ms, req.idempotency_key or "", req.metadata_json,
             )
         ])  # fmt: skip
-        return parse_hold(req.user_id, reply, req.amount)
+        return parse_hold(req.user_id, reply, req.amount, key=req.idempotency_key)
 
     def capture(self, req: CaptureRequest) -> Flow[Transaction]:
         (reply,) = yield from self._scheduled(lambda extension: [
@@ -274,7 +274,7 @@ class Ledger:
                 self.idempotency_ttl_ms, req.idempotency_key or "",
             )
         ])  # fmt: skip
-        fields = _checked_hold(reply, req.hold_id, req.amount)
+        fields = _checked_hold(reply, req.hold_id, req.amount, req.user_id, req.idempotency_key)
         tx = _transaction(req.user_id, fields)
         return tx.model_copy(update={"hold_id": req.hold_id, "captured": int(fields[9])})
 
@@ -357,7 +357,7 @@ class Ledger:
                 self.idempotency_ttl_ms, req.idempotency_key or "",
             )
         ])  # fmt: skip
-        cycle = parse_cycle(req.user_id, reply)
+        cycle = parse_cycle(req.user_id, reply, req.amount, req.idempotency_key)
         if cycle is None:
             raise StorageError(f"start_cycle got no cycle back: {reply!r}")
         return cycle
@@ -599,11 +599,12 @@ def parse_transaction(user_id: str, reply: Any, amount: int, key: str | None) ->
 STATUSES: dict[str, CycleStatus] = {"a": "active", "c": "canceled", "e": "ended"}
 
 
-def parse_cycle(user_id: str, reply: Any) -> Cycle | None:
-    """A cycle_reply (see lua/_ledger.lua), or None for NONE / NO_CYCLE."""
+def parse_cycle(user_id: str, reply: Any, amount: int = 0, key: str | None = None) -> Cycle | None:
+    """A cycle_reply (see lua/_ledger.lua), or None for NONE / NO_CYCLE. amount and key: the
+    request's, for the facts of its errors (start_cycle)."""
     if isinstance(reply, list) and reply and text(reply[0]) in ("NONE", "NO_CYCLE"):
         return None
-    f = _checked(reply, user_id, 0, None)
+    f = _checked(reply, user_id, amount, key)
     # OK, ci, cs, ce, ca, cg, cu, cad, status, crn, cro, cp, ctz
     return Cycle(
         user_id=user_id,
@@ -682,7 +683,9 @@ HOLD_STATUSES: dict[str, HoldStatus] = {
 }
 
 
-def _checked_hold(reply: Any, hold_id: str, amount: int | None) -> list[str]:
+def _checked_hold(
+    reply: Any, hold_id: str, amount: int | None, user_id: str = "", key: str | None = None
+) -> list[str]:
     """A hold script's reply, with the hold's own errors raised."""
     if isinstance(reply, list) and reply:
         code = text(reply[0])
@@ -692,14 +695,16 @@ def _checked_hold(reply: Any, hold_id: str, amount: int | None) -> list[str]:
             raise HoldFinishedError(hold_id, text(reply[1]))
         if code == "HOLD_EXCEEDED":
             raise CaptureExceedsHoldError(hold_id, amount or 0, int(text(reply[1])))
-    return _checked(reply, "", amount or 0, None)
+    return _checked(reply, user_id, amount or 0, key)
 
 
-def parse_hold(user_id: str, reply: Any, amount: int, hold_id: str = "") -> Hold:
+def parse_hold(
+    user_id: str, reply: Any, amount: int, hold_id: str = "", key: str | None = None
+) -> Hold:
     # OK, hold id, amount, status, created, expires, captured[, reserve entry id]
     if isinstance(reply, list) and reply and text(reply[0]) == "INSUFFICIENT":
         raise InsufficientCreditsError(user_id, amount, int(text(reply[1])))
-    f = _checked_hold(reply, hold_id, amount)
+    f = _checked_hold(reply, hold_id, amount, user_id, key)
     return Hold(
         hold_id=_keys.hold_id(user_id, f[1]),
         user_id=user_id,

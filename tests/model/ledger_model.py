@@ -1,0 +1,701 @@
+"""A pure-Python reference model of the ledger, written from the README's semantics.
+
+It knows nothing of Redis or Lua: times are integer milliseconds, a user is a set of buckets, a
+balance, a list of history entries, holds and at most one cycle. `test_state_machine` runs random
+operations on it and on the real store side by side.
+
+Time is modelled as a sequence of events: whatever became due since the user's last operation
+(cycle boundaries, hold ttls, bucket expiries) happens inside the next operation, each at its own
+time, in time order (at the same moment: the cycle boundary, then holds, then buckets). Nothing
+here is lazy in a way the README does not promise.
+
+Identities the store makes up (transaction ids, hold ids, bucket ids) are the model's own here:
+an entry is known by its position in the user's history, a hold by its number, a bucket by its
+creation number; the state machine learns which store id is which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from credici_redis.errors import (
+    AlreadyReversedError,
+    CaptureExceedsHoldError,
+    CrediciError,
+    CycleNotFoundError,
+    HoldFinishedError,
+    HoldNotFoundError,
+    IdempotencyConflictError,
+    InsufficientCreditsError,
+    InvalidAmountError,
+    InvalidExpiryError,
+    NotReversibleError,
+    TransactionNotFoundError,
+)
+
+MAX_CREDITS = 2**53 - 1
+"""The largest balance (and amount): Lua numbers are doubles, exact up to here."""
+DAY = 86_400_000
+KNOWN_BUG_FORGOTTEN_HOLD = True
+"""KNOWN BUG (test_a_hold_that_timed_out_over_a_day_ago_is_unknown): a hold the store releases
+by its ttl inside an operation stays known in that operation, however long ago it timed out."""
+KNOWN_BUG_CATCH_UP_ORDER = True
+"""KNOWN BUG (tests/model/test_known_bugs.py, the first two tests): the store brings a user up
+to date out of time order. Until it is fixed, the model follows the store's order, so that the
+state machine can look for other differences; set this to False with the fix."""
+HOLD_MEMORY = DAY
+"""A finished hold is remembered a day, then it is unknown."""
+
+
+class Refused(Exception):
+    """What the store must raise: the error class and its facts, in the model's own identities
+    (`hold`: a hold number, `entry`/`reversal`: positions in the user's history)."""
+
+    def __init__(self, error: type[CrediciError], **facts: Any) -> None:
+        super().__init__(error.__name__, facts)
+        self.error = error
+        self.facts = facts
+
+
+@dataclass
+class Bucket:
+    """Credits of one grant: what is left of them, until when, and where they burn."""
+
+    seq: int  # creation order, per user
+    left: int
+    expire_at: int | None  # ms; None = never
+    priority: int = 0
+
+    def burn_key(self) -> tuple[int, bool, int, int]:
+        # Priority ascending, then soonest expiry, never-expiring last, ties oldest first.
+        return (self.priority, self.expire_at is None, self.expire_at or 0, self.seq)
+
+    def usable(self, now: int) -> bool:
+        return self.expire_at is None or now < self.expire_at
+
+
+Parts = tuple[tuple[int, int], ...]
+"""Where credits came from: (bucket seq, credits), in the order they were taken."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One history entry as a `Transaction` reports it (times in ms; `hold` a hold number,
+    `related` the position of the reversed entry). The rest is the model's bookkeeping."""
+
+    kind: str
+    amount: int
+    created_at: int
+    balance_after: int
+    expire_at: int | None = None
+    idempotency_key: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    hold: int | None = None
+    captured: int | None = None
+    related: int | None = None
+    unrestored: int | None = None
+    # Not part of a Transaction:
+    parts: Parts = field(default=(), compare=False)  # subtract / capture: buckets charged
+    bucket: int | None = field(default=None, compare=False)  # add: the bucket it made
+
+
+@dataclass
+class Hold:
+    number: int
+    amount: int
+    created_at: int
+    expires_at: int
+    parts: Parts
+    entry: int  # position of its "reserve" entry
+    status: str = "active"
+    captured: int = 0
+    ended_at: int | None = None
+
+    def snapshot(self) -> HoldView:
+        return HoldView(
+            self.number, self.amount, self.status, self.created_at, self.expires_at, self.captured
+        )
+
+
+@dataclass(frozen=True)
+class HoldView:
+    """A `Hold` as the store reports it (the reserve's entry aside)."""
+
+    number: int
+    amount: int
+    status: str
+    created_at: int
+    expires_at: int
+    captured: int
+
+
+@dataclass
+class Cycle:
+    anchor: int
+    period: int  # ms
+    given_period: object  # time_delta as given
+    amount: int
+    renew: bool
+    rollover: int | None
+    index: int = 0  # periods since the anchor
+    started_at: int = 0
+    ends_at: int = 0
+    entry: int = 0  # position of its current "cycle_start" entry
+    granted: int = 0
+    used: int = 0
+    added: int = 0
+    canceled: bool = False
+    ended: bool = False
+    bucket: int | None = None  # the grant's bucket
+
+    def running(self, now: int) -> bool:
+        return not self.ended and now < self.ends_at
+
+    def view(self, now: int) -> CycleView:
+        status = "ended" if self.ended or now >= self.ends_at else "active"
+        if status == "active" and self.canceled:
+            status = "canceled"
+        return CycleView(
+            self.entry,
+            self.started_at,
+            self.ends_at,
+            self.amount,
+            status,
+            self.renew,
+            self.rollover,
+            self.granted,
+            self.used,
+            self.added,
+            self.given_period,
+        )
+
+
+@dataclass(frozen=True)
+class CycleView:
+    """A `Cycle` as the store reports it (`entry`: position of its cycle_start entry)."""
+
+    entry: int
+    started_at: int
+    ends_at: int
+    amount: int
+    status: str
+    renew: bool
+    rollover: int | None
+    granted: int
+    used: int
+    added: int
+    period: object
+
+
+Fingerprint = tuple[object, ...]
+
+
+class UserLedger:
+    """One user: buckets, balance, history, idempotency records, holds, cycle, credit limit."""
+
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+        self.all_buckets: list[Bucket] = []  # by seq - 1; emptied ones stay (a return refills)
+        self.balance = 0  # negative: debt
+        self.held = 0
+        self.limit = 0
+        self.history: list[Entry] = []  # oldest first
+        self.records: dict[str, tuple[Fingerprint, object]] = {}
+        self.holds: list[Hold] = []  # by number - 1
+        self.cycle: Cycle | None = None
+        self.reversals: dict[int, int] = {}  # entry position -> its reversal's position
+        self.just_settled: set[int] = set()  # holds the last catch-up released by their ttl
+
+    # Views.
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        """The buckets holding credits, in burn order."""
+        return sorted((b for b in self.all_buckets if b.left > 0), key=Bucket.burn_key)
+
+    def live_buckets(self, now: int) -> list[Bucket]:
+        """The buckets usable at `now`, in burn order, without recording anything."""
+        return [b for b in self.buckets if b.usable(now)]
+
+    def bucket(self, seq: int) -> Bucket:
+        return self.all_buckets[seq - 1]
+
+    def hold(self, number: int) -> Hold:
+        return self.holds[number - 1]
+
+    # Operations. Each takes the clock (`now`, ms) and returns what the store should return, or
+    # raises Refused. A replay returns the original result and changes nothing; so does a request
+    # refused before it reaches the user (bad input, a conflicting key). Anything else first
+    # brings the user up to `now`, even when it is then refused.
+
+    def add(
+        self,
+        amount: int,
+        now: int,
+        *,
+        expire_at: int | None = None,
+        ttl: int | None = None,
+        key: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        priority: int = 0,
+    ) -> Entry:
+        assert 1 <= amount <= MAX_CREDITS and (expire_at is None or ttl is None)
+        meta = dict(metadata or {})
+        fingerprint = ("add", amount, expire_at, ttl, tuple(sorted(meta.items())), priority)
+        prior = self._replay(key, fingerprint)
+        if prior is not None:
+            assert isinstance(prior, Entry)
+            return prior
+        if ttl is not None:
+            expire_at = now + ttl
+        if expire_at is not None and expire_at <= now:
+            raise Refused(InvalidExpiryError)
+        self.catch_up(now)
+        if amount > self._room():
+            raise Refused(InvalidAmountError, amount=amount)
+        fill = amount - self._repay(amount)
+        seq = self._new_bucket(fill, expire_at, priority) if fill else None
+        self.balance += amount
+        if self.cycle is not None and self.cycle.running(now):
+            self.cycle.added += amount
+        entry = self._append(Entry("add", amount, now, 0, expire_at, key, meta, bucket=seq), at=now)
+        self._remember(key, fingerprint, entry)
+        return entry
+
+    def subtract(
+        self,
+        amount: int,
+        now: int,
+        *,
+        key: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Entry:
+        assert 1 <= amount <= MAX_CREDITS
+        meta = dict(metadata or {})
+        fingerprint = ("subtract", amount, tuple(sorted(meta.items())))
+        prior = self._replay(key, fingerprint)
+        if prior is not None:
+            assert isinstance(prior, Entry)
+            return prior
+        self.catch_up(now)
+        if self.balance - amount < -self.limit:
+            raise Refused(
+                InsufficientCreditsError,
+                user_id=self.user_id,
+                requested=amount,
+                available=self.balance + self.limit,
+            )
+        # Out of the buckets as far as there are credits; past that, it is debt.
+        parts = self._take(min(amount, max(self.balance, 0)))
+        self.balance -= amount
+        if self.cycle is not None and self.cycle.running(now):
+            self.cycle.used += amount
+        entry = self._append(
+            Entry("subtract", -amount, now, 0, None, key, meta, parts=parts), at=now
+        )
+        self._remember(key, fingerprint, entry)
+        return entry
+
+    def set_credit_limit(self, limit: int, now: int) -> None:
+        self.catch_up(now)
+        self.limit = limit
+
+    def reserve(
+        self,
+        amount: int,
+        ttl: int,
+        now: int,
+        *,
+        key: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> tuple[HoldView, int]:
+        """The hold, and the position of its "reserve" entry."""
+        meta = dict(metadata or {})
+        fingerprint = ("reserve", amount, ttl, tuple(sorted(meta.items())))
+        prior = self._replay(key, fingerprint)
+        if prior is not None:
+            assert isinstance(prior, tuple)
+            return prior  # type: ignore[return-value]
+        self.catch_up(now)
+        available = max(self.balance, 0)  # a hold never uses the credit limit
+        if amount > available:
+            raise Refused(
+                InsufficientCreditsError,
+                user_id=self.user_id,
+                requested=amount,
+                available=available,
+            )
+        parts = self._take(amount)
+        self.balance -= amount
+        self.held += amount
+        number = len(self.holds) + 1
+        entry = self._append(Entry("reserve", -amount, now, 0, None, key, meta, hold=number), now)
+        hold = Hold(number, amount, entry.created_at, now + ttl, parts, len(self.history) - 1)
+        self.holds.append(hold)
+        result = (hold.snapshot(), hold.entry)
+        self._remember(key, fingerprint, result)
+        return result
+
+    def capture(
+        self, number: int, amount: int | None, now: int, *, key: str | None = None
+    ) -> Entry:
+        fingerprint = ("capture", number, amount)
+        prior = self._replay(key, fingerprint)
+        if prior is not None:
+            assert isinstance(prior, Entry)
+            return prior
+        self.catch_up(now)
+        hold = self._active_hold(number, now)
+        charge = hold.amount if amount is None else amount
+        if charge > hold.amount:
+            raise Refused(CaptureExceedsHoldError, hold=number, amount=charge, held=hold.amount)
+        # The charge is the first of the held credits in burn order; the rest goes back.
+        charged: list[tuple[int, int]] = []
+        rest: list[tuple[int, int]] = []
+        left = charge
+        for seq, credits in hold.parts:
+            used = min(credits, left)
+            left -= used
+            if used:
+                charged.append((seq, used))
+            if credits > used:
+                rest.append((seq, credits - used))
+        entry = self._give_back(
+            hold, tuple(rest), now, "capture", captured=charge, key=key, charged=tuple(charged)
+        )
+        if self.cycle is not None and self.cycle.running(now):
+            self.cycle.used += charge
+        self._finish(hold, "captured", now, captured=charge)
+        self._remember(key, fingerprint, entry)
+        return entry
+
+    def release(self, number: int, now: int) -> HoldView:
+        self.catch_up(now)
+        hold = self._active_hold(number, now)
+        self._give_back(hold, hold.parts, now, "release")
+        self._finish(hold, "released", now)
+        return hold.snapshot()
+
+    def reverse(self, position: int | None, now: int, *, key: str | None = None) -> Entry:
+        """`position`: the entry's place in the history; None for an id the store never made."""
+        fingerprint = ("reverse", position)
+        prior = self._replay(key, fingerprint)
+        if prior is not None:
+            assert isinstance(prior, Entry)
+            return prior
+        self.catch_up(now)
+        if position is None:
+            raise Refused(TransactionNotFoundError)
+        target = self.history[position]
+        if target.kind not in ("add", "subtract", "capture"):
+            raise Refused(NotReversibleError, entry=position, kind=target.kind)
+        if position in self.reversals:
+            raise Refused(AlreadyReversedError, entry=position, reversal=self.reversals[position])
+        if target.kind == "add":
+            # What is left of that grant is removed.
+            amount, unrestored = 0, 0
+            if target.bucket is not None:
+                bucket = self.bucket(target.bucket)
+                amount, bucket.left = -bucket.left, 0
+        else:
+            charged = -target.amount if target.kind == "subtract" else target.captured
+            assert charged is not None
+            overdraft = charged - sum(credits for _, credits in target.parts)
+            coming = overdraft + sum(c for s, c in target.parts if self.bucket(s).usable(now))
+            if coming > self._room():
+                raise Refused(InvalidAmountError)  # of no amount the caller gave
+            debt = max(-self.balance, 0)
+            restored, unrestored = self._restore(target.parts, now)
+            if overdraft:
+                # A charge's overdraft part comes back as a never-expiring bucket.
+                self._new_bucket(overdraft, None, 0)
+            self._take(min(restored + overdraft, debt))  # repays the debt first
+            amount = restored + overdraft
+        self.balance += amount
+        entry = self._append(
+            Entry(
+                "reverse",
+                amount,
+                now,
+                0,
+                idempotency_key=key,
+                related=position,
+                unrestored=unrestored,
+            ),
+            now,
+        )
+        self.reversals[position] = len(self.history) - 1
+        self._remember(key, fingerprint, entry)
+        return entry
+
+    def start_cycle(
+        self,
+        amount: int,
+        period: int,
+        given_period: object,
+        now: int,
+        *,
+        renew: bool,
+        rollover: int | None,
+        key: str | None = None,
+    ) -> CycleView:
+        fingerprint = ("start_cycle", amount, given_period, renew, rollover)
+        prior = self._replay(key, fingerprint)
+        if prior is not None:
+            assert isinstance(prior, CycleView)
+            return prior
+        self.catch_up(now)
+        if amount > self._room():
+            raise Refused(InvalidAmountError, amount=amount)
+        carry = 0
+        if self.cycle is not None and self.cycle.running(now):
+            # A plan change: the running cycle ends now, the new call's rollover applies.
+            carry = self._close_grant(self.cycle, rollover, now)
+        cycle = Cycle(now, period, given_period, amount, renew, rollover)
+        self._grant(cycle, amount, carry, now, now + period, key)
+        cycle.started_at = self.history[cycle.entry].created_at
+        self.cycle = cycle
+        view = cycle.view(now)
+        self._remember(key, fingerprint, view)
+        return view
+
+    def get_cycle(self, now: int) -> CycleView | None:
+        self.catch_up(now)
+        return None if self.cycle is None else self.cycle.view(now)
+
+    def cancel_cycle(self, forfeit: bool, now: int) -> CycleView:
+        self.catch_up(now)
+        cycle = self.cycle
+        if cycle is None or not cycle.running(now):
+            raise Refused(CycleNotFoundError, user_id=self.user_id)
+        cycle.canceled, cycle.renew = True, False
+        if forfeit:
+            self._close_grant(cycle, 0, now)
+        return cycle.view(now)
+
+    def read_balance(self, now: int) -> int:
+        self.catch_up(now)
+        return self.balance
+
+    def read_history(self, now: int) -> list[Entry]:
+        """Newest first."""
+        self.catch_up(now)
+        return self.history[::-1]
+
+    # Time.
+
+    def catch_up(self, now: int) -> None:
+        """Everything that became due by `now`, each at its own time, oldest first."""
+        self.just_settled: set[int] = set()
+        if KNOWN_BUG_CATCH_UP_ORDER:
+            self._catch_up_as_the_store_does(now)
+        while True:
+            due: list[tuple[int, int, int]] = []  # (time, rank, which)
+            cycle = self.cycle
+            if cycle is not None and not cycle.ended and cycle.ends_at <= now:
+                due.append((cycle.ends_at, 0, 0))
+            due += [(h.expires_at, 1, h.number) for h in self.holds if h.status == "active"]
+            due += [(b.expire_at, 2, b.seq) for b in self.buckets if b.expire_at is not None]
+            due = [d for d in due if d[0] <= now]
+            if not due:
+                return
+            at, rank, which = min(due)
+            if rank == 0:
+                assert cycle is not None
+                self._period_ends(cycle, now)
+            elif rank == 1:
+                hold = self.hold(which)
+                self._give_back(hold, hold.parts, at, "release")
+                self._finish(hold, "expired", at)
+                self.just_settled.add(hold.number)
+            else:
+                self._expire(self.bucket(which), at)
+
+    def _catch_up_as_the_store_does(self, now: int) -> None:
+        """The store's order today: every cycle boundary first (with the buckets that expired
+        before it), then every hold that timed out, then the rest in time order."""
+        cycle = self.cycle
+        while cycle is not None and not cycle.ended and cycle.ends_at <= now:
+            for bucket in self.buckets:
+                if bucket.expire_at is not None and bucket.expire_at < cycle.ends_at:
+                    self._expire(bucket, bucket.expire_at)
+            self._period_ends(cycle, now)
+        for hold in sorted(self.holds, key=lambda h: (h.expires_at, h.number)):
+            if hold.status == "active" and hold.expires_at <= now:
+                self._give_back(hold, hold.parts, hold.expires_at, "release")
+                self._finish(hold, "expired", hold.expires_at)
+                self.just_settled.add(hold.number)
+
+    def _expire(self, bucket: Bucket, at: int) -> None:
+        self.balance -= bucket.left
+        self._append(Entry("expire", -bucket.left, at, 0, at), at)
+        bucket.left = 0
+
+    def _period_ends(self, cycle: Cycle, now: int) -> None:
+        boundary = cycle.ends_at
+        if not cycle.renew:
+            # The grant is an ordinary bucket: it expires at the end by itself.
+            cycle.ended = True
+            return
+        carry = self._close_grant(cycle, cycle.rollover, boundary)
+        cycle.index += 1
+        ends = cycle.anchor + (cycle.index + 1) * cycle.period
+        # An idle user gets one grant, the current period's; periods that passed unseen grant 0.
+        # A renewal cannot refuse: its grant stops where the balance would pass 2**53-1.
+        grant = min(cycle.amount, self._room()) if ends > now else 0
+        self._grant(cycle, grant, carry, boundary, ends, None)
+        cycle.started_at = boundary
+
+    def _grant(
+        self, cycle: Cycle, amount: int, carry: int, at: int, ends: int, key: str | None
+    ) -> None:
+        fill = amount + carry - self._repay(amount)
+        cycle.bucket = self._new_bucket(fill, ends, 0) if fill else None
+        self.balance += amount
+        self._append(Entry("cycle_start", amount, at, 0, ends, key), at)
+        cycle.entry = len(self.history) - 1
+        cycle.ends_at = ends
+        cycle.granted, cycle.used, cycle.added = amount + carry, 0, 0
+
+    def _close_grant(self, cycle: Cycle, rollover: int | None, at: int) -> int:
+        """Ends the cycle's grant at `at`: what carries over is returned, the rest expires."""
+        if cycle.bucket is None:
+            return 0
+        bucket = self.bucket(cycle.bucket)
+        cycle.bucket = None
+        left, bucket.left = bucket.left, 0
+        carry = left if rollover is None else min(left, rollover)
+        if left > carry:
+            self.balance -= left - carry
+            self._append(Entry("expire", -(left - carry), at, 0, bucket.expire_at), at)
+        return carry
+
+    # Holds.
+
+    def _active_hold(self, number: int, now: int) -> Hold:
+        if not 1 <= number <= len(self.holds):
+            raise Refused(HoldNotFoundError, hold=number)
+        hold = self.hold(number)
+        if hold.status != "active":
+            assert hold.ended_at is not None
+            forgotten = now >= hold.ended_at + HOLD_MEMORY
+            if forgotten and not (KNOWN_BUG_FORGOTTEN_HOLD and number in self.just_settled):
+                raise Refused(HoldNotFoundError, hold=number)
+            raise Refused(HoldFinishedError, hold=number, status=hold.status)
+        return hold
+
+    def _finish(self, hold: Hold, status: str, at: int, captured: int = 0) -> None:
+        hold.status, hold.captured, hold.ended_at = status, captured, at
+        self.held -= hold.amount
+
+    def _give_back(
+        self,
+        hold: Hold,
+        parts: Parts,
+        at: int,
+        kind: str,
+        *,
+        captured: int | None = None,
+        key: str | None = None,
+        charged: Parts = (),
+    ) -> Entry:
+        """Held credits come back at `at` to their buckets; those of buckets expired by then
+        come back and expire at once. What comes back repays a debt first."""
+        debt = max(-self.balance, 0)
+        restored, expired = self._restore(parts, at)
+        self._take(min(restored, debt))
+        self.balance += restored + expired
+        entry = self._append(
+            Entry(
+                kind,
+                restored + expired,
+                at,
+                0,
+                idempotency_key=key,
+                hold=hold.number,
+                captured=captured,
+                parts=charged,
+            ),
+            at,
+        )
+        if expired:
+            self.balance -= expired
+            self._append(Entry("expire", -expired, at, 0), at)
+        return entry
+
+    # Buckets.
+
+    def _new_bucket(self, amount: int, expire_at: int | None, priority: int) -> int:
+        seq = len(self.all_buckets) + 1
+        self.all_buckets.append(Bucket(seq, amount, expire_at, priority))
+        return seq
+
+    def _take(self, need: int) -> Parts:
+        """`need` credits out of the buckets, in burn order."""
+        parts = []
+        for bucket in self.buckets:
+            if need == 0:
+                break
+            took = min(need, bucket.left)
+            bucket.left -= took
+            need -= took
+            parts.append((bucket.seq, took))
+        assert need == 0, "the buckets hold max(balance, 0)"
+        return tuple(parts)
+
+    def _restore(self, parts: Parts, at: int) -> tuple[int, int]:
+        """Credits back into the buckets they came from: (restored, expired by `at`)."""
+        restored = expired = 0
+        for seq, credits in parts:
+            bucket = self.bucket(seq)
+            if bucket.usable(at):
+                bucket.left += credits
+                restored += credits
+            else:
+                expired += credits
+        return restored, expired
+
+    def _repay(self, amount: int) -> int:
+        """The part of a grant that repays debt."""
+        return min(amount, max(-self.balance, 0))
+
+    def _room(self) -> int:
+        # The balance plus what holds hold stays within 2**53-1: what comes back always fits.
+        return MAX_CREDITS - self.balance - self.held
+
+    # History and idempotency.
+
+    def _append(self, entry: Entry, at: int) -> Entry:
+        # History ids only grow: an entry dated before the last one takes the last one's ms.
+        if self.history:
+            at = max(at, self.history[-1].created_at)
+        stamped = replace(entry, created_at=at, balance_after=self.balance)
+        self.history.append(stamped)
+        return stamped
+
+    def _replay(self, key: str | None, fingerprint: Fingerprint) -> object:
+        """The original result for a retry of the same request; a conflict for a different one."""
+        if key is None or key not in self.records:
+            return None
+        recorded, result = self.records[key]
+        if recorded != fingerprint:
+            raise Refused(IdempotencyConflictError, user_id=self.user_id, idempotency_key=key)
+        return result
+
+    def _remember(self, key: str | None, fingerprint: Fingerprint, result: object) -> None:
+        if key is not None:
+            self.records[key] = (fingerprint, result)
+
+
+class LedgerModel:
+    """Every user's ledger; users exist implicitly, as in the store."""
+
+    def __init__(self) -> None:
+        self.users: dict[str, UserLedger] = {}
+
+    def user(self, user_id: str) -> UserLedger:
+        if user_id not in self.users:
+            self.users[user_id] = UserLedger(user_id)
+        return self.users[user_id]
