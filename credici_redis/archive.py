@@ -39,9 +39,15 @@ from importlib import resources
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 from credici_redis import _cluster, _keys, _scripts
+from credici_redis._pg_history import (
+    INSERT_HISTORY,
+    Entry,
+    from_pg_fields,
+    history_row,
+    pg_text,
+)
 from credici_redis._protocol import (
     Call,
     Flow,
@@ -60,7 +66,6 @@ from credici_redis.errors import (
     StorageUnavailableError,
 )
 from credici_redis.models import Transaction
-from credici_redis.postgres import _from_pg_fields, _pg_fields, pg_text
 from credici_redis.storage import RedisStorage
 
 DEFAULT_KEEP = timedelta(days=7)
@@ -69,9 +74,6 @@ archive need them; older ones are trimmed once PostgreSQL holds them."""
 
 SLOTS_PER_ROUND = 1024
 """Slot outboxes read per pipeline."""
-
-Entry = tuple[str, dict[str, str]]
-"""A history entry: (entry id "<ms>-<seq>", its fields as written by the scripts)."""
 
 
 def schema_sql() -> str:
@@ -233,12 +235,7 @@ def _pairs(reply: Any) -> list[tuple[str, float]]:
 
 # -- the PostgreSQL side ---------------------------------------------------------------------
 
-_INSERT = """
-INSERT INTO credici_history (namespace, user_id, created_at, entry_seq, transaction_id, kind,
-    amount, balance_after, expire_at, idempotency_key, metadata, fields)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT DO NOTHING
-"""
+_INSERT = INSERT_HISTORY + " ON CONFLICT DO NOTHING"
 
 _SELECT = """
 SELECT (extract(epoch FROM created_at) * 1000)::bigint, entry_seq, fields
@@ -258,17 +255,6 @@ _MIN_TIME = from_ms(0)
 _MAX_TIME = from_ms(253402300799999)  # 9999-12-31
 
 
-def _row(namespace: str, user_id: str, entry: Entry) -> tuple[Any, ...]:
-    tx = parse_entry(user_id, entry)
-    seq = entry_key(entry[0])[1]
-    key = None if tx.idempotency_key is None else pg_text(tx.idempotency_key)
-    return (
-        namespace, pg_text(user_id), tx.created_at, seq, tx.transaction_id, tx.kind, tx.amount,
-        tx.balance_after, tx.expire_at, key, Jsonb(_pg_fields(tx.metadata)),
-        Jsonb(_pg_fields(entry[1])),
-    )  # fmt: skip
-
-
 def _period(req: HistoryRequest) -> tuple[datetime, datetime]:
     low = _MIN_TIME if req.from_ms is None else from_ms(max(req.from_ms, 0))
     high = _MAX_TIME if req.to_ms is None else from_ms(max(min(req.to_ms + 1, 253402300799999), 0))
@@ -277,7 +263,7 @@ def _period(req: HistoryRequest) -> tuple[datetime, datetime]:
 
 def _entries(rows: Iterable[tuple[Any, ...]]) -> list[Entry]:
     # Text PostgreSQL cannot hold (NUL) is stored escaped, as PostgresStorage stores it.
-    return [(f"{ms}-{seq}", _from_pg_fields(fields)) for ms, seq, fields in rows]
+    return [(f"{ms}-{seq}", from_pg_fields(fields)) for ms, seq, fields in rows]
 
 
 def merge(recent: list[Transaction], archived: list[Transaction]) -> list[Transaction]:
@@ -461,7 +447,7 @@ class Archiver:
         self._schema_ready = True
 
     def _insert(self, batch: list[_Pending]) -> None:
-        rows = [_row(self.namespace, p.user_id, e) for p in batch for e in p.entries]
+        rows = [history_row(self.namespace, p.user_id, e) for p in batch for e in p.entries]
         if not rows:
             return
         conn = self._postgres()

@@ -34,7 +34,6 @@ from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote, unquote
 
 import fakeredis
 
@@ -44,7 +43,14 @@ try:
     import psycopg
 except ImportError:  # pragma: no cover - without the "postgres" extra
     psycopg = None  # type: ignore[assignment]
-from credici_redis._protocol import Call, Flow, parse_entry, text
+from credici_redis._pg_history import (
+    INSERT_HISTORY,
+    from_pg_fields,
+    from_pg_text,
+    history_row,
+    pg_text,
+)
+from credici_redis._protocol import Call, Flow, text
 from credici_redis._requests import EventReading
 from credici_redis._time import from_ms
 from credici_redis.errors import (
@@ -137,27 +143,6 @@ def create_schema() -> SqlFlow[None]:
     yield SqlBatch([BEGIN, lock, *tables, COMMIT], commits=True)
 
 
-def pg_text(value: str) -> str:
-    """A str as PostgreSQL can store it: text cannot hold NUL, so a value with NUL (or starting
-    with the escape mark \x01) is stored as \x01 + its percent-encoding. Injective; every other
-    value is stored as it is."""
-    if "\x00" in value or value.startswith("\x01"):
-        return "\x01" + quote(value, safe="")
-    return value
-
-
-def from_pg_text(value: str) -> str:
-    return unquote(value[1:]) if value.startswith("\x01") else value
-
-
-def _pg_fields(fields: dict[str, str]) -> dict[str, str]:
-    return {pg_text(k): pg_text(v) for k, v in fields.items()}
-
-
-def _from_pg_fields(fields: dict[str, str]) -> dict[str, str]:
-    return {from_pg_text(k): from_pg_text(v) for k, v in fields.items()}
-
-
 def _entry_id(ms: int, seq: int) -> str:
     return f"{ms}-{seq}"
 
@@ -217,7 +202,7 @@ class PostgresLedger:
                 (self.namespace, pg_text(user_id), *low_params, *high_params, count),
             )
         ])  # fmt: skip
-        return [(_entry_id(ms, seq), _from_pg_fields(fields)) for ms, seq, fields in rows]
+        return [(_entry_id(ms, seq), from_pg_fields(fields)) for ms, seq, fields in rows]
 
     def _script(self, lua: RedisStorage, call: Call) -> SqlFlow[Any]:
         """One script on one user: lock, load, run, write back, in one transaction."""
@@ -270,9 +255,9 @@ class PostgresLedger:
             )
         rows = yield SqlBatch(reads)
         ((state,),), ((now_ms,),), newest = rows[2], rows[3], rows[4]
-        entries: dict[str, Any] = {_entry_id(ms, seq): _from_pg_fields(f) for ms, seq, f in newest}
+        entries: dict[str, Any] = {_entry_id(ms, seq): from_pg_fields(f) for ms, seq, f in newest}
         if target is not None:
-            entries.update({_entry_id(ms, seq): _from_pg_fields(f) for ms, seq, f in rows[5]})
+            entries.update({_entry_id(ms, seq): from_pg_fields(f) for ms, seq, f in rows[5]})
         kept = rows[-1] if records else []
 
         fake = lua.redis
@@ -352,30 +337,8 @@ class PostgresLedger:
                 )
             )
         for raw_id, raw_fields in new_entries:
-            entry_id = text(raw_id)
-            fields = {text(k): text(v) for k, v in raw_fields.items()}
-            tx = parse_entry(user_id, (entry_id, fields))
-            ms, _, seq = entry_id.partition("-")
-            out.append(
-                Statement(
-                    "INSERT INTO credici_history (namespace, user_id, created_at, entry_seq,"
-                    " transaction_id, kind, amount, balance_after, expire_at, idempotency_key,"
-                    " metadata, fields) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (
-                        *ns_user,
-                        from_ms(int(ms)),
-                        int(seq),
-                        tx.transaction_id,
-                        tx.kind,
-                        tx.amount,
-                        tx.balance_after,
-                        tx.expire_at,
-                        None if tx.idempotency_key is None else pg_text(tx.idempotency_key),
-                        json.dumps(_pg_fields(tx.metadata)),
-                        json.dumps(_pg_fields(fields)),
-                    ),
-                )
-            )
+            entry = (text(raw_id), {text(k): text(v) for k, v in raw_fields.items()})
+            out.append(Statement(INSERT_HISTORY, history_row(self.namespace, user_id, entry)))
         for _, raw_fields in events:
             f = {text(k): text(v) for k, v in raw_fields.items()}
             out.append(
