@@ -192,9 +192,16 @@ class Routing:
         ack = replies[-1] if batch.commands[-1][0] == "WAIT" else None
         self.lost = self.lost or isinstance(ack, LOST)
         done = []
-        for i, reply in zip(batch.calls, replies, strict=True):
+        refused: Exception | None = None  # an ASKING Redis refused (an ACL without it)
+        for i, command, reply in zip(batch.calls, batch.commands, replies, strict=True):
             if i is None:
+                refused = reply if command[0] == "ASKING" and isinstance(reply, Exception) else None
                 continue
+            if refused is not None and isinstance(reply, (redis_errors.AskError, *TRYAGAIN_LIKE)):
+                # Without ASKING the call meets ASK again for ever: it did not run, and it
+                # cannot: the refusal is its reply.
+                reply = refused
+            refused = None
             if isinstance(reply, redis_errors.MovedError):  # (a subclass of AskError)
                 self.moved.append(reply)
             elif isinstance(reply, redis_errors.AskError):

@@ -153,31 +153,16 @@ local function drop_bucket(id)
   redis.call('HDEL', K_AMOUNTS, id)
 end
 
--- Removes every bucket whose expiry has come (usable while now < expire_at) and records what
--- was left in each as an "expire" entry dated at its expiry. Each bucket expires once, so the
--- cost is amortized over the grants. st.nx (no bucket expires before it; it may be too early,
--- never too late) skips the look-up when nothing can be due.
-local function purge(st, now)
-  if st.nx and now < st.nx then return end
-  local due = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', fmt(now), 'WITHSCORES')
-  local first = redis.call('ZRANGE', K_EXPIRY, #due / 2, #due / 2, 'WITHSCORES')
-  local nx = tonumber(first[2]) or NEVER
-  if nx ~= st.nx then
-    st.nx = nx
-    if st.ms > 0 then st.dirty = true end  -- a user with no history has no state to update
+-- A bucket's expiry has come (it is usable while now < expire_at): what was left in it is
+-- recorded as an "expire" entry dated at its expiry. Each bucket expires once, so the cost is
+-- amortized over the grants.
+local function expire_bucket(st, id, at)
+  local left = tonumber(redis.call('HGET', K_AMOUNTS, id)) or 0
+  drop_bucket(id)
+  if left > 0 then
+    st.bal = st.bal - left
+    append(st, 'e', -left, at, { 'x', fmt(at), 'g', id })
   end
-  if #due == 0 then return end
-  for i = 1, #due, 2 do
-    local id, at = due[i], tonumber(due[i + 1])
-    local left = tonumber(redis.call('HGET', K_AMOUNTS, id)) or 0
-    redis.call('ZREM', K_ORDER, id)
-    redis.call('HDEL', K_AMOUNTS, id)
-    if left > 0 then
-      st.bal = st.bal - left
-      append(st, 'e', -left, at, { 'x', fmt(at), 'g', id })
-    end
-  end
-  redis.call('ZREMRANGEBYSCORE', K_EXPIRY, '-inf', fmt(now))
 end
 
 -- Credits that may still come in: the balance plus what holds hold stays within 2^53-1, so
@@ -345,40 +330,27 @@ local function ensure_schedule(c, now, extension)
   return { 'SCHEDULE', fmt(now), c.c0, fmt(first_missing), c.cp, c.ctz }
 end
 
--- Brings the cycle up to `now`: at each boundary a renewing cycle rolls its grant over and starts
--- the next period (one cycle_start per period; only the period containing `now` gets its grant);
--- any other cycle ends. Returns a SCHEDULE reply when a calendar cycle needs more boundaries.
-local function advance(st, now, extension)
-  if not st.ce or st.cst == 'e' or now < st.ce then return nil end
-  local c = load_cycle()
-  local renewing = c.crn == '1' and c.cst == 'a'
-  if renewing and c.cdur == '' then
-    local ask = ensure_schedule(c, now, extension)
-    if ask then return ask end
+-- A renewing cycle reaches its end (c.ce <= now): it rolls its grant over and starts the next
+-- period on the original schedule, with one cycle_start entry dated at the boundary. Only the
+-- period containing `now` gets its grant; periods that passed unseen grant 0.
+local function renew(st, c, now)
+  local ends = tonumber(c.ce)
+  local carry, rolled = close_grant(st, c, c.cro, ends)
+  local k = tonumber(c.ck) + 1
+  local next_end
+  if c.cdur ~= '' then
+    next_end = tonumber(c.c0) + (k + 1) * tonumber(c.cdur)
+  else
+    next_end, c.cq = pop_list(c.cq)
   end
-  while renewing and now >= tonumber(c.ce) do
-    local ends = tonumber(c.ce)
-    purge(st, ends - 1)
-    local carry, rolled = close_grant(st, c, c.cro, ends)
-    local k = tonumber(c.ck) + 1
-    local next_end
-    if c.cdur ~= '' then
-      next_end = tonumber(c.c0) + (k + 1) * tonumber(c.cdur)
-    else
-      next_end, c.cq = pop_list(c.cq)
-    end
-    local grant = 0
-    if next_end > now then grant = math.max(math.min(tonumber(c.ca), room(st)), 0) end
-    local fill = grant + carry - repaid(st, grant)
-    if fill > 0 then c.cb = new_bucket(st, fill, next_end, 0) end
-    st.bal = st.bal + grant
-    c.ci = append(st, 'c', grant, ends, start_fields(next_end, c.cb, rolled, ''))
-    c.ck, c.cs, c.ce = fmt(k), fmt(ends), fmt(next_end)
-    c.cg, c.cu, c.cad = fmt(grant + carry), '0', '0'
-  end
-  if now >= tonumber(c.ce) then c.cst = 'e' end
-  save_cycle(c, st)
-  return nil
+  local grant = 0
+  if next_end > now then grant = math.max(math.min(tonumber(c.ca), room(st)), 0) end
+  local fill = grant + carry - repaid(st, grant)
+  if fill > 0 then c.cb = new_bucket(st, fill, next_end, 0) end
+  st.bal = st.bal + grant
+  c.ci = append(st, 'c', grant, ends, start_fields(next_end, c.cb, rolled, ''))
+  c.ck, c.cs, c.ce = fmt(k), fmt(ends), fmt(next_end)
+  c.cg, c.cu, c.cad = fmt(grant + carry), '0', '0'
 end
 
 -- Counts usage against the cycle running at `now` (field cu: used, cad: added).
@@ -466,24 +438,17 @@ local function finish_hold(st, hold_id, rec, status, captured, now)
   hold_timer(st, hold_id, now + RETAIN)
 end
 
--- Releases every hold whose ttl has passed (dated at its expiry) and forgets finished ones
--- whose time is up. st.hx: no timer is due before it (absent: the user never had a hold).
-local function settle_holds(st, now)
-  if not st.hx or now < st.hx then return end
-  local due = redis.call('ZRANGEBYSCORE', K_TIMERS, '-inf', fmt(now), 'WITHSCORES')
-  for i = 1, #due, 2 do
-    local hold_id, at = due[i], tonumber(due[i + 1])
-    local rec = split(redis.call('HGET', K_HOLDS, hold_id) or 'x', '|')
-    redis.call('ZREM', K_TIMERS, hold_id)
-    if rec[1] == 'a' then
-      give_back(st, hold_id, rec[5] or '', at, 'l', {})
-      finish_hold(st, hold_id, rec, 'x', 0, at)
-    else
-      redis.call('HDEL', K_HOLDS, hold_id)
-    end
+-- A hold timer is due at `at`: an active hold's ttl has passed (its credits come back, dated at
+-- `at`, and it is remembered RETAIN more), or a finished hold's memory ends (it is forgotten).
+local function hold_timer_due(st, hold_id, at)
+  local rec = split(redis.call('HGET', K_HOLDS, hold_id) or 'x', '|')
+  redis.call('ZREM', K_TIMERS, hold_id)
+  if rec[1] == 'a' then
+    give_back(st, hold_id, rec[5] or '', at, 'l', {})
+    finish_hold(st, hold_id, rec, 'x', 0, at)
+  else
+    redis.call('HDEL', K_HOLDS, hold_id)
   end
-  local first = redis.call('ZRANGE', K_TIMERS, 0, 0, 'WITHSCORES')
-  st.hx, st.holds_dirty = tonumber(first[2]) or NEVER, true
 end
 
 local function hold_reply(hold_id, rec)
@@ -494,14 +459,60 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- Every script starts here
 
--- Loads the user and brings it up to now: cycle renewals, holds whose ttl passed, expired buckets.
+-- The first member of an event zset (expiries or timers) and its time, if due by `now`. `bound`
+-- is the state's note that nothing is due before it (nil or 0: unknown); it may be too early,
+-- never too late, so a bound past `now` spares the look-up. Returns member, time, new bound.
+local function first_due(key, bound, now)
+  if bound and bound ~= 0 and bound > now then return nil, nil, bound end
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  local at = tonumber(first[2]) or NEVER
+  if at > now then return nil, nil, at end
+  return first[1], at, at
+end
+
+-- Loads the user and brings it up to now: whatever fell due since its last operation (cycle
+-- boundaries, hold ttls, bucket expiries, holds to forget) happens, each at its own time, in time
+-- order; at the same millisecond the cycle boundary comes first, then holds, then buckets.
 -- Returns the state, or nil and the SCHEDULE reply to return (nothing written then).
 local function up_to_now(now, extension)
   local st = load_state()
-  local ask = advance(st, now, extension)
-  if ask then return nil, ask end
-  settle_holds(st, now)
-  purge(st, now)
+  local c = nil
+  if st.ce and st.cst ~= 'e' and now >= st.ce then
+    c = load_cycle()
+    if c.crn == '1' and c.cst == 'a' and c.cdur == '' then
+      local ask = ensure_schedule(c, now, extension)
+      if ask then return nil, ask end
+    end
+  end
+  while true do
+    local at, what, which = nil, nil, nil
+    if c and c.crn == '1' and c.cst == 'a' and now >= tonumber(c.ce) then
+      at, what = tonumber(c.ce), 'cycle'
+    end
+    if st.hx then  -- absent: the user never had a hold
+      local id, t, bound = first_due(K_TIMERS, st.hx, now)
+      if bound ~= st.hx then st.hx, st.holds_dirty = bound, true end
+      if id and (not at or t < at) then at, what, which = t, 'hold', id end
+    end
+    local id, t, bound = first_due(K_EXPIRY, st.nx, now)
+    if bound ~= st.nx then
+      st.nx = bound
+      if st.ms > 0 then st.dirty = true end  -- a user with no history has no state to update
+    end
+    if id and (not at or t < at) then at, what, which = t, 'bucket', id end
+    if not what then break end
+    if what == 'cycle' then
+      renew(st, c, now)
+    elseif what == 'hold' then
+      hold_timer_due(st, which, at)
+    else
+      expire_bucket(st, which, at)
+    end
+  end
+  if c then
+    if now >= tonumber(c.ce) then c.cst = 'e' end
+    save_cycle(c, st)
+  end
   return st, nil
 end
 

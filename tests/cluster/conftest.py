@@ -23,7 +23,10 @@ import redis
 import redis.cluster
 
 from credici_redis import AsyncCrediciClient, CrediciClient
+from tests.archive.conftest import pg, postgres_url
 from tests.conftest import SyncAsAsync
+
+__all__ = ["pg", "postgres_url"]  # fixtures of the archive tests, for the archive on the cluster
 
 NODES = 6  # 3 masters, 3 replicas
 

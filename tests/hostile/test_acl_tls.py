@@ -197,7 +197,7 @@ async def workload(
     assert spent.balance_after == 3
     await clocked.add(user, 4, ttl=timedelta(seconds=1))
     clock.advance(timedelta(seconds=2))
-    assert await clocked.get_balance(user) == 3  # the 4 expired (ZRANGEBYSCORE, HGET, ...)
+    assert await clocked.get_balance(user) == 3  # the 4 expired (ZRANGE, HGET, ...)
     cycle = await clocked.start_cycle(100, "month", user, renew=True, tz="Europe/Berlin")
     assert (await clocked.get_cycle(user)) == cycle
     clock.advance(timedelta(days=32))  # one renewal

@@ -38,13 +38,6 @@ from credici_redis.errors import (
 MAX_CREDITS = 2**53 - 1
 """The largest balance (and amount): Lua numbers are doubles, exact up to here."""
 DAY = 86_400_000
-KNOWN_BUG_FORGOTTEN_HOLD = True
-"""KNOWN BUG (test_a_hold_that_timed_out_over_a_day_ago_is_unknown): a hold the store releases
-by its ttl inside an operation stays known in that operation, however long ago it timed out."""
-KNOWN_BUG_CATCH_UP_ORDER = True
-"""KNOWN BUG (tests/model/test_known_bugs.py, the first two tests): the store brings a user up
-to date out of time order. Until it is fixed, the model follows the store's order, so that the
-state machine can look for other differences; set this to False with the fix."""
 HOLD_MEMORY = DAY
 """A finished hold is remembered a day, then it is unknown."""
 
@@ -206,7 +199,6 @@ class UserLedger:
         self.holds: list[Hold] = []  # by number - 1
         self.cycle: Cycle | None = None
         self.reversals: dict[int, int] = {}  # entry position -> its reversal's position
-        self.just_settled: set[int] = set()  # holds the last catch-up released by their ttl
 
     # Views.
 
@@ -488,9 +480,6 @@ class UserLedger:
 
     def catch_up(self, now: int) -> None:
         """Everything that became due by `now`, each at its own time, oldest first."""
-        self.just_settled: set[int] = set()
-        if KNOWN_BUG_CATCH_UP_ORDER:
-            self._catch_up_as_the_store_does(now)
         while True:
             due: list[tuple[int, int, int]] = []  # (time, rank, which)
             cycle = self.cycle
@@ -509,24 +498,8 @@ class UserLedger:
                 hold = self.hold(which)
                 self._give_back(hold, hold.parts, at, "release")
                 self._finish(hold, "expired", at)
-                self.just_settled.add(hold.number)
             else:
                 self._expire(self.bucket(which), at)
-
-    def _catch_up_as_the_store_does(self, now: int) -> None:
-        """The store's order today: every cycle boundary first (with the buckets that expired
-        before it), then every hold that timed out, then the rest in time order."""
-        cycle = self.cycle
-        while cycle is not None and not cycle.ended and cycle.ends_at <= now:
-            for bucket in self.buckets:
-                if bucket.expire_at is not None and bucket.expire_at < cycle.ends_at:
-                    self._expire(bucket, bucket.expire_at)
-            self._period_ends(cycle, now)
-        for hold in sorted(self.holds, key=lambda h: (h.expires_at, h.number)):
-            if hold.status == "active" and hold.expires_at <= now:
-                self._give_back(hold, hold.parts, hold.expires_at, "release")
-                self._finish(hold, "expired", hold.expires_at)
-                self.just_settled.add(hold.number)
 
     def _expire(self, bucket: Bucket, at: int) -> None:
         self.balance -= bucket.left
@@ -581,7 +554,7 @@ class UserLedger:
         if hold.status != "active":
             assert hold.ended_at is not None
             forgotten = now >= hold.ended_at + HOLD_MEMORY
-            if forgotten and not (KNOWN_BUG_FORGOTTEN_HOLD and number in self.just_settled):
+            if forgotten:
                 raise Refused(HoldNotFoundError, hold=number)
             raise Refused(HoldFinishedError, hold=number, status=hold.status)
         return hold

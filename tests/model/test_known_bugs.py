@@ -1,10 +1,9 @@
-"""Store bugs the model-based test found, each reduced to a few calls.
+"""Store bugs the model-based test found, each reduced to a few calls: regression tests.
 
-KNOWN BUGS: each test here is a strict xfail until the store is fixed (it fails the run as soon as
-it passes); each says what the README promises and what the store does instead. When one is fixed,
-remove its xfail, move it next to the behaviour it covers, and set the matching KNOWN_BUG_* flag of
-ledger_model.py to False. The facts of reserve/capture/start_cycle errors (found here too) are
-fixed and tested below without xfail.
+A new bug the model finds goes here as a strict xfail first (it fails the run as soon as it
+passes), saying what the README promises and what the store does instead; the model may follow the
+store's wrong behaviour behind a KNOWN_BUG_* flag so the state machine can look for other
+differences meanwhile. All five found so far are fixed; their tests stay as regression tests.
 """
 
 from __future__ import annotations
@@ -50,12 +49,8 @@ def history(client: CrediciClient, user: str) -> list[tuple[str, int, datetime, 
     ]
 
 
-# KNOWN BUG: fails now. What fell due while the user was idle is not processed in time order:
-# holds whose ttl passed are settled before expired buckets are recorded, whatever their times.
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN BUG: catch-up is not in time order: hold timeouts before earlier expiries",
-)
+# Was a known bug (fixed): what fell due while the user was idle was not processed in time order:
+# holds whose ttl passed were settled before expired buckets were recorded, whatever their times.
 def test_an_expiry_before_a_hold_timeout_is_recorded_at_its_expiry(
     client: CrediciClient, clock: FakeClock
 ) -> None:
@@ -64,8 +59,8 @@ def test_an_expiry_before_a_hold_timeout_is_recorded_at_its_expiry(
     client.add("u", 3, ttl=5 * SECOND)  # expires first, not held
     clock.advance(30 * SECOND)
     assert client.get_balance("u") == 0
-    # README: an expired bucket appears as an "expire" entry dated at its expiry. The store dates
-    # the 3 credits' expiry at 0:00:20 (the hold's timeout) and records it after the release.
+    # README: an expired bucket appears as an "expire" entry dated at its expiry. The store dated
+    # the 3 credits' expiry at 0:00:20 (the hold's timeout) and recorded it after the release.
     assert history(client, "u")[3:] == [
         ("expire", -3, START + 5 * SECOND, 0),
         ("release", 10, START + 20 * SECOND, 10),
@@ -73,11 +68,7 @@ def test_an_expiry_before_a_hold_timeout_is_recorded_at_its_expiry(
     ]
 
 
-# KNOWN BUG: fails now. Same cause: renewals run before the holds that timed out earlier.
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN BUG: catch-up is not in time order: renewals before earlier hold timeouts",
-)
+# Was a known bug (fixed), same cause: renewals ran before the holds that timed out earlier.
 def test_credits_of_a_hold_that_timed_out_before_a_renewal_roll_over(
     client: CrediciClient, clock: FakeClock
 ) -> None:
@@ -86,7 +77,7 @@ def test_credits_of_a_hold_that_timed_out_before_a_renewal_roll_over(
     clock.advance(timedelta(days=1, hours=2))
     # At 1:00 the 30 credits came back to the grant (README: "credits go back to the buckets
     # they came from"); at the day's end all 100 unspent ones carried into the next grant.
-    # The store renews first (carrying 70), then releases the hold dated at the renewal and lets
+    # The store renewed first (carrying 70), then released the hold dated at the renewal and let
     # its 30 credits expire: balance 170, granted 170.
     assert client.get_balance("u") == 200
     cycle = client.get_cycle("u")
@@ -121,13 +112,10 @@ def test_start_cycle_errors_name_their_facts(client: CrediciClient) -> None:
     assert too_much.value.amount == 1
 
 
-# KNOWN BUG: fails now. README: "a hold is remembered a day after it ended, then
+# Was a known bug (fixed). README: "a hold is remembered a day after it ended, then
 # HoldNotFoundError". A hold that timed out two days ago, looked at for the first time since,
-# raises HoldFinishedError('expired'): the store releases it (dated at its ttl) in this very
-# operation and only forgets it in a later one.
-@pytest.mark.xfail(
-    strict=True, reason="KNOWN BUG: a long-timed-out hold is settled and forgotten in two calls"
-)
+# raised HoldFinishedError('expired'): the store released it (dated at its ttl) in that very
+# operation and only forgot it in a later one.
 def test_a_hold_that_timed_out_over_a_day_ago_is_unknown(
     client: CrediciClient, clock: FakeClock
 ) -> None:
