@@ -1,6 +1,7 @@
 """credici-redis against raw redis-py, measured in the same run on the same Redis.
 
     .venv/bin/python benchmarks/bench.py [--redis-url URL] [--quick] [--json PATH]
+        [--postgres-url URL] [--no-postgres | --only-postgres]
 
 Seven sections, printed as one table; each figure of the library beside a raw baseline measured in
 the same run, their ratio (library / raw), and the issue's target where it sets one (PASS/MISS):
@@ -1132,6 +1133,8 @@ def run(
     mode: str,
     json_path: str | None,
     postgres_url: str | None = None,
+    *,
+    only_postgres: bool = False,
 ) -> None:
     started = time.perf_counter()
     ns = f"bench-{secrets.token_hex(4)}"
@@ -1144,19 +1147,21 @@ def run(
             if script is None or raw.script_load(script.source) != script.sha:
                 raise RuntimeError(f"Redis hashed script {script} differently")
 
-        rows = sync_latency(client, raw, trivial, ns, settings)
-        rows += batch_throughput(client, raw, trivial, ns, settings)
+        rows: list[Row] = []
+        if not only_postgres:
+            rows += sync_latency(client, raw, trivial, ns, settings)
+            rows += batch_throughput(client, raw, trivial, ns, settings)
 
-        users = [f"{ns}-task{i}" for i in range(TASKS)]
-        client.add_many([(user, PLENTY) for user in users])
-        sub_calls = [subtract_call(client, user, 1) for user in users]
-        rows += asyncio.run(async_throughput(url, trivial, ns, sub_calls, settings))
+            users = [f"{ns}-task{i}" for i in range(TASKS)]
+            client.add_many([(user, PLENTY) for user in users])
+            sub_calls = [subtract_call(client, user, 1) for user in users]
+            rows += asyncio.run(async_throughput(url, trivial, ns, sub_calls, settings))
 
-        rows += server_side(trivial, settings)
-        rows += memory(client, raw, ns, settings)
-        rows += bucket_growth(client, raw, trivial, ns, settings)
-        rows += balance_growth(client, raw, trivial, ns, settings)
-        rows += period_growth(client, raw, trivial, ns, settings)
+            rows += server_side(trivial, settings)
+            rows += memory(client, raw, ns, settings)
+            rows += bucket_growth(client, raw, trivial, ns, settings)
+            rows += balance_growth(client, raw, trivial, ns, settings)
+            rows += period_growth(client, raw, trivial, ns, settings)
         if postgres_url:
             rows += postgres_side_by_side(url, postgres_url, ns, settings)
         info["load_average_1m_end"] = load_average()
@@ -1194,11 +1199,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--no-postgres", action="store_true", help="skip section 7")
+    parser.add_argument("--only-postgres", action="store_true", help="section 7 alone")
     args = parser.parse_args(argv)
+    if args.no_postgres and args.only_postgres:
+        parser.error("--no-postgres and --only-postgres exclude each other")
     mode = "quick" if args.quick else "full"
     postgres_url = None if args.no_postgres else args.postgres_url
     try:
-        run(args.redis_url, QUICK if args.quick else FULL, mode, args.json, postgres_url)
+        run(args.redis_url, QUICK if args.quick else FULL, mode, args.json, postgres_url,
+            only_postgres=args.only_postgres)  # fmt: skip
     except (redis.ConnectionError, StorageUnavailableError) as exc:
         print(f"bench: cannot reach Redis at {args.redis_url}: {exc}", file=sys.stderr)
         return 1
