@@ -22,7 +22,7 @@ def test_every_script_has_a_header_and_the_shared_helpers() -> None:
         for section in ("KEYS", "ARGV", "Reply", "History"):
             assert section in script.source.split("]]", 1)[0], (script.name, section)
         if script is not _scripts.ARCHIVE_SCAN:  # reads only the slots' archive queues
-            assert "local function purge(" in script.source
+            assert "local function up_to_now(" in script.source
 
 
 def test_every_lua_file_is_used() -> None:

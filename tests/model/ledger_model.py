@@ -105,6 +105,7 @@ class Hold:
     status: str = "active"
     captured: int = 0
     ended_at: int | None = None
+    forgotten: bool = False  # a day after it ended, seen by an operation: unknown from then on
 
     def snapshot(self) -> HoldView:
         return HoldView(
@@ -489,7 +490,7 @@ class UserLedger:
             due += [(b.expire_at, 2, b.seq) for b in self.buckets if b.expire_at is not None]
             due = [d for d in due if d[0] <= now]
             if not due:
-                return
+                break
             at, rank, which = min(due)
             if rank == 0:
                 assert cycle is not None
@@ -500,6 +501,11 @@ class UserLedger:
                 self._finish(hold, "expired", at)
             else:
                 self._expire(self.bucket(which), at)
+        # A finished hold is forgotten once an operation sees its day pass, for good: a clock
+        # that steps back later does not bring it back.
+        for hold in self.holds:
+            if hold.ended_at is not None and now >= hold.ended_at + HOLD_MEMORY:
+                hold.forgotten = True
 
     def _expire(self, bucket: Bucket, at: int) -> None:
         self.balance -= bucket.left
@@ -553,8 +559,7 @@ class UserLedger:
         hold = self.hold(number)
         if hold.status != "active":
             assert hold.ended_at is not None
-            forgotten = now >= hold.ended_at + HOLD_MEMORY
-            if forgotten:
+            if hold.forgotten:
                 raise Refused(HoldNotFoundError, hold=number)
             raise Refused(HoldFinishedError, hold=number, status=hold.status)
         return hold

@@ -368,7 +368,9 @@ class LedgerMachine(RuleBasedStateMachine):
             elif call.expire_at is not None:
                 call = replace(call, expire_at=call.expire_at + MS)
             else:
-                call = replace(call, priority=call.priority - 1 if call.priority else 1)
+                # Another valid priority (an invalid one is refused before the key is looked at).
+                changed = call.priority + 1 if call.priority < 1_000_000 else call.priority - 1
+                call = replace(call, priority=changed)
         elif change != "none":
             call = replace(call, amount=call.amount % MAX_CREDITS + 1)
         self.perform(call)
