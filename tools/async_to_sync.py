@@ -73,6 +73,23 @@ PAIRS = [
             **COMMON,
         },
     ),
+    Pair(
+        PACKAGE / "_async_postgres.py",
+        PACKAGE / "_sync_postgres.py",
+        "The sync PostgreSQL storage",
+        {
+            "AsyncPostgresStorage": "PostgresStorage",
+            "AsyncRedisStorage": "RedisStorage",
+            "_async_storage": "_sync_storage",
+            "AsyncStorage": "Storage",
+            "_AsyncSession": "_Session",
+            "_AsyncPool": "_Pool",
+            "run_sql_async": "run_sql",
+            "_execute_async": "_execute",
+            "psycopg.AsyncConnection": "psycopg.Connection",
+            **COMMON,
+        },
+    ),
 ]
 
 _SYNC_ONLY = re.compile(r"^(\s*)# sync only: (.*)$")
