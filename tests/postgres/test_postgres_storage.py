@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
+import credici_redis._sync_postgres as sync_pg  # where run_sql finds _execute
 import credici_redis.postgres as pg
 from credici_redis import (
     AsyncCrediciClient,
@@ -142,7 +143,7 @@ def test_a_connection_lost_at_commit_is_an_unknown_outcome(
     client: CrediciClient, user: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The server's session is terminated (pg_terminate_backend) just before COMMIT is sent."""
-    real = pg._execute
+    real = sync_pg._execute
     killed: list[int] = []
 
     def execute(conn: psycopg.Connection[Any], batch: pg.SqlBatch) -> list[pg.Rows]:
@@ -152,7 +153,7 @@ def test_a_connection_lost_at_commit_is_an_unknown_outcome(
         return real(conn, batch)
 
     client.add(user, 10)
-    monkeypatch.setattr(pg, "_execute", execute)
+    monkeypatch.setattr(sync_pg, "_execute", execute)
     with pytest.raises(OutcomeUnknownError):
         client.subtract(user, 4, idempotency_key="order-1")
     assert killed
@@ -163,7 +164,7 @@ def test_a_connection_lost_at_commit_is_an_unknown_outcome(
 def test_a_read_that_loses_its_connection_is_only_unavailable(
     client: CrediciClient, user: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = pg._execute
+    real = sync_pg._execute
 
     def execute(conn: psycopg.Connection[Any], batch: pg.SqlBatch) -> list[pg.Rows]:
         if batch.commits:
@@ -171,7 +172,7 @@ def test_a_read_that_loses_its_connection_is_only_unavailable(
         return real(conn, batch)
 
     client.add(user, 10)
-    monkeypatch.setattr(pg, "_execute", execute)
+    monkeypatch.setattr(sync_pg, "_execute", execute)
     with pytest.raises(StorageUnavailableError) as info:
         client.get_balance(user)
     assert not isinstance(info.value, OutcomeUnknownError)

@@ -1,0 +1,341 @@
+"""The asyncio Redis storage. `_sync_storage.py` is generated from this file by
+tools/async_to_sync.py: edit here, then run the tool (a test fails while the two differ).
+
+Import the storages from `credici_redis.storage`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from redis import exceptions as redis_errors
+
+from credici_redis import _cluster
+from credici_redis._batcher import _Batcher  # async only
+from credici_redis._protocol import Call, Flow
+from credici_redis._requests import (
+    AddRequest,
+    CaptureRequest,
+    EventReading,
+    HistoryRequest,
+    ReserveRequest,
+    ReverseRequest,
+    StartCycleRequest,
+    SubtractRequest,
+)
+from credici_redis._storage_base import (
+    BATCH_CALLS,
+    DEFAULT_IDEMPOTENCY_TTL,
+    DEFAULT_NAMESPACE,
+    DEFAULT_REPLICA_TIMEOUT,
+    DRIVER_ERRORS,
+    AsyncArchiveSource,
+    Batch,
+    Durability,
+    R,
+    T,
+    _RedisStorageBase,
+    _scripts_of,
+    errors_in_place,
+    storage_error,
+    to_resend,
+)
+from credici_redis.errors import CrediciError, StorageError, StorageUnavailableError
+from credici_redis.models import (
+    AuditReport,
+    BalanceDetails,
+    BalanceEvent,
+    Cycle,
+    Hold,
+    Transaction,
+)
+
+if TYPE_CHECKING:
+    import redis.asyncio
+    import redis.asyncio.cluster
+
+
+class AsyncRedisStorage(_RedisStorageBase):
+    """The ledger on a `redis.asyncio.Redis` (or fakeredis) client, or a
+    `redis.asyncio.cluster.RedisCluster`.
+
+    The storage closes the client on `aclose()` only if it created it (``from_url``).
+    durability="replica": a write returns once a replica acknowledged it (``WAIT 1``, up to
+    `replica_timeout` seconds), else raises ReplicationTimeoutError.
+    batching=True (asyncio only): concurrent operations issued in the same event-loop moment share
+    one pipeline (same semantics, errors and idempotency; fewer round trips under load).
+    """
+
+    def __init__(
+        self,
+        redis: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        retries: int = 0,
+        retry_backoff: float = 0.05,
+        batching: bool = False,  # async only
+        owns_connection: bool = False,
+        durability: Durability = "primary",
+        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+    ) -> None:
+        super().__init__(
+            namespace,
+            idempotency_ttl=idempotency_ttl,
+            retries=retries,
+            retry_backoff=retry_backoff,
+            owns_connection=owns_connection,
+            durability=durability,
+            replica_timeout=replica_timeout,
+        )
+        self.redis = redis
+        self._execute: Callable[..., Awaitable[Any]] = redis.execute_command
+        self._cluster = _cluster.is_cluster(redis)
+        self._batcher = _Batcher(self._round_trip, BATCH_CALLS) if batching else None  # async only
+
+    async def add(self, req: AddRequest) -> Transaction:
+        req = self._retry_safe(req)
+        return await self.retrying(lambda: self.ledger.add(req))
+
+    async def subtract(self, req: SubtractRequest) -> Transaction:
+        req = self._retry_safe(req)
+        return await self.retrying(lambda: self.ledger.subtract(req))
+
+    async def add_many(self, reqs: Batch[AddRequest]) -> list[Transaction | CrediciError]:
+        return await self.retrying_many(self.ledger.add_many, self._batch_safe(reqs))
+
+    async def subtract_many(self, reqs: Batch[SubtractRequest]) -> list[Transaction | CrediciError]:
+        return await self.retrying_many(self.ledger.subtract_many, self._batch_safe(reqs))
+
+    async def retrying_many(
+        self,
+        make_flow: Callable[[Batch[R]], Flow[list[Transaction | CrediciError]]],
+        reqs: Batch[R],
+    ) -> list[Transaction | CrediciError]:
+        """Run a batch; items that met an outage are run anew up to `retries` times."""
+        results: list[Transaction | CrediciError] = [
+            r if isinstance(r, CrediciError) else StorageError("not sent") for r in reqs
+        ]
+        pending = [i for i, r in enumerate(reqs) if not isinstance(r, CrediciError)]
+        for attempt in itertools.count():
+            try:
+                got = await self.run(make_flow([reqs[i] for i in pending]))
+            except StorageUnavailableError as outage:
+                got = [outage] * len(pending)
+            for i, result in zip(pending, got, strict=True):
+                results[i] = result
+            pending = [i for i in pending if isinstance(results[i], StorageUnavailableError)]
+            if not pending or attempt >= self.retries:
+                return results
+            await asyncio.sleep(self._pause(attempt))
+        raise AssertionError("unreachable")
+
+    async def balance(self, user_id: str, now_ms: int | None) -> int:
+        return await self.retrying(lambda: self.ledger.balance(user_id, now_ms))
+
+    async def start_cycle(self, req: StartCycleRequest) -> Cycle:
+        req = self._retry_safe(req)
+        return await self.retrying(lambda: self.ledger.start_cycle(req))
+
+    async def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None:
+        return await self.retrying(lambda: self.ledger.get_cycle(user_id, now_ms))
+
+    async def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle:
+        # Cancelling twice is the same as once: safe to retry without a key.
+        return await self.retrying(lambda: self.ledger.cancel_cycle(user_id, forfeit, now_ms))
+
+    async def history(self, req: HistoryRequest) -> list[Transaction]:
+        return await self.retrying(lambda: self.ledger.history(req))
+
+    async def reserve(self, req: ReserveRequest) -> Hold:
+        req = self._retry_safe(req)
+        return await self.retrying(lambda: self.ledger.reserve(req))
+
+    async def capture(self, req: CaptureRequest) -> Transaction:
+        req = self._retry_safe(req)
+        return await self.retrying(lambda: self.ledger.capture(req))
+
+    async def release(self, user_id: str, local_id: str, now_ms: int | None) -> Hold:
+        return await self.retrying(lambda: self.ledger.release(user_id, local_id, now_ms))
+
+    async def reverse(self, req: ReverseRequest) -> Transaction:
+        req = self._retry_safe(req)
+        return await self.retrying(lambda: self.ledger.reverse(req))
+
+    async def audit(
+        self, user_id: str, now_ms: int | None, archive: AsyncArchiveSource | None = None
+    ) -> AuditReport:
+        snapshot = await self.retrying(lambda: self.ledger.audit_snapshot(user_id, now_ms))
+        if archive is None or not snapshot.trimmed:
+            return snapshot.report(())
+        # Read after the snapshot: whatever Redis trimmed before it is in PostgreSQL by now.
+        return snapshot.report(await archive.entries_before(user_id, snapshot.trimmed))
+
+    async def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails:
+        return await self.retrying(lambda: self.ledger.balance_details(user_id, now_ms))
+
+    async def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None:
+        return await self.retrying(lambda: self.ledger.set_credit_limit(user_id, limit, now_ms))
+
+    async def scan_users(self, batch: int) -> AsyncIterator[list[str]]:
+        """Every user of the namespace, in batches, by SCAN: Redis is never blocked for long."""
+        async for users in self._scanning(partial(self.ledger.scan_users, count=batch)):
+            if users:
+                yield users
+
+    async def _scanning(
+        self, step: Callable[[int], Flow[tuple[int, list[str]]]]
+    ) -> AsyncIterator[list[str]]:
+        """Run a SCAN flow from cursor 0 to 0: on each primary of a cluster (a cursor is a
+        node's), on the server otherwise."""
+        try:
+            nodes = await _cluster.async_primaries(self.redis)
+        except DRIVER_ERRORS as exc:
+            raise storage_error(exc, []) from exc
+        for node in nodes:
+            cursor = 0
+            while True:
+                cursor, found = await self.retrying(partial(step, cursor), node)
+                yield found
+                if cursor == 0:
+                    break
+
+    async def set_low_balance_threshold(
+        self, user_id: str, threshold: int | None, now_ms: int | None
+    ) -> None:
+        return await self.retrying(
+            lambda: self.ledger.set_low_balance_threshold(user_id, threshold, now_ms)
+        )
+
+    def _event_streams(self) -> AsyncIterator[list[str]]:
+        return self._scanning(partial(self.ledger.find_event_streams, count=1000))
+
+    async def events(
+        self, group: str, consumer: str, reading: EventReading
+    ) -> AsyncIterator[BalanceEvent]:
+        """Low-balance events of every user of the namespace, as consumer `consumer` of group
+        `group` (each event goes to one consumer of a group). An event is acknowledged once the
+        caller comes back for the next one, or stops: at least once, never lost; one a dead
+        consumer read but never acknowledged is taken over after `claim_after` seconds."""
+        streams: list[str] = []
+        looked = claimed = -float("inf")
+        quiet_since = time.monotonic()
+        done: list[BalanceEvent] = []
+        try:
+            while True:
+                if time.monotonic() - looked >= reading.discover_every:
+                    async for found in self._event_streams():
+                        new = [stream for stream in found if stream not in streams]
+                        if new:
+                            await self.run(self.ledger.join_group(new, group))
+                            streams += new
+                    looked = time.monotonic()
+                claim = None
+                if time.monotonic() - claimed >= reading.claim_after:
+                    claim, claimed = int(reading.claim_after * 1000), time.monotonic()
+                batch: list[BalanceEvent] = []
+                if streams:
+                    batch = await self.retrying(
+                        partial(
+                            self.ledger.read_events, streams, group, consumer, reading.batch, claim
+                        )
+                    )
+                for event in batch:
+                    yield event
+                    done.append(event)
+                if done:
+                    await self.run(self.ledger.ack_events(done, group))
+                    done = []
+                    quiet_since = time.monotonic()
+                elif (
+                    reading.idle_timeout is not None
+                    and time.monotonic() - quiet_since >= reading.idle_timeout
+                ):
+                    return
+                else:
+                    await asyncio.sleep(reading.poll)
+        finally:
+            if done:  # the caller stopped: what it has seen is handled
+                await self.run(self.ledger.ack_events(done, group))
+
+    async def aclose(self) -> None:
+        if self._owns_connection:
+            await self.redis.aclose()
+
+    async def retrying(self, make_flow: Callable[[], Flow[T]], node: Any = None) -> T:
+        """Run a flow; after an outage, run it anew up to `retries` times (requests are keyed)."""
+        for attempt in itertools.count():
+            try:
+                return await self.run(make_flow(), node)
+            except StorageUnavailableError:
+                if attempt >= self.retries:
+                    raise
+                await asyncio.sleep(self._pause(attempt))
+        raise AssertionError("unreachable")
+
+    async def run(self, flow: Flow[T], node: Any = None) -> T:
+        """Drive a flow: send each batch it yields, hand back the replies, return its result.
+        `node`: a cluster node to send every call to (a SCAN step); None routes by key."""
+        try:
+            calls = next(flow)
+            while True:
+                calls = flow.send(await self._send(calls, node))
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
+    async def _send(self, calls: list[Call], node: Any = None) -> list[Any]:
+        """One round trip (a pipeline if several calls), reloading scripts on NOSCRIPT.
+        A lost connection raises; an error reply comes back in its call's place."""
+        if self._batcher is not None and node is None:  # async only
+            return await self._batcher.send(calls)  # async only
+        try:
+            replies = await self._round_trip(calls, node)
+        except DRIVER_ERRORS as exc:
+            raise storage_error(exc, calls) from exc
+        return errors_in_place(calls, replies)
+
+    async def _round_trip(self, calls: list[Call], node: Any = None) -> list[Any]:
+        replies = await self._pipeline(calls, node)
+        resend = to_resend(calls, replies)
+        if resend:
+            for source in _scripts_of(calls, resend):
+                await self.redis.script_load(source)
+            again = await self._pipeline([calls[i] for i in resend])
+            for i, reply in zip(resend, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, calls: list[Call], node: Any = None) -> list[Any]:
+        if node is not None:
+            return [
+                _cluster.scan_reply(await self._execute(*c.args, target_nodes=node), node)
+                for c in calls
+            ]
+        waits = self._waits(calls)
+        if self._cluster:
+            replies, acks = await _cluster.async_send(
+                self.redis, [c.args for c in calls], waits, self._wait_ms
+            )
+            return self._replicated(replies, acks, waits)
+        if len(calls) == 1 and not waits[0]:  # the hot path: no pipeline object
+            try:
+                return [await self._execute(*calls[0].args)]
+            except redis_errors.ResponseError as exc:
+                return [exc]
+        pipe: Any = self.redis.pipeline(transaction=False)
+        for call in calls:
+            pipe.execute_command(*call.args)
+        if any(waits):  # on the connection that sent the writes, right after them
+            pipe.execute_command(*self._wait_command())
+        replies = await pipe.execute(raise_on_error=False)
+        if any(waits):
+            ack = replies.pop()
+            return self._replicated(replies, [ack] * len(replies), waits)
+        return list(replies)

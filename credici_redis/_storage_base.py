@@ -1,0 +1,233 @@
+"""What the Redis storages share and what has no I/O: constants, driver errors and what they
+mean, WAIT bookkeeping, NOSCRIPT resends, the archive protocols and `_RedisStorageBase`.
+
+The storages themselves: `_async_storage.AsyncRedisStorage` (the source) and
+`_sync_storage.RedisStorage` (generated from it); `credici_redis.storage` is where to import them.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Literal, Protocol, TypeVar, get_args
+
+from redis import exceptions as redis_errors
+
+from credici_redis._protocol import Call, Ledger
+from credici_redis._requests import (
+    AddRequest,
+    KeyedRequest,
+    SubtractRequest,
+    generated_key,
+    keyed,
+)
+from credici_redis._time import duration_ms
+from credici_redis.errors import (
+    CrediciError,
+    OutcomeUnknownError,
+    ReplicationTimeoutError,
+    StorageError,
+    StorageUnavailableError,
+)
+
+T = TypeVar("T")
+R = TypeVar("R", AddRequest, SubtractRequest)
+Batch = list[R | CrediciError]
+"""Requests of a batch; an item whose input was bad is already its error."""
+
+DEFAULT_NAMESPACE = "credici"
+DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
+
+Durability = Literal["primary", "replica"]
+"""When a write is acknowledged: once the primary applied it (Redis's default), or once a
+replica too has it (``WAIT 1``), so that a failover does not lose it."""
+DEFAULT_REPLICA_TIMEOUT = 1.0
+"""Seconds a write waits for a replica's acknowledgement (``durability="replica"``)."""
+
+READ_SCRIPTS = frozenset({"balance", "cycle", "audit", "details"})
+"""Scripts that only read (what they write, expiry and renewal, any later call writes again): no
+WAIT for them. Every other script is a write a caller was told about, and is waited for."""
+
+
+BATCH_CALLS = 512
+"""Most calls per auto-batched pipeline; more go out as further pipelines at the same time."""
+
+_UNAVAILABLE = (
+    redis_errors.ConnectionError,  # includes BusyLoadingError
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,  # a replica after failover, until the client follows the master
+    redis_errors.OutOfMemoryError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.MasterDownError,
+    redis_errors.RedisClusterException,  # e.g. no node of the cluster could be reached
+)
+
+DRIVER_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException)
+"""What redis-py raises; a cluster client's own failures are not RedisErrors."""
+
+
+# redis-py's words for a failure before anything was sent.
+_NOT_SENT = (
+    "connecting to",
+    "Timeout connecting",
+    "No connection available",
+    "Too many connections",
+)
+
+
+def _maybe_applied(exc: Exception, calls: list[Call]) -> bool:
+    """A request was on the wire when the connection failed: Redis may have run it."""
+    lost = isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError) and not (
+        isinstance(exc, redis_errors.BusyLoadingError) or any(w in str(exc) for w in _NOT_SENT)
+    )
+    return lost and any(call.script is not None and call.script.effect for call in calls)
+
+
+def storage_error(exc: Exception, calls: list[Call]) -> CrediciError:
+    """The CrediciError a driver error means; the caller chains it (`raise ... from exc`)."""
+    if _maybe_applied(exc, calls):
+        return OutcomeUnknownError(
+            f"the connection failed before Redis answered; the request may have been applied: "
+            f"retry it with the same idempotency key ({exc})"
+        )
+    if isinstance(exc, _UNAVAILABLE):
+        return StorageUnavailableError(f"Redis is unavailable: {exc}")
+    return StorageError(f"Redis refused a credici command: {exc}")
+
+
+class ArchiveSource(Protocol):
+    """Where the history Redis no longer keeps is (`credici_redis.archive.ArchiveReader`)."""
+
+    def entries_before(self, user_id: str, entry_id: str) -> list[tuple[str, dict[str, str]]]: ...
+
+
+class AsyncArchiveSource(Protocol):
+    async def entries_before(
+        self, user_id: str, entry_id: str
+    ) -> list[tuple[str, dict[str, str]]]: ...
+
+
+class _RedisStorageBase:
+    def __init__(
+        self,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        retries: int = 0,
+        retry_backoff: float = 0.05,
+        owns_connection: bool = False,
+        durability: Durability = "primary",
+        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+    ) -> None:
+        if idempotency_ttl < timedelta(seconds=1):
+            raise ValueError("idempotency_ttl must be at least one second")
+        if type(retries) is not int or retries < 0:
+            raise ValueError("retries must be an int >= 0")
+        if durability not in get_args(Durability):
+            raise ValueError(f"durability must be one of {get_args(Durability)}")
+        if not isinstance(replica_timeout, int | float) or not 0.001 <= replica_timeout < 3600:
+            raise ValueError("replica_timeout must be seconds, at least 0.001")
+        self.durability = durability
+        self.replica_timeout = float(replica_timeout)
+        self.ledger = Ledger(namespace, duration_ms(idempotency_ttl))
+        self.namespace = namespace
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self._owns_connection = owns_connection
+
+    def _retry_safe(self, req: KeyedRequest) -> KeyedRequest:
+        """With retries on, a request without a key gets one, once, before its first attempt."""
+        if self.retries and req.idempotency_key is None:
+            return keyed(req, generated_key())
+        return req
+
+    def _batch_safe(self, reqs: Batch[R]) -> Batch[R]:
+        return [r if isinstance(r, CrediciError) else self._retry_safe(r) for r in reqs]
+
+    def _pause(self, attempt: int) -> float:
+        return float(min(self.retry_backoff * 2**attempt, 1.0))
+
+    def _waits(self, calls: list[Call]) -> list[bool]:
+        """Which calls a WAIT must follow: with durability="replica", every write."""
+        replica = self.durability == "replica"
+        return [
+            replica and call.script is not None and call.script.name not in READ_SCRIPTS
+            for call in calls
+        ]
+
+    @property
+    def _wait_ms(self) -> int:
+        return max(1, round(self.replica_timeout * 1000))  # WAIT 0 would wait forever
+
+    def _wait_command(self) -> tuple[str | int, ...]:
+        return ("WAIT", 1, self._wait_ms)
+
+    def _replicated(self, replies: list[Any], acks: list[Any], waits: list[bool]) -> list[Any]:
+        """A write whose WAIT saw no replica acknowledge it becomes ReplicationTimeoutError."""
+        out = []
+        for reply, ack, waited in zip(replies, acks, waits, strict=True):
+            if waited and not isinstance(reply, Exception) and not _acknowledged(ack):
+                reply = _not_replicated(ack, self.replica_timeout)
+            out.append(reply)
+        return out
+
+
+def _acknowledged(ack: Any) -> bool:
+    return isinstance(ack, int) and ack >= 1
+
+
+def _not_replicated(ack: Any, timeout: float) -> CrediciError:
+    if isinstance(ack, int):
+        return ReplicationTimeoutError(
+            f"the write was applied on the primary, but no replica acknowledged it within "
+            f"{timeout:g} s: a failover now could lose it; retry it with the same idempotency key",
+            replicas=ack,
+            timeout=timeout,
+        )
+    error: CrediciError
+    if isinstance(ack, redis_errors.ConnectionError | redis_errors.TimeoutError):
+        error = OutcomeUnknownError(
+            f"the write was applied on the primary, but the connection failed while waiting for "
+            f"a replica ({ack}): retry it with the same idempotency key"
+        )
+        error.__cause__ = ack
+        return error
+    error = StorageError(
+        f"the write was applied on the primary, but Redis refused WAIT ({ack}): "
+        "durability='replica' needs WAIT and a replica"
+    )
+    error.__cause__ = ack if isinstance(ack, BaseException) else None
+    return error
+
+
+def to_resend(calls: list[Call], replies: list[Any]) -> list[int]:
+    """Which calls of a pipeline to send again once the missing scripts are loaded.
+
+    Every call that got NOSCRIPT, and every read (non-script call) after the first of them, since
+    a read may depend on a script earlier in the batch. A script that ran is never sent twice.
+    """
+    resend: list[int] = []
+    for i, (call, reply) in enumerate(zip(calls, replies, strict=True)):
+        if isinstance(reply, redis_errors.NoScriptError) or (resend and call.script is None):
+            resend.append(i)
+    return resend
+
+
+def errors_in_place(calls: list[Call], replies: list[Any]) -> list[Any]:
+    """Each error reply of a pipeline becomes its CrediciError, in its place: one call's failure
+    is that call's, and the flow decides (a batch keeps it per item, other flows raise it)."""
+    out = []
+    for call, reply in zip(calls, replies, strict=True):
+        if isinstance(reply, redis_errors.NoScriptError):
+            reply = StorageError("Redis lost the credici scripts again right after loading them")
+        elif isinstance(reply, redis_errors.RedisError):
+            error = storage_error(reply, [call])
+            error.__cause__ = reply
+            reply = error
+        out.append(reply)
+    return out
+
+
+def _scripts_of(calls: list[Call], indices: list[int]) -> list[str]:
+    sources = (calls[i].script for i in indices)
+    return list({script.source: None for script in sources if script is not None})

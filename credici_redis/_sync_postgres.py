@@ -1,0 +1,232 @@
+"""The sync PostgreSQL storage. GENERATED from _async_postgres.py by tools/async_to_sync.py.
+
+Do not edit: edit _async_postgres.py, then run `python tools/async_to_sync.py`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+from credici_redis._postgres_base import (
+    DEFAULT_POOL_SIZE,
+    PostgresLedger,
+    Rows,
+    SqlBatch,
+    SqlFlow,
+    T,
+    _connect_options,
+    _failure,
+    _need_psycopg,
+    _Pool,
+    _private_redis,
+    _Session,
+    _setup,
+    create_schema,
+)
+from credici_redis._protocol import Call, Flow
+from credici_redis._requests import EventReading
+from credici_redis._storage_base import (
+    DEFAULT_IDEMPOTENCY_TTL,
+    DEFAULT_NAMESPACE,
+    _RedisStorageBase,
+)
+from credici_redis._sync_storage import RedisStorage
+from credici_redis.errors import StorageError, StorageUnavailableError
+from credici_redis.models import BalanceEvent
+
+try:
+    import psycopg
+except ImportError:  # pragma: no cover - without the "postgres" extra
+    psycopg = None  # type: ignore[assignment]
+
+
+def _execute(conn: psycopg.Connection[Any], batch: SqlBatch) -> list[Rows]:
+    try:
+        with conn.pipeline():
+            cursors = [conn.execute(s.query, s.params or None) for s in batch.statements]
+        return [cur.fetchall() if cur.description is not None else [] for cur in cursors]
+    except psycopg.Error as exc:
+        raise _failure(exc, batch, conn.broken or conn.closed) from exc
+
+
+def run_sql(conn: psycopg.Connection[Any], flow: SqlFlow[T]) -> T:
+    """Step a SQL flow on a connection; on any failure an open transaction is rolled back."""
+    try:
+        batch = next(flow)
+        while True:
+            batch = flow.send(_execute(conn, batch))
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    except BaseException:
+        if not (conn.closed or conn.broken) and (
+            conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        ):
+            try:
+                conn.execute("ROLLBACK")
+            except psycopg.Error:
+                conn.close()
+        raise
+
+
+class PostgresStorage(RedisStorage):
+    """The ledger on PostgreSQL alone: the `Storage` protocol (the sync one: thread-safe).
+
+    Every Redis call of this `RedisStorage` is answered by PostgreSQL (see the docstring of
+    `credici_redis.postgres`), so each operation, its retries and its errors are the Redis
+    storage's own. ``batching`` (asyncio only) is accepted for symmetry with the Redis
+    storage and has no effect: every operation is its own transaction.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        retries: int = 0,
+        retry_backoff: float = 0.05,
+        timeout: float = 5.0,
+        max_connections: int = DEFAULT_POOL_SIZE,
+        **connect_options: Any,
+    ) -> None:
+        _need_psycopg()
+        _RedisStorageBase.__init__(
+            self,
+            namespace,
+            idempotency_ttl=idempotency_ttl,
+            retries=retries,
+            retry_backoff=retry_backoff,
+            owns_connection=True,
+        )
+        self.postgres = PostgresLedger(namespace, self.ledger.idempotency_ttl_ms)
+        self._conninfo = conninfo
+        self._timeout = timeout
+        self._idempotency_ttl = idempotency_ttl
+        self._options = _connect_options(timeout, connect_options)
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+        self._pool = _Pool(self._new_session, max_connections, timeout)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        timeout: float = 5.0,
+        idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        retries: int = 0,
+        **options: Any,
+    ) -> PostgresStorage:
+        """``postgresql://user@host:port/db``; other keyword arguments go to psycopg.connect."""
+        return cls(
+            url,
+            namespace,
+            idempotency_ttl=idempotency_ttl,
+            retries=retries,
+            timeout=timeout,
+            **options,
+        )
+
+    def _new_session(self) -> _Session:
+        try:
+            conn = psycopg.Connection.connect(self._conninfo, **self._options)
+        except psycopg.Error as exc:
+            raise StorageUnavailableError(f"PostgreSQL is unavailable: {exc}") from exc
+        try:
+            run_sql(conn, _setup(self._timeout))
+            with self._schema_lock:
+                if not self._schema_ready:
+                    run_sql(conn, create_schema())
+                    self._schema_ready = True
+        except BaseException:
+            conn.close()
+            raise
+        return _Session(conn, _private_redis(self.namespace, self._idempotency_ttl))
+
+    def sql(self, flow: SqlFlow[T]) -> T:
+        """Run a SQL flow on a pooled connection."""
+        with self._pool.session() as session:
+            return run_sql(session.conn, flow)
+
+    def run(self, flow: Flow[T], node: Any = None) -> T:
+        """Drive a Ledger flow; each call is answered in its own transaction, and a call's
+        failure comes back in its place (the flow decides, as with Redis)."""
+        try:
+            calls = next(flow)
+            while True:
+                calls = flow.send([self._answer(call) for call in calls])
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
+    def _answer(self, call: Call) -> Any:
+        try:
+            with self._pool.session() as session:
+                return run_sql(session.conn, self.postgres.answer(session.lua, call))
+        except StorageError as exc:
+            return exc
+
+    def retrying_sql(self, make_flow: Callable[[], SqlFlow[T]]) -> T:
+        for attempt in itertools.count():
+            try:
+                return self.sql(make_flow())
+            except StorageUnavailableError:
+                if attempt >= self.retries:
+                    raise
+                time.sleep(self._pause(attempt))
+        raise AssertionError("unreachable")
+
+    def scan_users(self, batch: int) -> Iterator[list[str]]:
+        """Every user of the namespace, in batches, in id order."""
+        after = ""
+        while True:
+            users = self.retrying_sql(partial(self.postgres.scan_users, after, batch))
+            if users:
+                yield users
+            if len(users) < batch:
+                return
+            after = users[-1]
+
+    def events(self, group: str, consumer: str, reading: EventReading) -> Iterator[BalanceEvent]:
+        """As `RedisStorage.events`: each event goes to one consumer of the group,
+        acknowledged once the caller comes back for the next one; unacknowledged ones are taken
+        over after `claim_after` seconds."""
+        claimed = -float("inf")
+        quiet_since = time.monotonic()
+        done: list[BalanceEvent] = []
+        try:
+            while True:
+                claim = None
+                if time.monotonic() - claimed >= reading.claim_after:
+                    claim, claimed = int(reading.claim_after * 1000), time.monotonic()
+                batch = self.retrying_sql(
+                    partial(self.postgres.read_events, group, consumer, reading.batch, claim)
+                )
+                for event in batch:
+                    yield event
+                    done.append(event)
+                if done:
+                    self.sql(self.postgres.ack_events(done, group))
+                    done = []
+                    quiet_since = time.monotonic()
+                elif (
+                    reading.idle_timeout is not None
+                    and time.monotonic() - quiet_since >= reading.idle_timeout
+                ):
+                    return
+                else:
+                    time.sleep(reading.poll)
+        finally:
+            if done:
+                self.sql(self.postgres.ack_events(done, group))
+
+    def close(self) -> None:
+        self._pool.close()
