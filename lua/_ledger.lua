@@ -406,7 +406,8 @@ end
 
 -- Gives held credits back to the available balance at `at` and records it (entry `kind`, for
 -- all of them, then an "e" entry for the parts whose bucket expired while held). As any grant,
--- what comes back repays a debt first. Returns the entry's id and how much came back.
+-- what comes back repays a debt first. Returns the entry's id, how much came back, and the
+-- balance after that entry (before the "e" entry, if any).
 local function give_back(st, hold_id, parts, at, kind, fields)
   local before = st.bal
   local restored, expired = restore(st, parts, at)
@@ -417,11 +418,12 @@ local function give_back(st, hold_id, parts, at, kind, fields)
   fields[#fields + 1] = 't'
   fields[#fields + 1] = fmt(at)
   local id = append(st, kind, restored + expired, at, fields)
+  local after = st.bal
   if expired > 0 then
     st.bal = st.bal - expired
     append(st, 'e', -expired, at, { 'h', hold_id })
   end
-  return id, restored + expired
+  return id, restored + expired, after
 end
 
 local function hold_timer(st, hold_id, at)

@@ -2,7 +2,7 @@
 KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 hold id (per user) | 4 amount or ''
       (all) | 5 fingerprint | 6 idempotency retention ms | 7 idempotency key or ''
-Reply {'OK', id, 'p', +returned, balance_after, '', ikey, '', hold id, captured}
+Reply {'OK', id, 'p', +returned, balance_after (of the "p" entry), '', ikey, '', hold id, captured}
       | {'IDEM_CONFLICT'} | {'NO_HOLD'} | {'HOLD_DONE', status} | {'HOLD_EXCEEDED', held}
       | SCHEDULE
 History: renewals, holds released by their ttl, expired buckets, then one "p" entry for what came
@@ -42,11 +42,12 @@ end
 local fields = { 'q', fmt(charge) }
 if #charged > 0 then fields[#fields + 1] = 'u'; fields[#fields + 1] = table.concat(charged, ';') end
 if ikey ~= '' then fields[#fields + 1] = 'i'; fields[#fields + 1] = ikey end
-local id, back = give_back(st, hold_id, table.concat(rest, ';'), now, 'p', fields)
+local id, back, after = give_back(st, hold_id, table.concat(rest, ';'), now, 'p', fields)
 count_usage(st, now, 'cu', charge)
 finish_hold(st, hold_id, rec, 'c', charge, now)
 save_state(st)
-local reply = tx_reply(id, 'p', back, st.bal, nil, ikey, '')
+-- The reply is the "p" entry as history has it: its balance_after is before any "e" entry.
+local reply = tx_reply(id, 'p', back, after, nil, ikey, '')
 reply[#reply + 1] = hold_id
 reply[#reply + 1] = fmt(charge)
 remember(fingerprint, ARGV[6], reply)

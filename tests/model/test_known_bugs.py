@@ -124,3 +124,23 @@ def test_a_hold_that_timed_out_over_a_day_ago_is_unknown(
     clock.advance(timedelta(days=2))
     with pytest.raises(HoldNotFoundError):
         client.release(hold.hold_id)
+
+
+# Was a known bug (fixed), found by the long profile: a capture whose returned credits come from
+# a bucket that expired while held records "capture" (+returned) then "expire" (-returned); the
+# Transaction capture() returned carried the balance after the "expire" entry, so it differed
+# from the very entry history holds.
+def test_a_capture_returns_its_own_history_entry_when_the_rest_expired(
+    client: CrediciClient, clock: FakeClock
+) -> None:
+    client.add("u", 10, ttl=10 * SECOND)
+    hold = client.reserve("u", 10, ttl=60 * SECOND)
+    clock.advance(20 * SECOND)  # the bucket expires while held
+    captured = client.capture(hold.hold_id, 3)
+    newest = client.get_all_user_transactions("u")
+    assert [(t.kind, t.amount, t.balance_after) for t in newest[:2]] == [
+        ("expire", -7, 0),
+        ("capture", 7, 7),
+    ]
+    assert captured == newest[1]
+    assert client.get_balance("u") == 0
