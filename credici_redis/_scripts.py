@@ -68,9 +68,10 @@ SET_LOW_BALANCE_THRESHOLD = load("set_low_balance_threshold", effect=False)
 ARCHIVE_PENDING = load("archive_pending", effect=False)
 ARCHIVE_DONE = load("archive_done", effect=False)  # compare-and-set on the archived-up-to id
 ARCHIVE_SCAN = load("archive_scan", effect=False)
+ARCHIVE_LAG = load("archive_lag", effect=False)
 
 ALL = (
     ADD, SUBTRACT, BALANCE, START_CYCLE, CYCLE, CANCEL_CYCLE, AUDIT, DETAILS, SET_CREDIT_LIMIT,
     RESERVE, CAPTURE, RELEASE, REVERSE, SET_LOW_BALANCE_THRESHOLD, ARCHIVE_PENDING, ARCHIVE_DONE,
-    ARCHIVE_SCAN,
+    ARCHIVE_SCAN, ARCHIVE_LAG,
 )  # fmt: skip

@@ -198,13 +198,18 @@ def _done(namespace: str, batch: list[_Pending], keep_ms: int) -> Flow[int]:
     return trimmed
 
 
-def _lag(namespace: str) -> Flow[ArchiveLag]:
+def _lag(namespace: str, cluster: bool) -> Flow[ArchiveLag]:
     now = yield from _server_ms()
     oldest: float | None = None
     pending_users: list[str] = []
     for start in range(0, _keys.SLOTS, SLOTS_PER_ROUND):
         slots = range(start, min(start + SLOTS_PER_ROUND, _keys.SLOTS))
-        calls = [Call(("ZRANGE", _keys.outbox(namespace, s), 0, -1, "WITHSCORES")) for s in slots]
+        outboxes = [_keys.outbox(namespace, s) for s in slots]
+        if cluster:  # no call may cross a slot
+            calls = [Call(("ZRANGE", outbox, 0, -1, "WITHSCORES")) for outbox in outboxes]
+        else:  # one script call for all these slots
+            script = _scripts.ARCHIVE_LAG
+            calls = [Call(("EVALSHA", script.sha, len(outboxes), *outboxes), script)]
         replies = yield from _sent(calls)
         for reply in replies:
             pairs = _pairs(reply)
@@ -498,7 +503,7 @@ class Archiver:
 
     def lag(self) -> ArchiveLag:
         """Oldest entry not yet archived, and how many users and entries wait."""
-        return self.storage.run(_lag(self.namespace))
+        return self.storage.run(_lag(self.namespace, self._cluster))
 
     def follow(
         self,

@@ -21,7 +21,7 @@ def test_every_script_has_a_header_and_the_shared_helpers() -> None:
         assert "\n--!include " not in script.source  # expanded
         for section in ("KEYS", "ARGV", "Reply", "History"):
             assert section in script.source.split("]]", 1)[0], (script.name, section)
-        if script is not _scripts.ARCHIVE_SCAN:  # reads only the slots' archive queues
+        if script not in (_scripts.ARCHIVE_SCAN, _scripts.ARCHIVE_LAG):  # read slots' queues
             assert "local function up_to_now(" in script.source
 
 
