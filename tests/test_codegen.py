@@ -36,8 +36,12 @@ def test_sync_client_is_generated_from_the_async_one() -> None:
 
 
 def test_every_generated_module_is_covered() -> None:
-    targets = {pair.target.name for pair in tool.PAIRS}
-    assert targets == {"_sync_client.py", "_sync_storage.py", "_sync_postgres.py"}
+    package = ROOT / "credici_redis"
+    assert {pair.target.name for pair in tool.PAIRS} == {p.name for p in package.glob("_sync_*.py")}
+    assert {pair.source.name for pair in tool.PAIRS} == {
+        p.name for p in package.glob("_async_*.py")
+    }
+    assert len(tool.PAIRS) == 4  # client, Redis storage, PostgreSQL storage, archive
 
 
 @pytest.mark.parametrize("pair", tool.PAIRS, ids=lambda pair: pair.target.name)

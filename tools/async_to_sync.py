@@ -90,6 +90,21 @@ PAIRS = [
             **COMMON,
         },
     ),
+    Pair(
+        PACKAGE / "_async_archive.py",
+        PACKAGE / "_sync_archive.py",
+        "The sync archiver and archive reader",
+        {
+            "AsyncArchiver": "Archiver",
+            "AsyncArchiveReader": "ArchiveReader",
+            "AsyncRedisStorage": "RedisStorage",
+            "_async_storage": "_sync_storage",
+            "open_async_storage": "open_storage",
+            "psycopg.AsyncConnection.connect": "psycopg.connect",
+            "psycopg.AsyncConnection": "psycopg.Connection",
+            **COMMON,
+        },
+    ),
 ]
 
 _SYNC_ONLY = re.compile(r"^(\s*)# sync only: (.*)$")

@@ -221,19 +221,30 @@ def test_merge_prefers_redis_and_sorts_newest_first(url: str, namespace: str) ->
     client.close()
 
 
-@pytest.mark.parametrize("backend", ["redis"])  # a URL another thread or process can reach
 async def test_async_archiver_and_reader(
     url: str, namespace: str, pg: psycopg.Connection, postgres_url: str
 ) -> None:
-    client = CrediciClient.from_url(url, namespace=namespace)
-    client.add("d", 5)
+    """The asyncio archiver is native (redis.asyncio and psycopg's asyncio connection), on the
+    real Redis and on memory://, with follow() as an async iterator."""
+    client = AsyncCrediciClient.from_url(url, namespace=namespace, archive_url=postgres_url)
+    await client.add("d", 5)
     async with AsyncArchiver(url, postgres_url, namespace=namespace, keep=timedelta(0)) as job:
         assert (await job.lag()).entries_pending == 1
         assert (await job.run_once()).entries == 1
+        await client.subtract("d", 2)
+        seen: list[tuple[int, int]] = []
+        passes = job.follow(
+            interval=0.01, progress=lambda s, lag: seen.append((s.entries, lag.entries_pending))
+        )
+        async for stats in passes:
+            if stats.entries == 0:
+                break
+        assert seen == [(1, 0), (0, 0)]
     reader = ArchiveReader(postgres_url, namespace)
-    assert [e[1]["n"] for e in reader.entries_before("d", "99999999999999-0")] == ["5"]
+    assert [e[1]["n"] for e in reader.entries_before("d", "99999999999999-0")] == ["5", "-2"]
     reader.close()
-    client.close()
+    assert [t.amount for t in await client.get_all_user_transactions("d")] == [-2, 5]
+    await client.aclose()
 
 
 @pytest.mark.parametrize("backend", ["redis"])

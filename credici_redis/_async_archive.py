@@ -1,0 +1,252 @@
+"""The archiver and the archive reader for asyncio. `_sync_archive.py` is generated from this
+file by tools/async_to_sync.py: edit this one, then run the tool. The flows and the SQL they run
+are in `_archive_base.py`; import the public names from `credici_redis.archive`.
+"""
+
+from __future__ import annotations
+
+import asyncio  # async only
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+
+from credici_redis import _cluster, _keys
+from credici_redis._archive_base import (
+    _INSERT,
+    _SELECT,
+    _SELECT_BEFORE,
+    DEFAULT_KEEP,
+    SLOTS_PER_ROUND,
+    ArchiveLag,
+    ArchiveStats,
+    _check_url,
+    _done,
+    _due_users,
+    _entries,
+    _lag,
+    _Pending,
+    _pending,
+    _period,
+    _server_ms,
+    _unavailable,
+    schema_sql,
+)
+from credici_redis._async_storage import AsyncRedisStorage
+from credici_redis._pg_history import Entry, history_row, pg_text
+from credici_redis._protocol import entry_key, parse_entry
+from credici_redis._requests import HistoryRequest
+from credici_redis._time import from_ms
+from credici_redis.errors import InvalidInputError
+from credici_redis.models import Transaction
+
+# sync only: import threading
+
+
+class AsyncArchiveReader:
+    """The archived part of histories, for a client made with ``archive_url=``: one connection,
+    one query at a time (the lock)."""
+
+    def __init__(self, url: str, namespace: str, *, timeout: float = 5.0) -> None:
+        self.url, self.namespace, self.timeout = _check_url(url), namespace, timeout
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()  # async only
+        # sync only: self._lock = threading.Lock()
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        async with self._lock:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = await psycopg.AsyncConnection.connect(
+                        self.url, autocommit=True, connect_timeout=max(int(self.timeout), 1)
+                    )
+                cur = await self._conn.execute(sql, params)
+                return await cur.fetchall()
+            except psycopg.Error as exc:
+                if self._conn is not None and self._conn.broken:
+                    self._conn = None
+                raise _unavailable(exc) from exc
+
+    async def history(self, req: HistoryRequest) -> list[Transaction]:
+        """The user's archived entries in the request's period, newest first."""
+        rows = await self._query(_SELECT, (self.namespace, pg_text(req.user_id), *_period(req)))
+        return [parse_entry(req.user_id, e) for e in _entries(rows)]
+
+    async def entries_before(self, user_id: str, entry_id: str) -> list[Entry]:
+        """Archived entries older than entry_id, oldest first (what an audit replays first)."""
+        ms, seq = entry_key(entry_id)
+        rows = await self._query(
+            _SELECT_BEFORE, (self.namespace, pg_text(user_id), from_ms(ms), seq)
+        )
+        return _entries(rows)
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None
+
+
+class AsyncArchiver:
+    """Drains a namespace's history from Redis into PostgreSQL.
+
+    ``AsyncArchiver(redis_url, postgres_url, namespace=...)`` (``cluster=True`` for a Redis
+    Cluster: every shard is covered), or ``AsyncArchiver(storage=AsyncRedisStorage(...),
+    postgres_url=...)``. ``run_once()`` archives everything there was when it started;
+    ``follow()`` keeps going. ``keep``: archived entries younger than this stay in Redis too
+    (reverse needs them).
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        postgres_url: str = "",
+        *,
+        namespace: str = "credici",
+        storage: AsyncRedisStorage | None = None,
+        cluster: bool = False,
+        keep: timedelta = DEFAULT_KEEP,
+        users_per_batch: int = 200,
+        entries_per_user: int = 1000,
+        timeout: float = 5.0,
+    ) -> None:
+        if not isinstance(keep, timedelta) or keep < timedelta(0):
+            raise InvalidInputError("keep must be a timedelta >= 0")
+        if not 1 <= users_per_batch <= 10_000 or not 1 <= entries_per_user <= 100_000:
+            raise InvalidInputError("users_per_batch and entries_per_user must be positive")
+        self.postgres_url = _check_url(postgres_url)
+        _keys.check_namespace(namespace)
+        if storage is None:
+            if redis_url is None:
+                raise InvalidInputError("give a redis_url or a storage")
+            from credici_redis._connect import open_async_storage
+
+            opened = open_async_storage(
+                redis_url, namespace, timeout=timeout, idempotency_ttl=timedelta(days=1),
+                cluster=cluster,
+            )  # fmt: skip
+            if not isinstance(opened, AsyncRedisStorage):
+                raise InvalidInputError("the archiver drains a Redis storage")
+            storage, self._owns_storage = opened, True
+        else:
+            self._owns_storage = False
+        self.storage = storage
+        self._cluster = _cluster.is_cluster(storage.redis)
+        self.namespace = namespace
+        self.keep_ms = int(keep.total_seconds() * 1000)
+        self.users_per_batch = users_per_batch
+        self.entries_per_user = entries_per_user
+        self.timeout = timeout
+        self._pg: psycopg.AsyncConnection[Any] | None = None
+        self._schema_ready = False
+
+    # PostgreSQL
+
+    async def _postgres(self) -> psycopg.AsyncConnection[Any]:
+        if self._pg is None or self._pg.closed or self._pg.broken:
+            try:
+                self._pg = await psycopg.AsyncConnection.connect(
+                    self.postgres_url, autocommit=True, connect_timeout=max(int(self.timeout), 1)
+                )
+            except psycopg.Error as exc:
+                raise _unavailable(exc) from exc
+        return self._pg
+
+    async def init_schema(self) -> None:
+        """Create the history table if it is missing (``credici-redis archive --init``)."""
+        conn = await self._postgres()
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('credici_history'))")
+                await conn.execute(schema_sql())
+        except psycopg.Error as exc:
+            raise _unavailable(exc) from exc
+        self._schema_ready = True
+
+    async def _insert(self, batch: list[_Pending]) -> None:
+        rows = [history_row(self.namespace, p.user_id, e) for p in batch for e in p.entries]
+        if not rows:
+            return
+        conn = await self._postgres()
+        try:
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(_INSERT, rows)
+        except psycopg.Error as exc:
+            raise _unavailable(exc) from exc
+
+    # passes
+
+    async def run_once(
+        self, progress: Callable[[ArchiveStats], None] | None = None
+    ) -> ArchiveStats:
+        """Archive every entry that was in Redis when the pass started; return what it did."""
+        if not self._schema_ready:
+            await self.init_schema()
+        started = time.perf_counter()
+        total = ArchiveStats()
+        now = await self.storage.run(_server_ms())
+        for start in range(0, _keys.SLOTS, SLOTS_PER_ROUND):
+            slots = range(start, min(start + SLOTS_PER_ROUND, _keys.SLOTS))
+            while True:  # an outbox may hold more users than one read returns
+                users, more = await self.storage.run(
+                    _due_users(
+                        self.namespace, slots, now - self.keep_ms, self.users_per_batch,
+                        self._cluster,
+                    )
+                )  # fmt: skip
+                for i in range(0, len(users), self.users_per_batch):
+                    total += await self._archive_users(users[i : i + self.users_per_batch])
+                    if progress is not None:
+                        progress(total)
+                if not more:
+                    break
+        return ArchiveStats(
+            total.users, total.entries, total.trimmed, time.perf_counter() - started
+        )
+
+    async def _archive_users(self, users: list[str]) -> ArchiveStats:
+        stats = ArchiveStats(users=len(users))
+        while users:
+            batch = await self.storage.run(_pending(self.namespace, users, self.entries_per_user))
+            await self._insert(batch)  # committed before Redis may forget anything
+            trimmed = await self.storage.run(_done(self.namespace, batch, self.keep_ms))
+            archived = sum(len(p.entries) for p in batch)
+            stats += ArchiveStats(entries=archived, trimmed=trimmed)
+            users = [p.user_id for p in batch if len(p.entries) == self.entries_per_user]
+        return stats
+
+    async def lag(self) -> ArchiveLag:
+        """Oldest entry not yet archived, and how many users and entries wait."""
+        return await self.storage.run(_lag(self.namespace, self._cluster))
+
+    async def follow(
+        self,
+        interval: float = 1.0,
+        *,
+        stop: Callable[[], bool] | None = None,
+        progress: Callable[[ArchiveStats, ArchiveLag], None] | None = None,
+    ) -> AsyncIterator[ArchiveStats]:
+        """Pass after pass, `interval` seconds apart when a pass found nothing; yields each
+        pass's stats. `stop()` returning True ends it."""
+        while stop is None or not stop():
+            stats = await self.run_once()
+            if progress is not None:
+                progress(stats, await self.lag())
+            yield stats
+            if stats.entries == 0 and stats.trimmed == 0:
+                await asyncio.sleep(interval)
+
+    async def aclose(self) -> None:
+        if self._pg is not None:
+            await self._pg.close()
+            self._pg = None
+        if self._owns_storage:
+            await self.storage.aclose()
+
+    async def __aenter__(self) -> AsyncArchiver:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
