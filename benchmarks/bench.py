@@ -730,9 +730,14 @@ def memory(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) -> lis
     if not all(isinstance(result, Transaction) for result in results):
         raise RuntimeError("add_many failed")
     keys = [_keys.user_keys(ns, user) for user in users]
+    # The user's own keys; the slot's shared keys (events, archive outbox) are counted apart.
+    shared = {"history", "events", "outbox"}
     state = memory_usage(
-        raw, [k for user_keys in keys for k in user_keys if k != user_keys.history]
+        raw,
+        [k for uk in keys for name, k in zip(uk._fields, uk, strict=True) if name not in shared],
     )
+    outboxes = sorted({uk.outbox for uk in keys})
+    outbox_share = sum(memory_usage(raw, outboxes)) / len(users)
     streams = memory_usage(raw, [user_keys.history for user_keys in keys])
     counters = [f"{ns}:{{{_keys.user_tag(user)}}}:counter" for user in users]
     pipe = raw.pipeline(transaction=False)
@@ -774,7 +779,7 @@ def memory(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) -> lis
     return [
         Row(
             section,
-            "per user, history stream excluded",
+            "per user, own keys (no history)",
             "bytes",
             per_user,
             counter,
@@ -786,6 +791,14 @@ def memory(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) -> lis
             "per user, with its 1-entry history",
             "bytes",
             with_stream,
+            counter,
+            "SET <user key> 1000 (a string counter per user)",
+        ),
+        Row(
+            section,
+            f"+ slot outbox share, {len(outboxes)} slots",
+            "bytes",
+            outbox_share,
             counter,
             "SET <user key> 1000 (a string counter per user)",
         ),
