@@ -491,17 +491,21 @@ local function up_to_now(now, extension)
     if c and c.crn == '1' and c.cst == 'a' and now >= tonumber(c.ce) then
       at, what = tonumber(c.ce), 'cycle'
     end
-    if st.hx then  -- absent: the user never had a hold
+    -- A bound at or past the earliest event found so far cannot beat it: no look-up then
+    -- (a renewing cycle's grant bucket always ends on the next boundary, which comes first).
+    if st.hx and (not at or st.hx == 0 or st.hx < at) then  -- absent: never had a hold
       local id, t, bound = first_due(K_TIMERS, st.hx, now)
       if bound ~= st.hx then st.hx, st.holds_dirty = bound, true end
       if id and (not at or t < at) then at, what, which = t, 'hold', id end
     end
-    local id, t, bound = first_due(K_EXPIRY, st.nx, now)
-    if bound ~= st.nx then
-      st.nx = bound
-      if st.ms > 0 then st.dirty = true end  -- a user with no history has no state to update
+    if not at or not st.nx or st.nx == 0 or st.nx < at then
+      local id, t, bound = first_due(K_EXPIRY, st.nx, now)
+      if bound ~= st.nx then
+        st.nx = bound
+        if st.ms > 0 then st.dirty = true end  -- a user with no history has no state to update
+      end
+      if id and (not at or t < at) then at, what, which = t, 'bucket', id end
     end
-    if id and (not at or t < at) then at, what, which = t, 'bucket', id end
     if not what then break end
     if what == 'cycle' then
       renew(st, c, now)
