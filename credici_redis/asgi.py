@@ -194,8 +194,10 @@ def priced(cost: Price) -> Callable[[F], F]:
     decorator, both work. It marks the function itself (and returns it unchanged): one function
     serving several routes has one price.
     """
-    price = _RoutePrice(_check_price(cost))
+    return _mark(_RoutePrice(_check_price(cost)))
 
+
+def _mark(price: _RoutePrice) -> Callable[[F], F]:
     def mark(endpoint: F) -> F:
         setattr(endpoint, _PRICE_ATTR, price)
         return endpoint
@@ -217,17 +219,9 @@ def charge(cost: Price | None = None) -> Callable[[Request], Awaitable[Charge | 
     price = _RoutePrice(None if cost is None else _check_price(cost))
 
     async def credits_charged(request: Request) -> Charge | None:
-        scope = request.scope
-        if CHARGE_KEY not in scope:
-            raise RuntimeError(
-                "charge() is used on a route but CreditMiddleware is not installed on the app"
-            )
-        if credits_charged not in scope.get(ROUTE_PRICES_KEY, ()):
-            raise RuntimeError(
-                f"CreditMiddleware could not find the route of {scope.get('path')!r}, so its "
-                "charge() price was not applied; use the middleware's cost= for this route"
-            )
-        return current_charge(scope)
+        return current_charge(
+            _applied(request, credits_charged, "charge", "charge() price", "cost")
+        )
 
     setattr(credits_charged, _PRICE_ATTR, price)
     return credits_charged
@@ -237,13 +231,7 @@ def metered(reserve: Price) -> Callable[[F], F]:
     """Mark an endpoint as metered by usage: ``@metered(200)`` reserves 200 credits before it
     runs, then captures what it reports (module docstring). Like `priced`, for Starlette and
     FastAPI routes, and it wins over dependencies."""
-    price = _RoutePrice(_check_price(reserve), metered=True)
-
-    def mark(endpoint: F) -> F:
-        setattr(endpoint, _PRICE_ATTR, price)
-        return endpoint
-
-    return mark
+    return _mark(_RoutePrice(_check_price(reserve), metered=True))
 
 
 def meter(reserve: Price | None = None) -> Callable[[Request], Awaitable[Meter]]:
@@ -261,16 +249,7 @@ def meter(reserve: Price | None = None) -> Callable[[Request], Awaitable[Meter]]
     price = _RoutePrice(None if reserve is None else _check_price(reserve), metered=True)
 
     async def credits_metered(request: Request) -> Meter:
-        scope = request.scope
-        if CHARGE_KEY not in scope:
-            raise RuntimeError(
-                "meter() is used on a route but CreditMiddleware is not installed on the app"
-            )
-        if credits_metered not in scope.get(ROUTE_PRICES_KEY, ()):
-            raise RuntimeError(
-                f"CreditMiddleware could not find the route of {scope.get('path')!r}, so its "
-                "meter() was not applied; use the middleware's reserve= for this route"
-            )
+        scope = _applied(request, credits_metered, "meter", "meter()", "reserve")
         found = current_meter(scope)
         if found is None:
             raise RuntimeError(
@@ -281,6 +260,21 @@ def meter(reserve: Price | None = None) -> Callable[[Request], Awaitable[Meter]]
 
     setattr(credits_metered, _PRICE_ATTR, price)
     return credits_metered
+
+
+def _applied(request: Request, dependency: object, name: str, what: str, option: str) -> Scope:
+    """The request's scope, once sure the middleware priced its route with `dependency`."""
+    scope = request.scope
+    if CHARGE_KEY not in scope:
+        raise RuntimeError(
+            f"{name}() is used on a route but CreditMiddleware is not installed on the app"
+        )
+    if dependency not in scope.get(ROUTE_PRICES_KEY, ()):
+        raise RuntimeError(
+            f"CreditMiddleware could not find the route of {scope.get('path')!r}, so its "
+            f"{what} was not applied; use the middleware's {option}= for this route"
+        )
+    return scope
 
 
 def current_charge(scope: Scope) -> Charge | None:
