@@ -460,8 +460,11 @@ class CreditMiddleware(_web.Metering):
         method, path = scope["method"], scope["path"]
         key = _header(scope, b"idempotency-key")
         held = await _run(self.client, self._reserving(usage, user, key, method, path))
-        if held is None or isinstance(held, _web.Refusal):
-            await (self.app(scope, receive, send) if held is None else _send_refusal(send, held))
+        if isinstance(held, _web.Refusal):
+            await _send_refusal(send, held)
+            return
+        if held is None:  # failed open: the app runs, not billed
+            await self.app(scope, receive, send)
             return
 
         exchange = held.exchange

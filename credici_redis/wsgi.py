@@ -216,10 +216,10 @@ class CreditMiddleware(_web.Metering):
         method, path = _method_and_path(environ)
         key = environ.get("HTTP_IDEMPOTENCY_KEY")
         held = _run(self.client, self._reserving(usage, user, key, method, path))
-        if held is None or isinstance(held, _web.Refusal):
-            return (
-                self.app(environ, start_response) if held is None else _refuse(start_response, held)
-            )
+        if isinstance(held, _web.Refusal):
+            return _refuse(start_response, held)
+        if held is None:  # failed open: the app runs, not billed
+            return self.app(environ, start_response)
 
         exchange = held.exchange
         credit_headers = held.headers
