@@ -5,6 +5,11 @@ Both middlewares do the same steps around one `subtract` (a fixed price) or one 
 reserve, then either run the app with the credit headers added or answer with a refusal built
 here; a metered request is settled after its response by the rules of `settlement`. Only the
 sending differs (`credici_redis.asgi`, `credici_redis.wsgi`).
+
+The steps that call the credits client (charge, reserve, settle) are written once, in
+`Metering`, as generators of `Call`s: a `Steps` hands out the calls, the middleware makes each
+one (awaited for ASGI) and answers it with `Steps.reply` or `Steps.fail`, and reads
+`Steps.result` at the end.
 """
 
 from __future__ import annotations
@@ -12,14 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from http import HTTPStatus
-from typing import Literal
+from typing import Any, Generic, Literal, TypeVar
 
+from credici_redis._client_base import UserId
 from credici_redis._keys import parse_hold_id
 from credici_redis._requests import MAX_IDEMPOTENCY_KEY_CHARS
 from credici_redis.errors import (
+    CaptureExceedsHoldError,
     CrediciError,
     HoldFinishedError,
     HoldNotFoundError,
@@ -30,6 +38,8 @@ from credici_redis.errors import (
     StorageError,
 )
 from credici_redis.models import Hold, Transaction
+
+T = TypeVar("T")
 
 StorageErrorPolicy = Literal["closed", "open"]
 DisconnectPolicy = Literal["capture", "release"]
@@ -83,6 +93,14 @@ class Refusal:
 
     def payload(self) -> bytes:
         return json.dumps(self.body, separators=(",", ":")).encode()
+
+
+def report(meter: Meter | None, used: int) -> bool:
+    """`report_usage`: report `used` to `meter`; False (and nothing done) when there is none."""
+    if meter is None:
+        return False
+    meter.report(used)
+    return True
 
 
 def check_policy(value: object) -> StorageErrorPolicy:
@@ -390,3 +408,213 @@ def refusal_for(
         )  # fmt: skip
         return Refusal(503, {"error": "credits_unavailable"})
     raise exc
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call to the credits client: ``client.<name>(*args, **kwargs)``."""
+
+    name: Literal["subtract", "reserve", "capture", "release"]
+    args: tuple[object, ...]
+    kwargs: Mapping[str, object] = field(default_factory=dict)
+
+    def on(self, client: object) -> Any:
+        """Make the call on `client` (a coroutine for the async client)."""
+        return getattr(client, self.name)(*self.args, **self.kwargs)
+
+
+Flow = Generator[Call, Any, T]
+
+
+class Steps(Generic[T]):
+    """Iterates over the `Call`s of a flow; answer each one before asking for the next, with
+    `reply` (what the call returned) or `fail` (the CrediciError it raised). Errors the flow does
+    not handle come out of the iteration; after it, `result` is what the flow returned."""
+
+    result: T
+
+    def __init__(self, flow: Flow[T]) -> None:
+        self._flow = flow
+        self._reply: Any = None
+        self._error: CrediciError | None = None
+
+    def __iter__(self) -> Iterator[Call]:
+        return self
+
+    def __next__(self) -> Call:
+        reply, error = self._reply, self._error
+        self._reply, self._error = None, None
+        try:
+            return self._flow.send(reply) if error is None else self._flow.throw(error)
+        except StopIteration as done:
+            self.result = done.value
+            raise
+
+    def reply(self, value: object) -> None:
+        self._reply = value
+
+    def fail(self, error: CrediciError) -> None:
+        self._error = error
+
+
+@dataclass
+class Reservation:
+    """A metered request whose hold is reserved: what settling it after the response needs."""
+
+    meter: Meter
+    capture_key: str | None
+    method: str
+    path: str
+    exchange: Exchange = field(default_factory=Exchange)
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return reservation_headers(self.meter)
+
+
+Outcome = Refusal | None
+"""A `Refusal` to answer instead of running the app, or None: run the app unpaid (failed open)."""
+
+
+def hold_status(hold: Hold) -> Flow[str]:
+    """The hold's status now: "active", "captured", "released" or "expired". The client has no
+    call that reads a hold, so ask for a capture of more than it holds, which changes nothing:
+    an active hold answers CaptureExceedsHoldError, a finished one HoldFinishedError."""
+    try:
+        yield Call("capture", (hold.hold_id, hold.amount + 1))
+    except CaptureExceedsHoldError:
+        return "active"
+    except HoldFinishedError as exc:
+        return exc.status
+    except HoldNotFoundError:
+        return "expired"
+    raise AssertionError(f"hold {hold.hold_id} gave more than it holds")  # pragma: no cover
+
+
+class Metering:
+    """The policies of a middleware and its steps around the client's calls (no I/O)."""
+
+    hold_ttl: timedelta
+    on_disconnect: DisconnectPolicy
+    on_storage_error: StorageErrorPolicy
+    logger: logging.Logger
+
+    def _configure(
+        self,
+        hold_ttl: object,
+        on_disconnect: object,
+        on_storage_error: object,
+        logger: logging.Logger | None,
+        default_logger: str,
+    ) -> None:
+        self.hold_ttl = check_hold_ttl(hold_ttl)
+        self.on_disconnect = check_disconnect_policy(on_disconnect)
+        self.on_storage_error = check_policy(on_storage_error)
+        self.logger = logger if logger is not None else logging.getLogger(default_logger)
+
+    def _refusal(
+        self,
+        exc: CrediciError,
+        user: UserId,
+        cost: int,
+        method: str,
+        path: str,
+        reserving: bool = False,
+    ) -> Outcome:
+        return refusal_for(
+            exc, user_id=str(user), cost=cost, policy=self.on_storage_error, logger=self.logger,
+            method=method, path=path, reserving=reserving,
+        )  # fmt: skip
+
+    def _charging(
+        self, user: UserId, cost: int, header: str | None, method: str, path: str
+    ) -> Steps[Charge | Outcome]:
+        """Charge `cost` (one `subtract`): the `Charge`, or the refusal for its error."""
+        return Steps(self._charge(user, cost, header, method, path))
+
+    def _charge(
+        self, user: UserId, cost: int, header: str | None, method: str, path: str
+    ) -> Flow[Charge | Outcome]:
+        try:
+            transaction: Transaction = yield Call(
+                "subtract",
+                (user, cost),
+                {
+                    "idempotency_key": idempotency_key(header),
+                    "metadata": charge_metadata(method, path),
+                },
+            )
+        except CrediciError as exc:
+            return self._refusal(exc, user, cost, method, path)
+        return Charge(transaction.user_id, cost, transaction)
+
+    def _reserving(
+        self, usage: Meter, user: UserId, header: str | None, method: str, path: str
+    ) -> Steps[Reservation | Outcome]:
+        """Reserve ``usage.reserved`` for `user`: the `Reservation` (`usage` then has its hold),
+        or the refusal for the error."""
+        return Steps(self._reserve_for(usage, user, header, method, path))
+
+    def _reserve_for(
+        self, usage: Meter, user: UserId, header: str | None, method: str, path: str
+    ) -> Flow[Reservation | Outcome]:
+        try:
+            key = idempotency_key(header)
+            hold, replayed = yield from self._reserve(user, usage.reserved, key, method, path)
+        except CrediciError as exc:
+            return self._refusal(exc, user, usage.reserved, method, path, reserving=True)
+        usage.user_id, usage.hold, usage.replayed = hold.user_id, hold, replayed
+        return Reservation(usage, None if key is None else capture_key(hold), method, path)
+
+    def _reserve(
+        self, user: UserId, amount: int, key: str | None, method: str, path: str
+    ) -> Flow[tuple[Hold, bool]]:
+        """The request's hold, and whether it was already captured (a retry of a served
+        request). Under an Idempotency-Key a retry gets the hold of the first attempt; if that
+        one was released, a new hold under a key derived from it (`retry_key`)."""
+        metadata = charge_metadata(method, path)
+        for _ in range(MAX_RESERVATIONS):
+            hold: Hold = yield Call(
+                "reserve",
+                (user, amount),
+                {"ttl": self.hold_ttl, "idempotency_key": key, "metadata": metadata},
+            )
+            if key is None:
+                return hold, False
+            status = yield from hold_status(hold)
+            if status in ("active", "captured"):
+                return hold, status == "captured"
+            key = retry_key(hold)
+        self.logger.warning(
+            "%s %s of user %r: the Idempotency-Key's last %s holds were all released, "
+            "reserving without a key",
+            method, path, str(user), MAX_RESERVATIONS,
+        )  # fmt: skip
+        hold = yield Call("reserve", (user, amount), {"ttl": self.hold_ttl, "metadata": metadata})
+        return hold, False
+
+    def _settling(self, reservation: Reservation) -> Steps[None]:
+        """Capture the usage or release the hold, by `settlement`; never raises a CrediciError
+        (the response is over: failures are logged)."""
+        return Steps(self._settle(reservation))
+
+    def _settle(self, reservation: Reservation) -> Flow[None]:
+        usage, method, path = reservation.meter, reservation.method, reservation.path
+        hold = usage.hold
+        if hold is None or usage.replayed:
+            return
+        outcome = settlement(usage, reservation.exchange, self.on_disconnect)
+        log_settlement(self.logger, usage, outcome, method, path)
+        try:
+            if outcome.credits:
+                tx: Transaction = yield Call(
+                    "capture",
+                    (hold.hold_id, outcome.credits),
+                    {"idempotency_key": reservation.capture_key},
+                )
+                usage.settled(outcome.credits, tx)
+            else:
+                yield Call("release", (hold.hold_id,))
+                usage.settled(0, None)
+        except CrediciError as exc:
+            log_settle_failure(self.logger, exc, usage, outcome.credits, method, path)

@@ -106,13 +106,7 @@ from typing import Any, Protocol, TypeVar
 from credici_redis import _web
 from credici_redis._web import Charge, DisconnectPolicy, Meter, StorageErrorPolicy
 from credici_redis.client import AsyncCrediciClient, UserId
-from credici_redis.errors import (
-    CaptureExceedsHoldError,
-    CrediciError,
-    HoldFinishedError,
-    HoldNotFoundError,
-)
-from credici_redis.models import Hold
+from credici_redis.errors import CrediciError
 
 try:
     from starlette.requests import Request
@@ -145,6 +139,7 @@ ROUTE_PRICES_KEY = "credici.route_prices"
 _PRICE_ATTR = "__credici_price__"
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 __all__ = [
     "CHARGE_KEY",
@@ -199,8 +194,10 @@ def priced(cost: Price) -> Callable[[F], F]:
     decorator, both work. It marks the function itself (and returns it unchanged): one function
     serving several routes has one price.
     """
-    price = _RoutePrice(_check_price(cost))
+    return _mark(_RoutePrice(_check_price(cost)))
 
+
+def _mark(price: _RoutePrice) -> Callable[[F], F]:
     def mark(endpoint: F) -> F:
         setattr(endpoint, _PRICE_ATTR, price)
         return endpoint
@@ -222,17 +219,9 @@ def charge(cost: Price | None = None) -> Callable[[Request], Awaitable[Charge | 
     price = _RoutePrice(None if cost is None else _check_price(cost))
 
     async def credits_charged(request: Request) -> Charge | None:
-        scope = request.scope
-        if CHARGE_KEY not in scope:
-            raise RuntimeError(
-                "charge() is used on a route but CreditMiddleware is not installed on the app"
-            )
-        if credits_charged not in scope.get(ROUTE_PRICES_KEY, ()):
-            raise RuntimeError(
-                f"CreditMiddleware could not find the route of {scope.get('path')!r}, so its "
-                "charge() price was not applied; use the middleware's cost= for this route"
-            )
-        return current_charge(scope)
+        return current_charge(
+            _applied(request, credits_charged, "charge", "charge() price", "cost")
+        )
 
     setattr(credits_charged, _PRICE_ATTR, price)
     return credits_charged
@@ -242,13 +231,7 @@ def metered(reserve: Price) -> Callable[[F], F]:
     """Mark an endpoint as metered by usage: ``@metered(200)`` reserves 200 credits before it
     runs, then captures what it reports (module docstring). Like `priced`, for Starlette and
     FastAPI routes, and it wins over dependencies."""
-    price = _RoutePrice(_check_price(reserve), metered=True)
-
-    def mark(endpoint: F) -> F:
-        setattr(endpoint, _PRICE_ATTR, price)
-        return endpoint
-
-    return mark
+    return _mark(_RoutePrice(_check_price(reserve), metered=True))
 
 
 def meter(reserve: Price | None = None) -> Callable[[Request], Awaitable[Meter]]:
@@ -266,16 +249,7 @@ def meter(reserve: Price | None = None) -> Callable[[Request], Awaitable[Meter]]
     price = _RoutePrice(None if reserve is None else _check_price(reserve), metered=True)
 
     async def credits_metered(request: Request) -> Meter:
-        scope = request.scope
-        if CHARGE_KEY not in scope:
-            raise RuntimeError(
-                "meter() is used on a route but CreditMiddleware is not installed on the app"
-            )
-        if credits_metered not in scope.get(ROUTE_PRICES_KEY, ()):
-            raise RuntimeError(
-                f"CreditMiddleware could not find the route of {scope.get('path')!r}, so its "
-                "meter() was not applied; use the middleware's reserve= for this route"
-            )
+        scope = _applied(request, credits_metered, "meter", "meter()", "reserve")
         found = current_meter(scope)
         if found is None:
             raise RuntimeError(
@@ -286,6 +260,21 @@ def meter(reserve: Price | None = None) -> Callable[[Request], Awaitable[Meter]]
 
     setattr(credits_metered, _PRICE_ATTR, price)
     return credits_metered
+
+
+def _applied(request: Request, dependency: object, name: str, what: str, option: str) -> Scope:
+    """The request's scope, once sure the middleware priced its route with `dependency`."""
+    scope = request.scope
+    if CHARGE_KEY not in scope:
+        raise RuntimeError(
+            f"{name}() is used on a route but CreditMiddleware is not installed on the app"
+        )
+    if dependency not in scope.get(ROUTE_PRICES_KEY, ()):
+        raise RuntimeError(
+            f"CreditMiddleware could not find the route of {scope.get('path')!r}, so its "
+            f"{what} was not applied; use the middleware's {option}= for this route"
+        )
+    return scope
 
 
 def current_charge(scope: Scope) -> Charge | None:
@@ -314,11 +303,7 @@ def current_meter(target: Scope | HasScope) -> Meter | None:
 def report_usage(target: Scope | HasScope, used: int) -> bool:
     """Report the credits the request used in total so far (the last report counts); `target`
     is the scope or a request. False (and nothing done) when the request is not metered."""
-    found = current_meter(target)
-    if found is None:
-        return False
-    found.report(used)
-    return True
+    return _web.report(current_meter(target), used)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -380,7 +365,7 @@ def _dependency_prices(dependant: Any) -> Iterator[tuple[object, _RoutePrice]]:
         yield from _dependency_prices(sub)
 
 
-class CreditMiddleware:
+class CreditMiddleware(_web.Metering):
     """Charges each HTTP request its price in credits before the app runs, or meters it by
     usage: reserve before, capture after (module docstring)."""
 
@@ -403,11 +388,8 @@ class CreditMiddleware:
         self.cost = _check_price(cost)
         self.reserve = None if reserve is None or callable(reserve) else _web.check_cost(reserve)
         self._reserve_of = reserve if callable(reserve) else None
-        self.hold_ttl = _web.check_hold_ttl(hold_ttl)
-        self.on_disconnect = _web.check_disconnect_policy(on_disconnect)
-        self.on_storage_error = _web.check_policy(on_storage_error)
-        self.logger = logger if logger is not None else logging.getLogger(__name__)
-        self._settling: set[asyncio.Task[None]] = set()
+        self._configure(hold_ttl, on_disconnect, on_storage_error, logger, __name__)
+        self._settling_tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -429,34 +411,15 @@ class CreditMiddleware:
             return
 
         method, path = scope["method"], scope["path"]
-        try:
-            transaction = await self.client.subtract(
-                user,
-                price,
-                idempotency_key=_web.idempotency_key(_header(scope, b"idempotency-key")),
-                metadata=_web.charge_metadata(method, path),
-            )
-        except CrediciError as exc:
-            refusal = _web.refusal_for(
-                exc, user_id=str(user), cost=price, policy=self.on_storage_error,
-                logger=self.logger, method=method, path=path,
-            )  # fmt: skip
-            if refusal is None:
-                await self.app(scope, receive, send)
-            else:
-                await _send_refusal(send, refusal)
+        key = _header(scope, b"idempotency-key")
+        paid = await _run(self.client, self._charging(user, price, key, method, path))
+        if isinstance(paid, _web.Refusal):
+            await _send_refusal(send, paid)
             return
-
-        paid = Charge(transaction.user_id, price, transaction)
-        scope[CHARGE_KEY] = paid
-        credit_headers = _encode_headers(_web.charge_headers(paid))
-
-        async def send_with_credits(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), *credit_headers]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_credits)
+        if paid is not None:
+            scope[CHARGE_KEY] = paid
+            send = _adding_headers(send, _web.charge_headers(paid))
+        await self.app(scope, receive, send)
 
     async def _price(self, route: _RoutePrice | None, scope: Scope) -> tuple[int, bool]:
         """(credits, metered): the route's own price, else the middleware's reserve, else cost."""
@@ -495,24 +458,17 @@ class CreditMiddleware:
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
-        try:
-            key = _web.idempotency_key(_header(scope, b"idempotency-key"))
-            hold, replayed = await self._reserve(user, reserve, key, method, path)
-        except CrediciError as exc:
-            refusal = _web.refusal_for(
-                exc, user_id=str(user), cost=reserve, policy=self.on_storage_error,
-                logger=self.logger, method=method, path=path, reserving=True,
-            )  # fmt: skip
-            if refusal is None:
-                await self.app(scope, receive, send)
-            else:
-                await _send_refusal(send, refusal)
+        key = _header(scope, b"idempotency-key")
+        held = await _run(self.client, self._reserving(usage, user, key, method, path))
+        if isinstance(held, _web.Refusal):
+            await _send_refusal(send, held)
+            return
+        if held is None:  # failed open: the app runs, not billed
+            await self.app(scope, receive, send)
             return
 
-        usage.user_id, usage.hold, usage.replayed = hold.user_id, hold, replayed
-        capture_key = None if key is None else _web.capture_key(hold)
-        credit_headers = _encode_headers(_web.reservation_headers(usage))
-        exchange = _web.Exchange()
+        exchange = held.exchange
+        credit_headers = _encode_headers(held.headers)
 
         async def receive_watching() -> Message:
             message = await receive()
@@ -535,72 +491,20 @@ class CreditMiddleware:
             ):
                 exchange.complete = True
 
-        settle = functools.partial(self._settle, usage, exchange, capture_key, method, path)
+        settle = functools.partial(_run, self.client, self._settling(held))
         try:
             await self.app(scope, receive_watching, send_watching)
         except asyncio.CancelledError:
             # Awaiting here could be cancelled again (a cancelled anyio scope): settle in a task
             # of its own, which the cancellation does not reach.
             task = asyncio.ensure_future(settle())
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+            self._settling_tasks.add(task)
+            task.add_done_callback(self._settling_tasks.discard)
             raise
         except BaseException:
             await settle()
             raise
         await settle()
-
-    async def _reserve(
-        self, user: UserId, amount: int, key: str | None, method: str, path: str
-    ) -> tuple[Hold, bool]:
-        """The request's hold, and whether it was already captured (a retry of a served
-        request). Under an Idempotency-Key a retry gets the hold of the first attempt; if that
-        one was released, a new hold under a key derived from it (`_web.retry_key`)."""
-        metadata = _web.charge_metadata(method, path)
-        for _ in range(_web.MAX_RESERVATIONS):
-            hold = await self.client.reserve(
-                user, amount, ttl=self.hold_ttl, idempotency_key=key, metadata=metadata
-            )
-            if key is None:
-                return hold, False
-            status = await _hold_status(self.client, hold)
-            if status in ("active", "captured"):
-                return hold, status == "captured"
-            key = _web.retry_key(hold)
-        self.logger.warning(
-            "%s %s of user %r: the Idempotency-Key's last %s holds were all released, "
-            "reserving without a key",
-            method, path, str(user), _web.MAX_RESERVATIONS,
-        )  # fmt: skip
-        hold = await self.client.reserve(user, amount, ttl=self.hold_ttl, metadata=metadata)
-        return hold, False
-
-    async def _settle(
-        self,
-        usage: Meter,
-        exchange: _web.Exchange,
-        capture_key: str | None,
-        method: str,
-        path: str,
-    ) -> None:
-        """Capture the usage or release the hold, by `_web.settlement`; never raises a
-        CrediciError (the response is over: failures are logged)."""
-        hold = usage.hold
-        if hold is None or usage.replayed:
-            return
-        outcome = _web.settlement(usage, exchange, self.on_disconnect)
-        _web.log_settlement(self.logger, usage, outcome, method, path)
-        try:
-            if outcome.credits:
-                tx = await self.client.capture(
-                    hold.hold_id, outcome.credits, idempotency_key=capture_key
-                )
-                usage.settled(outcome.credits, tx)
-            else:
-                await self.client.release(hold.hold_id)
-                usage.settled(0, None)
-        except CrediciError as exc:
-            _web.log_settle_failure(self.logger, exc, usage, outcome.credits, method, path)
 
     def _route_price(self, scope: Scope) -> tuple[_RoutePrice | None, tuple[object, ...]]:
         """The price of the route `scope` goes to (None: the middleware's), and the `charge()`
@@ -624,19 +528,14 @@ class CreditMiddleware:
         return (found[-1][1] if found else None), dependencies
 
 
-async def _hold_status(client: AsyncCrediciClient, hold: Hold) -> str:
-    """The hold's status now: "active", "captured", "released" or "expired". The client has no
-    call that reads a hold, so ask for a capture of more than it holds, which changes nothing:
-    an active hold answers CaptureExceedsHoldError, a finished one HoldFinishedError."""
-    try:
-        await client.capture(hold.hold_id, hold.amount + 1)
-    except CaptureExceedsHoldError:
-        return "active"
-    except HoldFinishedError as exc:
-        return exc.status
-    except HoldNotFoundError:
-        return "expired"
-    raise AssertionError(f"hold {hold.hold_id} gave more than it holds")  # pragma: no cover
+async def _run(client: AsyncCrediciClient, steps: _web.Steps[T]) -> T:
+    """Make the client calls of `steps`, awaited; what its flow returned."""
+    for call in steps:
+        try:
+            steps.reply(await call.on(client))
+        except CrediciError as exc:
+            steps.fail(exc)
+    return steps.result
 
 
 def _encode_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
@@ -652,3 +551,15 @@ async def _send_refusal(send: Send, refusal: _web.Refusal) -> None:
     ]
     await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+def _adding_headers(send: Send, headers: Iterable[tuple[str, str]]) -> Send:
+    """`send` adding `headers` to the response's start."""
+    encoded = _encode_headers(headers)
+
+    async def send_with_credits(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *encoded]}
+        await send(message)
+
+    return send_with_credits

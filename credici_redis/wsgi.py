@@ -57,18 +57,12 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from credici_redis import _web
 from credici_redis._web import Charge, DisconnectPolicy, Meter, StorageErrorPolicy
 from credici_redis.client import CrediciClient, UserId
-from credici_redis.errors import (
-    CaptureExceedsHoldError,
-    CrediciError,
-    HoldFinishedError,
-    HoldNotFoundError,
-)
-from credici_redis.models import Hold
+from credici_redis.errors import CrediciError
 
 if sys.version_info >= (3, 11):
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -87,6 +81,8 @@ else:  # pragma: no cover
 
     WSGIEnvironment = dict[str, Any]
     WSGIApplication = Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
+
+T = TypeVar("T")
 
 UserLookup = Callable[[WSGIEnvironment], "UserId | None"]
 """`user(environ)`: the user to charge, or None (not metered)."""
@@ -144,11 +140,7 @@ def current_meter(target: object) -> Meter | None:
 def report_usage(target: object, used: int) -> bool:
     """Report the credits the request used in total so far (the last report counts); False
     (and nothing done) when the request is not metered."""
-    found = current_meter(target)
-    if found is None:
-        return False
-    found.report(used)
-    return True
+    return _web.report(current_meter(target), used)
 
 
 def user_from_header(name: str) -> Callable[[WSGIEnvironment], str | None]:
@@ -166,7 +158,7 @@ def user_from_header(name: str) -> Callable[[WSGIEnvironment], str | None]:
     return user
 
 
-class CreditMiddleware:
+class CreditMiddleware(_web.Metering):
     """Charges each request its price in credits before the app runs, or meters it by usage:
     reserve before, capture after (module docstring)."""
 
@@ -188,10 +180,7 @@ class CreditMiddleware:
         self.user = user
         self.cost = cost if callable(cost) else _web.check_cost(cost)
         self.reserve = reserve if reserve is None or callable(reserve) else _web.check_cost(reserve)
-        self.hold_ttl = _web.check_hold_ttl(hold_ttl)
-        self.on_disconnect = _web.check_disconnect_policy(on_disconnect)
-        self.on_storage_error = _web.check_policy(on_storage_error)
-        self.logger = logger if logger is not None else logging.getLogger(__name__)
+        self._configure(hold_ttl, on_disconnect, on_storage_error, logger, __name__)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         environ[CHARGE_KEY] = None
@@ -205,34 +194,14 @@ class CreditMiddleware:
             return self.app(environ, start_response)
 
         method, path = _method_and_path(environ)
-        try:
-            transaction = self.client.subtract(
-                user,
-                cost,
-                idempotency_key=_web.idempotency_key(environ.get("HTTP_IDEMPOTENCY_KEY")),
-                metadata=_web.charge_metadata(method, path),
-            )
-        except CrediciError as exc:
-            refusal = _web.refusal_for(
-                exc, user_id=str(user), cost=cost, policy=self.on_storage_error,
-                logger=self.logger, method=method, path=path,
-            )  # fmt: skip
-            if refusal is None:
-                return self.app(environ, start_response)
-            return _refuse(start_response, refusal)
-
-        paid = Charge(transaction.user_id, cost, transaction)
-        environ[CHARGE_KEY] = paid
-        credit_headers = _web.charge_headers(paid)
-
-        def start_with_credits(
-            status: str,
-            headers: list[tuple[str, str]],
-            exc_info: Any = None,
-        ) -> Callable[[bytes], object]:
-            return start_response(status, [*headers, *credit_headers], exc_info)
-
-        return self.app(environ, start_with_credits)
+        key = environ.get("HTTP_IDEMPOTENCY_KEY")
+        paid = _run(self.client, self._charging(user, cost, key, method, path))
+        if isinstance(paid, _web.Refusal):
+            return _refuse(start_response, paid)
+        if paid is not None:
+            environ[CHARGE_KEY] = paid
+            start_response = _adding_headers(start_response, _web.charge_headers(paid))
+        return self.app(environ, start_response)
 
     def _metered(
         self, environ: WSGIEnvironment, start_response: StartResponse, reserve: int
@@ -245,22 +214,15 @@ class CreditMiddleware:
         if user is None:
             return self.app(environ, start_response)
         method, path = _method_and_path(environ)
-        try:
-            key = _web.idempotency_key(environ.get("HTTP_IDEMPOTENCY_KEY"))
-            hold, replayed = self._reserve(user, reserve, key, method, path)
-        except CrediciError as exc:
-            refusal = _web.refusal_for(
-                exc, user_id=str(user), cost=reserve, policy=self.on_storage_error,
-                logger=self.logger, method=method, path=path, reserving=True,
-            )  # fmt: skip
-            if refusal is None:
-                return self.app(environ, start_response)
-            return _refuse(start_response, refusal)
+        key = environ.get("HTTP_IDEMPOTENCY_KEY")
+        held = _run(self.client, self._reserving(usage, user, key, method, path))
+        if isinstance(held, _web.Refusal):
+            return _refuse(start_response, held)
+        if held is None:  # failed open: the app runs, not billed
+            return self.app(environ, start_response)
 
-        usage.user_id, usage.hold, usage.replayed = hold.user_id, hold, replayed
-        capture_key = None if key is None else _web.capture_key(hold)
-        credit_headers = _web.reservation_headers(usage)
-        exchange = _web.Exchange()
+        exchange = held.exchange
+        credit_headers = held.headers
 
         def start_watching(
             status: str,
@@ -272,7 +234,7 @@ class CreditMiddleware:
             return start_response(status, [*headers, *credit_headers], exc_info)
 
         def settle() -> None:
-            self._settle(usage, exchange, capture_key, method, path)
+            _run(self.client, self._settling(held))
 
         try:
             body = self.app(environ, start_watching)
@@ -280,52 +242,6 @@ class CreditMiddleware:
             settle()
             raise
         return _MeteredBody(body, exchange, settle)
-
-    def _reserve(
-        self, user: UserId, amount: int, key: str | None, method: str, path: str
-    ) -> tuple[Hold, bool]:
-        """As `credici_redis.asgi.CreditMiddleware._reserve`."""
-        metadata = _web.charge_metadata(method, path)
-        for _ in range(_web.MAX_RESERVATIONS):
-            hold = self.client.reserve(
-                user, amount, ttl=self.hold_ttl, idempotency_key=key, metadata=metadata
-            )
-            if key is None:
-                return hold, False
-            status = _hold_status(self.client, hold)
-            if status in ("active", "captured"):
-                return hold, status == "captured"
-            key = _web.retry_key(hold)
-        self.logger.warning(
-            "%s %s of user %r: the Idempotency-Key's last %s holds were all released, "
-            "reserving without a key",
-            method, path, str(user), _web.MAX_RESERVATIONS,
-        )  # fmt: skip
-        return self.client.reserve(user, amount, ttl=self.hold_ttl, metadata=metadata), False
-
-    def _settle(
-        self,
-        usage: Meter,
-        exchange: _web.Exchange,
-        capture_key: str | None,
-        method: str,
-        path: str,
-    ) -> None:
-        """As `credici_redis.asgi.CreditMiddleware._settle`."""
-        hold = usage.hold
-        if hold is None or usage.replayed:
-            return
-        outcome = _web.settlement(usage, exchange, self.on_disconnect)
-        _web.log_settlement(self.logger, usage, outcome, method, path)
-        try:
-            if outcome.credits:
-                tx = self.client.capture(hold.hold_id, outcome.credits, idempotency_key=capture_key)
-                usage.settled(outcome.credits, tx)
-            else:
-                self.client.release(hold.hold_id)
-                usage.settled(0, None)
-        except CrediciError as exc:
-            _web.log_settle_failure(self.logger, exc, usage, outcome.credits, method, path)
 
 
 class _MeteredBody:
@@ -381,14 +297,27 @@ def _refuse(start_response: StartResponse, refusal: _web.Refusal) -> list[bytes]
     return [payload]
 
 
-def _hold_status(client: CrediciClient, hold: Hold) -> str:
-    """As `credici_redis.asgi._hold_status`: a capture of more than held changes nothing."""
-    try:
-        client.capture(hold.hold_id, hold.amount + 1)
-    except CaptureExceedsHoldError:
-        return "active"
-    except HoldFinishedError as exc:
-        return exc.status
-    except HoldNotFoundError:
-        return "expired"
-    raise AssertionError(f"hold {hold.hold_id} gave more than it holds")  # pragma: no cover
+def _run(client: CrediciClient, steps: _web.Steps[T]) -> T:
+    """Make the client calls of `steps`; what its flow returned."""
+    for call in steps:
+        try:
+            steps.reply(call.on(client))
+        except CrediciError as exc:
+            steps.fail(exc)
+    return steps.result
+
+
+def _adding_headers(
+    start_response: StartResponse, headers: Iterable[tuple[str, str]]
+) -> StartResponse:
+    """`start_response` adding `headers` to the response's."""
+    added = list(headers)
+
+    def start_with_credits(
+        status: str,
+        headers: list[tuple[str, str]],
+        exc_info: Any = None,
+    ) -> Callable[[bytes], object]:
+        return start_response(status, [*headers, *added], exc_info)
+
+    return start_with_credits

@@ -13,16 +13,19 @@ import socket
 import socketserver
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import httpx
 import pytest
 import uvicorn
 
 from credici_redis import CrediciClient
+from credici_redis._web import Meter
 from tests.conftest import REDIS_URL
 
 T = TypeVar("T")
@@ -113,3 +116,35 @@ def eventually(read: Callable[[], T], until: Callable[[T], bool], timeout: float
         time.sleep(0.01)
         value = read()
     return value
+
+
+def fresh_user() -> str:
+    return f"user-{uuid.uuid4().hex[:8]}"
+
+
+def credit_headers(response: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in response.headers.items() if k.startswith("x-credits-")}
+
+
+def subtracts(credici: CrediciClient, user: str) -> list[Any]:
+    return [t for t in credici.get_all_user_transactions(user) if t.kind == "subtract"]
+
+
+def charged_by(usage: Meter) -> int | None:
+    """What the middleware charged once it settled (it does so after the response ended)."""
+    return eventually(lambda: usage.charged, lambda charged: charged is not None)
+
+
+def settled(credici: CrediciClient, user: str, balance: int) -> None:
+    """Wait until the user's hold is settled and the balance is `balance`."""
+    details = eventually(
+        lambda: credici.get_balance_details(user),
+        lambda d: d.held == 0 and d.balance == balance,
+    )
+    assert (details.balance, details.held) == (balance, 0)
+
+
+def holds(credici: CrediciClient, user: str) -> list[tuple[str, int, int | None]]:
+    """(kind, amount, captured) of the user's hold entries, oldest first."""
+    history = reversed(credici.get_all_user_transactions(user))
+    return [(t.kind, t.amount, t.captured) for t in history if t.hold_id is not None]

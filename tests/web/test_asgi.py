@@ -1,13 +1,12 @@
-"""credici_redis.asgi under a real uvicorn: the example app, per-route prices, outages, races."""
+"""credici_redis.asgi under a real uvicorn: the example app, per-route prices, plain ASGI apps.
+What both middlewares promise (refusals, retries, outages, races) is in test_contract.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import logging
 import threading
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Annotated, Any
@@ -33,21 +32,16 @@ from credici_redis.asgi import (
     user_from_header,
 )
 from tests.conftest import REDIS_URL
-from tests.web.conftest import DOWN_URL, load_example, serve_asgi
+from tests.web.conftest import (
+    DOWN_URL,
+    credit_headers,
+    fresh_user,
+    load_example,
+    serve_asgi,
+    subtracts,
+)
 
 example = load_example()
-
-
-def fresh_user() -> str:
-    return f"user-{uuid.uuid4().hex[:8]}"
-
-
-def credit_headers(response: httpx.Response) -> dict[str, str]:
-    return {k: v for k, v in response.headers.items() if k.startswith("x-credits-")}
-
-
-def subtracts(credici: CrediciClient, user: str) -> list[Any]:
-    return [t for t in credici.get_all_user_transactions(user) if t.kind == "subtract"]
 
 
 @contextlib.contextmanager
@@ -117,30 +111,6 @@ def test_metered_routes_charge_their_price_and_say_so_in_headers(
     assert (summarize.amount, summarize.metadata["path"]) == (-5, "/v1/summarize")
 
 
-def test_out_of_credits_is_402_and_the_handler_never_runs(
-    served: tuple[httpx.Client, Counter[str]], credici: CrediciClient
-) -> None:
-    http, calls = served
-    user = fresh_user()
-    credici.add(user, 3)
-
-    r = http.get("/test/counted", headers={"X-User": user})
-    assert r.status_code == 402
-    assert r.headers["content-type"] == "application/json"
-    assert r.json() == {"error": "insufficient_credits", "required": 7, "available": 3}
-    assert credit_headers(r) == {"x-credits-remaining": "3", "x-credits-cost": "7"}
-    assert calls["counted"] == 0
-
-    r = http.post("/v1/summarize", json={"text": "x"}, headers={"X-User": user})
-    assert r.status_code == 402 and r.json()["required"] == 5
-    assert credici.get_balance(user) == 3 and subtracts(credici, user) == []
-
-    credici.add(user, 4)
-    r = http.get("/test/counted", headers={"X-User": user})
-    assert r.status_code == 200 and calls["counted"] == 1
-    assert credit_headers(r) == {"x-credits-remaining": "0", "x-credits-cost": "7"}
-
-
 def test_requests_without_a_user_are_not_metered(
     served: tuple[httpx.Client, Counter[str]], credici: CrediciClient
 ) -> None:
@@ -153,117 +123,27 @@ def test_requests_without_a_user_are_not_metered(
     assert r.status_code == 401
 
 
-def test_a_retried_request_is_charged_once(
-    served: tuple[httpx.Client, Counter[str]], credici: CrediciClient
-) -> None:
-    http, calls = served
-    user = fresh_user()
-    credici.add(user, 100)
-    headers = {"X-User": user, "Idempotency-Key": "req-1"}
-
-    first = http.get("/test/counted", headers=headers)
-    retry = http.get("/test/counted", headers=headers)
-    assert first.status_code == retry.status_code == 200
-    assert (
-        credit_headers(first)
-        == credit_headers(retry)
-        == {
-            "x-credits-remaining": "93",
-            "x-credits-cost": "7",
-        }
-    )
-    assert calls["counted"] == 2  # the charge is idempotent, the handler is not replayed
-    (charged,) = subtracts(credici, user)
-    assert charged.idempotency_key == "http:req-1"
-    assert credici.get_balance(user) == 93
-
-    # The same key for another request of this user: 422, nothing charged, handler not run.
-    r = http.post("/v1/summarize", json={"text": "x"}, headers=headers)
-    assert r.status_code == 422
-    assert r.json() == {"error": "idempotency_conflict", "idempotency_key": "req-1"}
-    # Keys are per user: another user may use the same one.
-    other = fresh_user()
-    credici.add(other, 10)
-    assert http.get("/test/counted", headers={**headers, "X-User": other}).status_code == 200
-
-    for bad in ("", "k" * 252):
-        r = http.get("/test/counted", headers={**headers, "Idempotency-Key": bad})
-        assert (r.status_code, r.json()["error"]) == (400, "invalid_idempotency_key")
-    assert calls["counted"] == 3 and credici.get_balance(user) == 93
-
-
-def test_a_refused_request_does_not_use_up_its_key(
-    served: tuple[httpx.Client, Counter[str]], credici: CrediciClient
+def test_the_example_refuses_what_it_cannot_charge_and_maps_outages(
+    served: tuple[httpx.Client, Counter[str]], credici: CrediciClient, namespace: str
 ) -> None:
     http, _ = served
     user = fresh_user()
-    headers = {"X-User": user, "Idempotency-Key": "after-topup"}
-    assert http.get("/test/counted", headers=headers).status_code == 402
-    credici.add(user, 7)
-    r = http.get("/test/counted", headers=headers)
-    assert r.status_code == 200 and r.headers["x-credits-remaining"] == "0"
+    credici.add(user, 3)
+    r = http.post("/v1/summarize", json={"text": "x"}, headers={"X-User": user})
+    assert r.status_code == 402 and r.json()["required"] == 5
+    assert credici.get_balance(user) == 3 and subtracts(credici, user) == []
 
+    # The same key for another request of this user: 422, nothing charged.
+    headers = {"X-User": user, "Idempotency-Key": "req-1"}
+    assert http.get("/v1/echo", params={"text": "x"}, headers=headers).status_code == 200
+    r = http.post("/v1/summarize", json={"text": "x"}, headers=headers)
+    assert r.status_code == 422
+    assert r.json() == {"error": "idempotency_conflict", "idempotency_key": "req-1"}
+    assert credici.get_balance(user) == 2
 
-async def test_concurrent_requests_of_one_user_never_overspend(
-    namespace: str, credici: CrediciClient
-) -> None:
-    # Two servers (two event loops, two clients) and 50 requests at once on credits for 20.
-    user = fresh_user()
-    credici.add(user, 20)
-    # The example fails fast (0.5 s) by default; 25 connections opened at once on a loaded CI
-    # machine can take longer, and a 503 would hide what this test is about.
-    with (
-        example_server(REDIS_URL, namespace, timeout=10.0) as (one, _),
-        example_server(REDIS_URL, namespace, timeout=10.0) as (two, _),
-    ):
-        bases = [str(one.base_url), str(two.base_url)]
-        async with httpx.AsyncClient(timeout=30) as http:
-            responses = await asyncio.gather(
-                *(
-                    http.get(
-                        f"{bases[i % 2]}/v1/echo", params={"text": i}, headers={"X-User": user}
-                    )
-                    for i in range(50)
-                )
-            )
-    statuses = Counter(r.status_code for r in responses)
-    assert statuses == {200: 20, 402: 30}
-    assert credici.get_balance(user) == 0
-    assert len(subtracts(credici, user)) == 20
-    remaining = sorted(int(r.headers["x-credits-remaining"]) for r in responses if r.is_success)
-    assert remaining == list(range(20))  # every balance from 19 down to 0, each seen once
-    assert all(r.json()["available"] == 0 for r in responses if r.status_code == 402)
-
-
-def test_storage_down_fails_closed_by_default(
-    namespace: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    with (
-        caplog.at_level(logging.WARNING, logger="credici_redis.asgi"),
-        example_server(DOWN_URL, namespace, timeout=0.5) as (http, calls),
-    ):
-        r = http.get("/test/counted", headers={"X-User": "alice"})
-        assert (r.status_code, r.json()) == (503, {"error": "credits_unavailable"})
-        assert calls["counted"] == 0 and credit_headers(r) == {}
-        # The example's own calls to the client map the outage to 503 as well.
-        assert http.get("/balance", headers={"X-User": "alice"}).status_code == 503
-    (record,) = [r for r in caplog.records if r.name == "credici_redis.asgi"]
-    assert record.levelno == logging.ERROR and "/test/counted" in record.getMessage()
-
-
-def test_storage_down_fails_open_when_asked(
-    namespace: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    with (
-        caplog.at_level(logging.WARNING, logger="credici_redis.asgi"),
-        example_server(DOWN_URL, namespace, timeout=0.5, on_storage_error="open") as (http, calls),
-    ):
-        r = http.get("/test/counted", headers={"X-User": "alice"})
-        assert (r.status_code, r.json()) == (200, {"ok": True})
-        assert calls["counted"] == 1 and credit_headers(r) == {}
-    (record,) = [r for r in caplog.records if r.name == "credici_redis.asgi"]
-    assert record.levelno == logging.WARNING
-    assert "without charging 7 credits" in record.getMessage()
+    # The example's own calls to the client map an outage to 503 as well.
+    with example_server(DOWN_URL, namespace, timeout=0.5) as (down, _):
+        assert down.get("/balance", headers={"X-User": "alice"}).status_code == 503
 
 
 def test_route_prices_through_routers_mounts_and_dependencies(
