@@ -11,13 +11,13 @@ import contextlib  # async only
 import itertools
 
 # sync only: import threading
-import time
+# sync only: import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from functools import partial
 from typing import Any
 
-from credici_redis._async_storage import AsyncRedisStorage
+from credici_redis._async_storage import AsyncRedisStorage, poll_events
 from credici_redis._postgres_base import (
     DEFAULT_POOL_SIZE,
     PostgresLedger,
@@ -201,40 +201,19 @@ class AsyncPostgresStorage(AsyncRedisStorage):
                 return
             after = users[-1]
 
-    async def events(
+    def events(
         self, group: str, consumer: str, reading: EventReading
     ) -> AsyncIterator[BalanceEvent]:
         """As `AsyncRedisStorage.events`: each event goes to one consumer of the group,
         acknowledged once the caller comes back for the next one; unacknowledged ones are taken
         over after `claim_after` seconds."""
-        claimed = -float("inf")
-        quiet_since = time.monotonic()
-        done: list[BalanceEvent] = []
-        try:
-            while True:
-                claim = None
-                if time.monotonic() - claimed >= reading.claim_after:
-                    claim, claimed = int(reading.claim_after * 1000), time.monotonic()
-                batch = await self.retrying_sql(
-                    partial(self.postgres.read_events, group, consumer, reading.batch, claim)
-                )
-                for event in batch:
-                    yield event
-                    done.append(event)
-                if done:
-                    await self.sql(self.postgres.ack_events(done, group))
-                    done = []
-                    quiet_since = time.monotonic()
-                elif (
-                    reading.idle_timeout is not None
-                    and time.monotonic() - quiet_since >= reading.idle_timeout
-                ):
-                    return
-                else:
-                    await asyncio.sleep(reading.poll)
-        finally:
-            if done:
-                await self.sql(self.postgres.ack_events(done, group))
+        return poll_events(
+            lambda claim: self.retrying_sql(
+                partial(self.postgres.read_events, group, consumer, reading.batch, claim)
+            ),
+            lambda done: self.sql(self.postgres.ack_events(done, group)),
+            reading,
+        )
 
     async def aclose(self) -> None:
         await self._pool.close()

@@ -61,6 +61,42 @@ if TYPE_CHECKING:
     import redis.asyncio.cluster
 
 
+async def poll_events(
+    read: Callable[[int | None], Awaitable[list[BalanceEvent]]],
+    ack: Callable[[list[BalanceEvent]], Awaitable[Any]],
+    reading: EventReading,
+) -> AsyncIterator[BalanceEvent]:
+    """The polling loop of every storage's `events()`: `read(claim)` returns the next events
+    (with `claim`, also those a dead consumer left unacknowledged for that many ms), `ack(events)`
+    acknowledges them. What the caller has seen is acknowledged when it comes back for more, or
+    stops; with nothing new for `idle_timeout` seconds the loop ends."""
+    claimed = -float("inf")
+    quiet_since = time.monotonic()
+    done: list[BalanceEvent] = []
+    try:
+        while True:
+            claim = None
+            if time.monotonic() - claimed >= reading.claim_after:
+                claim, claimed = int(reading.claim_after * 1000), time.monotonic()
+            for event in await read(claim):
+                yield event
+                done.append(event)
+            if done:
+                await ack(done)
+                done = []
+                quiet_since = time.monotonic()
+            elif (
+                reading.idle_timeout is not None
+                and time.monotonic() - quiet_since >= reading.idle_timeout
+            ):
+                return
+            else:
+                await asyncio.sleep(reading.poll)
+    finally:
+        if done:  # the caller stopped: what it has seen is handled
+            await ack(done)
+
+
 class AsyncRedisStorage(_RedisStorageBase):
     """The ledger on a `redis.asyncio.Redis` (or fakeredis) client, or a
     `redis.asyncio.cluster.RedisCluster`.
@@ -216,7 +252,7 @@ class AsyncRedisStorage(_RedisStorageBase):
     def _event_streams(self) -> AsyncIterator[list[str]]:
         return self._scanning(partial(self.ledger.find_event_streams, count=1000))
 
-    async def events(
+    def events(
         self, group: str, consumer: str, reading: EventReading
     ) -> AsyncIterator[BalanceEvent]:
         """Low-balance events of every user of the namespace, as consumer `consumer` of group
@@ -224,45 +260,26 @@ class AsyncRedisStorage(_RedisStorageBase):
         caller comes back for the next one, or stops: at least once, never lost; one a dead
         consumer read but never acknowledged is taken over after `claim_after` seconds."""
         streams: list[str] = []
-        looked = claimed = -float("inf")
-        quiet_since = time.monotonic()
-        done: list[BalanceEvent] = []
-        try:
-            while True:
-                if time.monotonic() - looked >= reading.discover_every:
-                    async for found in self._event_streams():
-                        new = [stream for stream in found if stream not in streams]
-                        if new:
-                            await self.run(self.ledger.join_group(new, group))
-                            streams += new
-                    looked = time.monotonic()
-                claim = None
-                if time.monotonic() - claimed >= reading.claim_after:
-                    claim, claimed = int(reading.claim_after * 1000), time.monotonic()
-                batch: list[BalanceEvent] = []
-                if streams:
-                    batch = await self.retrying(
-                        partial(
-                            self.ledger.read_events, streams, group, consumer, reading.batch, claim
-                        )
-                    )
-                for event in batch:
-                    yield event
-                    done.append(event)
-                if done:
-                    await self.run(self.ledger.ack_events(done, group))
-                    done = []
-                    quiet_since = time.monotonic()
-                elif (
-                    reading.idle_timeout is not None
-                    and time.monotonic() - quiet_since >= reading.idle_timeout
-                ):
-                    return
-                else:
-                    await asyncio.sleep(reading.poll)
-        finally:
-            if done:  # the caller stopped: what it has seen is handled
-                await self.run(self.ledger.ack_events(done, group))
+        looked = -float("inf")
+
+        async def read(claim: int | None) -> list[BalanceEvent]:
+            nonlocal looked
+            if time.monotonic() - looked >= reading.discover_every:  # new users' slots
+                async for found in self._event_streams():
+                    new = [stream for stream in found if stream not in streams]
+                    if new:
+                        await self.run(self.ledger.join_group(new, group))
+                        streams.extend(new)
+                looked = time.monotonic()
+            if not streams:
+                return []
+            return await self.retrying(
+                partial(self.ledger.read_events, streams, group, consumer, reading.batch, claim)
+            )
+
+        return poll_events(
+            read, lambda done: self.run(self.ledger.ack_events(done, group)), reading
+        )
 
     async def aclose(self) -> None:
         if self._owns_connection:

@@ -36,7 +36,7 @@ from credici_redis._storage_base import (
     DEFAULT_NAMESPACE,
     _RedisStorageBase,
 )
-from credici_redis._sync_storage import RedisStorage
+from credici_redis._sync_storage import RedisStorage, poll_events
 from credici_redis.errors import StorageError, StorageUnavailableError
 from credici_redis.models import BalanceEvent
 
@@ -199,34 +199,13 @@ class PostgresStorage(RedisStorage):
         """As `RedisStorage.events`: each event goes to one consumer of the group,
         acknowledged once the caller comes back for the next one; unacknowledged ones are taken
         over after `claim_after` seconds."""
-        claimed = -float("inf")
-        quiet_since = time.monotonic()
-        done: list[BalanceEvent] = []
-        try:
-            while True:
-                claim = None
-                if time.monotonic() - claimed >= reading.claim_after:
-                    claim, claimed = int(reading.claim_after * 1000), time.monotonic()
-                batch = self.retrying_sql(
-                    partial(self.postgres.read_events, group, consumer, reading.batch, claim)
-                )
-                for event in batch:
-                    yield event
-                    done.append(event)
-                if done:
-                    self.sql(self.postgres.ack_events(done, group))
-                    done = []
-                    quiet_since = time.monotonic()
-                elif (
-                    reading.idle_timeout is not None
-                    and time.monotonic() - quiet_since >= reading.idle_timeout
-                ):
-                    return
-                else:
-                    time.sleep(reading.poll)
-        finally:
-            if done:
-                self.sql(self.postgres.ack_events(done, group))
+        return poll_events(
+            lambda claim: self.retrying_sql(
+                partial(self.postgres.read_events, group, consumer, reading.batch, claim)
+            ),
+            lambda done: self.sql(self.postgres.ack_events(done, group)),
+            reading,
+        )
 
     def close(self) -> None:
         self._pool.close()

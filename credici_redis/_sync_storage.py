@@ -57,6 +57,42 @@ if TYPE_CHECKING:
     import redis.cluster
 
 
+def poll_events(
+    read: Callable[[int | None], list[BalanceEvent]],
+    ack: Callable[[list[BalanceEvent]], Any],
+    reading: EventReading,
+) -> Iterator[BalanceEvent]:
+    """The polling loop of every storage's `events()`: `read(claim)` returns the next events
+    (with `claim`, also those a dead consumer left unacknowledged for that many ms), `ack(events)`
+    acknowledges them. What the caller has seen is acknowledged when it comes back for more, or
+    stops; with nothing new for `idle_timeout` seconds the loop ends."""
+    claimed = -float("inf")
+    quiet_since = time.monotonic()
+    done: list[BalanceEvent] = []
+    try:
+        while True:
+            claim = None
+            if time.monotonic() - claimed >= reading.claim_after:
+                claim, claimed = int(reading.claim_after * 1000), time.monotonic()
+            for event in read(claim):
+                yield event
+                done.append(event)
+            if done:
+                ack(done)
+                done = []
+                quiet_since = time.monotonic()
+            elif (
+                reading.idle_timeout is not None
+                and time.monotonic() - quiet_since >= reading.idle_timeout
+            ):
+                return
+            else:
+                time.sleep(reading.poll)
+    finally:
+        if done:  # the caller stopped: what it has seen is handled
+            ack(done)
+
+
 class RedisStorage(_RedisStorageBase):
     """The ledger on a `redis.Redis` (or fakeredis) client, or a
     `redis.cluster.RedisCluster`.
@@ -214,45 +250,26 @@ class RedisStorage(_RedisStorageBase):
         caller comes back for the next one, or stops: at least once, never lost; one a dead
         consumer read but never acknowledged is taken over after `claim_after` seconds."""
         streams: list[str] = []
-        looked = claimed = -float("inf")
-        quiet_since = time.monotonic()
-        done: list[BalanceEvent] = []
-        try:
-            while True:
-                if time.monotonic() - looked >= reading.discover_every:
-                    for found in self._event_streams():
-                        new = [stream for stream in found if stream not in streams]
-                        if new:
-                            self.run(self.ledger.join_group(new, group))
-                            streams += new
-                    looked = time.monotonic()
-                claim = None
-                if time.monotonic() - claimed >= reading.claim_after:
-                    claim, claimed = int(reading.claim_after * 1000), time.monotonic()
-                batch: list[BalanceEvent] = []
-                if streams:
-                    batch = self.retrying(
-                        partial(
-                            self.ledger.read_events, streams, group, consumer, reading.batch, claim
-                        )
-                    )
-                for event in batch:
-                    yield event
-                    done.append(event)
-                if done:
-                    self.run(self.ledger.ack_events(done, group))
-                    done = []
-                    quiet_since = time.monotonic()
-                elif (
-                    reading.idle_timeout is not None
-                    and time.monotonic() - quiet_since >= reading.idle_timeout
-                ):
-                    return
-                else:
-                    time.sleep(reading.poll)
-        finally:
-            if done:  # the caller stopped: what it has seen is handled
-                self.run(self.ledger.ack_events(done, group))
+        looked = -float("inf")
+
+        def read(claim: int | None) -> list[BalanceEvent]:
+            nonlocal looked
+            if time.monotonic() - looked >= reading.discover_every:  # new users' slots
+                for found in self._event_streams():
+                    new = [stream for stream in found if stream not in streams]
+                    if new:
+                        self.run(self.ledger.join_group(new, group))
+                        streams.extend(new)
+                looked = time.monotonic()
+            if not streams:
+                return []
+            return self.retrying(
+                partial(self.ledger.read_events, streams, group, consumer, reading.batch, claim)
+            )
+
+        return poll_events(
+            read, lambda done: self.run(self.ledger.ack_events(done, group)), reading
+        )
 
     def close(self) -> None:
         if self._owns_connection:

@@ -70,6 +70,7 @@ PAIRS = [
             "async_primaries": "primaries",
             "async_send": "send",
             "Awaitable[Any]": "Any",
+            "Awaitable[list[BalanceEvent]]": "list[BalanceEvent]",
             **COMMON,
         },
     ),
