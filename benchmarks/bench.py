@@ -58,6 +58,7 @@ from typing import Any
 import pydantic
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
@@ -188,12 +189,12 @@ TIMEOUT = 5.0
 MAX_CONNECTIONS = 64
 
 
-def _pool_options() -> dict[str, Any]:
+def _pool_options(*, asyncio: bool = False) -> dict[str, Any]:
     return {
         "timeout": TIMEOUT,
         "socket_timeout": TIMEOUT,
         "socket_connect_timeout": TIMEOUT,
-        "retry": Retry(NoBackoff(), 0),
+        "retry": AsyncRetry(NoBackoff(), 0) if asyncio else Retry(NoBackoff(), 0),
         "max_connections": MAX_CONNECTIONS,
     }
 
@@ -203,7 +204,7 @@ def raw_sync(url: str) -> redis.Redis:
 
 
 def raw_async(url: str) -> redis.asyncio.Redis:
-    pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_pool_options())
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_pool_options(asyncio=True))
     return redis.asyncio.Redis.from_pool(pool)
 
 

@@ -3,14 +3,22 @@
 Buckets of credits (amount, expiry) per user, changed only by atomic Lua scripts, every change
 recorded in a per-user Redis Stream. `CrediciClient` (sync) and `AsyncCrediciClient` (asyncio)
 share one implementation; ``from_url("memory://")`` runs the same scripts in process.
+
+The errors are imported at once; everything else when first asked for (PEP 562), so that
+``import credici_redis`` does not pay for redis-py, pydantic and the extras until they are used.
 """
 
-from credici_redis.client import AsyncCrediciClient, CrediciClient
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from credici_redis.errors import (
     AlreadyReversedError,
     CaptureExceedsHoldError,
     CrediciError,
     CycleNotFoundError,
+    EventLoopError,
     HoldFinishedError,
     HoldNotFoundError,
     IdempotencyConflictError,
@@ -21,30 +29,70 @@ from credici_redis.errors import (
     InvalidIdempotencyKeyError,
     InvalidInputError,
     InvalidMetadataError,
+    InvalidOptionError,
     InvalidPeriodError,
     InvalidPriorityError,
     InvalidTimeZoneError,
+    InvalidURLError,
     InvalidUserIdError,
+    MissingExtraError,
     NotReversibleError,
     OutcomeUnknownError,
     ReplicationTimeoutError,
     StorageError,
     StorageUnavailableError,
     TransactionNotFoundError,
+    UnsafeClientError,
 )
-from credici_redis.models import (
-    AuditReport,
-    BalanceDetails,
-    BalanceEvent,
-    Bucket,
-    Cycle,
-    Hold,
-    Transaction,
-)
-from credici_redis.postgres import AsyncPostgresStorage, PostgresStorage
-from credici_redis.storage import AsyncRedisStorage, AsyncStorage, RedisStorage, Storage
+
+if TYPE_CHECKING:
+    from credici_redis.client import AsyncCrediciClient, CrediciClient
+    from credici_redis.models import (
+        AuditReport,
+        BalanceDetails,
+        BalanceEvent,
+        Bucket,
+        Cycle,
+        Hold,
+        Transaction,
+    )
+    from credici_redis.postgres import AsyncPostgresStorage, PostgresStorage
+    from credici_redis.storage import AsyncRedisStorage, AsyncStorage, RedisStorage, Storage
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "AsyncCrediciClient": "credici_redis.client",
+    "CrediciClient": "credici_redis.client",
+    "AuditReport": "credici_redis.models",
+    "BalanceDetails": "credici_redis.models",
+    "BalanceEvent": "credici_redis.models",
+    "Bucket": "credici_redis.models",
+    "Cycle": "credici_redis.models",
+    "Hold": "credici_redis.models",
+    "Transaction": "credici_redis.models",
+    "AsyncPostgresStorage": "credici_redis.postgres",  # the "postgres" extra
+    "PostgresStorage": "credici_redis.postgres",
+    "AsyncRedisStorage": "credici_redis.storage",
+    "AsyncStorage": "credici_redis.storage",
+    "RedisStorage": "credici_redis.storage",
+    "Storage": "credici_redis.storage",
+}
+"""Public name -> the module that defines it, imported on first access."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'credici_redis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "AlreadyReversedError",
@@ -61,6 +109,7 @@ __all__ = [
     "CrediciError",
     "Cycle",
     "CycleNotFoundError",
+    "EventLoopError",
     "Hold",
     "HoldFinishedError",
     "HoldNotFoundError",
@@ -72,10 +121,13 @@ __all__ = [
     "InvalidIdempotencyKeyError",
     "InvalidInputError",
     "InvalidMetadataError",
+    "InvalidOptionError",
     "InvalidPeriodError",
     "InvalidPriorityError",
     "InvalidTimeZoneError",
+    "InvalidURLError",
     "InvalidUserIdError",
+    "MissingExtraError",
     "NotReversibleError",
     "OutcomeUnknownError",
     "PostgresStorage",
@@ -86,5 +138,6 @@ __all__ = [
     "StorageUnavailableError",
     "Transaction",
     "TransactionNotFoundError",
+    "UnsafeClientError",
     "__version__",
 ]

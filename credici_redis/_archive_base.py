@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
 import psycopg
 
 from credici_redis import _keys, _scripts
+from credici_redis._client_base import merge as merge  # credici_redis.archive exports it
 from credici_redis._pg_history import (
     INSERT_HISTORY,
     Entry,
@@ -24,10 +25,10 @@ from credici_redis._protocol import (
     Flow,
     _fields,
     _sent,
-    entry_key,
     text,
 )
 from credici_redis._requests import HistoryRequest
+from credici_redis._storage_base import DEFAULT_KEEP as DEFAULT_KEEP
 from credici_redis._time import from_ms
 from credici_redis.errors import (
     CrediciError,
@@ -35,11 +36,6 @@ from credici_redis.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from credici_redis.models import Transaction
-
-DEFAULT_KEEP = timedelta(days=7)
-"""Archived entries stay in Redis this long after they were made: reverse and audit without the
-archive need them; older ones are trimmed once PostgreSQL holds them."""
 
 SLOTS_PER_ROUND = 1024
 """Slot outboxes read per pipeline."""
@@ -238,16 +234,6 @@ def _period(req: HistoryRequest) -> tuple[datetime, datetime]:
 def _entries(rows: Iterable[tuple[Any, ...]]) -> list[Entry]:
     # Text PostgreSQL cannot hold (NUL) is stored escaped, as PostgresStorage stores it.
     return [(f"{ms}-{seq}", from_pg_fields(fields)) for ms, seq, fields in rows]
-
-
-def merge(recent: list[Transaction], archived: list[Transaction]) -> list[Transaction]:
-    """One history, newest first: what Redis returned, and what only PostgreSQL holds."""
-    if not archived:
-        return recent
-    seen = {tx.transaction_id for tx in recent}
-    both = recent + [tx for tx in archived if tx.transaction_id not in seen]
-    both.sort(key=lambda tx: entry_key(tx.transaction_id.partition("@")[0]), reverse=True)
-    return both
 
 
 def _unavailable(exc: Exception) -> CrediciError:

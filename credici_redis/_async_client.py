@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from credici_redis import _requests
-from credici_redis._client_base import AddItem, ClientBase, Clock, SubtractItem, UserId
+from credici_redis._client_base import AddItem, ClientBase, Clock, SubtractItem, UserId, merge
 from credici_redis._connect import DEFAULT_TIMEOUT, open_async_storage
-from credici_redis.archive import AsyncArchiveReader, merge
 from credici_redis.errors import CrediciError
 from credici_redis.models import (
     AuditReport,
@@ -28,6 +27,9 @@ from credici_redis.storage import (
     AsyncStorage,
     Durability,
 )
+
+if TYPE_CHECKING:  # the archive needs the "postgres" extra: imported when asked for
+    from credici_redis.archive import AsyncArchiveReader
 
 
 class AsyncCrediciClient(ClientBase):
@@ -49,7 +51,7 @@ class AsyncCrediciClient(ClientBase):
     @classmethod
     def from_url(
         cls,
-        url: str = "memory://",
+        url: str,
         *,
         namespace: str = DEFAULT_NAMESPACE,
         timeout: float = DEFAULT_TIMEOUT,
@@ -70,10 +72,13 @@ class AsyncCrediciClient(ClientBase):
         PostgreSQL database the archiver (credici_redis.archive) moves old history to; history
         reads return one seamless history across both. durability="replica": a write returns
         once a replica has it too (WAIT, up to timeout/2), else raises ReplicationTimeoutError.
-        Other keyword arguments go to redis-py.
+        Other keyword arguments go to redis-py; one it does not take raises InvalidOptionError.
+        The URL is required: ``memory://`` keeps credits in this process only.
         """
         archive = None
         if archive_url is not None:
+            from credici_redis.archive import AsyncArchiveReader
+
             archive = AsyncArchiveReader(archive_url, namespace, timeout=timeout)
         storage = open_async_storage(
             url,

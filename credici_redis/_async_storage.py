@@ -18,6 +18,7 @@ from redis import exceptions as redis_errors
 
 from credici_redis import _cluster
 from credici_redis._batcher import _Batcher  # async only
+from credici_redis._loops import LoopClients  # async only
 from credici_redis._protocol import Call, Flow
 from credici_redis._requests import (
     AddRequest,
@@ -42,6 +43,7 @@ from credici_redis._storage_base import (
     T,
     _RedisStorageBase,
     _scripts_of,
+    check_retry_policy,
     errors_in_place,
     storage_error,
     to_resend,
@@ -106,6 +108,9 @@ class AsyncRedisStorage(_RedisStorageBase):
     `replica_timeout` seconds), else raises ReplicationTimeoutError.
     batching=True (asyncio only): concurrent operations issued in the same event-loop moment share
     one pipeline (same semantics, errors and idempotency; fewer round trips under load).
+    An asyncio connection serves one event loop: with `connect` (what ``from_url`` passes: makes
+    a client like `redis`) the storage makes a client for each loop it runs in; without, a call
+    under another loop than the first raises EventLoopError before sending anything.
     """
 
     def __init__(
@@ -120,6 +125,7 @@ class AsyncRedisStorage(_RedisStorageBase):
         owns_connection: bool = False,
         durability: Durability = "primary",
         replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+        connect: Callable[[], Any] | None = None,  # async only
     ) -> None:
         super().__init__(
             namespace,
@@ -130,8 +136,10 @@ class AsyncRedisStorage(_RedisStorageBase):
             durability=durability,
             replica_timeout=replica_timeout,
         )
+        check_retry_policy(redis)
         self.redis = redis
         self._execute: Callable[..., Awaitable[Any]] = redis.execute_command
+        self._loops = LoopClients(redis, connect)  # async only
         self._cluster = _cluster.is_cluster(redis)
         self._batcher = _Batcher(self._round_trip, BATCH_CALLS) if batching else None  # async only
 
@@ -230,6 +238,7 @@ class AsyncRedisStorage(_RedisStorageBase):
     ) -> AsyncIterator[list[str]]:
         """Run a SCAN flow from cursor 0 to 0: on each primary of a cluster (a cursor is a
         node's), on the server otherwise."""
+        self._bind_loop()  # async only
         try:
             nodes = await _cluster.async_primaries(self.redis)
         except DRIVER_ERRORS as exc:
@@ -283,7 +292,14 @@ class AsyncRedisStorage(_RedisStorageBase):
 
     async def aclose(self) -> None:
         if self._owns_connection:
-            await self.redis.aclose()
+            await self._loops.aclose()  # async only
+            # sync only: self.redis.close()
+
+    def _bind_loop(self) -> None:  # async only
+        """Use the running event loop's client (`credici_redis._loops`)."""  # async only
+        client = self._loops.current()  # async only
+        if client is not self.redis:  # async only
+            self.redis, self._execute = client, client.execute_command  # async only
 
     async def retrying(self, make_flow: Callable[[], Flow[T]], node: Any = None) -> T:
         """Run a flow; after an outage, run it anew up to `retries` times (requests are keyed)."""
@@ -299,6 +315,7 @@ class AsyncRedisStorage(_RedisStorageBase):
     async def run(self, flow: Flow[T], node: Any = None) -> T:
         """Drive a flow: send each batch it yields, hand back the replies, return its result.
         `node`: a cluster node to send every call to (a SCAN step); None routes by key."""
+        self._bind_loop()  # async only
         try:
             calls = next(flow)
             while True:

@@ -3,26 +3,40 @@ and ``postgresql://`` (PostgreSQL alone, `credici_redis.postgres`).
 
 ``cluster=True`` makes a Redis Cluster client of a ``redis://`` or ``rediss://`` URL (any node of
 the cluster: the others are discovered).
-``memory://`` runs the same Lua scripts in process on fakeredis: each ``memory://`` URL is a new,
-private store; ``memory://NAME`` is shared by every client of this process that names it.
+``memory://`` runs the same Lua scripts in process on fakeredis (the ``embedded`` extra): each
+``memory://`` URL is a new, private store; ``memory://NAME`` is shared by every client of this
+process that names it.
+
+Everything is checked before anything connects: the URL (`InvalidURLError`) and every keyword
+option (`InvalidOptionError`: one that no part of the chosen client takes is a typo, never
+silently ignored). An asyncio storage made here gets a client per event loop (`connect=`).
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import threading
+from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import SplitResult, urlsplit
 
-import fakeredis
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from credici_redis.errors import InvalidInputError, StorageUnavailableError
+from credici_redis._extras import need_embedded
+from credici_redis.errors import (
+    InvalidInputError,
+    InvalidOptionError,
+    InvalidURLError,
+    StorageUnavailableError,
+)
 from credici_redis.storage import (
     AsyncRedisStorage,
     AsyncStorage,
@@ -31,74 +45,171 @@ from credici_redis.storage import (
     Storage,
 )
 
+if TYPE_CHECKING:
+    import fakeredis
+
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MAX_CONNECTIONS = 64
+
+FROM_URL_OPTIONS = (
+    "namespace",
+    "timeout",
+    "idempotency_ttl",
+    "retries",
+    "batching",
+    "cluster",
+    "durability",
+    "clock",
+    "archive_url",
+    "max_connections",
+)
+"""What ``from_url`` itself takes: a typo of one of these is named in the error."""
+
+SCHEMES = ("redis", "rediss", "unix", "memory", "postgresql", "postgres")
 
 _memory_lock = threading.Lock()
 _memory_servers: dict[str, fakeredis.FakeServer] = {}
 
 
 def _memory_server(url: str) -> fakeredis.FakeServer:
+    fake = need_embedded("memory://")
     name = urlsplit(url).netloc + urlsplit(url).path
     if not name:
-        return fakeredis.FakeServer(version=(7,))
+        server: fakeredis.FakeServer = fake.FakeServer(version=(7,))
+        return server
     with _memory_lock:
         if name not in _memory_servers:
-            _memory_servers[name] = fakeredis.FakeServer(version=(7,))
+            _memory_servers[name] = fake.FakeServer(version=(7,))
         return _memory_servers[name]
 
 
-def _scheme(url: str) -> str:
+def check_url(url: object) -> str:
+    """The URL's scheme, once the URL is known to be one a storage can be made of."""
     if not isinstance(url, str):
-        raise InvalidInputError(f"url must be a str, not {type(url).__name__}")
-    scheme = urlsplit(url).scheme
-    if scheme not in {"memory", "redis", "rediss", "unix", "postgres", "postgresql"}:
-        raise InvalidInputError(f"unsupported storage URL scheme {scheme!r}")
+        raise InvalidURLError(f"the storage URL must be a str, not {type(url).__name__}", url=url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError as exc:
+        raise InvalidURLError(f"malformed storage URL {url!r}: {exc}", url=url) from exc
+    scheme = parts.scheme
+    if scheme not in SCHEMES:
+        raise InvalidURLError(
+            f"unsupported storage URL {url!r}: the scheme must be one of "
+            + ", ".join(f"{s}://" for s in SCHEMES),
+            url=url,
+        )
+    if scheme in {"redis", "rediss"}:
+        _check_redis_url(url, parts)
+    elif scheme == "unix" and not parts.path:
+        raise InvalidURLError(f"a unix:// URL needs the socket's path: {url!r}", url=url)
+    elif scheme in {"postgres", "postgresql"} and not (parts.netloc or parts.query):
+        raise InvalidURLError(f"a {scheme}:// URL needs a host: {url!r}", url=url)
     return scheme
 
 
-def _cluster_scheme(url: str, cluster: bool) -> str:
-    scheme = _scheme(url)
-    if cluster and scheme not in {"redis", "rediss"}:
+def _check_redis_url(url: str, parts: SplitResult) -> None:
+    if not url.startswith(f"{parts.scheme}://") or not parts.hostname:
+        raise InvalidURLError(
+            f"malformed Redis URL {url!r}: expected {parts.scheme}://[user:password@]host[:port][/db]",
+            url=url,
+        )
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise InvalidURLError(f"the database of {url!r} must be a number, not {db!r}", url=url)
+
+
+def _accepted(*callables: Callable[..., Any]) -> set[str]:
+    """The keyword parameters these take, by name (what redis-py lets a user set)."""
+    names: set[str] = set()
+    for fn in callables:
+        for name, param in inspect.signature(fn).parameters.items():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                names.add(name)
+    return names - {"self"}
+
+
+def _redis_option_names(scheme: str, cluster: bool, asyncio: bool) -> set[str]:
+    """Every option redis-py takes for this kind of client, minus what the URL or we set."""
+    lib: Any = redis.asyncio if asyncio else redis
+    conn = lib.connection
+    classes: list[Callable[..., Any]] = [conn.AbstractConnection.__init__]
+    if scheme == "unix":
+        classes.append(conn.UnixDomainSocketConnection.__init__)
+    else:
+        classes.append(conn.Connection.__init__)
+    if scheme == "rediss" or cluster:
+        classes.append(conn.SSLConnection.__init__)
+    if cluster:
+        classes.append((redis.asyncio.cluster if asyncio else redis.cluster).RedisCluster.__init__)
+    set_by_us = {"host", "port", "path", "url", "startup_nodes", "max_connections", "kwargs"}
+    return _accepted(*classes) - set_by_us
+
+
+def check_options(
+    url: str,
+    options: dict[str, Any],
+    *,
+    cluster: bool,
+    asyncio: bool,
+    own: Iterable[str] = FROM_URL_OPTIONS,
+) -> None:
+    """Refuse an option nobody would take (a typo) before anything connects. `own`: the names
+    the caller itself takes, to suggest the one a typo meant."""
+    if not options:
+        return
+    scheme = check_url(url)
+    if scheme == "memory":
+        known: set[str] = set()
+        takes = "memory:// takes no driver options"
+    elif scheme in {"postgres", "postgresql"}:
+        return  # checked by psycopg's conninfo parser (credici_redis.postgres), before connecting
+    else:
+        known = _redis_option_names(scheme, cluster, asyncio)
+        takes = "not a credici-redis option, nor one redis-py takes for this URL"
+    for name in options:
+        if name not in known:
+            near = difflib.get_close_matches(name, [*own, *known], n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise InvalidOptionError(f"unknown option {name!r}: {takes}{hint}", option=name)
+
+
+def _check_cluster(scheme: str, url: str) -> None:
+    if scheme not in {"redis", "rediss"}:
         raise InvalidInputError(f"cluster=True needs a redis:// or rediss:// URL, not {scheme!r}")
     if urlsplit(url).path not in {"", "/", "/0"}:
-        raise InvalidInputError("a Redis Cluster has only database 0")
-    return scheme
+        raise InvalidURLError("a Redis Cluster has only database 0", url=url)
 
 
-def _cluster_options(
-    timeout: float, max_connections: int, options: dict[str, Any]
+def _no_retry(*, asyncio: bool) -> Retry | AsyncRetry:
+    """No automatic retry, of the kind the client needs: a command retried after a timeout may
+    already have been applied. redis-py's asyncio clients take an asyncio `Retry` (a synchronous
+    one is converted, with a warning, since redis-py 8.2)."""
+    return AsyncRetry(NoBackoff(), 0) if asyncio else Retry(NoBackoff(), 0)
+
+
+def _client_options(
+    timeout: float, max_connections: int, options: dict[str, Any], *, asyncio: bool
 ) -> dict[str, Any]:
-    # No retry (a command that may have run is never re-sent); MOVED, ASK and TRYAGAIN, which
-    # mean the command did not run, are followed (by the storage's routing, `_cluster.Routing`).
+    # On a cluster, MOVED, ASK and TRYAGAIN, which mean the command did not run, are followed by
+    # the storage's routing (`_cluster.Routing`); max_connections is then per node.
     return {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
-        "max_connections": max_connections,  # per node
+        "retry": _no_retry(asyncio=asyncio),
+        "max_connections": max_connections,
         **options,
     }
 
 
-def _durability(url: str, durability: Durability, timeout: float) -> dict[str, Any]:
+def _durability(scheme: str, durability: Durability, timeout: float) -> dict[str, Any]:
     """durability="replica" needs a Redis with replicas; a write waits for one up to half of
     `timeout`, leaving the other half to the write itself."""
     if durability not in {"primary", "replica"}:
         raise InvalidInputError(f"durability must be 'primary' or 'replica', not {durability!r}")
-    if durability == "replica" and _scheme(url) not in {"redis", "rediss", "unix"}:
+    if durability == "replica" and scheme not in {"redis", "rediss", "unix"}:
         raise InvalidInputError("durability='replica' needs a Redis URL (redis://, rediss://)")
     return {"durability": durability, "replica_timeout": timeout / 2}
-
-
-def _redis_options(timeout: float, max_connections: int, options: dict[str, Any]) -> dict[str, Any]:
-    # No automatic retry: a command retried after a timeout may already have been applied.
-    return {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
-        "max_connections": max_connections,
-        **options,
-    }
 
 
 def open_storage(
@@ -113,41 +224,40 @@ def open_storage(
     durability: Durability = "primary",
     **options: Any,
 ) -> Storage:
-    waiting = _durability(url, durability, timeout)
-    if _scheme(url) in {"postgres", "postgresql"} and not cluster:
+    scheme = check_url(url)
+    check_options(url, options, cluster=cluster, asyncio=False)
+    waiting = _durability(scheme, durability, timeout)
+    if scheme in {"postgres", "postgresql"} and not cluster:
         from credici_redis.postgres import PostgresStorage
 
         return PostgresStorage.from_url(
             url, namespace, timeout=timeout, idempotency_ttl=idempotency_ttl, retries=retries,
             **options,
         )  # fmt: skip
+    client: Any
     if cluster:
-        _cluster_scheme(url, cluster)
+        _check_cluster(scheme, url)
         try:  # the sync cluster client connects at once, to learn the cluster's layout
-            nodes = redis.cluster.RedisCluster.from_url(
+            client = redis.cluster.RedisCluster.from_url(
                 url,
                 connection_pool_class=redis.BlockingConnectionPool,
-                **_cluster_options(timeout, max_connections, {"timeout": timeout, **options}),
+                **_client_options(
+                    timeout, max_connections, {"timeout": timeout, **options}, asyncio=False
+                ),
             )
         except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise StorageUnavailableError(f"no node of the Redis Cluster answered: {exc}") from exc
-        return RedisStorage(
-            nodes,
-            namespace,
-            idempotency_ttl=idempotency_ttl,
-            retries=retries,
-            owns_connection=True,
-            **waiting,
-        )
-    if _scheme(url) == "memory":
-        client: redis.Redis = fakeredis.FakeRedis(
+    elif scheme == "memory":
+        client = need_embedded("memory://").FakeRedis(
             server=_memory_server(url),
             connection_pool_class=redis.BlockingConnectionPool,
             max_connections=max_connections,
         )
     else:
         pool = redis.BlockingConnectionPool.from_url(
-            url, timeout=timeout, **_redis_options(timeout, max_connections, options)
+            url,
+            timeout=timeout,
+            **_client_options(timeout, max_connections, options, asyncio=False),
         )
         client = redis.Redis.from_pool(pool)
     return RedisStorage(
@@ -173,8 +283,10 @@ def open_async_storage(
     durability: Durability = "primary",
     **options: Any,
 ) -> AsyncStorage:
-    waiting = _durability(url, durability, timeout)
-    if _scheme(url) in {"postgres", "postgresql"} and not cluster:
+    scheme = check_url(url)
+    check_options(url, options, cluster=cluster, asyncio=True)
+    waiting = _durability(scheme, durability, timeout)
+    if scheme in {"postgres", "postgresql"} and not cluster:
         from credici_redis.postgres import AsyncPostgresStorage
 
         return AsyncPostgresStorage.from_url(
@@ -182,36 +294,55 @@ def open_async_storage(
             batching=batching, **options,
         )  # fmt: skip
     if cluster:
-        _cluster_scheme(url, cluster)
-        nodes = redis.asyncio.cluster.RedisCluster.from_url(
-            url, **_cluster_options(timeout, max_connections, options)
-        )
-        return AsyncRedisStorage(
-            nodes,
-            namespace,
-            idempotency_ttl=idempotency_ttl,
-            retries=retries,
-            batching=batching,
-            owns_connection=True,
-            **waiting,
-        )
-    if _scheme(url) == "memory":
-        client: redis.asyncio.Redis = fakeredis.FakeAsyncRedis(
-            server=_memory_server(url),
-            connection_pool_class=redis.asyncio.BlockingConnectionPool,
-            max_connections=max_connections,
-        )
-    else:
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url, timeout=timeout, **_redis_options(timeout, max_connections, options)
-        )
-        client = redis.asyncio.Redis.from_pool(pool)
+        _check_cluster(scheme, url)
+    connect = _async_connector(url, scheme, cluster, timeout, max_connections, options)
     return AsyncRedisStorage(
-        client,
+        connect(),
         namespace,
         idempotency_ttl=idempotency_ttl,
         retries=retries,
         batching=batching,
         owns_connection=True,
+        connect=connect,
         **waiting,
     )
+
+
+def _async_connector(
+    url: str,
+    scheme: str,
+    cluster: bool,
+    timeout: float,
+    max_connections: int,
+    options: dict[str, Any],
+) -> Callable[[], Any]:
+    """Makes a new asyncio client of this configuration: one for each event loop the storage
+    runs in (an asyncio connection belongs to the loop that opened it)."""
+    if cluster:
+
+        def cluster_client() -> Any:
+            return redis.asyncio.cluster.RedisCluster.from_url(
+                url, **_client_options(timeout, max_connections, options, asyncio=True)
+            )
+
+        return cluster_client
+    if scheme == "memory":
+        server = _memory_server(url)  # every loop's client sees the same store
+        fake = need_embedded("memory://")
+
+        def memory_client() -> Any:
+            return fake.FakeAsyncRedis(
+                server=server,
+                connection_pool_class=redis.asyncio.BlockingConnectionPool,
+                max_connections=max_connections,
+            )
+
+        return memory_client
+
+    def redis_client() -> Any:
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, timeout=timeout, **_client_options(timeout, max_connections, options, asyncio=True)
+        )
+        return redis.asyncio.Redis.from_pool(pool)
+
+    return redis_client

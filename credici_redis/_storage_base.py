@@ -7,10 +7,12 @@ The storages themselves: `_async_storage.AsyncRedisStorage` (the source) and
 
 from __future__ import annotations
 
+import warnings
 from datetime import timedelta
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
 from redis import exceptions as redis_errors
+from redis.backoff import EqualJitterBackoff
 
 from credici_redis._protocol import Call, Ledger
 from credici_redis._requests import (
@@ -27,6 +29,7 @@ from credici_redis.errors import (
     ReplicationTimeoutError,
     StorageError,
     StorageUnavailableError,
+    UnsafeClientError,
 )
 
 T = TypeVar("T")
@@ -36,6 +39,9 @@ Batch = list[R | CrediciError]
 
 DEFAULT_NAMESPACE = "credici"
 DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
+DEFAULT_KEEP = timedelta(days=7)
+"""Archived entries stay in Redis this long after they were made: reverse and audit without the
+archive need them; older ones are trimmed once PostgreSQL holds them (`credici_redis.archive`)."""
 
 Durability = Literal["primary", "replica"]
 """When a write is acknowledged: once the primary applied it (Redis's default), or once a
@@ -95,6 +101,50 @@ def storage_error(exc: Exception, calls: list[Call]) -> CrediciError:
     return StorageError(f"Redis refused a credici command: {exc}")
 
 
+# A retry of one of these may re-send a command Redis already ran.
+_RESENT_AFTER = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
+
+
+def check_retry_policy(client: Any) -> None:
+    """Refuse a redis-py client that retries a command after a timeout or a lost connection:
+    a write whose first attempt reached Redis would be applied twice (redis-py 6+ retries by
+    default). fakeredis, in process, never loses a reply."""
+    if type(client).__module__.startswith("fakeredis"):
+        return
+    retry = _effective_retry(client)
+    retries = getattr(retry, "_retries", 0) if retry is not None else 0
+    errors = getattr(retry, "_supported_errors", ()) if retry is not None else ()
+    resent = [e for e in errors if isinstance(e, type) and issubclass(e, _RESENT_AFTER)]
+    if retries and resent:
+        names = ", ".join(sorted({e.__name__ for e in resent}))
+        raise UnsafeClientError(
+            f"this redis-py client retries a command up to {retries} times after {names}: a "
+            "charge whose first attempt reached Redis would be applied twice. Build the client "
+            "with retry=Retry(NoBackoff(), 0) (redis.asyncio.retry.Retry for asyncio) and "
+            "retry_on_timeout=False, and let credici retry safely with retries=N; or use "
+            "CrediciClient.from_url, which does this for you"
+        )
+
+
+def _effective_retry(client: Any) -> Any:
+    """The retry policy a command of this client runs under: its connections' (what redis-py
+    builds from retry=, retry_on_timeout= and its defaults), or a cluster client's own."""
+    pool: Any = getattr(client, "connection_pool", None)
+    connection_class = getattr(pool, "connection_class", None)
+    if connection_class is None:
+        return getattr(client, "retry", None)
+    with warnings.catch_warnings():  # a connection is made, never connected, to be looked at
+        warnings.simplefilter("ignore")
+        connection = connection_class(**pool.connection_kwargs)
+    return getattr(connection, "retry", None)
+
+
 class ArchiveSource(Protocol):
     """Where the history Redis no longer keeps is (`credici_redis.archive.ArchiveReader`)."""
 
@@ -131,8 +181,13 @@ class _RedisStorageBase:
         self.replica_timeout = float(replica_timeout)
         self.ledger = Ledger(namespace, duration_ms(idempotency_ttl))
         self.namespace = namespace
+        if not isinstance(retry_backoff, int | float) or not 0 <= retry_backoff <= 60:
+            raise ValueError("retry_backoff must be seconds, 0 to 60")
         self.retries = retries
         self.retry_backoff = retry_backoff
+        # Jitter (half fixed, half random): clients that met the same outage do not come back in
+        # lockstep. Attempt n waits between half and all of retry_backoff * 2**n, at most 1 s.
+        self._backoff = EqualJitterBackoff(cap=1.0, base=retry_backoff)
         self._owns_connection = owns_connection
 
     def _retry_safe(self, req: KeyedRequest) -> KeyedRequest:
@@ -145,7 +200,8 @@ class _RedisStorageBase:
         return [r if isinstance(r, CrediciError) else self._retry_safe(r) for r in reqs]
 
     def _pause(self, attempt: int) -> float:
-        return float(min(self.retry_backoff * 2**attempt, 1.0))
+        """Seconds to wait before retry `attempt` (0 for the first retry)."""
+        return float(self._backoff.compute(attempt))
 
     def _waits(self, calls: list[Call]) -> list[bool]:
         """Which calls a WAIT must follow: with durability="replica", every write."""

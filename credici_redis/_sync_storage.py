@@ -38,6 +38,7 @@ from credici_redis._storage_base import (
     T,
     _RedisStorageBase,
     _scripts_of,
+    check_retry_policy,
     errors_in_place,
     storage_error,
     to_resend,
@@ -102,6 +103,9 @@ class RedisStorage(_RedisStorageBase):
     `replica_timeout` seconds), else raises ReplicationTimeoutError.
     batching=True (asyncio only): concurrent operations issued in the same event-loop moment share
     one pipeline (same semantics, errors and idempotency; fewer round trips under load).
+    An asyncio connection serves one event loop: with `connect` (what ``from_url`` passes: makes
+    a client like `redis`) the storage makes a client for each loop it runs in; without, a call
+    under another loop than the first raises EventLoopError before sending anything.
     """
 
     def __init__(
@@ -125,6 +129,7 @@ class RedisStorage(_RedisStorageBase):
             durability=durability,
             replica_timeout=replica_timeout,
         )
+        check_retry_policy(redis)
         self.redis = redis
         self._execute: Callable[..., Any] = redis.execute_command
         self._cluster = _cluster.is_cluster(redis)

@@ -31,7 +31,11 @@ The code: the flows and the SQL in `_archive_base.py`; `AsyncArchiver` and `Asyn
 (`_sync_archive.py`). Import them from here.
 """
 
-from credici_redis._archive_base import (
+from credici_redis._extras import need
+
+need("psycopg", feature="the archive", extra="postgres")
+
+from credici_redis._archive_base import (  # noqa: E402
     DEFAULT_KEEP,
     SLOTS_PER_ROUND,
     ArchiveLag,
@@ -39,8 +43,8 @@ from credici_redis._archive_base import (
     merge,
     schema_sql,
 )
-from credici_redis._async_archive import AsyncArchiver, AsyncArchiveReader
-from credici_redis._sync_archive import Archiver, ArchiveReader
+from credici_redis._async_archive import AsyncArchiver, AsyncArchiveReader  # noqa: E402
+from credici_redis._sync_archive import Archiver, ArchiveReader  # noqa: E402
 
 __all__ = [
     "DEFAULT_KEEP",

@@ -106,7 +106,7 @@ from typing import Any, Protocol, TypeVar
 from credici_redis import _web
 from credici_redis._web import Charge, DisconnectPolicy, Meter, StorageErrorPolicy
 from credici_redis.client import AsyncCrediciClient, UserId
-from credici_redis.errors import CrediciError
+from credici_redis.errors import CrediciError, MissingExtraError
 
 try:
     from starlette.requests import Request
@@ -215,7 +215,7 @@ def charge(cost: Price | None = None) -> Callable[[Request], Awaitable[Charge | 
     route with it, so a misconfigured route fails instead of being served free.
     """
     if not _STARLETTE:  # pragma: no cover
-        raise ImportError("charge() needs starlette (pip install 'credici-redis[web]')")
+        raise MissingExtraError("charge()", "web", "starlette")
     price = _RoutePrice(None if cost is None else _check_price(cost))
 
     async def credits_charged(request: Request) -> Charge | None:
@@ -245,7 +245,7 @@ def meter(reserve: Price | None = None) -> Callable[[Request], Awaitable[Meter]]
     `Meter.user_id` / `Meter.billed`.
     """
     if not _STARLETTE:  # pragma: no cover
-        raise ImportError("meter() needs starlette (pip install 'credici-redis[web]')")
+        raise MissingExtraError("meter()", "web", "starlette")
     price = _RoutePrice(None if reserve is None else _check_price(reserve), metered=True)
 
     async def credits_metered(request: Request) -> Meter:

@@ -25,16 +25,19 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from tqdm import tqdm
 
 from credici_redis._demo import DemoResult, run_demo
-from credici_redis.archive import DEFAULT_KEEP, ArchiveLag, Archiver, ArchiveStats
 from credici_redis.client import CrediciClient
 from credici_redis.errors import CrediciError
 from credici_redis.models import Transaction
-from credici_redis.storage import DEFAULT_NAMESPACE
+from credici_redis.storage import DEFAULT_KEEP, DEFAULT_NAMESPACE
+
+if TYPE_CHECKING:  # the archive needs the "postgres" extra: imported by the archive command
+    from credici_redis.archive import ArchiveLag, ArchiveStats
 
 URL_ENV = "CREDICI_REDIS_URL"
 POSTGRES_ENV = "CREDICI_POSTGRES_URL"
@@ -352,6 +355,8 @@ def _audit(client: CrediciClient, args: argparse.Namespace) -> int:
 def _archive(url: str, postgres: str | None, namespace: str, args: argparse.Namespace) -> int:
     if not postgres:
         raise UsageError(f"archive needs --postgres-url or ${POSTGRES_ENV}")
+    from credici_redis.archive import Archiver
+
     with Archiver(url, postgres, namespace=namespace, keep=args.keep, cluster=args.cluster) as job:
         if args.init:
             job.init_schema()

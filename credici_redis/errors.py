@@ -11,7 +11,12 @@
     │   ├── InvalidPeriodError
     │   ├── InvalidPriorityError
     │   ├── InvalidIdempotencyKeyError
-    │   └── InvalidMetadataError
+    │   ├── InvalidMetadataError
+    │   ├── InvalidOptionError       an unknown or wrong option of from_url or a storage
+    │   ├── InvalidURLError          a storage URL that cannot be right
+    │   └── UnsafeClientError        a hand-built redis-py client that re-sends writes on retry
+    ├── MissingExtraError (also an ImportError): a feature whose pip extra is not installed
+    ├── EventLoopError (also a RuntimeError): a client used where it cannot be; nothing was sent
     ├── InsufficientCreditsError      subtract asked for more than the user has
     ├── IdempotencyConflictError      a key reused for a different request
     ├── CycleNotFoundError            cancel_cycle on a user with no running cycle
@@ -94,6 +99,45 @@ class InvalidIdempotencyKeyError(InvalidInputError):
 
 class InvalidMetadataError(InvalidInputError):
     """metadata is not a small dict[str, str]."""
+
+
+class InvalidOptionError(InvalidInputError):
+    """A keyword option nobody takes (a typo), or a value an option cannot have."""
+
+    def __init__(self, message: str, *, option: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+class InvalidURLError(InvalidInputError):
+    """A storage URL that is malformed or has no scheme credici-redis knows."""
+
+    def __init__(self, message: str, *, url: object) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class UnsafeClientError(InvalidInputError):
+    """A redis-py client whose retry policy re-sends a command after a timeout or a lost
+    connection: a write that reached Redis the first time would be applied twice."""
+
+
+class MissingExtraError(CrediciError, ImportError):
+    """A feature needs a pip extra that is not installed: ``pip install 'credici-redis[EXTRA]'``."""
+
+    def __init__(self, feature: str, extra: str, missing: str) -> None:
+        super().__init__(
+            f"{feature} needs the {extra!r} extra ({missing} is not installed): "
+            f"pip install 'credici-redis[{extra}]'"
+        )
+        self.feature = feature
+        self.extra = extra
+        self.missing = missing
+
+
+class EventLoopError(CrediciError, RuntimeError):
+    """An asyncio client was used where it cannot work (a client built on a connection you
+    made, under another event loop than the one it first ran in). Nothing was sent."""
 
 
 class InsufficientCreditsError(CrediciError):

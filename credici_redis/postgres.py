@@ -26,13 +26,17 @@ share are in `_postgres_base.py`. Import them from here.
 
 from __future__ import annotations
 
+from credici_redis._extras import need_postgres
+
+need_postgres("the PostgreSQL storage")
+
 # Re-exported: the storages and what callers (and tests) reach through this module.
-from credici_redis._async_postgres import (  # noqa: F401
+from credici_redis._async_postgres import (  # noqa: F401, E402
     AsyncPostgresStorage,
     _execute_async,
     run_sql_async,
 )
-from credici_redis._postgres_base import (  # noqa: F401
+from credici_redis._postgres_base import (  # noqa: F401, E402
     BEGIN,
     COMMIT,
     DEFAULT_POOL_SIZE,
@@ -51,7 +55,7 @@ from credici_redis._postgres_base import (  # noqa: F401
     create_schema,
     schema_statements,
 )
-from credici_redis._sync_postgres import (  # noqa: F401
+from credici_redis._sync_postgres import (  # noqa: F401, E402
     PostgresStorage,
     _execute,
     run_sql,

@@ -44,6 +44,7 @@ from credici_redis._requests import (
 from credici_redis._storage_base import (
     BATCH_CALLS,
     DEFAULT_IDEMPOTENCY_TTL,
+    DEFAULT_KEEP,
     DEFAULT_NAMESPACE,
     DEFAULT_REPLICA_TIMEOUT,
     DRIVER_ERRORS,
@@ -73,6 +74,7 @@ from credici_redis.models import (
 __all__ = [
     "BATCH_CALLS",
     "DEFAULT_IDEMPOTENCY_TTL",
+    "DEFAULT_KEEP",
     "DEFAULT_NAMESPACE",
     "DEFAULT_REPLICA_TIMEOUT",
     "DRIVER_ERRORS",

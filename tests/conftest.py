@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -42,6 +43,15 @@ CONTRACT_BACKENDS = (*URL_BACKENDS, "custom") if CUSTOM_STORAGE else URL_BACKEND
 """Every backend: the contract suite runs on each."""
 _CONTRACT_PATHS = ("contract", "test_concurrency.py")
 APIS = ("sync", "async", "async-batched")
+
+
+def uv_command() -> str:
+    """uv, which builds and installs wheels in tests (./run installs it into .uv/)."""
+    local = Path(__file__).resolve().parent.parent / ".uv" / "bin" / "uv"
+    found = str(local) if local.exists() else shutil.which("uv")
+    if found is None:
+        pytest.fail("uv is needed to build and install wheels: run the tests with ./run test")
+    return found
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

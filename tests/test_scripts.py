@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from credici_redis import _scripts
+from tests.conftest import uv_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,8 +34,9 @@ def test_every_lua_file_is_used() -> None:
 @pytest.mark.slow
 def test_wheel_ships_the_scripts(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        [uv_command(), "build", "-q", "--wheel", "--out-dir", str(tmp_path), str(ROOT)],
         check=True,
+        env={**os.environ, "UV_PYTHON_DOWNLOADS": "never"},
     )
     (wheel,) = tmp_path.glob("credici_redis-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

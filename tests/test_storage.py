@@ -268,11 +268,12 @@ async def test_client_recovers_when_redis_comes_back(api: str, own_redis: tuple[
         await client.aclose()
 
 
-def test_default_url_is_the_embedded_store() -> None:
-    with CrediciClient.from_url() as c:
+def test_each_unnamed_memory_url_is_a_store_of_its_own() -> None:
+    # No URL is no store: from_url needs one (tests/test_setup.py).
+    with CrediciClient.from_url("memory://") as c:
         c.add("u", 3)
         assert c.get_balance("u") == 3
-    with CrediciClient.from_url() as fresh:
+    with CrediciClient.from_url("memory://") as fresh:
         assert fresh.get_balance("u") == 0  # each memory:// is a store of its own
 
 

@@ -20,6 +20,7 @@ import redis
 import redis.asyncio.cluster
 import redis.cluster
 from _pytest.fixtures import FixtureFunctionDefinition
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -233,7 +234,7 @@ async def test_storage_over_a_hand_built_async_cluster_client(
     cluster: LocalCluster, namespace: str
 ) -> None:
     nodes = redis.asyncio.cluster.RedisCluster(
-        host="127.0.0.1", port=cluster.ports[0], retry=Retry(NoBackoff(), 0)
+        host="127.0.0.1", port=cluster.ports[0], retry=AsyncRetry(NoBackoff(), 0)
     )
     client = AsyncCrediciClient(AsyncRedisStorage(nodes, namespace, batching=True))
     try:
