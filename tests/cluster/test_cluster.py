@@ -30,6 +30,7 @@ from credici_redis import (
     CrediciClient,
     InsufficientCreditsError,
     RedisStorage,
+    UnsafeClientError,
 )
 from credici_redis._keys import user_keys
 from credici_redis.errors import InvalidInputError, OutcomeUnknownError, StorageUnavailableError
@@ -212,6 +213,20 @@ async def test_concurrent_charges_never_overspend(
             assert (await client.audit(user)).ok
     finally:
         await client.aclose()
+
+
+def test_a_cluster_client_with_redis_py_s_default_retries_is_refused(
+    cluster: LocalCluster,
+) -> None:
+    """redis-py's cluster client re-sends a command after a lost connection by default."""
+    nodes = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    try:
+        with pytest.raises(UnsafeClientError):
+            RedisStorage(nodes, "ns")
+    finally:
+        nodes.close()
+    with pytest.raises(UnsafeClientError):
+        AsyncRedisStorage(redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=1), "ns")
 
 
 def test_storage_over_a_hand_built_sync_cluster_client(
