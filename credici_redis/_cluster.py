@@ -25,13 +25,11 @@ to every primary (redis-py routes it so); a NOSCRIPT anywhere reloads it.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
 import redis.asyncio.cluster
 import redis.cluster
 from redis import exceptions as redis_errors
@@ -235,21 +233,6 @@ class Routing:
 TRYAGAIN_LIKE = (redis_errors.TryAgainError, redis_errors.ConnectionError)
 
 
-def _get_connection(pool: Any) -> Any:
-    """A connection of a sync pool: redis-py 5 wants a command name, 6+ none (and warns)."""
-    if _POOL_WANTS_COMMAND_NAME:
-        return pool.get_connection("EVALSHA")
-    return pool.get_connection()
-
-
-_command_name = inspect.signature(redis.ConnectionPool.get_connection).parameters.get(
-    "command_name"
-)
-_POOL_WANTS_COMMAND_NAME = (
-    _command_name is not None and _command_name.default is inspect.Parameter.empty
-)
-
-
 def send(
     client: Any, args: list[tuple[Any, ...]], wait: list[bool], wait_ms: int
 ) -> tuple[list[Any], list[Any]]:
@@ -261,7 +244,7 @@ def send(
             for batch in batches:  # write to every node, then read from each
                 try:
                     node = client.get_redis_connection(batch.node)
-                    connection = _get_connection(node.connection_pool)
+                    connection = node.connection_pool.get_connection()
                 except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
                     routing.failed(batch, exc)
                     continue
