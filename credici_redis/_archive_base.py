@@ -25,6 +25,7 @@ from credici_redis._protocol import (
     Flow,
     _fields,
     _sent,
+    entry_key,
     text,
 )
 from credici_redis._requests import HistoryRequest
@@ -211,7 +212,9 @@ _SELECT = """
 SELECT (extract(epoch FROM created_at) * 1000)::bigint, entry_seq, fields
 FROM credici_history
 WHERE namespace = %s AND user_id = %s AND created_at >= %s AND created_at < %s
+  AND (created_at, entry_seq) < (%s, %s)
 ORDER BY created_at DESC, entry_seq DESC
+LIMIT %s
 """
 
 _SELECT_BEFORE = """
@@ -225,10 +228,15 @@ _MIN_TIME = from_ms(0)
 _MAX_TIME = from_ms(253402300799999)  # 9999-12-31
 
 
-def _period(req: HistoryRequest) -> tuple[datetime, datetime]:
+def _period(req: HistoryRequest) -> tuple[datetime, datetime, datetime, int, int | None]:
+    """The parameters of `_SELECT` after the user: the period, the `before` entry, the limit
+    (LIMIT NULL is no limit)."""
     low = _MIN_TIME if req.from_ms is None else from_ms(max(req.from_ms, 0))
     high = _MAX_TIME if req.to_ms is None else from_ms(max(min(req.to_ms + 1, 253402300799999), 0))
-    return low, high
+    before_ms, before_seq = (
+        (253402300799999, 2**63 - 1) if req.before is None else entry_key(req.before)
+    )
+    return low, high, from_ms(min(before_ms, 253402300799999)), before_seq, req.limit
 
 
 def _entries(rows: Iterable[tuple[Any, ...]]) -> list[Entry]:

@@ -4,6 +4,7 @@ edit here, then run the tool (a test fails while the two differ)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,7 @@ class AsyncCrediciClient(ClientBase):
         durability: Durability = "primary",
         clock: Clock | None = None,
         archive_url: str | None = None,
+        allow_eviction: bool = False,
         **redis_options: Any,
     ) -> AsyncCrediciClient:
         """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded).
@@ -72,6 +74,8 @@ class AsyncCrediciClient(ClientBase):
         PostgreSQL database the archiver (credici_redis.archive) moves old history to; history
         reads return one seamless history across both. durability="replica": a write returns
         once a replica has it too (WAIT, up to timeout/2), else raises ReplicationTimeoutError.
+        The first call reads the Redis's maxmemory-policy and raises EvictionPolicyError unless
+        it is noeviction (keys evicted = credits lost); allow_eviction=True skips that check.
         Other keyword arguments go to redis-py; one it does not take raises InvalidOptionError.
         The URL is required: ``memory://`` keeps credits in this process only.
         """
@@ -89,6 +93,7 @@ class AsyncCrediciClient(ClientBase):
             batching=batching,  # async only
             cluster=cluster,
             durability=durability,
+            allow_eviction=allow_eviction,
             **redis_options,
         )
         return cls(storage, clock=clock, archive=archive)
@@ -180,23 +185,65 @@ class AsyncCrediciClient(ClientBase):
             _requests.user_id(user_id), _requests.flag("forfeit", forfeit), self._now()
         )
 
-    async def get_all_user_transactions(self, user_id: UserId) -> list[Transaction]:
-        """The user's whole history, newest first."""
-        req = _requests.build_history(user_id, None, None, self._now(), period=False)
+    async def get_all_user_transactions(
+        self, user_id: UserId, *, limit: int | None = None, before: str | None = None
+    ) -> list[Transaction]:
+        """The user's history, newest first: all of it, or at most `limit` entries (up to
+        100,000) older than the transaction `before`. To read a long history in bounded
+        memory, page with `before=` the last one returned, or use iter_user_transactions."""
+        req = _requests.build_history(
+            user_id, None, None, self._now(), period=False, limit=limit, before=before
+        )
         return await self._history(req)
 
     async def get_user_transactions_for_period(
-        self, user_id: UserId, from_: datetime, to_: datetime
+        self,
+        user_id: UserId,
+        from_: datetime,
+        to_: datetime,
+        *,
+        limit: int | None = None,
+        before: str | None = None,
     ) -> list[Transaction]:
-        """History entries with from_ <= created_at <= to_ (naive = UTC), newest first."""
-        req = _requests.build_history(user_id, from_, to_, self._now(), period=True)
+        """History entries with from_ <= created_at <= to_ (naive = UTC), newest first; `limit`
+        and `before` as for get_all_user_transactions."""
+        req = _requests.build_history(
+            user_id, from_, to_, self._now(), period=True, limit=limit, before=before
+        )
         return await self._history(req)
+
+    async def iter_user_transactions(
+        self,
+        user_id: UserId,
+        *,
+        from_: datetime | None = None,
+        to_: datetime | None = None,
+        page_size: int = 1000,
+    ) -> AsyncIterator[Transaction]:
+        """The user's history (or the period's, if from_ and to_ are given), newest first, read
+        `page_size` entries at a time: memory stays bounded whatever the history's length."""
+        period = from_ is not None or to_ is not None
+        before: str | None = None
+        while True:
+            req = _requests.build_history(
+                user_id, from_, to_, self._now(), period=period, limit=page_size, before=before
+            )
+            page = await self._history(req)
+            for transaction in page:
+                yield transaction
+            if len(page) < page_size:
+                return
+            before = page[-1].transaction_id
 
     async def _history(self, req: _requests.HistoryRequest) -> list[Transaction]:
         recent = await self.storage.history(req)
-        if self.archive is None:
+        if self.archive is None or (req.limit is not None and len(recent) >= req.limit):
             return recent
         # Redis first: an entry trimmed after this read was committed to PostgreSQL before.
+        # Redis returned fewer than asked: what is older than its last entry is in the archive.
+        if req.limit is not None and recent:
+            last = recent[-1].transaction_id.partition("@")[0]
+            req = replace(req, before=last, limit=req.limit - len(recent))
         return merge(recent, await self.archive.history(req))
 
     async def reserve(

@@ -62,6 +62,7 @@ FROM_URL_OPTIONS = (
     "clock",
     "archive_url",
     "max_connections",
+    "allow_eviction",
 )
 """What ``from_url`` itself takes: a typo of one of these is named in the error."""
 
@@ -222,6 +223,7 @@ def open_storage(
     retries: int = 0,
     cluster: bool = False,
     durability: Durability = "primary",
+    allow_eviction: bool = False,
     **options: Any,
 ) -> Storage:
     scheme = check_url(url)
@@ -266,6 +268,7 @@ def open_storage(
         idempotency_ttl=idempotency_ttl,
         retries=retries,
         owns_connection=True,
+        allow_eviction=allow_eviction,
         **waiting,
     )
 
@@ -281,6 +284,7 @@ def open_async_storage(
     batching: bool = False,
     cluster: bool = False,
     durability: Durability = "primary",
+    allow_eviction: bool = False,
     **options: Any,
 ) -> AsyncStorage:
     scheme = check_url(url)
@@ -303,6 +307,7 @@ def open_async_storage(
         retries=retries,
         batching=batching,
         owns_connection=True,
+        allow_eviction=allow_eviction,
         connect=connect,
         **waiting,
     )

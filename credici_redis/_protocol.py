@@ -486,25 +486,29 @@ class Ledger:
         return int(text(next_cursor)), users
 
     def history(self, req: HistoryRequest) -> Flow[list[Transaction]]:
-        """Newest first, paged; renewals and expiry are recorded first so the history is current."""
+        """Newest first, in pages of at most HISTORY_PAGE entries, up to `req.limit`; renewals
+        and expiry are recorded first so the history is current."""
         stream = _keys.user_keys(self.namespace, req.user_id).history
         high = "+" if req.to_ms is None else str(req.to_ms)  # incomplete id: up to <ms>-max
+        if req.before is not None and (req.to_ms is None or entry_key(req.before)[0] <= req.to_ms):
+            high = "(" + req.before
         low = "-" if req.from_ms is None else str(max(req.from_ms, 0))
         if req.to_ms is not None and req.to_ms < 0:
             return []
+        wanted = req.limit if req.limit is not None else float("inf")
+        count = int(min(wanted, HISTORY_PAGE))
         _, page = yield from self._scheduled(lambda extension: [
             self._script(_scripts.BALANCE, req.user_id, None, _clock(req.now_ms), extension),
-            Call(("XREVRANGE", stream, high, low, "COUNT", HISTORY_PAGE)),
+            Call(("XREVRANGE", stream, high, low, "COUNT", count)),
         ])  # fmt: skip
         found: list[Transaction] = []
         while True:
             found.extend(parse_entry(req.user_id, entry) for entry in page)
-            if len(page) < HISTORY_PAGE:
+            if len(page) < count or len(found) >= wanted:
                 return found
+            count = int(min(wanted - len(found), HISTORY_PAGE))
             after = "(" + text(page[-1][0])
-            (page,) = yield from _sent(
-                [Call(("XREVRANGE", stream, after, low, "COUNT", HISTORY_PAGE))]
-            )
+            (page,) = yield from _sent([Call(("XREVRANGE", stream, after, low, "COUNT", count))])
 
 
 def entry_key(entry_id: str) -> tuple[int, int]:

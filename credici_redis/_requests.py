@@ -132,10 +132,15 @@ class EventReading:
 
 @dataclass(frozen=True, slots=True)
 class HistoryRequest:
+    """A history read, newest first: entries with from_ms <= time <= to_ms, older than the
+    entry `before` (a history entry id, exclusive), at most `limit` of them (None: all)."""
+
     user_id: str
     from_ms: int | None
     to_ms: int | None
     now_ms: int | None
+    limit: int | None = None
+    before: str | None = None
 
 
 def user_id(value: object) -> str:
@@ -418,18 +423,38 @@ def build_start_cycle(
     return keyed(req, ikey)
 
 
+MAX_HISTORY_LIMIT = 100_000
+"""The most entries one history read returns when a limit is given; page on with `before`."""
+
+
 def build_history(
-    user: object, from_: object, to_: object, now_ms: int | None, *, period: bool
+    user: object,
+    from_: object,
+    to_: object,
+    now_ms: int | None,
+    *,
+    period: bool,
+    limit: object = None,
+    before: object = None,
 ) -> HistoryRequest:
     uid = user_id(user)
+    if limit is not None and (type(limit) is not int or not 1 <= limit <= MAX_HISTORY_LIMIT):
+        raise InvalidInputError(f"limit must be an int from 1 to {MAX_HISTORY_LIMIT}, or None")
+    entry = None
+    if before is not None:
+        if not isinstance(before, str):
+            raise InvalidInputError("before must be a transaction id (str) of this user")
+        owner, entry = parse_transaction_id(before)
+        if owner != uid:
+            raise InvalidInputError(f"before={before!r} is a transaction of another user")
     if not period:
-        return HistoryRequest(uid, None, None, now_ms)
+        return HistoryRequest(uid, None, None, now_ms, limit, entry)
     for name, value in (("from_", from_), ("to_", to_)):
         if not isinstance(value, datetime):
             raise InvalidPeriodError(f"{name} must be a datetime, not {type(value).__name__}")
     assert isinstance(from_, datetime) and isinstance(to_, datetime)
     try:
-        return HistoryRequest(uid, to_ms_ceil(from_), to_ms(to_), now_ms)
+        return HistoryRequest(uid, to_ms_ceil(from_), to_ms(to_), now_ms, limit, entry)
     except OverflowError as exc:  # an aware time whose UTC is outside datetime's range
         raise InvalidPeriodError(f"from_ {from_} or to_ {to_} is out of range") from exc
 

@@ -25,6 +25,7 @@ from credici_redis._requests import (
 from credici_redis._time import duration_ms
 from credici_redis.errors import (
     CrediciError,
+    EvictionPolicyError,
     OutcomeUnknownError,
     ReplicationTimeoutError,
     StorageError,
@@ -115,7 +116,7 @@ def check_retry_policy(client: Any) -> None:
     """Refuse a redis-py client that retries a command after a timeout or a lost connection:
     a write whose first attempt reached Redis would be applied twice (redis-py 6+ retries by
     default). fakeredis, in process, never loses a reply."""
-    if type(client).__module__.startswith("fakeredis"):
+    if is_in_process(client):
         return
     retry = _effective_retry(client)
     retries = getattr(retry, "_retries", 0) if retry is not None else 0
@@ -143,6 +144,41 @@ def _effective_retry(client: Any) -> Any:
         warnings.simplefilter("ignore")
         connection = connection_class(**pool.connection_kwargs)
     return getattr(connection, "retry", None)
+
+
+def is_in_process(client: Any) -> bool:
+    """fakeredis (``memory://``, PostgresStorage's scripts): no network, no eviction."""
+    return type(client).__module__.startswith("fakeredis")
+
+
+def check_eviction_policy(info: Any, node: str | None) -> None:
+    """Refuse a Redis whose ``maxmemory-policy`` (from ``INFO memory``, which works where an
+    ACL denies CONFIG) is not ``noeviction``. `info`: redis-py's parsed reply."""
+    if isinstance(info, dict) and "maxmemory_policy" not in info:  # a cluster's {node: info}
+        for name, one in info.items():
+            check_eviction_policy(one, str(name))
+        return
+    policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
+    where = f"Redis at {node}" if node else "this Redis"
+    if policy is None:
+        raise EvictionPolicyError(
+            f"{where} did not say its maxmemory-policy (INFO memory): credici-redis refuses to "
+            "run where keys may be evicted; grant the ACL user +info, or pass "
+            "allow_eviction=True if you know the policy is noeviction",
+            policy=None,
+            node=node,
+        )
+    policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+    if policy != "noeviction":
+        raise EvictionPolicyError(
+            f"{where} evicts keys when it is full (maxmemory-policy {policy}): a user's credits, "
+            "history and idempotency records could vanish without a word, and a retried keyed "
+            "request apply twice. Run credici-redis on a Redis with maxmemory-policy noeviction "
+            "(CONFIG SET maxmemory-policy noeviction, and in redis.conf), where a full Redis "
+            "refuses writes instead; or pass allow_eviction=True to accept losing data",
+            policy=policy,
+            node=node,
+        )
 
 
 class ArchiveSource(Protocol):

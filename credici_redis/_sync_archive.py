@@ -106,6 +106,7 @@ class Archiver:
         users_per_batch: int = 200,
         entries_per_user: int = 1000,
         timeout: float = 5.0,
+        allow_eviction: bool = False,
     ) -> None:
         if not isinstance(keep, timedelta) or keep < timedelta(0):
             raise InvalidInputError("keep must be a timedelta >= 0")
@@ -120,7 +121,7 @@ class Archiver:
 
             opened = open_storage(
                 redis_url, namespace, timeout=timeout, idempotency_ttl=timedelta(days=1),
-                cluster=cluster,
+                cluster=cluster, allow_eviction=allow_eviction,
             )  # fmt: skip
             if not isinstance(opened, RedisStorage):
                 raise InvalidInputError("the archiver drains a Redis storage")

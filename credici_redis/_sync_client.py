@@ -6,6 +6,7 @@ Do not edit: edit _async_client.py, then run `python tools/async_to_sync.py`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,7 @@ class CrediciClient(ClientBase):
         durability: Durability = "primary",
         clock: Clock | None = None,
         archive_url: str | None = None,
+        allow_eviction: bool = False,
         **redis_options: Any,
     ) -> CrediciClient:
         """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded).
@@ -74,6 +76,8 @@ class CrediciClient(ClientBase):
         PostgreSQL database the archiver (credici_redis.archive) moves old history to; history
         reads return one seamless history across both. durability="replica": a write returns
         once a replica has it too (WAIT, up to timeout/2), else raises ReplicationTimeoutError.
+        The first call reads the Redis's maxmemory-policy and raises EvictionPolicyError unless
+        it is noeviction (keys evicted = credits lost); allow_eviction=True skips that check.
         Other keyword arguments go to redis-py; one it does not take raises InvalidOptionError.
         The URL is required: ``memory://`` keeps credits in this process only.
         """
@@ -90,6 +94,7 @@ class CrediciClient(ClientBase):
             retries=retries,
             cluster=cluster,
             durability=durability,
+            allow_eviction=allow_eviction,
             **redis_options,
         )
         return cls(storage, clock=clock, archive=archive)
@@ -179,23 +184,65 @@ class CrediciClient(ClientBase):
             _requests.user_id(user_id), _requests.flag("forfeit", forfeit), self._now()
         )
 
-    def get_all_user_transactions(self, user_id: UserId) -> list[Transaction]:
-        """The user's whole history, newest first."""
-        req = _requests.build_history(user_id, None, None, self._now(), period=False)
+    def get_all_user_transactions(
+        self, user_id: UserId, *, limit: int | None = None, before: str | None = None
+    ) -> list[Transaction]:
+        """The user's history, newest first: all of it, or at most `limit` entries (up to
+        100,000) older than the transaction `before`. To read a long history in bounded
+        memory, page with `before=` the last one returned, or use iter_user_transactions."""
+        req = _requests.build_history(
+            user_id, None, None, self._now(), period=False, limit=limit, before=before
+        )
         return self._history(req)
 
     def get_user_transactions_for_period(
-        self, user_id: UserId, from_: datetime, to_: datetime
+        self,
+        user_id: UserId,
+        from_: datetime,
+        to_: datetime,
+        *,
+        limit: int | None = None,
+        before: str | None = None,
     ) -> list[Transaction]:
-        """History entries with from_ <= created_at <= to_ (naive = UTC), newest first."""
-        req = _requests.build_history(user_id, from_, to_, self._now(), period=True)
+        """History entries with from_ <= created_at <= to_ (naive = UTC), newest first; `limit`
+        and `before` as for get_all_user_transactions."""
+        req = _requests.build_history(
+            user_id, from_, to_, self._now(), period=True, limit=limit, before=before
+        )
         return self._history(req)
+
+    def iter_user_transactions(
+        self,
+        user_id: UserId,
+        *,
+        from_: datetime | None = None,
+        to_: datetime | None = None,
+        page_size: int = 1000,
+    ) -> Iterator[Transaction]:
+        """The user's history (or the period's, if from_ and to_ are given), newest first, read
+        `page_size` entries at a time: memory stays bounded whatever the history's length."""
+        period = from_ is not None or to_ is not None
+        before: str | None = None
+        while True:
+            req = _requests.build_history(
+                user_id, from_, to_, self._now(), period=period, limit=page_size, before=before
+            )
+            page = self._history(req)
+            for transaction in page:  # noqa: UP028 (async: no yield from)
+                yield transaction
+            if len(page) < page_size:
+                return
+            before = page[-1].transaction_id
 
     def _history(self, req: _requests.HistoryRequest) -> list[Transaction]:
         recent = self.storage.history(req)
-        if self.archive is None:
+        if self.archive is None or (req.limit is not None and len(recent) >= req.limit):
             return recent
         # Redis first: an entry trimmed after this read was committed to PostgreSQL before.
+        # Redis returned fewer than asked: what is older than its last entry is in the archive.
+        if req.limit is not None and recent:
+            last = recent[-1].transaction_id.partition("@")[0]
+            req = replace(req, before=last, limit=req.limit - len(recent))
         return merge(recent, self.archive.history(req))
 
     def reserve(

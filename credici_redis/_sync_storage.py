@@ -38,8 +38,10 @@ from credici_redis._storage_base import (
     T,
     _RedisStorageBase,
     _scripts_of,
+    check_eviction_policy,
     check_retry_policy,
     errors_in_place,
+    is_in_process,
     storage_error,
     to_resend,
 )
@@ -103,6 +105,9 @@ class RedisStorage(_RedisStorageBase):
     `replica_timeout` seconds), else raises ReplicationTimeoutError.
     batching=True (asyncio only): concurrent operations issued in the same event-loop moment share
     one pipeline (same semantics, errors and idempotency; fewer round trips under load).
+    Before its first command, the storage reads the eviction policy of the Redis (of every
+    primary of a cluster) and raises EvictionPolicyError unless it is ``noeviction``;
+    ``allow_eviction=True`` skips that.
     An asyncio connection serves one event loop: with `connect` (what ``from_url`` passes: makes
     a client like `redis`) the storage makes a client for each loop it runs in; without, a call
     under another loop than the first raises EventLoopError before sending anything.
@@ -119,6 +124,7 @@ class RedisStorage(_RedisStorageBase):
         owns_connection: bool = False,
         durability: Durability = "primary",
         replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+        allow_eviction: bool = False,
     ) -> None:
         super().__init__(
             namespace,
@@ -130,6 +136,10 @@ class RedisStorage(_RedisStorageBase):
             replica_timeout=replica_timeout,
         )
         check_retry_policy(redis)
+        if not isinstance(allow_eviction, bool):
+            raise ValueError("allow_eviction must be a bool")
+        # Checked before the first command is sent (`_check_server`).
+        self._server_checked = allow_eviction or is_in_process(redis)
         self.redis = redis
         self._execute: Callable[..., Any] = redis.execute_command
         self._cluster = _cluster.is_cluster(redis)
@@ -294,6 +304,8 @@ class RedisStorage(_RedisStorageBase):
     def run(self, flow: Flow[T], node: Any = None) -> T:
         """Drive a flow: send each batch it yields, hand back the replies, return its result.
         `node`: a cluster node to send every call to (a SCAN step); None routes by key."""
+        if not self._server_checked:
+            self._check_server()
         try:
             calls = next(flow)
             while True:
@@ -301,6 +313,21 @@ class RedisStorage(_RedisStorageBase):
         except StopIteration as done:
             result: T = done.value
             return result
+
+    def _check_server(self) -> None:
+        """Refuse a Redis that may evict keys: INFO memory of the server, or of each primary."""
+        try:
+            for node in _cluster.primaries(self.redis):
+                if node is None:
+                    info = self._execute("INFO", "memory")
+                else:
+                    info = self._execute("INFO", "memory", target_nodes=node)
+                check_eviction_policy(info, None if node is None else node.name)
+        except redis_errors.NoPermissionError:
+            check_eviction_policy(None, None)
+        except DRIVER_ERRORS as exc:
+            raise storage_error(exc, []) from exc
+        self._server_checked = True
 
     def _send(self, calls: list[Call], node: Any = None) -> list[Any]:
         """One round trip (a pipeline if several calls), reloading scripts on NOSCRIPT.

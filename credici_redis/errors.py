@@ -17,6 +17,7 @@
     │   └── UnsafeClientError        a hand-built redis-py client that re-sends writes on retry
     ├── MissingExtraError (also an ImportError): a feature whose pip extra is not installed
     ├── EventLoopError (also a RuntimeError): a client used where it cannot be; nothing was sent
+    ├── EvictionPolicyError           the Redis may evict keys (maxmemory-policy), or will not say
     ├── InsufficientCreditsError      subtract asked for more than the user has
     ├── IdempotencyConflictError      a key reused for a different request
     ├── CycleNotFoundError            cancel_cycle on a user with no running cycle
@@ -138,6 +139,18 @@ class MissingExtraError(CrediciError, ImportError):
 class EventLoopError(CrediciError, RuntimeError):
     """An asyncio client was used where it cannot work (a client built on a connection you
     made, under another event loop than the one it first ran in). Nothing was sent."""
+
+
+class EvictionPolicyError(CrediciError):
+    """The Redis may evict keys to free memory (any ``maxmemory-policy`` but ``noeviction``):
+    a user's buckets, history or idempotency records could vanish without a word, and a retried
+    keyed request apply twice. Raised before the first command of a storage is sent; ``policy``
+    is None when the policy could not be read (INFO denied by an ACL)."""
+
+    def __init__(self, message: str, *, policy: str | None, node: str | None) -> None:
+        super().__init__(message)
+        self.policy = policy
+        self.node = node
 
 
 class InsufficientCreditsError(CrediciError):

@@ -134,6 +134,34 @@ async def test_history_is_seamless_across_the_archive_and_redis(
             client.close()
 
 
+def test_paged_history_crosses_the_seam_between_redis_and_the_archive(
+    url: str, namespace: str, pg: psycopg.Connection, postgres_url: str
+) -> None:
+    clock = FakeClock()
+    clock.now = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=10)
+    with CrediciClient.from_url(url, namespace=namespace, clock=clock) as sync:
+        for i in range(7):  # archived and trimmed
+            sync.add("bob", 100 + i)
+            clock.advance(timedelta(hours=1))
+        with archiver(url, namespace, postgres_url, keep=timedelta(0)) as job:
+            assert job.run_once().trimmed == 7
+        for i in range(5):  # in Redis only
+            sync.add("bob", 200 + i)
+            clock.advance(timedelta(hours=1))
+    with CrediciClient.from_url(
+        url, namespace=namespace, archive_url=postgres_url, clock=clock
+    ) as client:
+        everything = client.get_all_user_transactions("bob")
+        assert [t.amount for t in everything] == [204, 203, 202, 201, 200, *range(106, 99, -1)]
+        pages, before = [], None
+        while page := client.get_all_user_transactions("bob", limit=4, before=before):
+            pages.append([t.amount for t in page])
+            before = page[-1].transaction_id
+        assert pages == [[204, 203, 202, 201], [200, 106, 105, 104], [103, 102, 101, 100]]
+        assert list(client.iter_user_transactions("bob", page_size=3)) == everything
+        assert client.get_all_user_transactions("bob", limit=7) == everything[:7]
+
+
 def test_kept_entries_stay_in_redis_until_their_time_then_go(
     url: str, namespace: str, pg: psycopg.Connection, postgres_url: str, raw: Any
 ) -> None:

@@ -28,6 +28,7 @@ from credici_redis import (
     AsyncCrediciClient,
     AsyncRedisStorage,
     CrediciClient,
+    EvictionPolicyError,
     InsufficientCreditsError,
     RedisStorage,
     UnsafeClientError,
@@ -213,6 +214,31 @@ async def test_concurrent_charges_never_overspend(
             assert (await client.audit(user)).ok
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+async def test_a_primary_that_evicts_is_refused_by_name(
+    cluster: LocalCluster, namespace: str, api: str
+) -> None:
+    """Every primary's policy is read: one evicting primary is enough to refuse."""
+    port = cluster.masters()[-1]
+    with cluster.node(port) as node:
+        node.config_set("maxmemory-policy", "volatile-lru")
+    try:
+        with pytest.raises(EvictionPolicyError) as caught:
+            if api == "sync":
+                with CrediciClient.from_url(cluster.url, namespace=namespace, cluster=True) as c:
+                    c.add("u", 1)
+            else:
+                async with AsyncCrediciClient.from_url(
+                    cluster.url, namespace=namespace, cluster=True
+                ) as ac:
+                    await ac.add("u", 1)
+        assert caught.value.node == f"127.0.0.1:{port}"
+        assert caught.value.policy == "volatile-lru"
+    finally:
+        with cluster.node(port) as node:
+            node.config_set("maxmemory-policy", "noeviction")
 
 
 def test_a_cluster_client_with_redis_py_s_default_retries_is_refused(
