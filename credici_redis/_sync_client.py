@@ -228,7 +228,7 @@ class CrediciClient(ClientBase):
                 user_id, from_, to_, self._now(), period=period, limit=page_size, before=before
             )
             page = self._history(req)
-            for transaction in page:  # noqa: UP028 (async: no yield from)
+            for transaction in page:
                 yield transaction
             if len(page) < page_size:
                 return
