@@ -104,6 +104,7 @@ class Settings:
     big_history: int  # history entries of the big get_balance user (section 6)
     period_small: int  # history entries of the small period-query user
     period_big: int  # history entries of the big period-query user
+    history_read: int  # history entries read whole vs page by page (section 6d)
 
 
 FULL = Settings(
@@ -121,6 +122,7 @@ FULL = Settings(
     big_history=100_000,
     period_small=1_000,
     period_big=1_000_000,
+    history_read=200_000,
 )
 QUICK = Settings(
     calls=1_000,
@@ -137,6 +139,7 @@ QUICK = Settings(
     big_history=100_000,
     period_small=1_000,
     period_big=100_000,
+    history_read=50_000,
 )
 
 
@@ -997,6 +1000,48 @@ def period_growth(
     return rows
 
 
+def history_read(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) -> list[Row]:
+    """Peak Python heap (tracemalloc) of reading a long history: page by page with
+    iter_user_transactions, against the whole list of get_all_user_transactions."""
+    import tracemalloc
+
+    user = f"{ns}-longhistory"
+    progress(f"6d. history read: filling {s.history_read:,} entries")
+    clocked_history(client, raw, user, s.history_read, 1)
+    peaks: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def whole() -> int:
+        return len(client.get_all_user_transactions(user))
+
+    def paged() -> int:
+        return sum(1 for _ in client.iter_user_transactions(user, page_size=1000))
+
+    for name, read in (("whole", whole), ("paged", paged)):
+        progress(f"   reading {s.history_read:,} entries: {name}")
+        gc.collect()
+        tracemalloc.start()
+        started = time.perf_counter()
+        counts[name] = read()
+        seconds[name] = time.perf_counter() - started
+        peaks[name] = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    if counts["whole"] != counts["paged"] or counts["paged"] != s.history_read + 1:
+        raise RuntimeError(f"history reads disagree: {counts}")
+    section = (
+        f"6d. history read of one user with {s.history_read + 1:,} entries: peak Python heap "
+        "(tracemalloc) and time"
+    )
+    baseline = "get_all_user_transactions (the whole list)"
+    return [
+        Row(section, "iter_user_transactions (pages 1,000)", "peak MiB", peaks["paged"],
+            peaks["whole"], baseline, Target("<=", 32, on="value", unit=" MiB")),
+        Row(section, "iter_user_transactions (pages 1,000)", "s", seconds["paged"],
+            seconds["whole"], baseline),
+    ]  # fmt: skip
+
+
 # --- report ------------------------------------------------------------------------------------
 
 
@@ -1176,6 +1221,7 @@ def run(
             rows += bucket_growth(client, raw, trivial, ns, settings)
             rows += balance_growth(client, raw, trivial, ns, settings)
             rows += period_growth(client, raw, trivial, ns, settings)
+            rows += history_read(client, raw, ns, settings)
         if postgres_url:
             rows += postgres_side_by_side(url, postgres_url, ns, settings)
         info["load_average_1m_end"] = load_average()

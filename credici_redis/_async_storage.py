@@ -345,8 +345,8 @@ class AsyncRedisStorage(_RedisStorageBase):
                 else:
                     info = await self._execute("INFO", "memory", target_nodes=node)
                 check_eviction_policy(info, None if node is None else node.name)
-        except redis_errors.NoPermissionError:
-            check_eviction_policy(None, None)
+        except redis_errors.NoPermissionError as exc:
+            check_eviction_policy(None, None, refusal=str(exc))
         except DRIVER_ERRORS as exc:
             raise storage_error(exc, []) from exc
         self._server_checked = True

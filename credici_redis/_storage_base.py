@@ -151,9 +151,10 @@ def is_in_process(client: Any) -> bool:
     return type(client).__module__.startswith("fakeredis")
 
 
-def check_eviction_policy(info: Any, node: str | None) -> None:
+def check_eviction_policy(info: Any, node: str | None, refusal: str = "") -> None:
     """Refuse a Redis whose ``maxmemory-policy`` (from ``INFO memory``, which works where an
-    ACL denies CONFIG) is not ``noeviction``. `info`: redis-py's parsed reply."""
+    ACL denies CONFIG) is not ``noeviction``. `info`: redis-py's parsed reply; `refusal`: why
+    Redis would not answer INFO."""
     if isinstance(info, dict) and "maxmemory_policy" not in info:  # a cluster's {node: info}
         for name, one in info.items():
             check_eviction_policy(one, str(name))
@@ -162,7 +163,8 @@ def check_eviction_policy(info: Any, node: str | None) -> None:
     where = f"Redis at {node}" if node else "this Redis"
     if policy is None:
         raise EvictionPolicyError(
-            f"{where} did not say its maxmemory-policy (INFO memory): credici-redis refuses to "
+            f"{where} did not say its maxmemory-policy (INFO memory{': ' if refusal else ''}"
+            f"{refusal}): credici-redis refuses to "
             "run where keys may be evicted; grant the ACL user +info, or pass "
             "allow_eviction=True if you know the policy is noeviction",
             policy=None,

@@ -64,7 +64,7 @@ def test_sync_and_async_clients_have_the_same_methods_and_signatures() -> None:
         async_only = {"batching"}  # auto-batching needs an event loop
         a_params = [p for p in a.parameters.values() if p.name not in async_only]
         assert list(s.parameters.values()) == a_params, name
-        if name in ("scan_users", "events"):  # async iterators, not coroutines
+        if name in ("scan_users", "events", "iter_user_transactions"):  # async iterators
             assert "AsyncIterator" in str(inspect.signature(getattr(AsyncCrediciClient, name)))
         elif name != "from_url":
             assert inspect.iscoroutinefunction(getattr(AsyncCrediciClient, name)), name
