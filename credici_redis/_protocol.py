@@ -73,6 +73,10 @@ T = TypeVar("T")
 
 SCHEDULE_ATTEMPTS = 5
 """A SCHEDULE reply is answered at most this often per call (a racing renewal may move it)."""
+CATCHUP_STEPS = 10_000
+"""A script brings its user up to now in steps of at most 200 events (expiries, hold ttls,
+renewals; lua/_ledger.lua MAX_EVENTS), replying CATCHUP while more is due: it is sent again, up
+to this often (two million events: far more than any user can have due)."""
 
 HISTORY_PAGE = 1000
 """Entries fetched per XREVRANGE when reading history, so no single reply grows unbounded."""
@@ -130,6 +134,19 @@ def _sent(calls: list[Call]) -> Flow[list[Any]]:
     return replies
 
 
+def catching_up(reply: Any) -> bool:
+    """A CATCHUP reply: the script applied a step of what fell due, not the operation yet."""
+    return isinstance(reply, list) and len(reply) == 1 and text(reply[0]) == "CATCHUP"
+
+
+def _schedule_kept_moving() -> StorageError:
+    return StorageError("the cycle's calendar schedule kept moving; try again")
+
+
+def _still_catching_up() -> StorageError:
+    return StorageError(f"the user was still catching up after {CATCHUP_STEPS:,} steps")
+
+
 def schedule_extension(reply: Any) -> str | None:
     """For a SCHEDULE reply, the calendar boundaries to send back; None for any other reply."""
     if not (isinstance(reply, list) and reply and text(reply[0]) == "SCHEDULE"):
@@ -156,35 +173,53 @@ class Ledger:
 
     def _scheduled(self, batch: Callable[[str], list[Call]]) -> Flow[list[Any]]:
         """Send `batch(extension)`; when its first script asks for calendar boundaries (SCHEDULE),
-        compute them and send it again with them. Nothing was written by a SCHEDULE reply."""
+        compute them and send it again with them. Nothing was written by a SCHEDULE reply. While
+        it replies CATCHUP (a step of a long catch-up was applied), send it again as it was."""
         extension = ""
-        for _ in range(SCHEDULE_ATTEMPTS):
+        schedules = 0
+        for _ in range(CATCHUP_STEPS):
             replies = yield from _sent(batch(extension))
+            if catching_up(replies[0]):
+                continue
             asked = schedule_extension(replies[0])
             if asked is None:
                 return replies
+            schedules += 1
+            if schedules >= SCHEDULE_ATTEMPTS:
+                raise _schedule_kept_moving()
             extension = asked
-        raise StorageError("the cycle's calendar schedule kept moving; try again")
+        raise _still_catching_up()
 
     def _many(self, items: Sequence[Item[T] | CrediciError]) -> Flow[list[T | CrediciError]]:
         """Many independent calls in one round trip; each item's result, or its error, in order.
-        Items that are already an error (bad input) are passed through without a call."""
+        Items that are already an error (bad input) are passed through without a call. An item
+        whose script asked for a schedule, or replied CATCHUP, goes out again (as `_scheduled`)."""
         results: list[T | CrediciError] = [
             item if isinstance(item, CrediciError) else StorageError("not sent") for item in items
         ]
         pending = [i for i, item in enumerate(items) if not isinstance(item, CrediciError)]
         extensions = dict.fromkeys(pending, "")
-        for _ in range(SCHEDULE_ATTEMPTS):
+        schedules = dict.fromkeys(pending, 0)
+        for _ in range(CATCHUP_STEPS):
             if not pending:
                 break
             calls = [cast(Item[T], items[i]).call(extensions[i]) for i in pending]
             replies = yield calls
             again = []
             for i, reply in zip(pending, replies, strict=True):
+                if catching_up(reply):
+                    again.append(i)
+                    continue
                 asked = schedule_extension(reply)
-                if asked is not None:
+                if asked is not None and schedules[i] + 1 < SCHEDULE_ATTEMPTS:
+                    schedules[i] += 1
                     extensions[i] = asked
                     again.append(i)
+                    continue
+                if asked is not None:
+                    results[i] = StorageError(
+                        "the cycle's calendar schedule kept moving; try again"
+                    )
                     continue
                 try:
                     results[i] = cast(Item[T], items[i]).parse(reply)
@@ -192,7 +227,7 @@ class Ledger:
                     results[i] = error
             pending = again
         for i in pending:
-            results[i] = StorageError("the cycle's calendar schedule kept moving; try again")
+            results[i] = _still_catching_up()
         return results
 
     def subtract_many(
@@ -655,6 +690,8 @@ def parse_entry(user_id: str, entry: Any) -> Transaction:
     if "o" in f:
         update["related_id"] = _keys.transaction_id(user_id, f["o"])
         update["unrestored"] = int(f.get("w", "0"))
+    if "v" in f:
+        update["periods"] = int(f["v"])
     return tx.model_copy(update=update) if update else tx
 
 

@@ -37,6 +37,13 @@ class Transaction(BaseModel):
     unrestored: int | None = Field(
         default=None, description="reverse: credits not given back (their bucket had expired)"
     )
+    periods: int | None = Field(
+        default=None,
+        description=(
+            "cycle_start of a renewing cycle idle for many periods: how many periods started "
+            "unseen (granting 0), one every period from created_at on; None: one period"
+        ),
+    )
 
 
 class Cycle(BaseModel):

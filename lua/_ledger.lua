@@ -35,6 +35,12 @@ The cycle lives in the state hash:
   cdur fixed period (ms) or '' for a calendar period   cq calendar boundaries after ce ("ms,ms")
   cb  the bucket holding this cycle's grant ('' = none)
 Boundaries are on the original schedule: B(k) = c0 + k * cdur, or the k-th calendar boundary.
+A renewing fixed-period cycle idle for many periods gets one cycle_start entry for the periods
+that started unseen (field v: how many, every cdur from its date on), not one per period.
+
+Bounded work: every script brings the user up to now first (up_to_now), applying at most
+MAX_EVENTS events; with more due it saves what it did and replies {'CATCHUP'}, and the client
+sends the same call again (credici_redis/_protocol.py). Nothing but catch-up was written then.
 
 A bucket id is "<expire_at ms, 15 digits, 999999999999999 = never><seq, 12 digits>", so the burn
 order is: priority ascending, then soonest expiry, never-expiring last, ties oldest first.
@@ -53,6 +59,10 @@ local K_IDEM = KEYS[10]
 local RETAIN = 86400000  -- a finished hold is remembered a day: a late second capture gets its answer
 local MAX_CREDITS = 9007199254740991
 local NEVER = 999999999999999
+-- At most this many events (expiries, hold ttls, renewals) are applied by one script: more, and
+-- the script saves its progress and replies CATCHUP; the client sends it again. Each step is
+-- atomic and in time order, and the operation itself runs only once the user is up to now.
+local MAX_EVENTS = 200
 
 local function fmt(n)
   return string.format('%.0f', n)
@@ -353,6 +363,48 @@ local function renew(st, c, now)
   c.cg, c.cu, c.cad = fmt(grant + carry), '0', '0'
 end
 
+-- The first expiry of a bucket other than `except` (the cycle's grant, which ends on the next
+-- boundary) and the first hold timer: nothing else can happen before the sooner of the two.
+local function next_other_event(except)
+  local first = redis.call('ZRANGE', K_EXPIRY, 0, 1, 'WITHSCORES')
+  local at = NEVER
+  if first[1] and first[1] ~= except then at = tonumber(first[2])
+  elseif first[3] then at = tonumber(first[4]) end
+  local timer = redis.call('ZRANGE', K_TIMERS, 0, 0, 'WITHSCORES')
+  if timer[2] and tonumber(timer[2]) < at then at = tonumber(timer[2]) end
+  return at
+end
+
+-- A renewing fixed-period cycle whose current period ended unseen, and the next ones too: the
+-- periods that start and end before `now` (and before any other event, which must happen in its
+-- place in time) grant 0 and only roll the grant bucket over, so they are applied at once, with
+-- one cycle_start entry (field v: how many) dated at the first, instead of one per period.
+-- Returns false when fewer than two periods can be skipped (renew handles one).
+local function skip_idle_periods(st, c, now)
+  if c.cdur == '' then return false end
+  local dur, ends = tonumber(c.cdur), tonumber(c.ce)
+  -- Boundaries ends, ends+dur, ...: the renewal at each starts a period that ends unseen if its
+  -- end is <= now; and none may pass another event (at the same ms the boundary goes first).
+  local limit = math.min(now - dur, next_other_event(c.cb))
+  if limit < ends + dur then return false end
+  local skipped = math.floor((limit - ends) / dur) + 1
+  local last_start = ends + (skipped - 1) * dur
+  local next_end = last_start + dur
+  local carry, rolled = close_grant(st, c, c.cro, ends)
+  if carry > 0 then
+    -- Later unseen periods roll the same credits over: a carry already fits the rollover.
+    c.cb = new_bucket(st, carry, next_end, 0)
+  end
+  local fields = start_fields(next_end, c.cb, rolled, '')
+  fields[#fields + 1] = 'v'
+  fields[#fields + 1] = fmt(skipped)
+  c.ci = append(st, 'c', 0, ends, fields)
+  local k = tonumber(c.ck) + skipped
+  c.ck, c.cs, c.ce = fmt(k), fmt(last_start), fmt(next_end)
+  c.cg, c.cu, c.cad = fmt(carry), '0', '0'
+  return true
+end
+
 -- Counts usage against the cycle running at `now` (field cu: used, cad: added).
 local function count_usage(st, now, field, amount)
   if st.ce and st.cst ~= 'e' and now < st.ce then
@@ -475,7 +527,8 @@ end
 -- Loads the user and brings it up to now: whatever fell due since its last operation (cycle
 -- boundaries, hold ttls, bucket expiries, holds to forget) happens, each at its own time, in time
 -- order; at the same millisecond the cycle boundary comes first, then holds, then buckets.
--- Returns the state, or nil and the SCHEDULE reply to return (nothing written then).
+-- Returns the state, or nil and the reply to return: SCHEDULE (nothing written then), or CATCHUP
+-- (MAX_EVENTS events applied and saved, more are due: the client sends the call again).
 local function up_to_now(now, extension)
   local st = load_state()
   local c = nil
@@ -486,6 +539,7 @@ local function up_to_now(now, extension)
       if ask then return nil, ask end
     end
   end
+  local budget = MAX_EVENTS
   while true do
     local at, what, which = nil, nil, nil
     if c and c.crn == '1' and c.cst == 'a' and now >= tonumber(c.ce) then
@@ -507,8 +561,14 @@ local function up_to_now(now, extension)
       if id and (not at or t < at) then at, what, which = t, 'bucket', id end
     end
     if not what then break end
+    if budget == 0 then  -- more is due: save this step, the client calls again
+      if c then save_cycle(c, st) end
+      save_state(st)
+      return nil, { 'CATCHUP' }
+    end
+    budget = budget - 1
     if what == 'cycle' then
-      renew(st, c, now)
+      if not skip_idle_periods(st, c, now) then renew(st, c, now) end
     elseif what == 'hold' then
       hold_timer_due(st, which, at)
     else

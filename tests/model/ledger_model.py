@@ -89,6 +89,7 @@ class Entry:
     captured: int | None = None
     related: int | None = None
     unrestored: int | None = None
+    periods: int | None = None
     # Not part of a Transaction:
     parts: Parts = field(default=(), compare=False)  # subtract / capture: buckets charged
     bucket: int | None = field(default=None, compare=False)  # add: the bucket it made
@@ -518,6 +519,16 @@ class UserLedger:
             # The grant is an ordinary bucket: it expires at the end by itself.
             cycle.ended = True
             return
+        skipped = self._idle_periods(cycle, now)
+        if skipped >= 2:
+            # Periods that start and end unseen, before any other event, grant 0: one entry
+            # for all of them, dated at the first (`periods`), the grant rolled over once.
+            carry = self._close_grant(cycle, cycle.rollover, boundary)
+            cycle.index += skipped
+            last_start = boundary + (skipped - 1) * cycle.period
+            self._grant(cycle, 0, carry, boundary, last_start + cycle.period, None, skipped)
+            cycle.started_at = last_start
+            return
         carry = self._close_grant(cycle, cycle.rollover, boundary)
         cycle.index += 1
         ends = cycle.anchor + (cycle.index + 1) * cycle.period
@@ -527,13 +538,38 @@ class UserLedger:
         self._grant(cycle, grant, carry, boundary, ends, None)
         cycle.started_at = boundary
 
+    def _idle_periods(self, cycle: Cycle, now: int) -> int:
+        """How many periods from the cycle's end on start and end before `now` and before any
+        other event (a bucket's expiry, a hold's ttl, a finished hold's memory ending)."""
+        boundary = cycle.ends_at
+        others = [
+            b.expire_at for b in self.buckets if b.expire_at is not None and b.seq != cycle.bucket
+        ]
+        others += [h.expires_at for h in self.holds if h.status == "active"]
+        others += [
+            h.ended_at + HOLD_MEMORY
+            for h in self.holds
+            if h.ended_at is not None and not h.forgotten and h.ended_at + HOLD_MEMORY >= boundary
+        ]
+        limit = min([now - cycle.period, *others])
+        if limit < boundary + cycle.period:
+            return 0
+        return (limit - boundary) // cycle.period + 1
+
     def _grant(
-        self, cycle: Cycle, amount: int, carry: int, at: int, ends: int, key: str | None
+        self,
+        cycle: Cycle,
+        amount: int,
+        carry: int,
+        at: int,
+        ends: int,
+        key: str | None,
+        periods: int | None = None,
     ) -> None:
         fill = amount + carry - self._repay(amount)
         cycle.bucket = self._new_bucket(fill, ends, 0) if fill else None
         self.balance += amount
-        self._append(Entry("cycle_start", amount, at, 0, ends, key), at)
+        self._append(Entry("cycle_start", amount, at, 0, ends, key, periods=periods), at)
         cycle.entry = len(self.history) - 1
         cycle.ends_at = ends
         cycle.granted, cycle.used, cycle.added = amount + carry, 0, 0

@@ -667,6 +667,7 @@ class LedgerMachine(RuleBasedStateMachine):
             tx.captured,
             None if tx.related_id is None else self.tx_ids[user].index(tx.related_id),
             tx.unrestored,
+            tx.periods,
         )
 
     def hold_view(self, user: str, hold: Hold) -> HoldView:
