@@ -74,9 +74,9 @@ T = TypeVar("T")
 SCHEDULE_ATTEMPTS = 5
 """A SCHEDULE reply is answered at most this often per call (a racing renewal may move it)."""
 CATCHUP_STEPS = 10_000
-"""A script brings its user up to now in steps of at most 200 events (expiries, hold ttls,
+"""A script brings its user up to now in steps of at most 64 events (expiries, hold ttls,
 renewals; lua/_ledger.lua MAX_EVENTS), replying CATCHUP while more is due: it is sent again, up
-to this often (two million events: far more than any user can have due)."""
+to this often (640,000 events: far more than any user can have due)."""
 
 HISTORY_PAGE = 1000
 """Entries fetched per XREVRANGE when reading history, so no single reply grows unbounded."""

@@ -62,7 +62,7 @@ local NEVER = 999999999999999
 -- At most this many events (expiries, hold ttls, renewals) are applied by one script: more, and
 -- the script saves its progress and replies CATCHUP; the client sends it again. Each step is
 -- atomic and in time order, and the operation itself runs only once the user is up to now.
-local MAX_EVENTS = 200
+local MAX_EVENTS = 64
 
 local function fmt(n)
   return string.format('%.0f', n)

@@ -1,6 +1,6 @@
 """Bounded work per script, whatever the user's state (issue: one idle user could stop Redis).
 
-A script applies at most MAX_EVENTS (200) of what fell due while the user was idle, saves that
+A script applies at most MAX_EVENTS (64) of what fell due while the user was idle, saves that
 step and replies CATCHUP; the client sends it again until the user is up to now, and only then
 does the operation run. A renewing fixed-period cycle idle for many periods is caught up in
 closed form: one cycle_start entry for all the periods that started unseen.
@@ -19,7 +19,7 @@ from credici_redis._keys import user_keys
 from credici_redis._protocol import Call, Ledger
 from tests.conftest import URL_BACKENDS, FakeClock
 
-MAX_EVENTS = 200
+MAX_EVENTS = 64
 
 
 def _raw(url: str) -> Any:
