@@ -50,7 +50,12 @@ from credici_redis._storage_base import (
     storage_error,
     to_resend,
 )
-from credici_redis.errors import CrediciError, StorageError, StorageUnavailableError
+from credici_redis.errors import (
+    CrediciError,
+    InconsistentStateError,
+    StorageError,
+    StorageUnavailableError,
+)
 from credici_redis.models import (
     AuditReport,
     BalanceDetails,
@@ -225,7 +230,13 @@ class AsyncRedisStorage(_RedisStorageBase):
     async def audit(
         self, user_id: str, now_ms: int | None, archive: AsyncArchiveSource | None = None
     ) -> AuditReport:
-        snapshot = await self.retrying(lambda: self.ledger.audit_snapshot(user_id, now_ms))
+        try:
+            snapshot = await self.retrying(lambda: self.ledger.audit_snapshot(user_id, now_ms))
+        except InconsistentStateError as exc:
+            return AuditReport(
+                user_id=user_id, ok=False, balance=0, history_balance=0, entries=0, buckets=0,
+                problems=[str(exc)],
+            )  # fmt: skip
         if archive is None or not snapshot.trimmed:
             return snapshot.report(())
         # Read after the snapshot: whatever Redis trimmed before it is in PostgreSQL by now.

@@ -48,6 +48,7 @@ from credici_redis.errors import (
     HoldFinishedError,
     HoldNotFoundError,
     IdempotencyConflictError,
+    InconsistentStateError,
     InsufficientCreditsError,
     InvalidAmountError,
     InvalidExpiryError,
@@ -139,6 +140,13 @@ def catching_up(reply: Any) -> bool:
     return isinstance(reply, list) and len(reply) == 1 and text(reply[0]) == "CATCHUP"
 
 
+def inconsistent(reply: Any) -> InconsistentStateError | None:
+    """An INCONSISTENT reply (the user's keys were changed from outside): its error."""
+    if isinstance(reply, list) and len(reply) == 2 and text(reply[0]) == "INCONSISTENT":
+        return InconsistentStateError(text(reply[1]))
+    return None
+
+
 def _schedule_kept_moving() -> StorageError:
     return StorageError("the cycle's calendar schedule kept moving; try again")
 
@@ -181,6 +189,9 @@ class Ledger:
             replies = yield from _sent(batch(extension))
             if catching_up(replies[0]):
                 continue
+            refused = inconsistent(replies[0])
+            if refused is not None:
+                raise refused
             asked = schedule_extension(replies[0])
             if asked is None:
                 return replies
@@ -209,6 +220,10 @@ class Ledger:
             for i, reply in zip(pending, replies, strict=True):
                 if catching_up(reply):
                     again.append(i)
+                    continue
+                refused = inconsistent(reply)
+                if refused is not None:
+                    results[i] = refused
                     continue
                 asked = schedule_extension(reply)
                 if asked is not None and schedules[i] + 1 < SCHEDULE_ATTEMPTS:

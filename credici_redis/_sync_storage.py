@@ -45,7 +45,12 @@ from credici_redis._storage_base import (
     storage_error,
     to_resend,
 )
-from credici_redis.errors import CrediciError, StorageError, StorageUnavailableError
+from credici_redis.errors import (
+    CrediciError,
+    InconsistentStateError,
+    StorageError,
+    StorageUnavailableError,
+)
 from credici_redis.models import (
     AuditReport,
     BalanceDetails,
@@ -216,7 +221,13 @@ class RedisStorage(_RedisStorageBase):
     def audit(
         self, user_id: str, now_ms: int | None, archive: ArchiveSource | None = None
     ) -> AuditReport:
-        snapshot = self.retrying(lambda: self.ledger.audit_snapshot(user_id, now_ms))
+        try:
+            snapshot = self.retrying(lambda: self.ledger.audit_snapshot(user_id, now_ms))
+        except InconsistentStateError as exc:
+            return AuditReport(
+                user_id=user_id, ok=False, balance=0, history_balance=0, entries=0, buckets=0,
+                problems=[str(exc)],
+            )  # fmt: skip
         if archive is None or not snapshot.trimmed:
             return snapshot.report(())
         # Read after the snapshot: whatever Redis trimmed before it is in PostgreSQL by now.

@@ -28,6 +28,7 @@
     ├── NotReversibleError            reverse of an entry that is not a subtract, capture or add
     ├── AlreadyReversedError          a transaction is reversed once
     └── StorageError                  Redis answered something the library cannot use (a bug)
+        ├── InconsistentStateError    a user's keys were changed or removed outside credici-redis
         └── StorageUnavailableError   connection failure or timeout; chained to the driver error
             └── OutcomeUnknownError   a request was sent but no reply came: it may have applied
                 └── ReplicationTimeoutError  applied on the primary, no replica confirmed it in time
@@ -241,6 +242,20 @@ class AlreadyReversedError(CrediciError):
 
 class StorageError(CrediciError):
     """The storage answered in a way the library does not expect (a bug or a misconfiguration)."""
+
+
+class InconsistentStateError(StorageError):
+    """A script found a user's keys in a state no credici script leaves them in (a key removed
+    or changed from outside: an evicting Redis, a hand edit). Nothing was changed by the call;
+    `audit` reports the user. Restore the user (archive, backup) before using it again."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"a user's credits in Redis are inconsistent ({reason}): keys were removed or changed "
+            "outside credici-redis (an evicting Redis, a hand edit); nothing was changed. Run "
+            "audit, and restore the user from the archive or a backup"
+        )
+        self.reason = reason
 
 
 class StorageUnavailableError(StorageError):

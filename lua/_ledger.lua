@@ -86,8 +86,24 @@ local function clock(injected)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- A user's keys are written together by every script; a state no script leaves is refused
+-- before anything is written ({'INCONSISTENT', why}), never met with a Lua error halfway: every
+-- bucket is in both the order zset and the amounts hash, and buckets have a state hash.
+local function inconsistency(v)
+  local buckets = redis.call('HLEN', K_AMOUNTS)
+  if redis.call('ZCARD', K_ORDER) ~= buckets then
+    return { 'INCONSISTENT', 'the bucket order and the bucket amounts differ' }
+  end
+  if buckets > 0 and not v[2] then
+    return { 'INCONSISTENT', 'buckets without the state that counts them' }
+  end
+  return nil
+end
+
 local function load_state()
   local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst', 'nx', 'cl', 'hd', 'hx', 'lt')
+  local bad = inconsistency(v)
+  if bad then return nil, bad end
   return {
     bal = tonumber(v[1]) or 0, ms = tonumber(v[2]) or 0, sq = tonumber(v[3]) or 0, dirty = false,
     ce = tonumber(v[4]), cst = v[5] or nil, nx = tonumber(v[6]), limit = tonumber(v[7]) or 0,
@@ -527,10 +543,12 @@ end
 -- Loads the user and brings it up to now: whatever fell due since its last operation (cycle
 -- boundaries, hold ttls, bucket expiries, holds to forget) happens, each at its own time, in time
 -- order; at the same millisecond the cycle boundary comes first, then holds, then buckets.
--- Returns the state, or nil and the reply to return: SCHEDULE (nothing written then), or CATCHUP
--- (MAX_EVENTS events applied and saved, more are due: the client sends the call again).
+-- Returns the state, or nil and the reply to return: SCHEDULE or INCONSISTENT (nothing written
+-- then), or CATCHUP (MAX_EVENTS events applied and saved, more are due: the client sends the
+-- call again).
 local function up_to_now(now, extension)
-  local st = load_state()
+  local st, bad = load_state()
+  if not st then return nil, bad end
   local c = nil
   if st.ce and st.cst ~= 'e' and now >= st.ce then
     c = load_cycle()

@@ -4,7 +4,7 @@ ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 expire_at
       5 ttl ms or '' | 6 fingerprint | 7 idempotency retention ms | 8 idempotency key or ''
       9 metadata JSON or '' | 10 priority
 Reply {'OK', id, 'a', amount, balance_after, expire_at, ikey, meta}
-      | {'IDEM_CONFLICT'} | {'EXPIRY_PAST', now} | {'BALANCE_LIMIT', balance} | SCHEDULE | CATCHUP | CATCHUP
+      | {'IDEM_CONFLICT'} | {'EXPIRY_PAST', now} | {'BALANCE_LIMIT', balance} | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
       (the balance plus held credits stays within 2^53-1)
 History: cycle renewals, holds released by their ttl, expired buckets, then one "a" entry. Counts as `added` in the cycle.
 With debt, the grant repays it first; only the rest goes into the new bucket.

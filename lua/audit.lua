@@ -4,7 +4,7 @@ ARGV  1 clock ('' = server TIME) | 2 schedule extension
 Reply {'OK', balance, last history id (as the state knows it), last id in the stream, held,
        trim mark (entries before it were archived to PostgreSQL and trimmed; '' = none),
        bucket id, credits left, bucket id, credits left, ...}
-      | SCHEDULE | CATCHUP | CATCHUP
+      | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
 History: cycle renewals, holds released by their ttl, expired buckets. The history up to the returned id is then read in
 pages by the client: it only grows, so that part cannot change under the audit.
 ]]

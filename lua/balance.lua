@@ -2,7 +2,7 @@
 Writes only when a cycle renewed or a bucket expired.
 KEYS  1-9 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension
-Reply {'OK', balance} | SCHEDULE | CATCHUP | CATCHUP
+Reply {'OK', balance} | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
 History: cycle renewals, holds released by their ttl, expired buckets.
 ]]
 --!include _ledger.lua

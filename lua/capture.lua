@@ -4,7 +4,7 @@ ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 hold id (per user) |
       (all) | 5 fingerprint | 6 idempotency retention ms | 7 idempotency key or ''
 Reply {'OK', id, 'p', +returned, balance_after (of the "p" entry), '', ikey, '', hold id, captured}
       | {'IDEM_CONFLICT'} | {'NO_HOLD'} | {'HOLD_DONE', status} | {'HOLD_EXCEEDED', held}
-      | SCHEDULE | CATCHUP | CATCHUP
+      | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
 History: renewals, holds released by their ttl, expired buckets, then one "p" entry for what came
 back to the available balance (the captured credits had already left it at reserve), then an "e"
 entry for returned credits whose bucket expired while held. Counts as `used` in the cycle.

@@ -2,7 +2,7 @@
 KEYS  1-9 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension
 Reply {'OK', balance, credit limit, held, bucket id, credits left, priority, bucket id, ...}
-      | SCHEDULE | CATCHUP | CATCHUP
+      | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
 History: cycle renewals, holds released by their ttl, expired buckets.
 ]]
 --!include _ledger.lua

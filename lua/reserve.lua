@@ -3,7 +3,7 @@ KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a k
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 ttl ms | 5 fingerprint
       6 idempotency retention ms | 7 idempotency key or '' | 8 metadata JSON or ''
 Reply hold_reply + {transaction id of the "r" entry} | {'IDEM_CONFLICT'}
-      | {'INSUFFICIENT', available} | SCHEDULE | CATCHUP | CATCHUP
+      | {'INSUFFICIENT', available} | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
 History: renewals, holds released by their ttl, expired buckets, then one "r" entry (-amount).
 Credits are taken from the available balance in burn order; a hold never uses the credit limit.
 ]]

@@ -5,7 +5,7 @@ ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 history entry id to 
 Reply {'OK', id, 'v', amount, balance_after, '', ikey, '', reversed entry id, not restored}
       | {'IDEM_CONFLICT'} | {'NO_TX'} | {'ARCHIVED', trim mark} (moved to PostgreSQL) | {'NOT_REVERSIBLE', kind} | {'REVERSED', reversal id}
       | {'BALANCE_LIMIT', balance} (what would come back does not fit under 2^53-1)
-      | SCHEDULE | CATCHUP | CATCHUP
+      | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
 History: renewals, holds released by their ttl, expired buckets, then one "v" entry linked (o) to
 the entry it reverses.
 - subtract / capture: the charged credits go back to the buckets they came from, except those of

@@ -1,7 +1,7 @@
 --[[ set_low_balance_threshold.lua: ask for events when the balance falls below a threshold.
 KEYS  1-9 the user's keys (see _ledger.lua)
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 threshold, or '' for no events
-Reply {'OK', balance} | SCHEDULE | CATCHUP | CATCHUP
+Reply {'OK', balance} | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
 History: renewals, holds released by their ttl, expired buckets (events for them use the old
 threshold). The threshold itself is not a change of the balance.
 ]]

@@ -5,7 +5,7 @@ ARGV  1 clock ('' = server TIME) | 2 schedule extension (for the running cycle)
       5 calendar boundaries of the new cycle "B1,B2,..." (calendar only) | 6 period as given
       7 time zone | 8 renew 0|1 | 9 rollover ('' = all) | 10 fingerprint
       11 idempotency retention ms | 12 idempotency key or ''
-Reply cycle_reply (see _ledger.lua) | {'IDEM_CONFLICT'} | {'BALANCE_LIMIT', balance} | SCHEDULE | CATCHUP | CATCHUP
+Reply cycle_reply (see _ledger.lua) | {'IDEM_CONFLICT'} | {'BALANCE_LIMIT', balance} | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
 History: renewals, holds released by their ttl, expired buckets; the running cycle's grant minus what rolls over, as an "e"
 entry; then one "c" entry for the new grant (rollover moves credits, it is not a new grant).
 ]]

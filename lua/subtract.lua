@@ -3,7 +3,7 @@ KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a k
 ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 fingerprint
       5 idempotency retention ms | 6 idempotency key or '' | 7 metadata JSON or ''
 Reply {'OK', id, 's', -amount, balance_after, '', ikey, meta}
-      | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available (balance + credit limit)} | SCHEDULE | CATCHUP | CATCHUP
+      | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available (balance + credit limit)} | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
 History: cycle renewals, holds released by their ttl, expired buckets, then one "s" entry (none when insufficient).
 Counts as `used` in the cycle.
 ]]
