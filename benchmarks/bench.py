@@ -755,6 +755,12 @@ def memory(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) -> lis
     counter = sum(memory_usage(raw, counters)) / len(users)
     per_user = sum(state) / len(users)
     with_stream = (sum(state) + sum(streams)) / len(users)
+    # A user as one looks after some use: one bucket and its 10 most recent history entries.
+    for _ in range(9):
+        client.subtract_many([(user, 1) for user in users])
+    own = [k for uk in keys for name, k in zip(uk._fields, uk, strict=True) if name not in shared]
+    with_ten = (sum(memory_usage(raw, own)) + sum(
+        memory_usage(raw, [uk.history for uk in keys]))) / len(users)  # fmt: skip
 
     # Per history entry: subtract entries a second apart (a steadily charged user), the growth
     # of the stream's MEMORY USAGE over `memory_entries` of them, after the first 1,000.
@@ -801,6 +807,15 @@ def memory(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) -> lis
             with_stream,
             counter,
             "SET <user key> 1000 (a string counter per user)",
+        ),
+        Row(
+            section,
+            "per user, 1 bucket, 10 history entries",
+            "bytes",
+            with_ten,
+            counter,
+            "SET <user key> 1000 (a string counter per user)",
+            Target("<=", 1000, on="value", unit=" B"),
         ),
         Row(
             section,

@@ -90,8 +90,16 @@ def _maybe_applied(exc: Exception, calls: list[Call]) -> bool:
     return lost and any(call.script is not None and call.script.effect for call in calls)
 
 
+def _refused_unrun(exc: Exception) -> bool:
+    """An error reply Redis gives before running the command: BUSY (another client's script is
+    running past lua-time-limit). The command did not run: safe to send again."""
+    return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("BUSY ")
+
+
 def storage_error(exc: Exception, calls: list[Call]) -> CrediciError:
     """The CrediciError a driver error means; the caller chains it (`raise ... from exc`)."""
+    if _refused_unrun(exc):
+        return StorageUnavailableError(f"Redis is busy running another script; not applied: {exc}")
     if _maybe_applied(exc, calls):
         return OutcomeUnknownError(
             f"the connection failed before Redis answered; the request may have been applied: "

@@ -1,0 +1,83 @@
+"""BUSY (another client's script running past busy-reply-threshold): the call did not run, so it
+is a StorageUnavailableError (retryable, also by retries=N), never a plain StorageError."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from credici_redis import CrediciClient, StorageUnavailableError
+from tests.test_storage import free_port
+
+# A read-only script that keeps Redis busy for `ms` milliseconds.
+SPIN = """
+local t = redis.call('TIME')
+local start = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+while true do
+  t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - start > tonumber(ARGV[1]) then
+    return 1
+  end
+end
+"""
+
+
+@pytest.fixture
+def busy_redis(tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path), "--busy-reply-threshold", "20"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(100):
+        try:
+            redis.Redis(port=port, socket_connect_timeout=0.1).ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield port
+    proc.kill()
+    proc.wait()
+
+
+def _spin(port: int, ms: int) -> threading.Thread:
+    def run() -> None:
+        with redis.Redis(port=port) as r:
+            r.eval(SPIN, 0, ms)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.1)  # the script is running, past the threshold
+    return thread
+
+
+def test_busy_is_unavailable_and_not_applied(busy_redis: int) -> None:
+    with CrediciClient.from_url(f"redis://127.0.0.1:{busy_redis}/0", namespace="b") as client:
+        client.add("u", 10)
+        spinning = _spin(busy_redis, 700)
+        try:
+            with pytest.raises(StorageUnavailableError, match="busy") as caught:
+                client.subtract("u", 3)
+            assert "not applied" in str(caught.value)
+        finally:
+            spinning.join()
+        assert client.get_balance("u") == 10  # the refused charge did not run
+
+
+def test_retries_ride_out_a_busy_redis(busy_redis: int) -> None:
+    url = f"redis://127.0.0.1:{busy_redis}/0"
+    with CrediciClient.from_url(url, namespace="b", retries=8) as client:
+        client.add("u", 10)
+        spinning = _spin(busy_redis, 500)
+        try:
+            assert client.subtract("u", 3).balance_after == 7
+        finally:
+            spinning.join()
+        assert [t.amount for t in client.get_all_user_transactions("u")] == [-3, 10]
