@@ -14,6 +14,9 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -43,6 +46,37 @@ CONTRACT_BACKENDS = (*URL_BACKENDS, "custom") if CUSTOM_STORAGE else URL_BACKEND
 """Every backend: the contract suite runs on each."""
 _CONTRACT_PATHS = ("contract", "test_concurrency.py")
 APIS = ("sync", "async", "async-batched")
+
+
+def start_redis_server(directory: Path, *options: str) -> tuple[int, subprocess.Popen[bytes]]:
+    """A redis-server of the test's own on a free port (no persistence), with extra `options`
+    ("--name", "value", ...); returns once it answers. The caller kills it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "no", "--dir", str(directory), *options]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            redis.Redis(port=port, socket_connect_timeout=0.1).ping()
+            return port, process
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def raw_redis(url: str) -> Any:
+    """A plain client on a test store, to look at (or break) its keys: the real Redis, or the
+    in-process server behind a memory:// URL."""
+    if url.startswith("memory://"):
+        import fakeredis
+
+        from credici_redis import _connect
+
+        return fakeredis.FakeRedis(server=_connect._memory_server(url))
+    return redis.Redis.from_url(url)
 
 
 def uv_command() -> str:

@@ -12,24 +12,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-import redis
 
 from credici_redis import CrediciClient, _scripts
 from credici_redis._keys import user_keys
 from credici_redis._protocol import Call, Ledger
-from tests.conftest import URL_BACKENDS, FakeClock
+from tests.conftest import URL_BACKENDS, FakeClock, raw_redis
 
 MAX_EVENTS = 64
-
-
-def _raw(url: str) -> Any:
-    if url.startswith("memory://"):
-        import fakeredis
-
-        from credici_redis import _connect
-
-        return fakeredis.FakeRedis(server=_connect._memory_server(url))
-    return redis.Redis.from_url(url)
 
 
 def _one_balance_script(raw: Any, namespace: str, user: str, now_ms: int) -> Any:
@@ -47,7 +36,7 @@ def test_many_buckets_expiring_together_take_several_bounded_steps(
     url: str, namespace: str, clock: FakeClock
 ) -> None:
     client = CrediciClient.from_url(url, namespace=namespace, clock=clock)
-    raw = _raw(url)
+    raw = raw_redis(url)
     try:
         buckets = 3 * MAX_EVENTS + 17
         client.add_many([("u", 1, clock.now + timedelta(hours=1)) for _ in range(buckets)])

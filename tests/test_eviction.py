@@ -6,19 +6,14 @@ Redis's configuration is never changed."""
 
 from __future__ import annotations
 
-import shlex
-import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 
 from credici_redis import AsyncCrediciClient, CrediciClient, EvictionPolicyError
 from credici_redis.archive import Archiver
-from tests.conftest import POSTGRES_URL
-from tests.test_storage import free_port
+from tests.conftest import POSTGRES_URL, start_redis_server
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +22,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]
     ports: dict[str, int] = {}
     procs = []
     for policy in ("noeviction", "allkeys-lru", "volatile-ttl"):
-        port = free_port()
-        directory: Path = tmp_path_factory.mktemp(policy)
-        command = f"redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no"
-        command += f" --dir {directory} --maxmemory 64mb --maxmemory-policy {policy}"
-        procs.append(subprocess.Popen(shlex.split(command), stdout=subprocess.DEVNULL))
-        for _ in range(100):
-            try:
-                redis.Redis(port=port, socket_connect_timeout=0.1).ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        ports[policy] = port
+        ports[policy], process = start_redis_server(
+            tmp_path_factory.mktemp(policy), "--maxmemory", "64mb", "--maxmemory-policy", policy
+        )
+        procs.append(process)
     yield ports
     for proc in procs:
         proc.kill()

@@ -7,20 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import redis
 
 from credici_redis import CrediciClient, InconsistentStateError, StorageError
 from credici_redis._keys import user_keys
-
-
-def _raw(url: str) -> Any:
-    if url.startswith("memory://"):
-        import fakeredis
-
-        from credici_redis import _connect
-
-        return fakeredis.FakeRedis(server=_connect._memory_server(url))
-    return redis.Redis.from_url(url)
+from tests.conftest import raw_redis
 
 
 def _dump(raw: Any, namespace: str, user: str) -> dict[str, Any]:
@@ -38,7 +28,7 @@ def _dump(raw: Any, namespace: str, user: str) -> dict[str, Any]:
 def test_a_user_missing_a_key_is_refused_and_nothing_changes(
     url: str, namespace: str, lost: str
 ) -> None:
-    raw = _raw(url)
+    raw = raw_redis(url)
     with CrediciClient.from_url(url, namespace=namespace) as client:
         client.add("u", 10)
         client.add("u", 5)

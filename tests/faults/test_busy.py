@@ -3,7 +3,6 @@ is a StorageUnavailableError (retryable, also by retries=N), never a plain Stora
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ import pytest
 import redis
 
 from credici_redis import CrediciClient, StorageUnavailableError
-from tests.test_storage import free_port
+from tests.conftest import start_redis_server
 
 # A read-only script that keeps Redis busy for `ms` milliseconds.
 SPIN = """
@@ -30,21 +29,10 @@ end
 
 @pytest.fixture
 def busy_redis(tmp_path: Path) -> Iterator[int]:
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path), "--busy-reply-threshold", "20"],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    for _ in range(100):
-        try:
-            redis.Redis(port=port, socket_connect_timeout=0.1).ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
+    port, process = start_redis_server(tmp_path, "--busy-reply-threshold", "20")
     yield port
-    proc.kill()
-    proc.wait()
+    process.kill()
+    process.wait()
 
 
 def _spin(port: int, ms: int) -> threading.Thread:
