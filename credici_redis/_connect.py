@@ -148,18 +148,18 @@ def _redis_option_names(scheme: str, cluster: bool, asyncio: bool) -> set[str]:
 
 
 def check_options(
-    url: str,
+    scheme: str,
     options: dict[str, Any],
     *,
     cluster: bool,
     asyncio: bool,
     own: Iterable[str] = FROM_URL_OPTIONS,
 ) -> None:
-    """Refuse an option nobody would take (a typo) before anything connects. `own`: the names
-    the caller itself takes, to suggest the one a typo meant."""
+    """Refuse an option nobody would take (a typo) before anything connects. `scheme`: the
+    URL's, from `check_url`; `own`: the names the caller itself takes, to suggest the one a
+    typo meant."""
     if not options:
         return
-    scheme = check_url(url)
     if scheme == "memory":
         known: set[str] = set()
         takes = "memory:// takes no driver options"
@@ -227,7 +227,7 @@ def open_storage(
     **options: Any,
 ) -> Storage:
     scheme = check_url(url)
-    check_options(url, options, cluster=cluster, asyncio=False)
+    check_options(scheme, options, cluster=cluster, asyncio=False)
     waiting = _durability(scheme, durability, timeout)
     if scheme in {"postgres", "postgresql"} and not cluster:
         from credici_redis.postgres import PostgresStorage
@@ -288,7 +288,7 @@ def open_async_storage(
     **options: Any,
 ) -> AsyncStorage:
     scheme = check_url(url)
-    check_options(url, options, cluster=cluster, asyncio=True)
+    check_options(scheme, options, cluster=cluster, asyncio=True)
     waiting = _durability(scheme, durability, timeout)
     if scheme in {"postgres", "postgresql"} and not cluster:
         from credici_redis.postgres import AsyncPostgresStorage

@@ -356,29 +356,6 @@ local function ensure_schedule(c, now, extension)
   return { 'SCHEDULE', fmt(now), c.c0, fmt(first_missing), c.cp, c.ctz }
 end
 
--- A renewing cycle reaches its end (c.ce <= now): it rolls its grant over and starts the next
--- period on the original schedule, with one cycle_start entry dated at the boundary. Only the
--- period containing `now` gets its grant; periods that passed unseen grant 0.
-local function renew(st, c, now)
-  local ends = tonumber(c.ce)
-  local carry, rolled = close_grant(st, c, c.cro, ends)
-  local k = tonumber(c.ck) + 1
-  local next_end
-  if c.cdur ~= '' then
-    next_end = tonumber(c.c0) + (k + 1) * tonumber(c.cdur)
-  else
-    next_end, c.cq = pop_list(c.cq)
-  end
-  local grant = 0
-  if next_end > now then grant = math.max(math.min(tonumber(c.ca), room(st)), 0) end
-  local fill = grant + carry - repaid(st, grant)
-  if fill > 0 then c.cb = new_bucket(st, fill, next_end, 0) end
-  st.bal = st.bal + grant
-  c.ci = append(st, 'c', grant, ends, start_fields(next_end, c.cb, rolled, ''))
-  c.ck, c.cs, c.ce = fmt(k), fmt(ends), fmt(next_end)
-  c.cg, c.cu, c.cad = fmt(grant + carry), '0', '0'
-end
-
 -- The first expiry of a bucket other than `except` (the cycle's grant, which ends on the next
 -- boundary) and the first hold timer: nothing else can happen before the sooner of the two.
 local function next_other_event(except)
@@ -391,34 +368,46 @@ local function next_other_event(except)
   return at
 end
 
--- A renewing fixed-period cycle whose current period ended unseen, and the next ones too: the
--- periods that start and end before `now` (and before any other event, which must happen in its
--- place in time) grant 0 and only roll the grant bucket over, so they are applied at once, with
--- one cycle_start entry (field v: how many) dated at the first, instead of one per period.
--- Returns false when fewer than two periods can be skipped (renew handles one).
-local function skip_idle_periods(st, c, now)
-  if c.cdur == '' then return false end
+-- How many periods a renewal at the cycle's end starts: 1, or, for a fixed period, every period
+-- from there on that also ends by `now` and before any other event (at the same ms the boundary
+-- goes first). Those grant 0 and only roll the grant bucket over, so they start at once.
+local function periods_to_start(c, now)
+  if c.cdur == '' then return 1 end
   local dur, ends = tonumber(c.cdur), tonumber(c.ce)
-  -- Boundaries ends, ends+dur, ...: the renewal at each starts a period that ends unseen if its
-  -- end is <= now; and none may pass another event (at the same ms the boundary goes first).
   local limit = math.min(now - dur, next_other_event(c.cb))
-  if limit < ends + dur then return false end
-  local skipped = math.floor((limit - ends) / dur) + 1
-  local last_start = ends + (skipped - 1) * dur
-  local next_end = last_start + dur
+  if limit < ends + dur then return 1 end
+  return math.floor((limit - ends) / dur) + 1
+end
+
+-- A renewing cycle reaches its end (c.ce <= now): it rolls its grant over and starts the next
+-- period on the original schedule, with one cycle_start entry dated at the boundary. Only the
+-- period containing `now` gets its grant; periods that pass unseen grant 0, and a run of them
+-- shares one entry (field v: how many) instead of one each.
+local function renew(st, c, now)
+  local ends = tonumber(c.ce)
+  local periods = periods_to_start(c, now)
   local carry, rolled = close_grant(st, c, c.cro, ends)
-  if carry > 0 then
-    -- Later unseen periods roll the same credits over: a carry already fits the rollover.
-    c.cb = new_bucket(st, carry, next_end, 0)
+  local k = tonumber(c.ck) + periods
+  local starts, next_end = ends, nil
+  if c.cdur ~= '' then
+    starts = ends + (periods - 1) * tonumber(c.cdur)
+    next_end = tonumber(c.c0) + (k + 1) * tonumber(c.cdur)
+  else
+    next_end, c.cq = pop_list(c.cq)
   end
+  local grant = 0
+  if next_end > now then grant = math.max(math.min(tonumber(c.ca), room(st)), 0) end
+  local fill = grant + carry - repaid(st, grant)
+  if fill > 0 then c.cb = new_bucket(st, fill, next_end, 0) end
+  st.bal = st.bal + grant
   local fields = start_fields(next_end, c.cb, rolled, '')
-  fields[#fields + 1] = 'v'
-  fields[#fields + 1] = fmt(skipped)
-  c.ci = append(st, 'c', 0, ends, fields)
-  local k = tonumber(c.ck) + skipped
-  c.ck, c.cs, c.ce = fmt(k), fmt(last_start), fmt(next_end)
-  c.cg, c.cu, c.cad = fmt(carry), '0', '0'
-  return true
+  if periods > 1 then
+    fields[#fields + 1] = 'v'
+    fields[#fields + 1] = fmt(periods)
+  end
+  c.ci = append(st, 'c', grant, ends, fields)
+  c.ck, c.cs, c.ce = fmt(k), fmt(starts), fmt(next_end)
+  c.cg, c.cu, c.cad = fmt(grant + carry), '0', '0'
 end
 
 -- Counts usage against the cycle running at `now` (field cu: used, cad: added).
@@ -586,7 +575,7 @@ local function up_to_now(now, extension)
     end
     budget = budget - 1
     if what == 'cycle' then
-      if not skip_idle_periods(st, c, now) then renew(st, c, now) end
+      renew(st, c, now)
     elseif what == 'hold' then
       hold_timer_due(st, which, at)
     else

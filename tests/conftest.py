@@ -48,12 +48,16 @@ _CONTRACT_PATHS = ("contract", "test_concurrency.py")
 APIS = ("sync", "async", "async-batched")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def start_redis_server(directory: Path, *options: str) -> tuple[int, subprocess.Popen[bytes]]:
     """A redis-server of the test's own on a free port (no persistence), with extra `options`
     ("--name", "value", ...); returns once it answers. The caller kills it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     command += ["--appendonly", "no", "--dir", str(directory), *options]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)

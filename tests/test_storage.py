@@ -23,7 +23,7 @@ from credici_redis import (
     StorageUnavailableError,
     _keys,
 )
-from tests.conftest import REDIS_URL, FakeClock, SyncAsAsync
+from tests.conftest import REDIS_URL, FakeClock, SyncAsAsync, free_port
 
 
 def raw(client: Any) -> Any:
@@ -141,12 +141,6 @@ async def test_failed_subtract_writes_nothing(client: Any, namespace: str, user:
 
 
 # --- outages -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

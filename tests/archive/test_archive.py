@@ -10,10 +10,8 @@ import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import fakeredis
 import psycopg
 import pytest
-import redis
 
 from credici_redis import AsyncCrediciClient, CrediciClient, _connect, _keys
 from credici_redis.archive import (
@@ -25,15 +23,13 @@ from credici_redis.archive import (
 from credici_redis.cli import main
 from credici_redis.errors import InvalidInputError, TransactionArchivedError
 from credici_redis.storage import RedisStorage
-from tests.conftest import REDIS_URL, FakeClock
+from tests.conftest import REDIS_URL, FakeClock, raw_redis
 
 
 @pytest.fixture
 def raw(url: str) -> Any:
     """A plain Redis client on the test's store, to look at keys."""
-    if url.startswith("memory://"):
-        return fakeredis.FakeRedis(server=_connect._memory_server(url))
-    return redis.Redis.from_url(url)
+    return raw_redis(url)
 
 
 def archiver(url: str, namespace: str, postgres_url: str, **options: Any) -> Archiver:

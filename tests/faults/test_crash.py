@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ import pytest
 import redis
 
 from credici_redis import CrediciClient
+from tests.conftest import free_port
 
 WORKER = textwrap.dedent(
     """
@@ -47,12 +47,6 @@ WORKER = textwrap.dedent(
             log.flush()
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:

@@ -25,8 +25,7 @@ import redis
 from credici_redis import AsyncCrediciClient, CrediciClient
 from credici_redis._keys import user_keys
 from credici_redis.errors import InvalidInputError, ReplicationTimeoutError, StorageError
-from tests.conftest import SyncAsAsync
-from tests.faults.test_crash import free_port
+from tests.conftest import SyncAsAsync, free_port
 
 TIMEOUT = 0.6  # the client's; WAIT gets half of it
 

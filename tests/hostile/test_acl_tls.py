@@ -20,7 +20,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ import redis
 
 from credici_redis import AsyncCrediciClient, CrediciClient, StorageError
 from credici_redis.errors import EvictionPolicyError, StorageUnavailableError
-from tests.conftest import FakeClock, SyncAsAsync
+from tests.conftest import FakeClock, SyncAsAsync, free_port
 from tests.hostile.test_hostile_input import look
 
 ROOT = Path(__file__).absolute().parents[2]  # not resolve(): the tree the test runs in
@@ -79,12 +78,6 @@ def test_the_documented_users_differ_only_where_the_docs_say() -> None:
 
 
 # --- a redis-server of our own ---------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ServerDidNotStart(RuntimeError):

@@ -519,28 +519,21 @@ class UserLedger:
             # The grant is an ordinary bucket: it expires at the end by itself.
             cycle.ended = True
             return
-        skipped = self._idle_periods(cycle, now)
-        if skipped >= 2:
-            # Periods that start and end unseen, before any other event, grant 0: one entry
-            # for all of them, dated at the first (`periods`), the grant rolled over once.
-            carry = self._close_grant(cycle, cycle.rollover, boundary)
-            cycle.index += skipped
-            last_start = boundary + (skipped - 1) * cycle.period
-            self._grant(cycle, 0, carry, boundary, last_start + cycle.period, None, skipped)
-            cycle.started_at = last_start
-            return
+        periods = self._periods_to_start(cycle, now)
         carry = self._close_grant(cycle, cycle.rollover, boundary)
-        cycle.index += 1
+        cycle.index += periods
         ends = cycle.anchor + (cycle.index + 1) * cycle.period
-        # An idle user gets one grant, the current period's; periods that passed unseen grant 0.
+        # An idle user gets one grant, the current period's; periods that passed unseen grant 0
+        # (a run of them, before any other event, shares one entry: `periods`).
         # A renewal cannot refuse: its grant stops where the balance would pass 2**53-1.
         grant = min(cycle.amount, self._room()) if ends > now else 0
-        self._grant(cycle, grant, carry, boundary, ends, None)
-        cycle.started_at = boundary
+        self._grant(cycle, grant, carry, boundary, ends, None, periods if periods > 1 else None)
+        cycle.started_at = ends - cycle.period
 
-    def _idle_periods(self, cycle: Cycle, now: int) -> int:
-        """How many periods from the cycle's end on start and end before `now` and before any
-        other event (a bucket's expiry, a hold's ttl, a finished hold's memory ending)."""
+    def _periods_to_start(self, cycle: Cycle, now: int) -> int:
+        """How many periods a renewal at the cycle's end starts: 1, or every period from there
+        on that also ends by `now` and before any other event (a bucket's expiry, a hold's ttl,
+        a finished hold's memory ending)."""
         boundary = cycle.ends_at
         others = [
             b.expire_at for b in self.buckets if b.expire_at is not None and b.seq != cycle.bucket
@@ -553,7 +546,7 @@ class UserLedger:
         ]
         limit = min([now - cycle.period, *others])
         if limit < boundary + cycle.period:
-            return 0
+            return 1
         return (limit - boundary) // cycle.period + 1
 
     def _grant(
