@@ -30,9 +30,10 @@ from datetime import timedelta
 import psycopg
 import redis
 
-from credici_redis import CrediciClient, _keys
-from credici_redis._pg_history import INSERT_HISTORY, history_row
-from credici_redis._protocol import _fields, text
+from credici_redis import CrediciClient
+from credici_redis._core import keys as _keys
+from credici_redis._core.protocol import _fields, text
+from credici_redis._storages.pg_history import INSERT_HISTORY, history_row
 from credici_redis.archive import Archiver, schema_sql
 
 CHUNK = 200

@@ -65,9 +65,12 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 
-from credici_redis import AsyncCrediciClient, CrediciClient, Transaction, _keys, _requests, _scripts
-from credici_redis._protocol import Call, Flow
-from credici_redis._scripts import Script
+from credici_redis import AsyncCrediciClient, CrediciClient, Transaction
+from credici_redis._core import keys as _keys
+from credici_redis._core import requests as _requests
+from credici_redis._core import scripts as _scripts
+from credici_redis._core.protocol import Call, Flow
+from credici_redis._core.scripts import Script
 from credici_redis.errors import StorageUnavailableError
 
 TRIVIAL = "return 1"
@@ -190,8 +193,8 @@ def progress(message: str) -> None:
 
 # --- clients -----------------------------------------------------------------------------------
 
-# The options `CrediciClient.from_url` gives its pool (credici_redis/_connect.py), so the raw
-# baseline runs with the same client settings: timeouts, no retry, a blocking pool of 64.
+# The options `CrediciClient.from_url` gives its pool (credici_redis/_storages/connect.py), so
+# the raw baseline runs with the same client settings: timeouts, no retry, a blocking pool of 64.
 TIMEOUT = 5.0
 MAX_CONNECTIONS = 64
 

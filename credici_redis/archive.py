@@ -26,16 +26,18 @@ part of a history; the client reads Redis first, then PostgreSQL, and merges by 
 an entry trimmed between the two reads was committed before it was trimmed, so it is in the
 second, and an entry in both is returned once.
 
-The code: the flows and the SQL in `_archive_base.py`; `AsyncArchiver` and `AsyncArchiveReader` in
-`_async_archive.py`, from which tools/async_to_sync.py generates `Archiver` and `ArchiveReader`
-(`_sync_archive.py`). Import them from here.
+The code: the flows and the SQL in `_archive/base.py`; `AsyncArchiver` and `AsyncArchiveReader`
+in `_archive/archive_async.py`, from which tools/async_to_sync.py generates `Archiver` and
+`ArchiveReader` (`_archive/archive_sync.py`). Import them from here.
 """
 
-from credici_redis._extras import need
+from credici_redis._core.extras import need
 
 need("psycopg", feature="the archive", extra="postgres")
 
-from credici_redis._archive_base import (  # noqa: E402
+from credici_redis._archive.archive_async import AsyncArchiver, AsyncArchiveReader  # noqa: E402
+from credici_redis._archive.archive_sync import Archiver, ArchiveReader  # noqa: E402
+from credici_redis._archive.base import (  # noqa: E402
     DEFAULT_KEEP,
     SLOTS_PER_ROUND,
     ArchiveLag,
@@ -43,8 +45,6 @@ from credici_redis._archive_base import (  # noqa: E402
     merge,
     schema_sql,
 )
-from credici_redis._async_archive import AsyncArchiver, AsyncArchiveReader  # noqa: E402
-from credici_redis._sync_archive import Archiver, ArchiveReader  # noqa: E402
 
 __all__ = [
     "DEFAULT_KEEP",

@@ -66,7 +66,7 @@ cost is not known yet when streaming starts; trailers are not used) and the app 
 reports what it used, with ``meter.add(n)`` as it goes or ``meter.report(total)`` /
 ``report_usage(request, total)`` (``meter.report(0)`` first, so that an answer using nothing
 costs nothing). When the app returns the hold is settled (`settlement` in
-``credici_redis._web``):
+``credici_redis._web.metering``):
 
 - response complete, status < 500: the usage reported is captured and the rest of the
   reservation comes back; more than reserved captures the reservation (logged as a warning);
@@ -103,8 +103,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
-from credici_redis import _web
-from credici_redis._web import Charge, DisconnectPolicy, Meter, StorageErrorPolicy
+from credici_redis._web import metering as _web
+from credici_redis._web.metering import Charge, DisconnectPolicy, Meter, StorageErrorPolicy
 from credici_redis.client import AsyncCrediciClient, UserId
 from credici_redis.errors import CrediciError, MissingExtraError
 

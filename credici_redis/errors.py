@@ -34,7 +34,8 @@
                 └── ReplicationTimeoutError  applied on the primary, no replica confirmed it in time
 
 Domain outcomes come back from the Lua scripts as coded replies and become these exceptions in
-one place (`credici_redis._protocol.raise_for_code`); a Redis error reply is a bug or an outage.
+one place (`credici_redis._core.protocol.raise_for_code`); a Redis error reply is a bug or an
+outage.
 """
 
 from __future__ import annotations

@@ -19,24 +19,24 @@ primary key; ``TIME`` is PostgreSQL's clock; users and events have SQL of their 
 is a generator of SQL batches (`SqlFlow`), stepped by a sync and an asyncio shell.
 Tables: ``credici_redis/sql/history.sql`` and ``credici_redis/sql/postgres_storage.sql``.
 
-The code: `_async_postgres.py` holds `AsyncPostgresStorage`, from which tools/async_to_sync.py
-generates `_sync_postgres.py` (`PostgresStorage`); the SQL flows, the pools and what else they
-share are in `_postgres_base.py`. Import them from here.
+The code: `_storages/postgres_async.py` holds `AsyncPostgresStorage`, from which
+tools/async_to_sync.py generates `_storages/postgres_sync.py` (`PostgresStorage`); the SQL flows,
+the pools and what else they share are in `_storages/postgres_base.py`. Import them from here.
 """
 
 from __future__ import annotations
 
-from credici_redis._extras import need_postgres
+from credici_redis._core.extras import need_postgres
 
 need_postgres("the PostgreSQL storage")
 
 # Re-exported: the storages and what callers (and tests) reach through this module.
-from credici_redis._async_postgres import (  # noqa: F401, E402
+from credici_redis._storages.postgres_async import (  # noqa: F401, E402
     AsyncPostgresStorage,
     _execute_async,
     run_sql_async,
 )
-from credici_redis._postgres_base import (  # noqa: F401, E402
+from credici_redis._storages.postgres_base import (  # noqa: F401, E402
     BEGIN,
     COMMIT,
     DEFAULT_POOL_SIZE,
@@ -55,7 +55,7 @@ from credici_redis._postgres_base import (  # noqa: F401, E402
     create_schema,
     schema_statements,
 )
-from credici_redis._sync_postgres import (  # noqa: F401, E402
+from credici_redis._storages.postgres_sync import (  # noqa: F401, E402
     PostgresStorage,
     _execute,
     run_sql,

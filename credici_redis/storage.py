@@ -2,7 +2,7 @@
 
 `Storage` / `AsyncStorage` are the interface a client needs (the seed's "storage interface");
 `RedisStorage` / `AsyncRedisStorage` implement it over redis-py, or over fakeredis for the embedded
-``memory://`` store. They only drive the flows of `credici_redis._protocol` (which build every
+``memory://`` store. They only drive the flows of `credici_redis._core.protocol` (which build every
 command and parse every reply): send a batch, reload a script on NOSCRIPT, turn driver errors into
 `StorageUnavailableError`.
 
@@ -19,9 +19,10 @@ when you build your own.
 same connection (the node that ran the writes), and a write no replica acknowledged in time
 raises `ReplicationTimeoutError` (applied on the primary, not known to be replicated).
 
-The code: `_async_storage.py` holds `AsyncRedisStorage`, from which tools/async_to_sync.py
-generates `_sync_storage.py` (`RedisStorage`); what they share without I/O is in
-`_storage_base.py`, auto-batching (asyncio only) in `_batcher.py`. Import them from here.
+The code: `_storages/redis_async.py` holds `AsyncRedisStorage`, from which tools/async_to_sync.py
+generates `_storages/redis_sync.py` (`RedisStorage`); what they share without I/O is in
+`_storages/redis_base.py`, auto-batching (asyncio only) in `_storages/batcher.py`. Import them
+from here.
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Protocol
 
-from credici_redis._async_storage import AsyncRedisStorage
-from credici_redis._batcher import _Batcher
-from credici_redis._requests import (
+from credici_redis._core.requests import (
     AddRequest,
     CaptureRequest,
     EventReading,
@@ -41,7 +40,9 @@ from credici_redis._requests import (
     StartCycleRequest,
     SubtractRequest,
 )
-from credici_redis._storage_base import (
+from credici_redis._storages.batcher import _Batcher
+from credici_redis._storages.redis_async import AsyncRedisStorage
+from credici_redis._storages.redis_base import (
     BATCH_CALLS,
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_KEEP,
@@ -60,7 +61,7 @@ from credici_redis._storage_base import (
     storage_error,
     to_resend,
 )
-from credici_redis._sync_storage import RedisStorage
+from credici_redis._storages.redis_sync import RedisStorage
 from credici_redis.errors import CrediciError
 from credici_redis.models import (
     AuditReport,

@@ -59,8 +59,8 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
-from credici_redis import _web
-from credici_redis._web import Charge, DisconnectPolicy, Meter, StorageErrorPolicy
+from credici_redis._web import metering as _web
+from credici_redis._web.metering import Charge, DisconnectPolicy, Meter, StorageErrorPolicy
 from credici_redis.client import CrediciClient, UserId
 from credici_redis.errors import CrediciError
 

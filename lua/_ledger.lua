@@ -1,6 +1,6 @@
 --[[ _ledger.lua: helpers shared by every ledger script. Included (--!include), never run alone.
 
-Keys, built by credici_redis/_keys.py, in the same order for every script; all share one hash tag:
+Keys, built by credici_redis/_core/keys.py, in the same order for every script; all share one hash tag:
   KEYS[1] state    hash    bal (negative = debt), cl (credit limit), ms+sq (last history id),
                            seq (bucket counter), nx (no bucket expires before it), the cycle (c*),
                            archive: pn (entries not yet archived), ar (archived up to this id),
@@ -40,7 +40,7 @@ that started unseen (field v: how many, every cdur from its date on), not one pe
 
 Bounded work: every script brings the user up to now first (up_to_now), applying at most
 MAX_EVENTS events; with more due it saves what it did and replies {'CATCHUP'}, and the client
-sends the same call again (credici_redis/_protocol.py). Nothing but catch-up was written then.
+sends the same call again (credici_redis/_core/protocol.py). Nothing but catch-up was written then.
 
 A bucket id is "<expire_at ms, 15 digits, 999999999999999 = never><seq, 12 digits>", so the burn
 order is: priority ascending, then soonest expiry, never-expiring last, ties oldest first.

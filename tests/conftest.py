@@ -77,7 +77,7 @@ def raw_redis(url: str) -> Any:
     if url.startswith("memory://"):
         import fakeredis
 
-        from credici_redis import _connect
+        from credici_redis._storages import connect as _connect
 
         return fakeredis.FakeRedis(server=_connect._memory_server(url))
     return redis.Redis.from_url(url)

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from credici_redis import CrediciClient, _scripts
-from credici_redis._keys import user_keys
-from credici_redis._protocol import Call, Ledger
+from credici_redis import CrediciClient
+from credici_redis._core import scripts as _scripts
+from credici_redis._core.keys import user_keys
+from credici_redis._core.protocol import Call, Ledger
 from tests.conftest import URL_BACKENDS, FakeClock, raw_redis
 
 MAX_EVENTS = 64

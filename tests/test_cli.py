@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from credici_redis import CrediciClient, Transaction
+from credici_redis._core.keys import user_keys
 from credici_redis._demo import audit_ledger, run_demo
-from credici_redis._keys import user_keys
 from credici_redis.cli import main
 
 REDIS_URL = os.environ.get("CREDICI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from credici_redis import CrediciClient, InconsistentStateError, StorageError
-from credici_redis._keys import user_keys
+from credici_redis._core.keys import user_keys
 from tests.conftest import raw_redis
 
 

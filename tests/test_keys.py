@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.cluster import key_slot
 
-from credici_redis import _keys
+from credici_redis._core import keys as _keys
 from credici_redis.errors import InvalidInputError
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from redis.exceptions import NoScriptError, ResponseError
 
-from credici_redis import _protocol
-from credici_redis._protocol import Call
+from credici_redis._core import protocol as _protocol
+from credici_redis._core.protocol import Call
 from credici_redis.errors import (
     IdempotencyConflictError,
     InsufficientCreditsError,
@@ -61,7 +61,7 @@ def test_insufficient_carries_its_facts() -> None:
 
 
 def test_resend_after_noscript_includes_later_reads_but_never_a_script_that_ran() -> None:
-    from credici_redis import _scripts
+    from credici_redis._core import scripts as _scripts
 
     script = Call(("EVALSHA", "x", 0), _scripts.SUBTRACT)
     other = Call(("EVALSHA", "y", 0), _scripts.ADD)
@@ -76,7 +76,7 @@ def test_resend_after_noscript_includes_later_reads_but_never_a_script_that_ran(
 def test_error_replies_become_credici_errors_in_their_place() -> None:
     from redis.exceptions import ReadOnlyError
 
-    from credici_redis import _scripts
+    from credici_redis._core import scripts as _scripts
     from credici_redis.errors import StorageUnavailableError
     from credici_redis.storage import errors_in_place
 

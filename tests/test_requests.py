@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from credici_redis import _requests
-from credici_redis._time import from_ms, to_ms, to_ms_ceil
+from credici_redis._core import requests as _requests
+from credici_redis._core.time import from_ms, to_ms, to_ms_ceil
 from credici_redis.errors import InvalidExpiryError
 
 
@@ -52,7 +52,7 @@ def test_start_cycle_without_user_makes_a_uuid4() -> None:
 
 
 def test_calendar_boundaries_clamp_to_the_month_and_follow_local_time() -> None:
-    from credici_redis import _schedule
+    from credici_redis._core import schedule as _schedule
 
     jan31 = to_ms(datetime(2027, 1, 31, 10, tzinfo=timezone.utc))
     got = [from_ms(_schedule.boundary(jan31, "month", "UTC", k)).date() for k in range(4)]

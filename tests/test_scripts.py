@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from credici_redis import _scripts
+from credici_redis._core import scripts as _scripts
 from tests.conftest import uv_command
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,9 +30,10 @@ class Pair:
     renames: dict[str, str]
 
     def header(self) -> str:
+        source = self.source.relative_to(ROOT)
         return (
-            f'"""{self.what}. GENERATED from {self.source.name} by tools/async_to_sync.py.\n\n'
-            f"Do not edit: edit {self.source.name}, then run `python tools/async_to_sync.py`.\n"
+            f'"""{self.what}.\n\nGENERATED from {source} by tools/async_to_sync.py.\n'
+            f"Do not edit: edit {source.name}, then run `python tools/async_to_sync.py`.\n"
             '"""\n'
         )
 
@@ -48,8 +49,8 @@ COMMON = {
 
 PAIRS = [
     Pair(
-        PACKAGE / "_async_client.py",
-        PACKAGE / "_sync_client.py",
+        PACKAGE / "_clients/client_async.py",
+        PACKAGE / "_clients/client_sync.py",
         "The sync client",
         {
             "AsyncCrediciClient": "CrediciClient",
@@ -60,8 +61,8 @@ PAIRS = [
         },
     ),
     Pair(
-        PACKAGE / "_async_storage.py",
-        PACKAGE / "_sync_storage.py",
+        PACKAGE / "_storages/redis_async.py",
+        PACKAGE / "_storages/redis_sync.py",
         "The sync Redis storage",
         {
             "AsyncRedisStorage": "RedisStorage",
@@ -75,13 +76,13 @@ PAIRS = [
         },
     ),
     Pair(
-        PACKAGE / "_async_postgres.py",
-        PACKAGE / "_sync_postgres.py",
+        PACKAGE / "_storages/postgres_async.py",
+        PACKAGE / "_storages/postgres_sync.py",
         "The sync PostgreSQL storage",
         {
             "AsyncPostgresStorage": "PostgresStorage",
             "AsyncRedisStorage": "RedisStorage",
-            "_async_storage": "_sync_storage",
+            "redis_async": "redis_sync",
             "AsyncStorage": "Storage",
             "_AsyncSession": "_Session",
             "_AsyncPool": "_Pool",
@@ -92,14 +93,14 @@ PAIRS = [
         },
     ),
     Pair(
-        PACKAGE / "_async_archive.py",
-        PACKAGE / "_sync_archive.py",
+        PACKAGE / "_archive/archive_async.py",
+        PACKAGE / "_archive/archive_sync.py",
         "The sync archiver and archive reader",
         {
             "AsyncArchiver": "Archiver",
             "AsyncArchiveReader": "ArchiveReader",
             "AsyncRedisStorage": "RedisStorage",
-            "_async_storage": "_sync_storage",
+            "redis_async": "redis_sync",
             "open_async_storage": "open_storage",
             "psycopg.AsyncConnection.connect": "psycopg.connect",
             "psycopg.AsyncConnection": "psycopg.Connection",

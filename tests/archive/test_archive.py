@@ -13,7 +13,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from credici_redis import AsyncCrediciClient, CrediciClient, _connect, _keys
+from credici_redis import AsyncCrediciClient, CrediciClient
+from credici_redis._core import keys as _keys
+from credici_redis._storages import connect as _connect
 from credici_redis.archive import (
     Archiver,
     ArchiveReader,

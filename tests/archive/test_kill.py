@@ -22,7 +22,8 @@ import psycopg
 import pytest
 import redis
 
-from credici_redis import CrediciClient, InsufficientCreditsError, _keys
+from credici_redis import CrediciClient, InsufficientCreditsError
+from credici_redis._core import keys as _keys
 from credici_redis.archive import Archiver
 from tests.conftest import REDIS_URL
 

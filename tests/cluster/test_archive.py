@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from credici_redis import AsyncCrediciClient, CrediciClient
-from credici_redis._keys import user_keys
+from credici_redis._core.keys import user_keys
 from credici_redis.archive import Archiver
 from tests.cluster.conftest import LocalCluster
 from tests.cluster.test_durability import _owner, _slot, move_slot

@@ -33,7 +33,7 @@ from credici_redis import (
     RedisStorage,
     UnsafeClientError,
 )
-from credici_redis._keys import user_keys
+from credici_redis._core.keys import user_keys
 from credici_redis.errors import InvalidInputError, OutcomeUnknownError, StorageUnavailableError
 from tests.cluster.conftest import LocalCluster, start_cluster
 from tests.contract import (

@@ -17,7 +17,7 @@ import redis.cluster
 from redis.crc import key_slot
 
 from credici_redis import AsyncCrediciClient, CrediciClient, CrediciError
-from credici_redis._keys import user_keys
+from credici_redis._core.keys import user_keys
 from credici_redis.errors import ReplicationTimeoutError
 from tests.cluster.conftest import LocalCluster, start_cluster
 

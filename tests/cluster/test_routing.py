@@ -1,4 +1,4 @@
-"""`credici_redis._cluster.Routing` without a server: what is sent again and what never is."""
+"""`credici_redis._storages.cluster.Routing` without a server: what is sent again, what never."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from redis import exceptions as redis_errors
 from redis.crc import key_slot
 
-from credici_redis._cluster import Routing, key_of
+from credici_redis._storages.cluster import Routing, key_of
 
 
 @dataclass(frozen=True)

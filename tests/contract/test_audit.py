@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from credici_redis import _keys
+from credici_redis._core import keys as _keys
 from credici_redis.cli import main
 from tests.conftest import REDIS_URL, URL_BACKENDS, FakeClock, SyncAsAsync
 

@@ -250,7 +250,7 @@ async def test_period_query_bounds_are_inclusive(client: Any, user: str, clock: 
 async def test_long_history_is_read_in_pages(
     client: Any, user: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from credici_redis import _protocol
+    from credici_redis._core import protocol as _protocol
 
     monkeypatch.setattr(_protocol, "HISTORY_PAGE", 4)
     for i in range(11):

@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from credici_redis import AsyncCrediciClient, CrediciClient
-from credici_redis._keys import user_keys
+from credici_redis._core.keys import user_keys
 from credici_redis.errors import InvalidInputError, ReplicationTimeoutError, StorageError
 from tests.conftest import SyncAsAsync, free_port
 

@@ -43,7 +43,7 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, set
 from hypothesis import strategies as st
 
 from credici_redis import CrediciError, Cycle, Hold, Transaction
-from credici_redis._keys import user_tag
+from credici_redis._core.keys import user_tag
 from credici_redis.errors import (
     AlreadyReversedError,
     CaptureExceedsHoldError,

@@ -21,8 +21,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from credici_redis import AsyncCrediciClient, CrediciClient, InvalidInputError, _keys
-from credici_redis._keys import user_tag
+from credici_redis import AsyncCrediciClient, CrediciClient, InvalidInputError
+from credici_redis._core import keys as _keys
+from credici_redis._core.keys import user_tag
 from tests.conftest import REDIS_URL, SyncAsAsync, delete_namespace
 from tests.hostile.test_hostile_input import Seen, forget, hostile_settings, look, raw_redis, scan
 

@@ -50,7 +50,7 @@ from hypothesis.stateful import (
 )
 
 from credici_redis import AsyncCrediciClient, CrediciClient, CrediciError
-from credici_redis._keys import user_keys, user_tag
+from credici_redis._core.keys import user_keys, user_tag
 from credici_redis.errors import (
     TransactionNotFoundError,
 )

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-import credici_redis._sync_postgres as sync_pg  # where run_sql finds _execute
+import credici_redis._storages.postgres_sync as sync_pg  # where run_sql finds _execute
 import credici_redis.postgres as pg
 from credici_redis import (
     AsyncCrediciClient,

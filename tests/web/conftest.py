@@ -25,7 +25,7 @@ import pytest
 import uvicorn
 
 from credici_redis import CrediciClient
-from credici_redis._web import Meter
+from credici_redis._web.metering import Meter
 from tests.conftest import REDIS_URL
 
 T = TypeVar("T")

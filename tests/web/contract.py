@@ -32,7 +32,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from credici_redis import AsyncCrediciClient, CrediciClient, asgi, wsgi
-from credici_redis._web import Meter
+from credici_redis._web.metering import Meter
 from tests.web.conftest import serve_asgi, serve_wsgi
 
 RESERVE = 10

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from credici_redis import CrediciClient
-from credici_redis._web import MAX_RESERVATIONS
+from credici_redis._web.metering import MAX_RESERVATIONS
 from tests.conftest import REDIS_URL
 from tests.web.conftest import (
     DOWN_URL,

@@ -11,7 +11,7 @@ sync and asyncio storages (`credici_redis.storage`) only drive flows; everything
     start_cycle      lua/start_cycle.lua Cycle              (parse_cycle)
     get_cycle        lua/cycle.lua       Cycle | None       (parse_cycle)
     cancel_cycle     lua/cancel_cycle.lua Cycle             (parse_cycle)
-    audit            lua/audit.lua + XRANGE pages   AuditReport (credici_redis._audit.replay)
+    audit            lua/audit.lua + XRANGE pages   AuditReport (credici_redis._core.audit.replay)
     scan_users       SCAN                (cursor, user ids)
     history          balance.lua + XREVRANGE pages   list[Transaction], newest first
 
@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar, cast
 
-from credici_redis import _audit, _keys, _schedule, _scripts
-from credici_redis._requests import (
+from credici_redis._core import audit as _audit
+from credici_redis._core import keys as _keys
+from credici_redis._core import schedule as _schedule
+from credici_redis._core import scripts as _scripts
+from credici_redis._core.requests import (
     AddRequest,
     CaptureRequest,
     HistoryRequest,
@@ -38,8 +41,8 @@ from credici_redis._requests import (
     SubtractRequest,
     decode_period,
 )
-from credici_redis._scripts import Script
-from credici_redis._time import from_ms
+from credici_redis._core.scripts import Script
+from credici_redis._core.time import from_ms
 from credici_redis.errors import (
     AlreadyReversedError,
     CaptureExceedsHoldError,

@@ -1,22 +1,23 @@
-"""The sync Redis storage. GENERATED from _async_storage.py by tools/async_to_sync.py.
+"""The asyncio Redis storage. `_storages/redis_sync.py` is generated from this file by
+tools/async_to_sync.py: edit here, then run the tool (a test fails while the two differ).
 
-Do not edit: edit _async_storage.py, then run `python tools/async_to_sync.py`.
+Import the storages from `credici_redis.storage`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as redis_errors
 
-from credici_redis import _cluster
-from credici_redis._protocol import Call, Flow
-from credici_redis._requests import (
+from credici_redis._core.protocol import Call, Flow
+from credici_redis._core.requests import (
     AddRequest,
     CaptureRequest,
     EventReading,
@@ -26,12 +27,16 @@ from credici_redis._requests import (
     StartCycleRequest,
     SubtractRequest,
 )
-from credici_redis._storage_base import (
+from credici_redis._storages import cluster as _cluster
+from credici_redis._storages.batcher import _Batcher  # async only
+from credici_redis._storages.loops import LoopClients  # async only
+from credici_redis._storages.redis_base import (
+    BATCH_CALLS,
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_NAMESPACE,
     DEFAULT_REPLICA_TIMEOUT,
     DRIVER_ERRORS,
-    ArchiveSource,
+    AsyncArchiveSource,
     Batch,
     Durability,
     R,
@@ -61,15 +66,15 @@ from credici_redis.models import (
 )
 
 if TYPE_CHECKING:
-    import redis
-    import redis.cluster
+    import redis.asyncio
+    import redis.asyncio.cluster
 
 
-def poll_events(
-    read: Callable[[int | None], list[BalanceEvent]],
-    ack: Callable[[list[BalanceEvent]], Any],
+async def poll_events(
+    read: Callable[[int | None], Awaitable[list[BalanceEvent]]],
+    ack: Callable[[list[BalanceEvent]], Awaitable[Any]],
     reading: EventReading,
-) -> Iterator[BalanceEvent]:
+) -> AsyncIterator[BalanceEvent]:
     """The polling loop of every storage's `events()`: `read(claim)` returns the next events
     (with `claim`, also those a dead consumer left unacknowledged for that many ms), `ack(events)`
     acknowledges them. What the caller has seen is acknowledged when it comes back for more, or
@@ -82,11 +87,11 @@ def poll_events(
             claim = None
             if time.monotonic() - claimed >= reading.claim_after:
                 claim, claimed = int(reading.claim_after * 1000), time.monotonic()
-            for event in read(claim):
+            for event in await read(claim):
                 yield event
                 done.append(event)
             if done:
-                ack(done)
+                await ack(done)
                 done = []
                 quiet_since = time.monotonic()
             elif (
@@ -95,17 +100,17 @@ def poll_events(
             ):
                 return
             else:
-                time.sleep(reading.poll)
+                await asyncio.sleep(reading.poll)
     finally:
         if done:  # the caller stopped: what it has seen is handled
-            ack(done)
+            await ack(done)
 
 
-class RedisStorage(_RedisStorageBase):
-    """The ledger on a `redis.Redis` (or fakeredis) client, or a
-    `redis.cluster.RedisCluster`.
+class AsyncRedisStorage(_RedisStorageBase):
+    """The ledger on a `redis.asyncio.Redis` (or fakeredis) client, or a
+    `redis.asyncio.cluster.RedisCluster`.
 
-    The storage closes the client on `close()` only if it created it (``from_url``).
+    The storage closes the client on `aclose()` only if it created it (``from_url``).
     durability="replica": a write returns once a replica acknowledged it (``WAIT 1``, up to
     `replica_timeout` seconds), else raises ReplicationTimeoutError.
     batching=True (asyncio only): concurrent operations issued in the same event-loop moment share
@@ -120,16 +125,18 @@ class RedisStorage(_RedisStorageBase):
 
     def __init__(
         self,
-        redis: redis.Redis | redis.cluster.RedisCluster,
+        redis: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster,
         namespace: str = DEFAULT_NAMESPACE,
         *,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
         retries: int = 0,
         retry_backoff: float = 0.05,
+        batching: bool = False,  # async only
         owns_connection: bool = False,
         durability: Durability = "primary",
         replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
         allow_eviction: bool = False,
+        connect: Callable[[], Any] | None = None,  # async only
     ) -> None:
         super().__init__(
             namespace,
@@ -146,24 +153,26 @@ class RedisStorage(_RedisStorageBase):
         # Checked before the first command is sent (`_check_server`).
         self._server_checked = allow_eviction or is_in_process(redis)
         self.redis = redis
-        self._execute: Callable[..., Any] = redis.execute_command
+        self._execute: Callable[..., Awaitable[Any]] = redis.execute_command
+        self._loops = LoopClients(redis, connect)  # async only
         self._cluster = _cluster.is_cluster(redis)
+        self._batcher = _Batcher(self._round_trip, BATCH_CALLS) if batching else None  # async only
 
-    def add(self, req: AddRequest) -> Transaction:
+    async def add(self, req: AddRequest) -> Transaction:
         req = self._retry_safe(req)
-        return self.retrying(lambda: self.ledger.add(req))
+        return await self.retrying(lambda: self.ledger.add(req))
 
-    def subtract(self, req: SubtractRequest) -> Transaction:
+    async def subtract(self, req: SubtractRequest) -> Transaction:
         req = self._retry_safe(req)
-        return self.retrying(lambda: self.ledger.subtract(req))
+        return await self.retrying(lambda: self.ledger.subtract(req))
 
-    def add_many(self, reqs: Batch[AddRequest]) -> list[Transaction | CrediciError]:
-        return self.retrying_many(self.ledger.add_many, self._batch_safe(reqs))
+    async def add_many(self, reqs: Batch[AddRequest]) -> list[Transaction | CrediciError]:
+        return await self.retrying_many(self.ledger.add_many, self._batch_safe(reqs))
 
-    def subtract_many(self, reqs: Batch[SubtractRequest]) -> list[Transaction | CrediciError]:
-        return self.retrying_many(self.ledger.subtract_many, self._batch_safe(reqs))
+    async def subtract_many(self, reqs: Batch[SubtractRequest]) -> list[Transaction | CrediciError]:
+        return await self.retrying_many(self.ledger.subtract_many, self._batch_safe(reqs))
 
-    def retrying_many(
+    async def retrying_many(
         self,
         make_flow: Callable[[Batch[R]], Flow[list[Transaction | CrediciError]]],
         reqs: Batch[R],
@@ -175,7 +184,7 @@ class RedisStorage(_RedisStorageBase):
         pending = [i for i, r in enumerate(reqs) if not isinstance(r, CrediciError)]
         for attempt in itertools.count():
             try:
-                got = self.run(make_flow([reqs[i] for i in pending]))
+                got = await self.run(make_flow([reqs[i] for i in pending]))
             except StorageUnavailableError as outage:
                 got = [outage] * len(pending)
             for i, result in zip(pending, got, strict=True):
@@ -183,46 +192,46 @@ class RedisStorage(_RedisStorageBase):
             pending = [i for i in pending if isinstance(results[i], StorageUnavailableError)]
             if not pending or attempt >= self.retries:
                 return results
-            time.sleep(self._pause(attempt))
+            await asyncio.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
 
-    def balance(self, user_id: str, now_ms: int | None) -> int:
-        return self.retrying(lambda: self.ledger.balance(user_id, now_ms))
+    async def balance(self, user_id: str, now_ms: int | None) -> int:
+        return await self.retrying(lambda: self.ledger.balance(user_id, now_ms))
 
-    def start_cycle(self, req: StartCycleRequest) -> Cycle:
+    async def start_cycle(self, req: StartCycleRequest) -> Cycle:
         req = self._retry_safe(req)
-        return self.retrying(lambda: self.ledger.start_cycle(req))
+        return await self.retrying(lambda: self.ledger.start_cycle(req))
 
-    def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None:
-        return self.retrying(lambda: self.ledger.get_cycle(user_id, now_ms))
+    async def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None:
+        return await self.retrying(lambda: self.ledger.get_cycle(user_id, now_ms))
 
-    def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle:
+    async def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle:
         # Cancelling twice is the same as once: safe to retry without a key.
-        return self.retrying(lambda: self.ledger.cancel_cycle(user_id, forfeit, now_ms))
+        return await self.retrying(lambda: self.ledger.cancel_cycle(user_id, forfeit, now_ms))
 
-    def history(self, req: HistoryRequest) -> list[Transaction]:
-        return self.retrying(lambda: self.ledger.history(req))
+    async def history(self, req: HistoryRequest) -> list[Transaction]:
+        return await self.retrying(lambda: self.ledger.history(req))
 
-    def reserve(self, req: ReserveRequest) -> Hold:
+    async def reserve(self, req: ReserveRequest) -> Hold:
         req = self._retry_safe(req)
-        return self.retrying(lambda: self.ledger.reserve(req))
+        return await self.retrying(lambda: self.ledger.reserve(req))
 
-    def capture(self, req: CaptureRequest) -> Transaction:
+    async def capture(self, req: CaptureRequest) -> Transaction:
         req = self._retry_safe(req)
-        return self.retrying(lambda: self.ledger.capture(req))
+        return await self.retrying(lambda: self.ledger.capture(req))
 
-    def release(self, user_id: str, local_id: str, now_ms: int | None) -> Hold:
-        return self.retrying(lambda: self.ledger.release(user_id, local_id, now_ms))
+    async def release(self, user_id: str, local_id: str, now_ms: int | None) -> Hold:
+        return await self.retrying(lambda: self.ledger.release(user_id, local_id, now_ms))
 
-    def reverse(self, req: ReverseRequest) -> Transaction:
+    async def reverse(self, req: ReverseRequest) -> Transaction:
         req = self._retry_safe(req)
-        return self.retrying(lambda: self.ledger.reverse(req))
+        return await self.retrying(lambda: self.ledger.reverse(req))
 
-    def audit(
-        self, user_id: str, now_ms: int | None, archive: ArchiveSource | None = None
+    async def audit(
+        self, user_id: str, now_ms: int | None, archive: AsyncArchiveSource | None = None
     ) -> AuditReport:
         try:
-            snapshot = self.retrying(lambda: self.ledger.audit_snapshot(user_id, now_ms))
+            snapshot = await self.retrying(lambda: self.ledger.audit_snapshot(user_id, now_ms))
         except InconsistentStateError as exc:
             return AuditReport(
                 user_id=user_id, ok=False, balance=0, history_balance=0, entries=0, buckets=0,
@@ -231,46 +240,51 @@ class RedisStorage(_RedisStorageBase):
         if archive is None or not snapshot.trimmed:
             return snapshot.report(())
         # Read after the snapshot: whatever Redis trimmed before it is in PostgreSQL by now.
-        return snapshot.report(archive.entries_before(user_id, snapshot.trimmed))
+        return snapshot.report(await archive.entries_before(user_id, snapshot.trimmed))
 
-    def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails:
-        return self.retrying(lambda: self.ledger.balance_details(user_id, now_ms))
+    async def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails:
+        return await self.retrying(lambda: self.ledger.balance_details(user_id, now_ms))
 
-    def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None:
-        return self.retrying(lambda: self.ledger.set_credit_limit(user_id, limit, now_ms))
+    async def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None:
+        return await self.retrying(lambda: self.ledger.set_credit_limit(user_id, limit, now_ms))
 
-    def scan_users(self, batch: int) -> Iterator[list[str]]:
+    async def scan_users(self, batch: int) -> AsyncIterator[list[str]]:
         """Every user of the namespace, in batches, by SCAN: Redis is never blocked for long."""
-        for users in self._scanning(partial(self.ledger.scan_users, count=batch)):
+        async for users in self._scanning(partial(self.ledger.scan_users, count=batch)):
             if users:
                 yield users
 
-    def _scanning(self, step: Callable[[int], Flow[tuple[int, list[str]]]]) -> Iterator[list[str]]:
+    async def _scanning(
+        self, step: Callable[[int], Flow[tuple[int, list[str]]]]
+    ) -> AsyncIterator[list[str]]:
         """Run a SCAN flow from cursor 0 to 0: on each primary of a cluster (a cursor is a
         node's), on the server otherwise."""
+        self._bind_loop()  # async only
         try:
-            nodes = _cluster.primaries(self.redis)
+            nodes = await _cluster.async_primaries(self.redis)
         except DRIVER_ERRORS as exc:
             raise storage_error(exc, []) from exc
         for node in nodes:
             cursor = 0
             while True:
-                cursor, found = self.retrying(partial(step, cursor), node)
+                cursor, found = await self.retrying(partial(step, cursor), node)
                 yield found
                 if cursor == 0:
                     break
 
-    def set_low_balance_threshold(
+    async def set_low_balance_threshold(
         self, user_id: str, threshold: int | None, now_ms: int | None
     ) -> None:
-        return self.retrying(
+        return await self.retrying(
             lambda: self.ledger.set_low_balance_threshold(user_id, threshold, now_ms)
         )
 
-    def _event_streams(self) -> Iterator[list[str]]:
+    def _event_streams(self) -> AsyncIterator[list[str]]:
         return self._scanning(partial(self.ledger.find_event_streams, count=1000))
 
-    def events(self, group: str, consumer: str, reading: EventReading) -> Iterator[BalanceEvent]:
+    def events(
+        self, group: str, consumer: str, reading: EventReading
+    ) -> AsyncIterator[BalanceEvent]:
         """Low-balance events of every user of the namespace, as consumer `consumer` of group
         `group` (each event goes to one consumer of a group). An event is acknowledged once the
         caller comes back for the next one, or stops: at least once, never lost; one a dead
@@ -278,18 +292,18 @@ class RedisStorage(_RedisStorageBase):
         streams: list[str] = []
         looked = -float("inf")
 
-        def read(claim: int | None) -> list[BalanceEvent]:
+        async def read(claim: int | None) -> list[BalanceEvent]:
             nonlocal looked
             if time.monotonic() - looked >= reading.discover_every:  # new users' slots
-                for found in self._event_streams():
+                async for found in self._event_streams():
                     new = [stream for stream in found if stream not in streams]
                     if new:
-                        self.run(self.ledger.join_group(new, group))
+                        await self.run(self.ledger.join_group(new, group))
                         streams.extend(new)
                 looked = time.monotonic()
             if not streams:
                 return []
-            return self.retrying(
+            return await self.retrying(
                 partial(self.ledger.read_events, streams, group, consumer, reading.batch, claim)
             )
 
@@ -297,42 +311,50 @@ class RedisStorage(_RedisStorageBase):
             read, lambda done: self.run(self.ledger.ack_events(done, group)), reading
         )
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         if self._owns_connection:
-            self.redis.close()
+            await self._loops.aclose()  # async only
+            # sync only: self.redis.close()
 
-    def retrying(self, make_flow: Callable[[], Flow[T]], node: Any = None) -> T:
+    def _bind_loop(self) -> None:  # async only
+        """Use the running event loop's client (`credici_redis._storages.loops`)."""  # async only
+        client = self._loops.current()  # async only
+        if client is not self.redis:  # async only
+            self.redis, self._execute = client, client.execute_command  # async only
+
+    async def retrying(self, make_flow: Callable[[], Flow[T]], node: Any = None) -> T:
         """Run a flow; after an outage, run it anew up to `retries` times (requests are keyed)."""
         for attempt in itertools.count():
             try:
-                return self.run(make_flow(), node)
+                return await self.run(make_flow(), node)
             except StorageUnavailableError:
                 if attempt >= self.retries:
                     raise
-                time.sleep(self._pause(attempt))
+                await asyncio.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
 
-    def run(self, flow: Flow[T], node: Any = None) -> T:
+    async def run(self, flow: Flow[T], node: Any = None) -> T:
         """Drive a flow: send each batch it yields, hand back the replies, return its result.
         `node`: a cluster node to send every call to (a SCAN step); None routes by key."""
+        self._bind_loop()  # async only
         if not self._server_checked:
-            self._check_server()
+            await self._check_server()
         try:
             calls = next(flow)
             while True:
-                calls = flow.send(self._send(calls, node))
+                calls = flow.send(await self._send(calls, node))
         except StopIteration as done:
             result: T = done.value
             return result
 
-    def _check_server(self) -> None:
+    async def _check_server(self) -> None:
         """Refuse a Redis that may evict keys: INFO memory of the server, or of each primary."""
         try:
-            for node in _cluster.primaries(self.redis):
+            for node in await _cluster.async_primaries(self.redis):
                 if node is None:
-                    info = self._execute("INFO", "memory")
+                    info = await self._execute("INFO", "memory")
                 else:
-                    info = self._execute("INFO", "memory", target_nodes=node)
+                    info = await self._execute("INFO", "memory", target_nodes=node)
                 check_eviction_policy(info, None if node is None else node.name)
         except redis_errors.NoPermissionError as exc:
             check_eviction_policy(None, None, refusal=str(exc))
@@ -340,38 +362,43 @@ class RedisStorage(_RedisStorageBase):
             raise storage_error(exc, []) from exc
         self._server_checked = True
 
-    def _send(self, calls: list[Call], node: Any = None) -> list[Any]:
+    async def _send(self, calls: list[Call], node: Any = None) -> list[Any]:
         """One round trip (a pipeline if several calls), reloading scripts on NOSCRIPT.
         A lost connection raises; an error reply comes back in its call's place."""
+        if self._batcher is not None and node is None:  # async only
+            return await self._batcher.send(calls)  # async only
         try:
-            replies = self._round_trip(calls, node)
+            replies = await self._round_trip(calls, node)
         except DRIVER_ERRORS as exc:
             raise storage_error(exc, calls) from exc
         return errors_in_place(calls, replies)
 
-    def _round_trip(self, calls: list[Call], node: Any = None) -> list[Any]:
-        replies = self._pipeline(calls, node)
+    async def _round_trip(self, calls: list[Call], node: Any = None) -> list[Any]:
+        replies = await self._pipeline(calls, node)
         resend = to_resend(calls, replies)
         if resend:
             for source in _scripts_of(calls, resend):
-                self.redis.script_load(source)
-            again = self._pipeline([calls[i] for i in resend])
+                await self.redis.script_load(source)
+            again = await self._pipeline([calls[i] for i in resend])
             for i, reply in zip(resend, again, strict=True):
                 replies[i] = reply
         return replies
 
-    def _pipeline(self, calls: list[Call], node: Any = None) -> list[Any]:
+    async def _pipeline(self, calls: list[Call], node: Any = None) -> list[Any]:
         if node is not None:
             return [
-                _cluster.scan_reply(self._execute(*c.args, target_nodes=node), node) for c in calls
+                _cluster.scan_reply(await self._execute(*c.args, target_nodes=node), node)
+                for c in calls
             ]
         waits = self._waits(calls)
         if self._cluster:
-            replies, acks = _cluster.send(self.redis, [c.args for c in calls], waits, self._wait_ms)
+            replies, acks = await _cluster.async_send(
+                self.redis, [c.args for c in calls], waits, self._wait_ms
+            )
             return self._replicated(replies, acks, waits)
         if len(calls) == 1 and not waits[0]:  # the hot path: no pipeline object
             try:
-                return [self._execute(*calls[0].args)]
+                return [await self._execute(*calls[0].args)]
             except redis_errors.ResponseError as exc:
                 return [exc]
         pipe: Any = self.redis.pipeline(transaction=False)
@@ -379,7 +406,7 @@ class RedisStorage(_RedisStorageBase):
             pipe.execute_command(*call.args)
         if any(waits):  # on the connection that sent the writes, right after them
             pipe.execute_command(*self._wait_command())
-        replies = pipe.execute(raise_on_error=False)
+        replies = await pipe.execute(raise_on_error=False)
         if any(waits):
             ack = replies.pop()
             return self._replicated(replies, [ack] * len(replies), waits)

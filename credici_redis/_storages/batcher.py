@@ -7,8 +7,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from credici_redis._protocol import Call
-from credici_redis._storage_base import DRIVER_ERRORS, errors_in_place, storage_error
+from credici_redis._core.protocol import Call
+from credici_redis._storages.redis_base import DRIVER_ERRORS, errors_in_place, storage_error
 
 
 class _Batcher:

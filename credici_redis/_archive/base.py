@@ -1,6 +1,6 @@
 """The archive's parts without I/O: the Redis flows of a pass (run by a storage), the SQL, the
-records. `_async_archive.py` (and `_sync_archive.py`, generated from it) drive them; import the
-public names from `credici_redis.archive`.
+records. `_archive/archive_async.py` (and `_archive/archive_sync.py`, generated from it) drive
+them; import the public names from `credici_redis.archive`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,10 @@ from typing import Any
 
 import psycopg
 
-from credici_redis import _keys, _scripts
-from credici_redis._client_base import merge as merge  # credici_redis.archive exports it
-from credici_redis._pg_history import (
-    INSERT_HISTORY,
-    Entry,
-    from_pg_fields,
-)
-from credici_redis._protocol import (
+from credici_redis._clients.base import merge as merge  # credici_redis.archive exports it
+from credici_redis._core import keys as _keys
+from credici_redis._core import scripts as _scripts
+from credici_redis._core.protocol import (
     Call,
     Flow,
     _fields,
@@ -28,9 +24,14 @@ from credici_redis._protocol import (
     entry_key,
     text,
 )
-from credici_redis._requests import HistoryRequest
-from credici_redis._storage_base import DEFAULT_KEEP as DEFAULT_KEEP
-from credici_redis._time import from_ms
+from credici_redis._core.requests import HistoryRequest
+from credici_redis._core.time import from_ms
+from credici_redis._storages.pg_history import (
+    INSERT_HISTORY,
+    Entry,
+    from_pg_fields,
+)
+from credici_redis._storages.redis_base import DEFAULT_KEEP as DEFAULT_KEEP
 from credici_redis.errors import (
     CrediciError,
     InvalidInputError,

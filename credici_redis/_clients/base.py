@@ -7,8 +7,8 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from credici_redis._protocol import entry_key
-from credici_redis._time import to_ms
+from credici_redis._core.protocol import entry_key
+from credici_redis._core.time import to_ms
 from credici_redis.models import Transaction
 
 Clock = Callable[[], datetime]

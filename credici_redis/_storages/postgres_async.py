@@ -1,4 +1,4 @@
-"""The asyncio PostgreSQL storage. `_sync_postgres.py` is generated from this file by
+"""The asyncio PostgreSQL storage. `_storages/postgres_sync.py` is generated from this file by
 tools/async_to_sync.py: edit here, then run the tool (a test fails while the two differ).
 
 Import the storages from `credici_redis.postgres`; how they work is told there.
@@ -17,8 +17,9 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-from credici_redis._async_storage import AsyncRedisStorage, poll_events
-from credici_redis._postgres_base import (
+from credici_redis._core.protocol import Call, Flow
+from credici_redis._core.requests import EventReading
+from credici_redis._storages.postgres_base import (
     DEFAULT_POOL_SIZE,
     PostgresLedger,
     Rows,
@@ -34,9 +35,8 @@ from credici_redis._postgres_base import (
     _setup,
     create_schema,
 )
-from credici_redis._protocol import Call, Flow
-from credici_redis._requests import EventReading
-from credici_redis._storage_base import (
+from credici_redis._storages.redis_async import AsyncRedisStorage, poll_events
+from credici_redis._storages.redis_base import (
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_NAMESPACE,
     _RedisStorageBase,

@@ -1,26 +1,22 @@
-"""The asyncio Redis storage. `_sync_storage.py` is generated from this file by
-tools/async_to_sync.py: edit here, then run the tool (a test fails while the two differ).
+"""The sync Redis storage.
 
-Import the storages from `credici_redis.storage`.
+GENERATED from credici_redis/_storages/redis_async.py by tools/async_to_sync.py.
+Do not edit: edit redis_async.py, then run `python tools/async_to_sync.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as redis_errors
 
-from credici_redis import _cluster
-from credici_redis._batcher import _Batcher  # async only
-from credici_redis._loops import LoopClients  # async only
-from credici_redis._protocol import Call, Flow
-from credici_redis._requests import (
+from credici_redis._core.protocol import Call, Flow
+from credici_redis._core.requests import (
     AddRequest,
     CaptureRequest,
     EventReading,
@@ -30,13 +26,13 @@ from credici_redis._requests import (
     StartCycleRequest,
     SubtractRequest,
 )
-from credici_redis._storage_base import (
-    BATCH_CALLS,
+from credici_redis._storages import cluster as _cluster
+from credici_redis._storages.redis_base import (
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_NAMESPACE,
     DEFAULT_REPLICA_TIMEOUT,
     DRIVER_ERRORS,
-    AsyncArchiveSource,
+    ArchiveSource,
     Batch,
     Durability,
     R,
@@ -66,15 +62,15 @@ from credici_redis.models import (
 )
 
 if TYPE_CHECKING:
-    import redis.asyncio
-    import redis.asyncio.cluster
+    import redis
+    import redis.cluster
 
 
-async def poll_events(
-    read: Callable[[int | None], Awaitable[list[BalanceEvent]]],
-    ack: Callable[[list[BalanceEvent]], Awaitable[Any]],
+def poll_events(
+    read: Callable[[int | None], list[BalanceEvent]],
+    ack: Callable[[list[BalanceEvent]], Any],
     reading: EventReading,
-) -> AsyncIterator[BalanceEvent]:
+) -> Iterator[BalanceEvent]:
     """The polling loop of every storage's `events()`: `read(claim)` returns the next events
     (with `claim`, also those a dead consumer left unacknowledged for that many ms), `ack(events)`
     acknowledges them. What the caller has seen is acknowledged when it comes back for more, or
@@ -87,11 +83,11 @@ async def poll_events(
             claim = None
             if time.monotonic() - claimed >= reading.claim_after:
                 claim, claimed = int(reading.claim_after * 1000), time.monotonic()
-            for event in await read(claim):
+            for event in read(claim):
                 yield event
                 done.append(event)
             if done:
-                await ack(done)
+                ack(done)
                 done = []
                 quiet_since = time.monotonic()
             elif (
@@ -100,17 +96,17 @@ async def poll_events(
             ):
                 return
             else:
-                await asyncio.sleep(reading.poll)
+                time.sleep(reading.poll)
     finally:
         if done:  # the caller stopped: what it has seen is handled
-            await ack(done)
+            ack(done)
 
 
-class AsyncRedisStorage(_RedisStorageBase):
-    """The ledger on a `redis.asyncio.Redis` (or fakeredis) client, or a
-    `redis.asyncio.cluster.RedisCluster`.
+class RedisStorage(_RedisStorageBase):
+    """The ledger on a `redis.Redis` (or fakeredis) client, or a
+    `redis.cluster.RedisCluster`.
 
-    The storage closes the client on `aclose()` only if it created it (``from_url``).
+    The storage closes the client on `close()` only if it created it (``from_url``).
     durability="replica": a write returns once a replica acknowledged it (``WAIT 1``, up to
     `replica_timeout` seconds), else raises ReplicationTimeoutError.
     batching=True (asyncio only): concurrent operations issued in the same event-loop moment share
@@ -125,18 +121,16 @@ class AsyncRedisStorage(_RedisStorageBase):
 
     def __init__(
         self,
-        redis: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster,
+        redis: redis.Redis | redis.cluster.RedisCluster,
         namespace: str = DEFAULT_NAMESPACE,
         *,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
         retries: int = 0,
         retry_backoff: float = 0.05,
-        batching: bool = False,  # async only
         owns_connection: bool = False,
         durability: Durability = "primary",
         replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
         allow_eviction: bool = False,
-        connect: Callable[[], Any] | None = None,  # async only
     ) -> None:
         super().__init__(
             namespace,
@@ -153,26 +147,24 @@ class AsyncRedisStorage(_RedisStorageBase):
         # Checked before the first command is sent (`_check_server`).
         self._server_checked = allow_eviction or is_in_process(redis)
         self.redis = redis
-        self._execute: Callable[..., Awaitable[Any]] = redis.execute_command
-        self._loops = LoopClients(redis, connect)  # async only
+        self._execute: Callable[..., Any] = redis.execute_command
         self._cluster = _cluster.is_cluster(redis)
-        self._batcher = _Batcher(self._round_trip, BATCH_CALLS) if batching else None  # async only
 
-    async def add(self, req: AddRequest) -> Transaction:
+    def add(self, req: AddRequest) -> Transaction:
         req = self._retry_safe(req)
-        return await self.retrying(lambda: self.ledger.add(req))
+        return self.retrying(lambda: self.ledger.add(req))
 
-    async def subtract(self, req: SubtractRequest) -> Transaction:
+    def subtract(self, req: SubtractRequest) -> Transaction:
         req = self._retry_safe(req)
-        return await self.retrying(lambda: self.ledger.subtract(req))
+        return self.retrying(lambda: self.ledger.subtract(req))
 
-    async def add_many(self, reqs: Batch[AddRequest]) -> list[Transaction | CrediciError]:
-        return await self.retrying_many(self.ledger.add_many, self._batch_safe(reqs))
+    def add_many(self, reqs: Batch[AddRequest]) -> list[Transaction | CrediciError]:
+        return self.retrying_many(self.ledger.add_many, self._batch_safe(reqs))
 
-    async def subtract_many(self, reqs: Batch[SubtractRequest]) -> list[Transaction | CrediciError]:
-        return await self.retrying_many(self.ledger.subtract_many, self._batch_safe(reqs))
+    def subtract_many(self, reqs: Batch[SubtractRequest]) -> list[Transaction | CrediciError]:
+        return self.retrying_many(self.ledger.subtract_many, self._batch_safe(reqs))
 
-    async def retrying_many(
+    def retrying_many(
         self,
         make_flow: Callable[[Batch[R]], Flow[list[Transaction | CrediciError]]],
         reqs: Batch[R],
@@ -184,7 +176,7 @@ class AsyncRedisStorage(_RedisStorageBase):
         pending = [i for i, r in enumerate(reqs) if not isinstance(r, CrediciError)]
         for attempt in itertools.count():
             try:
-                got = await self.run(make_flow([reqs[i] for i in pending]))
+                got = self.run(make_flow([reqs[i] for i in pending]))
             except StorageUnavailableError as outage:
                 got = [outage] * len(pending)
             for i, result in zip(pending, got, strict=True):
@@ -192,46 +184,46 @@ class AsyncRedisStorage(_RedisStorageBase):
             pending = [i for i in pending if isinstance(results[i], StorageUnavailableError)]
             if not pending or attempt >= self.retries:
                 return results
-            await asyncio.sleep(self._pause(attempt))
+            time.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
 
-    async def balance(self, user_id: str, now_ms: int | None) -> int:
-        return await self.retrying(lambda: self.ledger.balance(user_id, now_ms))
+    def balance(self, user_id: str, now_ms: int | None) -> int:
+        return self.retrying(lambda: self.ledger.balance(user_id, now_ms))
 
-    async def start_cycle(self, req: StartCycleRequest) -> Cycle:
+    def start_cycle(self, req: StartCycleRequest) -> Cycle:
         req = self._retry_safe(req)
-        return await self.retrying(lambda: self.ledger.start_cycle(req))
+        return self.retrying(lambda: self.ledger.start_cycle(req))
 
-    async def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None:
-        return await self.retrying(lambda: self.ledger.get_cycle(user_id, now_ms))
+    def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None:
+        return self.retrying(lambda: self.ledger.get_cycle(user_id, now_ms))
 
-    async def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle:
+    def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle:
         # Cancelling twice is the same as once: safe to retry without a key.
-        return await self.retrying(lambda: self.ledger.cancel_cycle(user_id, forfeit, now_ms))
+        return self.retrying(lambda: self.ledger.cancel_cycle(user_id, forfeit, now_ms))
 
-    async def history(self, req: HistoryRequest) -> list[Transaction]:
-        return await self.retrying(lambda: self.ledger.history(req))
+    def history(self, req: HistoryRequest) -> list[Transaction]:
+        return self.retrying(lambda: self.ledger.history(req))
 
-    async def reserve(self, req: ReserveRequest) -> Hold:
+    def reserve(self, req: ReserveRequest) -> Hold:
         req = self._retry_safe(req)
-        return await self.retrying(lambda: self.ledger.reserve(req))
+        return self.retrying(lambda: self.ledger.reserve(req))
 
-    async def capture(self, req: CaptureRequest) -> Transaction:
+    def capture(self, req: CaptureRequest) -> Transaction:
         req = self._retry_safe(req)
-        return await self.retrying(lambda: self.ledger.capture(req))
+        return self.retrying(lambda: self.ledger.capture(req))
 
-    async def release(self, user_id: str, local_id: str, now_ms: int | None) -> Hold:
-        return await self.retrying(lambda: self.ledger.release(user_id, local_id, now_ms))
+    def release(self, user_id: str, local_id: str, now_ms: int | None) -> Hold:
+        return self.retrying(lambda: self.ledger.release(user_id, local_id, now_ms))
 
-    async def reverse(self, req: ReverseRequest) -> Transaction:
+    def reverse(self, req: ReverseRequest) -> Transaction:
         req = self._retry_safe(req)
-        return await self.retrying(lambda: self.ledger.reverse(req))
+        return self.retrying(lambda: self.ledger.reverse(req))
 
-    async def audit(
-        self, user_id: str, now_ms: int | None, archive: AsyncArchiveSource | None = None
+    def audit(
+        self, user_id: str, now_ms: int | None, archive: ArchiveSource | None = None
     ) -> AuditReport:
         try:
-            snapshot = await self.retrying(lambda: self.ledger.audit_snapshot(user_id, now_ms))
+            snapshot = self.retrying(lambda: self.ledger.audit_snapshot(user_id, now_ms))
         except InconsistentStateError as exc:
             return AuditReport(
                 user_id=user_id, ok=False, balance=0, history_balance=0, entries=0, buckets=0,
@@ -240,51 +232,46 @@ class AsyncRedisStorage(_RedisStorageBase):
         if archive is None or not snapshot.trimmed:
             return snapshot.report(())
         # Read after the snapshot: whatever Redis trimmed before it is in PostgreSQL by now.
-        return snapshot.report(await archive.entries_before(user_id, snapshot.trimmed))
+        return snapshot.report(archive.entries_before(user_id, snapshot.trimmed))
 
-    async def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails:
-        return await self.retrying(lambda: self.ledger.balance_details(user_id, now_ms))
+    def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails:
+        return self.retrying(lambda: self.ledger.balance_details(user_id, now_ms))
 
-    async def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None:
-        return await self.retrying(lambda: self.ledger.set_credit_limit(user_id, limit, now_ms))
+    def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None:
+        return self.retrying(lambda: self.ledger.set_credit_limit(user_id, limit, now_ms))
 
-    async def scan_users(self, batch: int) -> AsyncIterator[list[str]]:
+    def scan_users(self, batch: int) -> Iterator[list[str]]:
         """Every user of the namespace, in batches, by SCAN: Redis is never blocked for long."""
-        async for users in self._scanning(partial(self.ledger.scan_users, count=batch)):
+        for users in self._scanning(partial(self.ledger.scan_users, count=batch)):
             if users:
                 yield users
 
-    async def _scanning(
-        self, step: Callable[[int], Flow[tuple[int, list[str]]]]
-    ) -> AsyncIterator[list[str]]:
+    def _scanning(self, step: Callable[[int], Flow[tuple[int, list[str]]]]) -> Iterator[list[str]]:
         """Run a SCAN flow from cursor 0 to 0: on each primary of a cluster (a cursor is a
         node's), on the server otherwise."""
-        self._bind_loop()  # async only
         try:
-            nodes = await _cluster.async_primaries(self.redis)
+            nodes = _cluster.primaries(self.redis)
         except DRIVER_ERRORS as exc:
             raise storage_error(exc, []) from exc
         for node in nodes:
             cursor = 0
             while True:
-                cursor, found = await self.retrying(partial(step, cursor), node)
+                cursor, found = self.retrying(partial(step, cursor), node)
                 yield found
                 if cursor == 0:
                     break
 
-    async def set_low_balance_threshold(
+    def set_low_balance_threshold(
         self, user_id: str, threshold: int | None, now_ms: int | None
     ) -> None:
-        return await self.retrying(
+        return self.retrying(
             lambda: self.ledger.set_low_balance_threshold(user_id, threshold, now_ms)
         )
 
-    def _event_streams(self) -> AsyncIterator[list[str]]:
+    def _event_streams(self) -> Iterator[list[str]]:
         return self._scanning(partial(self.ledger.find_event_streams, count=1000))
 
-    def events(
-        self, group: str, consumer: str, reading: EventReading
-    ) -> AsyncIterator[BalanceEvent]:
+    def events(self, group: str, consumer: str, reading: EventReading) -> Iterator[BalanceEvent]:
         """Low-balance events of every user of the namespace, as consumer `consumer` of group
         `group` (each event goes to one consumer of a group). An event is acknowledged once the
         caller comes back for the next one, or stops: at least once, never lost; one a dead
@@ -292,18 +279,18 @@ class AsyncRedisStorage(_RedisStorageBase):
         streams: list[str] = []
         looked = -float("inf")
 
-        async def read(claim: int | None) -> list[BalanceEvent]:
+        def read(claim: int | None) -> list[BalanceEvent]:
             nonlocal looked
             if time.monotonic() - looked >= reading.discover_every:  # new users' slots
-                async for found in self._event_streams():
+                for found in self._event_streams():
                     new = [stream for stream in found if stream not in streams]
                     if new:
-                        await self.run(self.ledger.join_group(new, group))
+                        self.run(self.ledger.join_group(new, group))
                         streams.extend(new)
                 looked = time.monotonic()
             if not streams:
                 return []
-            return await self.retrying(
+            return self.retrying(
                 partial(self.ledger.read_events, streams, group, consumer, reading.batch, claim)
             )
 
@@ -311,50 +298,42 @@ class AsyncRedisStorage(_RedisStorageBase):
             read, lambda done: self.run(self.ledger.ack_events(done, group)), reading
         )
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         if self._owns_connection:
-            await self._loops.aclose()  # async only
-            # sync only: self.redis.close()
+            self.redis.close()
 
-    def _bind_loop(self) -> None:  # async only
-        """Use the running event loop's client (`credici_redis._loops`)."""  # async only
-        client = self._loops.current()  # async only
-        if client is not self.redis:  # async only
-            self.redis, self._execute = client, client.execute_command  # async only
-
-    async def retrying(self, make_flow: Callable[[], Flow[T]], node: Any = None) -> T:
+    def retrying(self, make_flow: Callable[[], Flow[T]], node: Any = None) -> T:
         """Run a flow; after an outage, run it anew up to `retries` times (requests are keyed)."""
         for attempt in itertools.count():
             try:
-                return await self.run(make_flow(), node)
+                return self.run(make_flow(), node)
             except StorageUnavailableError:
                 if attempt >= self.retries:
                     raise
-                await asyncio.sleep(self._pause(attempt))
+                time.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
 
-    async def run(self, flow: Flow[T], node: Any = None) -> T:
+    def run(self, flow: Flow[T], node: Any = None) -> T:
         """Drive a flow: send each batch it yields, hand back the replies, return its result.
         `node`: a cluster node to send every call to (a SCAN step); None routes by key."""
-        self._bind_loop()  # async only
         if not self._server_checked:
-            await self._check_server()
+            self._check_server()
         try:
             calls = next(flow)
             while True:
-                calls = flow.send(await self._send(calls, node))
+                calls = flow.send(self._send(calls, node))
         except StopIteration as done:
             result: T = done.value
             return result
 
-    async def _check_server(self) -> None:
+    def _check_server(self) -> None:
         """Refuse a Redis that may evict keys: INFO memory of the server, or of each primary."""
         try:
-            for node in await _cluster.async_primaries(self.redis):
+            for node in _cluster.primaries(self.redis):
                 if node is None:
-                    info = await self._execute("INFO", "memory")
+                    info = self._execute("INFO", "memory")
                 else:
-                    info = await self._execute("INFO", "memory", target_nodes=node)
+                    info = self._execute("INFO", "memory", target_nodes=node)
                 check_eviction_policy(info, None if node is None else node.name)
         except redis_errors.NoPermissionError as exc:
             check_eviction_policy(None, None, refusal=str(exc))
@@ -362,43 +341,38 @@ class AsyncRedisStorage(_RedisStorageBase):
             raise storage_error(exc, []) from exc
         self._server_checked = True
 
-    async def _send(self, calls: list[Call], node: Any = None) -> list[Any]:
+    def _send(self, calls: list[Call], node: Any = None) -> list[Any]:
         """One round trip (a pipeline if several calls), reloading scripts on NOSCRIPT.
         A lost connection raises; an error reply comes back in its call's place."""
-        if self._batcher is not None and node is None:  # async only
-            return await self._batcher.send(calls)  # async only
         try:
-            replies = await self._round_trip(calls, node)
+            replies = self._round_trip(calls, node)
         except DRIVER_ERRORS as exc:
             raise storage_error(exc, calls) from exc
         return errors_in_place(calls, replies)
 
-    async def _round_trip(self, calls: list[Call], node: Any = None) -> list[Any]:
-        replies = await self._pipeline(calls, node)
+    def _round_trip(self, calls: list[Call], node: Any = None) -> list[Any]:
+        replies = self._pipeline(calls, node)
         resend = to_resend(calls, replies)
         if resend:
             for source in _scripts_of(calls, resend):
-                await self.redis.script_load(source)
-            again = await self._pipeline([calls[i] for i in resend])
+                self.redis.script_load(source)
+            again = self._pipeline([calls[i] for i in resend])
             for i, reply in zip(resend, again, strict=True):
                 replies[i] = reply
         return replies
 
-    async def _pipeline(self, calls: list[Call], node: Any = None) -> list[Any]:
+    def _pipeline(self, calls: list[Call], node: Any = None) -> list[Any]:
         if node is not None:
             return [
-                _cluster.scan_reply(await self._execute(*c.args, target_nodes=node), node)
-                for c in calls
+                _cluster.scan_reply(self._execute(*c.args, target_nodes=node), node) for c in calls
             ]
         waits = self._waits(calls)
         if self._cluster:
-            replies, acks = await _cluster.async_send(
-                self.redis, [c.args for c in calls], waits, self._wait_ms
-            )
+            replies, acks = _cluster.send(self.redis, [c.args for c in calls], waits, self._wait_ms)
             return self._replicated(replies, acks, waits)
         if len(calls) == 1 and not waits[0]:  # the hot path: no pipeline object
             try:
-                return [await self._execute(*calls[0].args)]
+                return [self._execute(*calls[0].args)]
             except redis_errors.ResponseError as exc:
                 return [exc]
         pipe: Any = self.redis.pipeline(transaction=False)
@@ -406,7 +380,7 @@ class AsyncRedisStorage(_RedisStorageBase):
             pipe.execute_command(*call.args)
         if any(waits):  # on the connection that sent the writes, right after them
             pipe.execute_command(*self._wait_command())
-        replies = await pipe.execute(raise_on_error=False)
+        replies = pipe.execute(raise_on_error=False)
         if any(waits):
             ack = replies.pop()
             return self._replicated(replies, [ack] * len(replies), waits)

@@ -1,17 +1,20 @@
-"""The asyncio client. `_sync_client.py` is generated from this file by tools/async_to_sync.py:
-edit here, then run the tool (a test fails while the two differ)."""
+"""The sync client.
+
+GENERATED from credici_redis/_clients/client_async.py by tools/async_to_sync.py.
+Do not edit: edit client_async.py, then run `python tools/async_to_sync.py`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from credici_redis import _requests
-from credici_redis._client_base import AddItem, ClientBase, Clock, SubtractItem, UserId, merge
-from credici_redis._connect import DEFAULT_TIMEOUT, open_async_storage
+from credici_redis._clients.base import AddItem, ClientBase, Clock, SubtractItem, UserId, merge
+from credici_redis._core import requests as _requests
+from credici_redis._storages.connect import DEFAULT_TIMEOUT, open_storage
 from credici_redis.errors import CrediciError
 from credici_redis.models import (
     AuditReport,
@@ -25,23 +28,23 @@ from credici_redis.models import (
 from credici_redis.storage import (
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_NAMESPACE,
-    AsyncStorage,
     Durability,
+    Storage,
 )
 
 if TYPE_CHECKING:  # the archive needs the "postgres" extra: imported when asked for
-    from credici_redis.archive import AsyncArchiveReader
+    from credici_redis.archive import ArchiveReader
 
 
-class AsyncCrediciClient(ClientBase):
+class CrediciClient(ClientBase):
     """Credits of many users, kept by a storage. One client serves a whole process."""
 
     def __init__(
         self,
-        storage: AsyncStorage,
+        storage: Storage,
         *,
         clock: Clock | None = None,
-        archive: AsyncArchiveReader | None = None,
+        archive: ArchiveReader | None = None,
     ) -> None:
         """archive: where the history the archiver moved out of Redis is (credici_redis.archive);
         history reads and the audit then cover it too."""
@@ -65,7 +68,7 @@ class AsyncCrediciClient(ClientBase):
         archive_url: str | None = None,
         allow_eviction: bool = False,
         **redis_options: Any,
-    ) -> AsyncCrediciClient:
+    ) -> CrediciClient:
         """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded).
 
         timeout: seconds before a call fails with StorageUnavailableError. retries: how often a
@@ -81,16 +84,15 @@ class AsyncCrediciClient(ClientBase):
         """
         archive = None
         if archive_url is not None:
-            from credici_redis.archive import AsyncArchiveReader
+            from credici_redis.archive import ArchiveReader
 
-            archive = AsyncArchiveReader(archive_url, namespace, timeout=timeout)
-        storage = open_async_storage(
+            archive = ArchiveReader(archive_url, namespace, timeout=timeout)
+        storage = open_storage(
             url,
             namespace,
             timeout=timeout,
             idempotency_ttl=idempotency_ttl,
             retries=retries,
-            batching=batching,  # async only
             cluster=cluster,
             durability=durability,
             allow_eviction=allow_eviction,
@@ -98,7 +100,7 @@ class AsyncCrediciClient(ClientBase):
         )
         return cls(storage, clock=clock, archive=archive)
 
-    async def add(
+    def add(
         self,
         user_id: UserId,
         amount: int,
@@ -114,13 +116,13 @@ class AsyncCrediciClient(ClientBase):
         Burn order: priority ascending, then soonest expiry, never-expiring last, then oldest.
         A debt (see set_credit_limit) is repaid first.
         """
-        return await self.storage.add(
+        return self.storage.add(
             _requests.build_add(
                 user_id, amount, expire_at, ttl, idempotency_key, metadata, self._now(), priority
             )
         )
 
-    async def subtract(
+    def subtract(
         self,
         user_id: UserId,
         amount: int,
@@ -129,29 +131,27 @@ class AsyncCrediciClient(ClientBase):
         metadata: dict[str, str] | None = None,
     ) -> Transaction:
         """Take `amount` credits, soonest-expiring first; all or nothing."""
-        return await self.storage.subtract(
+        return self.storage.subtract(
             _requests.build_subtract(user_id, amount, idempotency_key, metadata, self._now())
         )
 
-    async def add_many(self, items: Iterable[AddItem]) -> list[Transaction | CrediciError]:
+    def add_many(self, items: Iterable[AddItem]) -> list[Transaction | CrediciError]:
         """Many adds in one round trip. An item is (user_id, amount[, expire_at]) or a mapping
         with the keys of `add`; each result, in order, is its Transaction or the error it got."""
         reqs = _requests.build_many(items, _requests.build_add_item, self._now())
-        return await self.storage.add_many(reqs)
+        return self.storage.add_many(reqs)
 
-    async def subtract_many(
-        self, items: Iterable[SubtractItem]
-    ) -> list[Transaction | CrediciError]:
+    def subtract_many(self, items: Iterable[SubtractItem]) -> list[Transaction | CrediciError]:
         """Many subtracts in one round trip. An item is (user_id, amount) or a mapping with the
         keys of `subtract`; each result, in order, is its Transaction or the error it got."""
         reqs = _requests.build_many(items, _requests.build_subtract_item, self._now())
-        return await self.storage.subtract_many(reqs)
+        return self.storage.subtract_many(reqs)
 
-    async def get_balance(self, user_id: UserId) -> int:
+    def get_balance(self, user_id: UserId) -> int:
         """Credits available now (expired buckets excluded). Cost does not grow with history."""
-        return await self.storage.balance(_requests.user_id(user_id), self._now())
+        return self.storage.balance(_requests.user_id(user_id), self._now())
 
-    async def start_cycle(
+    def start_cycle(
         self,
         amount: int,
         time_delta: int | timedelta | CalendarPeriod = 30,
@@ -173,19 +173,19 @@ class AsyncCrediciClient(ClientBase):
             amount, time_delta, user_id, rollover_=rollover, renew=renew, tz=tz,
             key=idempotency_key, now_ms=self._now(),
         )  # fmt: skip
-        return await self.storage.start_cycle(req)
+        return self.storage.start_cycle(req)
 
-    async def get_cycle(self, user_id: UserId) -> Cycle | None:
+    def get_cycle(self, user_id: UserId) -> Cycle | None:
         """The user's current (or last) cycle, renewed up to now; None if it never had one."""
-        return await self.storage.get_cycle(_requests.user_id(user_id), self._now())
+        return self.storage.get_cycle(_requests.user_id(user_id), self._now())
 
-    async def cancel_cycle(self, user_id: UserId, *, forfeit: bool = False) -> Cycle:
+    def cancel_cycle(self, user_id: UserId, *, forfeit: bool = False) -> Cycle:
         """Stop renewal; the grant stays until the cycle's end, or expires now with forfeit."""
-        return await self.storage.cancel_cycle(
+        return self.storage.cancel_cycle(
             _requests.user_id(user_id), _requests.flag("forfeit", forfeit), self._now()
         )
 
-    async def get_all_user_transactions(
+    def get_all_user_transactions(
         self, user_id: UserId, *, limit: int | None = None, before: str | None = None
     ) -> list[Transaction]:
         """The user's history, newest first: all of it, or at most `limit` entries (up to
@@ -194,9 +194,9 @@ class AsyncCrediciClient(ClientBase):
         req = _requests.build_history(
             user_id, None, None, self._now(), period=False, limit=limit, before=before
         )
-        return await self._history(req)
+        return self._history(req)
 
-    async def get_user_transactions_for_period(
+    def get_user_transactions_for_period(
         self,
         user_id: UserId,
         from_: datetime,
@@ -210,16 +210,16 @@ class AsyncCrediciClient(ClientBase):
         req = _requests.build_history(
             user_id, from_, to_, self._now(), period=True, limit=limit, before=before
         )
-        return await self._history(req)
+        return self._history(req)
 
-    async def iter_user_transactions(
+    def iter_user_transactions(
         self,
         user_id: UserId,
         *,
         from_: datetime | None = None,
         to_: datetime | None = None,
         page_size: int = 1000,
-    ) -> AsyncIterator[Transaction]:
+    ) -> Iterator[Transaction]:
         """The user's history (or the period's, if from_ and to_ are given), newest first, read
         `page_size` entries at a time: memory stays bounded whatever the history's length."""
         period = from_ is not None or to_ is not None
@@ -228,15 +228,15 @@ class AsyncCrediciClient(ClientBase):
             req = _requests.build_history(
                 user_id, from_, to_, self._now(), period=period, limit=page_size, before=before
             )
-            page = await self._history(req)
+            page = self._history(req)
             for transaction in page:
                 yield transaction
             if len(page) < page_size:
                 return
             before = page[-1].transaction_id
 
-    async def _history(self, req: _requests.HistoryRequest) -> list[Transaction]:
-        recent = await self.storage.history(req)
+    def _history(self, req: _requests.HistoryRequest) -> list[Transaction]:
+        recent = self.storage.history(req)
         if self.archive is None or (req.limit is not None and len(recent) >= req.limit):
             return recent
         # Redis first: an entry trimmed after this read was committed to PostgreSQL before.
@@ -244,9 +244,9 @@ class AsyncCrediciClient(ClientBase):
         if req.limit is not None and recent:
             last = recent[-1].transaction_id.partition("@")[0]
             req = replace(req, before=last, limit=req.limit - len(recent))
-        return merge(recent, await self.archive.history(req))
+        return merge(recent, self.archive.history(req))
 
-    async def reserve(
+    def reserve(
         self,
         user_id: UserId,
         amount: int,
@@ -258,9 +258,9 @@ class AsyncCrediciClient(ClientBase):
         """Hold `amount` credits (out of the available balance, in burn order) until capture,
         release, or `ttl`, after which the next operation on the user releases them."""
         req = _requests.build_reserve(user_id, amount, ttl, idempotency_key, metadata, self._now())
-        return await self.storage.reserve(req)
+        return self.storage.reserve(req)
 
-    async def capture(
+    def capture(
         self, hold_id: str, amount: int | None = None, *, idempotency_key: str | None = None
     ) -> Transaction:
         """Charge `amount` (None: all) of a hold and give the rest back; once per hold.
@@ -268,35 +268,33 @@ class AsyncCrediciClient(ClientBase):
         The Transaction's `captured` is the charge, its `amount` what came back.
         """
         req = _requests.build_capture(hold_id, amount, idempotency_key, self._now())
-        return await self.storage.capture(req)
+        return self.storage.capture(req)
 
-    async def release(self, hold_id: str) -> Hold:
+    def release(self, hold_id: str) -> Hold:
         """Give every held credit back; once per hold."""
         user, local = _requests.hold(hold_id)
-        return await self.storage.release(user, local, self._now())
+        return self.storage.release(user, local, self._now())
 
-    async def reverse(
-        self, transaction_id: str, *, idempotency_key: str | None = None
-    ) -> Transaction:
+    def reverse(self, transaction_id: str, *, idempotency_key: str | None = None) -> Transaction:
         """Undo a subtract or capture (credits back to their buckets, unless those expired:
         see `unrestored`) or an add (what is left of it is removed). Once per transaction."""
         req = _requests.build_reverse(transaction_id, idempotency_key, self._now())
-        return await self.storage.reverse(req)
+        return self.storage.reverse(req)
 
-    async def get_balance_details(self, user_id: UserId) -> BalanceDetails:
+    def get_balance_details(self, user_id: UserId) -> BalanceDetails:
         """Balance, debt, credit limit and the buckets in burn order."""
-        return await self.storage.balance_details(_requests.user_id(user_id), self._now())
+        return self.storage.balance_details(_requests.user_id(user_id), self._now())
 
-    async def set_credit_limit(self, user_id: UserId, limit: int) -> None:
+    def set_credit_limit(self, user_id: UserId, limit: int) -> None:
         """Allow the balance down to -limit (0, the default: no overdraft)."""
-        return await self.storage.set_credit_limit(
+        return self.storage.set_credit_limit(
             _requests.user_id(user_id), _requests.credit_limit(limit), self._now()
         )
 
-    async def set_low_balance_threshold(self, user_id: UserId, threshold: int | None) -> None:
+    def set_low_balance_threshold(self, user_id: UserId, threshold: int | None) -> None:
         """Ask for events when the user's balance falls below `threshold` (or to 0);
         None: no events for this user (the default)."""
-        return await self.storage.set_low_balance_threshold(
+        return self.storage.set_low_balance_threshold(
             _requests.user_id(user_id), _requests.threshold(threshold), self._now()
         )
 
@@ -309,7 +307,7 @@ class AsyncCrediciClient(ClientBase):
         poll: float = 0.2,
         claim_after: float = 60.0,
         idle_timeout: float | None = None,
-    ) -> AsyncIterator[BalanceEvent]:
+    ) -> Iterator[BalanceEvent]:
         """Low-balance and depleted events of the namespace's users, shared by the consumers of
         `group` (each event goes to one of them). At least once: an event is acknowledged when
         you come back for the next one; one a consumer never acknowledged is taken over after
@@ -318,26 +316,26 @@ class AsyncCrediciClient(ClientBase):
         reading = _requests.event_reading(batch, poll, claim_after, idle_timeout)
         return self.storage.events(*names, reading)
 
-    async def audit(self, user_id: UserId) -> AuditReport:
+    def audit(self, user_id: UserId) -> AuditReport:
         """Rebuild the balance and every bucket from the history; report any difference."""
-        return await self.storage.audit(_requests.user_id(user_id), self._now(), self.archive)
+        return self.storage.audit(_requests.user_id(user_id), self._now(), self.archive)
 
-    def scan_users(self, batch: int = 500) -> AsyncIterator[list[str]]:
+    def scan_users(self, batch: int = 500) -> Iterator[list[str]]:
         """Every user of the namespace, `batch` at a time (SCAN: never blocks Redis for long)."""
         return self.storage.scan_users(_requests.batch_size(batch))
 
-    async def aclose(self) -> None:
-        await self.storage.aclose()
+    def close(self) -> None:
+        self.storage.close()
         if self.archive is not None:
-            await self.archive.aclose()
+            self.archive.close()
 
-    async def __aenter__(self) -> AsyncCrediciClient:
+    def __enter__(self) -> CrediciClient:
         return self
 
-    async def __aexit__(
+    def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        self.close()

@@ -23,9 +23,9 @@ from datetime import timedelta
 from http import HTTPStatus
 from typing import Any, Generic, Literal, TypeVar
 
-from credici_redis._client_base import UserId
-from credici_redis._keys import parse_hold_id
-from credici_redis._requests import MAX_IDEMPOTENCY_KEY_CHARS
+from credici_redis._clients.base import UserId
+from credici_redis._core.keys import parse_hold_id
+from credici_redis._core.requests import MAX_IDEMPOTENCY_KEY_CHARS
 from credici_redis.errors import (
     CaptureExceedsHoldError,
     CrediciError,

@@ -1,6 +1,7 @@
-"""The sync PostgreSQL storage. GENERATED from _async_postgres.py by tools/async_to_sync.py.
+"""The sync PostgreSQL storage.
 
-Do not edit: edit _async_postgres.py, then run `python tools/async_to_sync.py`.
+GENERATED from credici_redis/_storages/postgres_async.py by tools/async_to_sync.py.
+Do not edit: edit postgres_async.py, then run `python tools/async_to_sync.py`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-from credici_redis._postgres_base import (
+from credici_redis._core.protocol import Call, Flow
+from credici_redis._core.requests import EventReading
+from credici_redis._storages.postgres_base import (
     DEFAULT_POOL_SIZE,
     PostgresLedger,
     Rows,
@@ -29,14 +32,12 @@ from credici_redis._postgres_base import (
     _setup,
     create_schema,
 )
-from credici_redis._protocol import Call, Flow
-from credici_redis._requests import EventReading
-from credici_redis._storage_base import (
+from credici_redis._storages.redis_base import (
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_NAMESPACE,
     _RedisStorageBase,
 )
-from credici_redis._sync_storage import RedisStorage, poll_events
+from credici_redis._storages.redis_sync import RedisStorage, poll_events
 from credici_redis.errors import StorageError, StorageUnavailableError
 from credici_redis.models import BalanceEvent
 

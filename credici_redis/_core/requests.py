@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from credici_redis._keys import parse_hold_id, parse_transaction_id
-from credici_redis._schedule import CALENDAR_PERIODS, zone
-from credici_redis._time import duration_ms, to_ms, to_ms_ceil
+from credici_redis._core.keys import parse_hold_id, parse_transaction_id
+from credici_redis._core.schedule import CALENDAR_PERIODS, zone
+from credici_redis._core.time import duration_ms, to_ms, to_ms_ceil
 from credici_redis.errors import (
     CrediciError,
     InvalidAmountError,

@@ -1,20 +1,20 @@
-"""The archiver and the archive reader for asyncio. `_sync_archive.py` is generated from this
-file by tools/async_to_sync.py: edit this one, then run the tool. The flows and the SQL they run
-are in `_archive_base.py`; import the public names from `credici_redis.archive`.
+"""The sync archiver and archive reader.
+
+GENERATED from credici_redis/_archive/archive_async.py by tools/async_to_sync.py.
+Do not edit: edit archive_async.py, then run `python tools/async_to_sync.py`.
 """
 
 from __future__ import annotations
 
-import asyncio  # async only
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
 import psycopg
 
-from credici_redis import _cluster, _keys
-from credici_redis._archive_base import (
+from credici_redis._archive.base import (
     _INSERT,
     _SELECT,
     _SELECT_BEFORE,
@@ -34,66 +34,63 @@ from credici_redis._archive_base import (
     _unavailable,
     schema_sql,
 )
-from credici_redis._async_storage import AsyncRedisStorage
-from credici_redis._pg_history import Entry, history_row, pg_text
-from credici_redis._protocol import entry_key, parse_entry
-from credici_redis._requests import HistoryRequest
-from credici_redis._time import from_ms
+from credici_redis._core import keys as _keys
+from credici_redis._core.protocol import entry_key, parse_entry
+from credici_redis._core.requests import HistoryRequest
+from credici_redis._core.time import from_ms
+from credici_redis._storages import cluster as _cluster
+from credici_redis._storages.pg_history import Entry, history_row, pg_text
+from credici_redis._storages.redis_sync import RedisStorage
 from credici_redis.errors import InvalidInputError
 from credici_redis.models import Transaction
 
-# sync only: import threading
 
-
-class AsyncArchiveReader:
+class ArchiveReader:
     """The archived part of histories, for a client made with ``archive_url=``: one connection,
     one query at a time (the lock)."""
 
     def __init__(self, url: str, namespace: str, *, timeout: float = 5.0) -> None:
         self.url, self.namespace, self.timeout = _check_url(url), namespace, timeout
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._lock = asyncio.Lock()  # async only
-        # sync only: self._lock = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.Lock()
 
-    async def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        async with self._lock:
+    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        with self._lock:
             try:
                 if self._conn is None or self._conn.closed:
-                    self._conn = await psycopg.AsyncConnection.connect(
+                    self._conn = psycopg.connect(
                         self.url, autocommit=True, connect_timeout=max(int(self.timeout), 1)
                     )
-                cur = await self._conn.execute(sql, params)
-                return await cur.fetchall()
+                cur = self._conn.execute(sql, params)
+                return cur.fetchall()
             except psycopg.Error as exc:
                 if self._conn is not None and self._conn.broken:
                     self._conn = None
                 raise _unavailable(exc) from exc
 
-    async def history(self, req: HistoryRequest) -> list[Transaction]:
+    def history(self, req: HistoryRequest) -> list[Transaction]:
         """The user's archived entries in the request's period, newest first."""
-        rows = await self._query(_SELECT, (self.namespace, pg_text(req.user_id), *_period(req)))
+        rows = self._query(_SELECT, (self.namespace, pg_text(req.user_id), *_period(req)))
         return [parse_entry(req.user_id, e) for e in _entries(rows)]
 
-    async def entries_before(self, user_id: str, entry_id: str) -> list[Entry]:
+    def entries_before(self, user_id: str, entry_id: str) -> list[Entry]:
         """Archived entries older than entry_id, oldest first (what an audit replays first)."""
         ms, seq = entry_key(entry_id)
-        rows = await self._query(
-            _SELECT_BEFORE, (self.namespace, pg_text(user_id), from_ms(ms), seq)
-        )
+        rows = self._query(_SELECT_BEFORE, (self.namespace, pg_text(user_id), from_ms(ms), seq))
         return _entries(rows)
 
-    async def aclose(self) -> None:
-        async with self._lock:
+    def close(self) -> None:
+        with self._lock:
             if self._conn is not None:
-                await self._conn.close()
+                self._conn.close()
                 self._conn = None
 
 
-class AsyncArchiver:
+class Archiver:
     """Drains a namespace's history from Redis into PostgreSQL.
 
-    ``AsyncArchiver(redis_url, postgres_url, namespace=...)`` (``cluster=True`` for a Redis
-    Cluster: every shard is covered), or ``AsyncArchiver(storage=AsyncRedisStorage(...),
+    ``Archiver(redis_url, postgres_url, namespace=...)`` (``cluster=True`` for a Redis
+    Cluster: every shard is covered), or ``Archiver(storage=RedisStorage(...),
     postgres_url=...)``. ``run_once()`` archives everything there was when it started;
     ``follow()`` keeps going. ``keep``: archived entries younger than this stay in Redis too
     (reverse needs them).
@@ -105,7 +102,7 @@ class AsyncArchiver:
         postgres_url: str = "",
         *,
         namespace: str = "credici",
-        storage: AsyncRedisStorage | None = None,
+        storage: RedisStorage | None = None,
         cluster: bool = False,
         keep: timedelta = DEFAULT_KEEP,
         users_per_batch: int = 200,
@@ -122,13 +119,13 @@ class AsyncArchiver:
         if storage is None:
             if redis_url is None:
                 raise InvalidInputError("give a redis_url or a storage")
-            from credici_redis._connect import open_async_storage
+            from credici_redis._storages.connect import open_storage
 
-            opened = open_async_storage(
+            opened = open_storage(
                 redis_url, namespace, timeout=timeout, idempotency_ttl=timedelta(days=1),
                 cluster=cluster, allow_eviction=allow_eviction,
             )  # fmt: skip
-            if not isinstance(opened, AsyncRedisStorage):
+            if not isinstance(opened, RedisStorage):
                 raise InvalidInputError("the archiver drains a Redis storage")
             storage, self._owns_storage = opened, True
         else:
@@ -140,65 +137,63 @@ class AsyncArchiver:
         self.users_per_batch = users_per_batch
         self.entries_per_user = entries_per_user
         self.timeout = timeout
-        self._pg: psycopg.AsyncConnection[Any] | None = None
+        self._pg: psycopg.Connection[Any] | None = None
         self._schema_ready = False
 
     # PostgreSQL
 
-    async def _postgres(self) -> psycopg.AsyncConnection[Any]:
+    def _postgres(self) -> psycopg.Connection[Any]:
         if self._pg is None or self._pg.closed or self._pg.broken:
             try:
-                self._pg = await psycopg.AsyncConnection.connect(
+                self._pg = psycopg.connect(
                     self.postgres_url, autocommit=True, connect_timeout=max(int(self.timeout), 1)
                 )
             except psycopg.Error as exc:
                 raise _unavailable(exc) from exc
         return self._pg
 
-    async def init_schema(self) -> None:
+    def init_schema(self) -> None:
         """Create the history table if it is missing (``credici-redis archive --init``)."""
-        conn = await self._postgres()
+        conn = self._postgres()
         try:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('credici_history'))")
-                await conn.execute(schema_sql())
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('credici_history'))")
+                conn.execute(schema_sql())
         except psycopg.Error as exc:
             raise _unavailable(exc) from exc
         self._schema_ready = True
 
-    async def _insert(self, batch: list[_Pending]) -> None:
+    def _insert(self, batch: list[_Pending]) -> None:
         rows = [history_row(self.namespace, p.user_id, e) for p in batch for e in p.entries]
         if not rows:
             return
-        conn = await self._postgres()
+        conn = self._postgres()
         try:
-            async with conn.transaction(), conn.cursor() as cur:
-                await cur.executemany(_INSERT, rows)
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(_INSERT, rows)
         except psycopg.Error as exc:
             raise _unavailable(exc) from exc
 
     # passes
 
-    async def run_once(
-        self, progress: Callable[[ArchiveStats], None] | None = None
-    ) -> ArchiveStats:
+    def run_once(self, progress: Callable[[ArchiveStats], None] | None = None) -> ArchiveStats:
         """Archive every entry that was in Redis when the pass started; return what it did."""
         if not self._schema_ready:
-            await self.init_schema()
+            self.init_schema()
         started = time.perf_counter()
         total = ArchiveStats()
-        now = await self.storage.run(_server_ms())
+        now = self.storage.run(_server_ms())
         for start in range(0, _keys.SLOTS, SLOTS_PER_ROUND):
             slots = range(start, min(start + SLOTS_PER_ROUND, _keys.SLOTS))
             while True:  # an outbox may hold more users than one read returns
-                users, more = await self.storage.run(
+                users, more = self.storage.run(
                     _due_users(
                         self.namespace, slots, now - self.keep_ms, self.users_per_batch,
                         self._cluster,
                     )
                 )  # fmt: skip
                 for i in range(0, len(users), self.users_per_batch):
-                    total += await self._archive_users(users[i : i + self.users_per_batch])
+                    total += self._archive_users(users[i : i + self.users_per_batch])
                     if progress is not None:
                         progress(total)
                 if not more:
@@ -207,47 +202,47 @@ class AsyncArchiver:
             total.users, total.entries, total.trimmed, time.perf_counter() - started
         )
 
-    async def _archive_users(self, users: list[str]) -> ArchiveStats:
+    def _archive_users(self, users: list[str]) -> ArchiveStats:
         stats = ArchiveStats(users=len(users))
         while users:
-            batch = await self.storage.run(_pending(self.namespace, users, self.entries_per_user))
-            await self._insert(batch)  # committed before Redis may forget anything
-            trimmed = await self.storage.run(_done(self.namespace, batch, self.keep_ms))
+            batch = self.storage.run(_pending(self.namespace, users, self.entries_per_user))
+            self._insert(batch)  # committed before Redis may forget anything
+            trimmed = self.storage.run(_done(self.namespace, batch, self.keep_ms))
             archived = sum(len(p.entries) for p in batch)
             stats += ArchiveStats(entries=archived, trimmed=trimmed)
             users = [p.user_id for p in batch if len(p.entries) == self.entries_per_user]
         return stats
 
-    async def lag(self) -> ArchiveLag:
+    def lag(self) -> ArchiveLag:
         """Oldest entry not yet archived, and how many users and entries wait."""
-        return await self.storage.run(_lag(self.namespace, self._cluster))
+        return self.storage.run(_lag(self.namespace, self._cluster))
 
-    async def follow(
+    def follow(
         self,
         interval: float = 1.0,
         *,
         stop: Callable[[], bool] | None = None,
         progress: Callable[[ArchiveStats, ArchiveLag], None] | None = None,
-    ) -> AsyncIterator[ArchiveStats]:
+    ) -> Iterator[ArchiveStats]:
         """Pass after pass, `interval` seconds apart when a pass found nothing; yields each
         pass's stats. `stop()` returning True ends it."""
         while stop is None or not stop():
-            stats = await self.run_once()
+            stats = self.run_once()
             if progress is not None:
-                progress(stats, await self.lag())
+                progress(stats, self.lag())
             yield stats
             if stats.entries == 0 and stats.trimmed == 0:
-                await asyncio.sleep(interval)
+                time.sleep(interval)
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         if self._pg is not None:
-            await self._pg.close()
+            self._pg.close()
             self._pg = None
         if self._owns_storage:
-            await self.storage.aclose()
+            self.storage.close()
 
-    async def __aenter__(self) -> AsyncArchiver:
+    def __enter__(self) -> Archiver:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    def __exit__(self, *exc: object) -> None:
+        self.close()

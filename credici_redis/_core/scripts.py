@@ -30,11 +30,11 @@ class Script:
 
 
 def _lua_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "lua", here.parent / "lua"):
+    package = Path(__file__).resolve().parent.parent  # credici_redis/
+    for candidate in (package / "lua", package.parent / "lua"):
         if (candidate / "_ledger.lua").is_file():
             return candidate
-    raise RuntimeError(f"credici-redis: the Lua scripts are missing (looked in {here})")
+    raise RuntimeError(f"credici-redis: the Lua scripts are missing (looked in {package})")
 
 
 def _expand(directory: Path, name: str, seen: tuple[str, ...] = ()) -> str:

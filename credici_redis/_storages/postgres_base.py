@@ -21,22 +21,22 @@ from typing import Any, TypeVar
 
 import fakeredis
 
-from credici_redis import _keys
+from credici_redis._core import keys as _keys
 
 try:
     import psycopg
 except ImportError:  # pragma: no cover - without the "postgres" extra
     psycopg = None  # type: ignore[assignment]
-from credici_redis._pg_history import (
+from credici_redis._core.protocol import Call, Flow, text
+from credici_redis._core.time import from_ms
+from credici_redis._storages.pg_history import (
     INSERT_HISTORY,
     from_pg_fields,
     from_pg_text,
     history_row,
     pg_text,
 )
-from credici_redis._protocol import Call, Flow, text
-from credici_redis._sync_storage import RedisStorage
-from credici_redis._time import from_ms
+from credici_redis._storages.redis_sync import RedisStorage
 from credici_redis.errors import (
     CrediciError,
     OutcomeUnknownError,
@@ -51,7 +51,7 @@ DEFAULT_POOL_SIZE = 20
 """Connections per storage at most (opened when needed). Operations on one user are serialized
 by its row lock anyway, so more connections only help with many users at once."""
 
-_SQL_DIR = Path(__file__).resolve().parent / "sql"
+_SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 SCHEMA_FILES = ("history.sql", "postgres_storage.sql")
 _SCHEMA_LOCK = 0x6372656469  # pg_advisory_xact_lock key: processes creating the tables take turns
 

@@ -15,7 +15,7 @@ from datetime import date, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from credici_redis._time import from_ms, to_ms
+from credici_redis._core.time import from_ms, to_ms
 from credici_redis.errors import InvalidTimeZoneError
 
 CALENDAR_PERIODS = ("day", "week", "month", "year")

@@ -30,7 +30,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from credici_redis._extras import need_embedded
+from credici_redis._core.extras import need_embedded
 from credici_redis.errors import (
     InvalidInputError,
     InvalidOptionError,

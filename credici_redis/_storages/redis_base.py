@@ -14,15 +14,15 @@ from typing import Any, Literal, Protocol, TypeVar, get_args
 from redis import exceptions as redis_errors
 from redis.backoff import EqualJitterBackoff
 
-from credici_redis._protocol import Call, Ledger
-from credici_redis._requests import (
+from credici_redis._core.protocol import Call, Ledger
+from credici_redis._core.requests import (
     AddRequest,
     KeyedRequest,
     SubtractRequest,
     generated_key,
     keyed,
 )
-from credici_redis._time import duration_ms
+from credici_redis._core.time import duration_ms
 from credici_redis.errors import (
     CrediciError,
     EvictionPolicyError,

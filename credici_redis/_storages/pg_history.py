@@ -13,7 +13,7 @@ from urllib.parse import quote, unquote
 
 from psycopg.types.json import Jsonb
 
-from credici_redis._protocol import entry_key, parse_entry
+from credici_redis._core.protocol import entry_key, parse_entry
 
 Entry = tuple[str, dict[str, str]]
 """A history entry: (entry id "<ms>-<seq>", its fields as written by the scripts)."""
