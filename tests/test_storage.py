@@ -21,8 +21,8 @@ from credici_redis import (
     CrediciClient,
     InsufficientCreditsError,
     StorageUnavailableError,
-    _keys,
 )
+from credici_redis._core import keys as _keys
 from tests.conftest import REDIS_URL, FakeClock, SyncAsAsync, free_port
 
 
