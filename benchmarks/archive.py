@@ -32,7 +32,7 @@ import redis
 
 from credici_redis import CrediciClient
 from credici_redis._core import keys as _keys
-from credici_redis._core.protocol import _fields, text
+from credici_redis._core.protocol import stream_fields, text
 from credici_redis._storages.pg_history import INSERT_HISTORY, history_row
 from credici_redis.archive import Archiver, schema_sql
 
@@ -58,7 +58,7 @@ def raw_copy(
             pipe.xrange(_keys.user_keys(ns, u).history)
         streams = pipe.execute()
         rows = [
-            history_row(copy_ns, u, (text(entry_id), _fields(fields)))
+            history_row(copy_ns, u, (text(entry_id), stream_fields(fields)))
             for u, stream in zip(chunk, streams, strict=True)
             for entry_id, fields in stream
         ]

@@ -67,10 +67,11 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from credici_redis import AsyncCrediciClient, CrediciClient, Transaction
 from credici_redis._core import keys as _keys
-from credici_redis._core import requests as _requests
 from credici_redis._core import scripts as _scripts
 from credici_redis._core.protocol import Call, Flow
+from credici_redis._core.requests import UserRequest
 from credici_redis._core.scripts import Script
+from credici_redis._ops import account, charge, holds
 from credici_redis.errors import StorageUnavailableError
 
 TRIVIAL = "return 1"
@@ -263,8 +264,8 @@ def first_call(flow: Flow[Any]) -> Call:
 
 
 def subtract_call(client: CrediciClient, user: str, amount: int, now_ms: int | None = None) -> Call:
-    req = _requests.build_subtract(user, amount, None, None, now_ms)
-    return first_call(client.storage.ledger.subtract(req))
+    req = charge.build_subtract(user, amount, None, None, now_ms)
+    return first_call(client.storage.ledger.execute(charge.SUBTRACT, req))
 
 
 def add_call(
@@ -274,8 +275,8 @@ def add_call(
     ttl: timedelta | None,
     now_ms: int | None = None,
 ) -> Call:
-    req = _requests.build_add(user, amount, None, ttl, None, None, now_ms)
-    return first_call(client.storage.ledger.add(req))
+    req = charge.build_add(user, amount, None, ttl, None, None, now_ms)
+    return first_call(client.storage.ledger.execute(charge.ADD, req))
 
 
 def delete_namespace(r: redis.Redis, namespace: str) -> int:
@@ -346,7 +347,7 @@ def clocked_history(
     send(raw, add_call(client, user, PLENTY, None, start - step_ms))
     fill(
         raw,
-        _scripts.SUBTRACT,
+        charge.SUBTRACT.script,
         clocked(lambda ms: subtract_call(client, user, 1, ms), start, entries, step_ms),
     )
     stream = _keys.user_keys(client.storage.namespace, user).history
@@ -434,7 +435,7 @@ def sync_latency(
         "balance": (
             "get_balance(u)",
             lambda: client.get_balance(bal_user),
-            first_call(ledger.balance(bal_user, None)),
+            first_call(ledger.execute(account.BALANCE, UserRequest(bal_user, None))),
         ),
     }
     measured: dict[str, Callable[[], object]] = {"trivial": partial(send, raw, trivial)}
@@ -663,9 +664,9 @@ def server_side(trivial: Call, s: Settings) -> list[Row]:
             client.add(user, PLENTY)
             client.subtract(user, 1)
             # The very EVALSHA the library sends for subtract(user, 1) on the server's clock.
-            req = _requests.build_subtract(user, 1, None, None, None)
-            sub_args = client.storage.ledger._subtract_call(req, "").args
-            for script in (_scripts.SUBTRACT, trivial.script):
+            req = charge.build_subtract(user, 1, None, None, None)
+            sub_args = client.storage.ledger.call(charge.SUBTRACT, req).args
+            for script in (charge.SUBTRACT.script, trivial.script):
                 assert script is not None
                 if r.script_load(script.source) != script.sha:
                     raise RuntimeError(f"Redis hashed {script.name} differently")
@@ -774,9 +775,9 @@ def memory(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) -> lis
     send(raw, add_call(client, user, PLENTY, None, start - CHARGE_SPACING_MS))
     make = partial(subtract_call, client, user, 1)
     times = clocked(make, start, warm + n, CHARGE_SPACING_MS)
-    fill(raw, _scripts.SUBTRACT, itertools.islice(times, warm))
+    fill(raw, charge.SUBTRACT.script, itertools.islice(times, warm))
     (before,) = memory_usage(raw, [stream])
-    fill(raw, _scripts.SUBTRACT, times)
+    fill(raw, charge.SUBTRACT.script, times)
     (after,) = memory_usage(raw, [stream])
     per_entry = (after - before) / n
 
@@ -917,7 +918,7 @@ def balance_growth(
     users = {name: f"{ns}-hist{n}" for name, n in sizes.items()}
     for name, user in users.items():
         call = add_call(client, user, 1, ttl)
-        fill(raw, _scripts.ADD, itertools.repeat(call.args, sizes[name]))
+        fill(raw, charge.ADD.script, itertools.repeat(call.args, sizes[name]))
         stream = raw.xlen(_keys.user_keys(ns, user).history)
         if stream != sizes[name] or client.get_balance(user) != sizes[name]:
             raise RuntimeError(f"filling {user} gave {stream} history entries, not {sizes[name]}")
@@ -1065,8 +1066,8 @@ def history_read(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) 
 
 
 def reserve_call(client: CrediciClient, user: str, ttl: timedelta, now_ms: int) -> Call:
-    req = _requests.build_reserve(user, 1, ttl, None, None, now_ms)
-    return first_call(client.storage.ledger.reserve(req))
+    req = holds.build_reserve(user, 1, ttl, None, None, now_ms)
+    return first_call(client.storage.ledger.execute(holds.RESERVE, req))
 
 
 def _ping_loop(port: int, stop: Any, worst: Any) -> None:
@@ -1146,14 +1147,14 @@ def pathological(s: Settings) -> list[Row]:
                 now[0] += 30 * 86_400_000
 
             def buckets() -> None:
-                fill(raw, _scripts.ADD, clocked(
+                fill(raw, charge.ADD.script, clocked(
                     lambda ms: add_call(client, "buckets", 1, timedelta(hours=1), ms),
                     now[0], s.pathological, 0))  # fmt: skip
                 now[0] += 2 * 3_600_000
 
             def holds() -> None:
                 client.add("holds", s.pathological)
-                fill(raw, _scripts.RESERVE, clocked(
+                fill(raw, holds.RESERVE.script, clocked(
                     lambda ms: reserve_call(client, "holds", timedelta(hours=1), ms),
                     now[0], s.pathological, 0))  # fmt: skip
                 now[0] += 2 * 3_600_000
@@ -1351,7 +1352,7 @@ def run(
     try:
         info = machine(raw, url)
         trivial = trivial_call()
-        for script in (*_scripts.ALL, trivial.script):
+        for script in (*_scripts.LOADED.values(), trivial.script):
             if script is None or raw.script_load(script.source) != script.sha:
                 raise RuntimeError(f"Redis hashed script {script} differently")
 

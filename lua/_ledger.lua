@@ -237,6 +237,7 @@ local function burn(st, amount)
 end
 
 -- The reply every operation that records a change returns; also what an idempotency record keeps.
+-- Reply {'OK', id, kind, amount, balance_after, expire_at, idempotency_key, metadata}
 local function tx_reply(id, kind, amount, bal, expire_at, ikey, meta)
   return { 'OK', id, kind, fmt(amount), fmt(bal), expire_at and fmt(expire_at) or '', ikey, meta }
 end
@@ -417,6 +418,8 @@ local function count_usage(st, now, field, amount)
   end
 end
 
+-- Reply {'OK', cycle_id, started_at, ends_at, amount, granted, used, added, status, renew,
+--        rollover, period, tz}
 local function cycle_reply(c, now)
   local status = c.cst
   if now >= tonumber(c.ce) then status = 'e' end
@@ -510,8 +513,8 @@ local function hold_timer_due(st, hold_id, at)
   end
 end
 
+-- Reply {'OK', hold_id, amount, status, created_at, expires_at, captured}
 local function hold_reply(hold_id, rec)
-  -- OK, hold id, amount, status, created, expires, captured
   return { 'OK', hold_id, rec[2], HOLD_STATUS[rec[1]], rec[4], rec[3], rec[5] or '0' }
 end
 

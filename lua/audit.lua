@@ -1,10 +1,10 @@
 --[[ audit.lua: bring the user up to now, then return what the audit compares with its history.
 KEYS  1-9 the user's keys (see _ledger.lua)
-ARGV  1 clock ('' = server TIME) | 2 schedule extension
-Reply {'OK', balance, last history id (as the state knows it), last id in the stream, held,
-       trim mark (entries before it were archived to PostgreSQL and trimmed; '' = none),
-       bucket id, credits left, bucket id, credits left, ...}
-      | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
+ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries)
+Reply {'OK', balance, last (history id as the state knows it), stream_last (last id in the
+       stream), held, trimmed (entries before it were archived to PostgreSQL and trimmed;
+       '' = none), *buckets (bucket id, credits left; each)}
+      | SCHEDULE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets. The history up to the returned id is then read in
 pages by the client: it only grows, so that part cannot change under the audit.
 ]]

@@ -1,8 +1,8 @@
 --[[ balance.lua: bring the user up to now (cycle renewals, expiry), then read the balance.
 Writes only when a cycle renewed or a bucket expired.
 KEYS  1-9 the user's keys (see _ledger.lua)
-ARGV  1 clock ('' = server TIME) | 2 schedule extension
-Reply {'OK', balance} | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
+ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries)
+Reply {'OK', balance} | SCHEDULE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets.
 ]]
 --!include _ledger.lua

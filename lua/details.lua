@@ -1,8 +1,8 @@
 --[[ details.lua: bring the user up to now, then read the balance in detail.
 KEYS  1-9 the user's keys (see _ledger.lua)
-ARGV  1 clock ('' = server TIME) | 2 schedule extension
-Reply {'OK', balance, credit limit, held, bucket id, credits left, priority, bucket id, ...}
-      | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
+ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries)
+Reply {'OK', balance, credit_limit, held, *buckets (bucket id, credits left, priority; each)}
+      | SCHEDULE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets.
 ]]
 --!include _ledger.lua

@@ -1,7 +1,9 @@
 --[[ release.lua: end a hold without charging: every held credit goes back.
 KEYS  1-9 the user's keys (see _ledger.lua)
-ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 hold id (per user)
-Reply hold_reply (status 'released') | {'NO_HOLD'} | {'HOLD_DONE', status} | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
+ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 local_id (hold id
+      within the user)
+Reply hold_reply (status 'released') | {'NO_HOLD'} | {'HOLD_DONE', status}
+      | SCHEDULE | CATCHUP | INCONSISTENT
 History: renewals, holds released by their ttl, expired buckets, then one "l" entry (+amount),
 then an "e" entry for credits whose bucket expired while held.
 ]]

@@ -1,9 +1,10 @@
 --[[ reserve.lua: hold credits for a charge whose size is known later (capture or release).
 KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
-ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 ttl ms | 5 fingerprint
-      6 idempotency retention ms | 7 idempotency key or '' | 8 metadata JSON or ''
-Reply hold_reply + {transaction id of the "r" entry} | {'IDEM_CONFLICT'}
-      | {'INSUFFICIENT', available} | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
+ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount | 4 ttl_ms
+      5 fingerprint | 6 idempotency_ttl_ms | 7 idempotency_key ('' = none)
+      8 metadata_json ('' = none)
+Reply hold_reply + {transaction_id (of the "r" entry)} | {'IDEM_CONFLICT'}
+      | {'INSUFFICIENT', available} | SCHEDULE | CATCHUP | INCONSISTENT
 History: renewals, holds released by their ttl, expired buckets, then one "r" entry (-amount).
 Credits are taken from the available balance in burn order; a hold never uses the credit limit.
 ]]

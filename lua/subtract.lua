@@ -1,9 +1,10 @@
 --[[ subtract.lua: take credits out, soonest-expiring buckets first, all or nothing.
 KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
-ARGV  1 clock ('' = server TIME) | 2 schedule extension | 3 amount | 4 fingerprint
-      5 idempotency retention ms | 6 idempotency key or '' | 7 metadata JSON or ''
-Reply {'OK', id, 's', -amount, balance_after, '', ikey, meta}
-      | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available (balance + credit limit)} | SCHEDULE | CATCHUP | INCONSISTENT | CATCHUP
+ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount | 4 fingerprint
+      5 idempotency_ttl_ms | 6 idempotency_key ('' = none) | 7 metadata_json ('' = none)
+Reply {'OK', id, kind 's', amount (-amount), balance_after, expire_at '', idempotency_key, metadata}
+      | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available (balance + credit limit)}
+      | SCHEDULE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets, then one "s" entry (none when insufficient).
 Counts as `used` in the cycle.
 ]]

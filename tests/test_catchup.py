@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 from credici_redis import CrediciClient
-from credici_redis._core import scripts as _scripts
 from credici_redis._core.keys import user_keys
 from credici_redis._core.protocol import Call, Ledger
+from credici_redis._core.requests import UserRequest
+from credici_redis._ops import account
 from tests.conftest import URL_BACKENDS, FakeClock, raw_redis
 
 MAX_EVENTS = 64
@@ -25,10 +26,10 @@ MAX_EVENTS = 64
 def _one_balance_script(raw: Any, namespace: str, user: str, now_ms: int) -> Any:
     """One BALANCE script, sent once, as the client builds it: its raw reply."""
     ledger = Ledger(namespace, 86_400_000)
-    flow = ledger.balance(user, now_ms)
+    flow = ledger.execute(account.BALANCE, UserRequest(user, now_ms))
     (call,) = next(flow)
-    assert isinstance(call, Call) and call.script is _scripts.BALANCE
-    raw.script_load(_scripts.BALANCE.source)
+    assert isinstance(call, Call) and call.script is account.BALANCE.script
+    raw.script_load(account.BALANCE.script.source)
     return raw.execute_command(*call.args)
 
 

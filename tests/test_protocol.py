@@ -2,31 +2,51 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from redis.exceptions import NoScriptError, ResponseError
 
 from credici_redis._core import protocol as _protocol
-from credici_redis._core.protocol import Call
+from credici_redis._core.codes import REFUSALS, refusal
+from credici_redis._core.protocol import Call, Ledger
+from credici_redis._ops import OPERATIONS, charge
 from credici_redis.errors import (
+    AlreadyReversedError,
+    CaptureExceedsHoldError,
+    CycleNotFoundError,
+    HoldFinishedError,
+    HoldNotFoundError,
     IdempotencyConflictError,
     InsufficientCreditsError,
     InvalidAmountError,
     InvalidExpiryError,
+    NotReversibleError,
     StorageError,
+    TransactionArchivedError,
+    TransactionNotFoundError,
 )
 from credici_redis.storage import to_resend
+
+LEDGER = Ledger("t", 86_400_000)
+
+
+def parse_subtract(reply: object, amount: int = 30, key: str | None = "k1") -> object:
+    """A subtract's reply as the ledger parses it (the operation's reply names, the codes)."""
+    req = charge.build_subtract("alice", amount, key, None, None)
+    return LEDGER.result(charge.SUBTRACT, req, reply)
 
 
 def test_transaction_reply_becomes_a_model() -> None:
     reply = [b"OK", b"1795551726366-0", b"s", b"-30", b"120", b"", b"k1", b'{"a":"b"}']
-    tx = _protocol.parse_transaction("alice", reply, 30, "k1")
+    tx = parse_subtract(reply)
     assert tx.transaction_id == "1795551726366-0@alice"
     assert (tx.kind, tx.amount, tx.balance_after) == ("subtract", -30, 120)
     assert tx.created_at.timestamp() == 1795551726.366
     assert tx.idempotency_key == "k1"
     assert tx.metadata == {"a": "b"}
     # A client with decode_responses=True hands back str.
-    assert _protocol.parse_transaction("alice", [v.decode() for v in reply], 30, "k1") == tx
+    assert parse_subtract([v.decode() for v in reply]) == tx
 
 
 def test_stream_entries_in_either_shape() -> None:
@@ -51,20 +71,56 @@ def test_stream_entries_in_either_shape() -> None:
 )
 def test_coded_replies_become_typed_errors(reply: object, error: type[Exception]) -> None:
     with pytest.raises(error):
-        _protocol.parse_transaction("u", reply, 7, "key")
+        parse_subtract(reply, 7, "key")
 
 
 def test_insufficient_carries_its_facts() -> None:
     with pytest.raises(InsufficientCreditsError) as info:
-        _protocol.parse_transaction("u", [b"INSUFFICIENT", b"6"], 7, None)
-    assert (info.value.user_id, info.value.requested, info.value.available) == ("u", 7, 6)
+        parse_subtract([b"INSUFFICIENT", b"6"], 7, None)
+    assert (info.value.user_id, info.value.requested, info.value.available) == ("alice", 7, 6)
+
+
+def test_every_code_of_every_operation_is_in_the_one_table() -> None:
+    declared = {code for op in OPERATIONS.values() for code in op.refusals}
+    assert declared <= set(REFUSALS), declared - set(REFUSALS)
+    assert set(REFUSALS) <= declared, "a code no operation gives"
+
+
+EXPECTED = {
+    "INSUFFICIENT": InsufficientCreditsError,
+    "IDEM_CONFLICT": IdempotencyConflictError,
+    "EXPIRY_PAST": InvalidExpiryError,
+    "BALANCE_LIMIT": InvalidAmountError,
+    "NO_CYCLE": CycleNotFoundError,
+    "NO_HOLD": HoldNotFoundError,
+    "HOLD_DONE": HoldFinishedError,
+    "HOLD_EXCEEDED": CaptureExceedsHoldError,
+    "NO_TX": TransactionNotFoundError,
+    "ARCHIVED": TransactionArchivedError,
+    "NOT_REVERSIBLE": NotReversibleError,
+    "REVERSED": AlreadyReversedError,
+}
+
+
+@pytest.mark.parametrize("code", sorted(EXPECTED))
+def test_each_code_becomes_its_error_with_the_requests_facts(code: str) -> None:
+    assert set(EXPECTED) == set(REFUSALS)
+    req = SimpleNamespace(
+        user_id="alice", amount=7, idempotency_key="k", hold_id="h1@alice",
+        transaction_id="17-0@alice",
+    )  # fmt: skip
+    error = refusal(req, [code, "5"])
+    assert type(error) is EXPECTED[code]
+    facts = {"user_id": "alice", "hold_id": "h1@alice", "transaction_id": "17-0@alice"}
+    facts |= {"amount": 7, "requested": 7}
+    for name, value in facts.items():  # the facts it carries are the request's
+        assert getattr(error, name, value) == value, (name, error)
 
 
 def test_resend_after_noscript_includes_later_reads_but_never_a_script_that_ran() -> None:
-    from credici_redis._core import scripts as _scripts
 
-    script = Call(("EVALSHA", "x", 0), _scripts.SUBTRACT)
-    other = Call(("EVALSHA", "y", 0), _scripts.ADD)
+    script = Call(("EVALSHA", "x", 0), charge.SUBTRACT.script)
+    other = Call(("EVALSHA", "y", 0), charge.ADD.script)
     read = Call(("XRANGE", "k", "-", "+"))
     calls = [read, other, script, read, other, read]
     replies = [[], [b"OK"], NoScriptError("NOSCRIPT"), [], [b"OK"], []]
@@ -76,11 +132,10 @@ def test_resend_after_noscript_includes_later_reads_but_never_a_script_that_ran(
 def test_error_replies_become_credici_errors_in_their_place() -> None:
     from redis.exceptions import ReadOnlyError
 
-    from credici_redis._core import scripts as _scripts
     from credici_redis.errors import StorageUnavailableError
     from credici_redis.storage import errors_in_place
 
-    call = Call(("EVALSHA", "x", 0), _scripts.SUBTRACT)
+    call = Call(("EVALSHA", "x", 0), charge.SUBTRACT.script)
     wrongtype, readonly = ResponseError("WRONGTYPE"), ReadOnlyError("READONLY")
     out = errors_in_place([call] * 4, [[b"OK"], wrongtype, readonly, NoScriptError("again")])
     assert out[0] == [b"OK"]

@@ -9,6 +9,7 @@ import pytest
 
 from credici_redis._core import requests as _requests
 from credici_redis._core.time import from_ms, to_ms, to_ms_ceil
+from credici_redis._ops import charge, cycles
 from credici_redis.errors import InvalidExpiryError
 
 
@@ -26,15 +27,15 @@ def test_naive_datetimes_are_utc() -> None:
 
 
 def test_fingerprint_separates_requests() -> None:
-    a = _requests.build_subtract("u", 5, "k", None, None)
-    b = _requests.build_subtract("u", 5, "k", {"x": "y"}, None)
-    c = _requests.build_subtract("u", 6, "k", None, None)
+    a = charge.build_subtract("u", 5, "k", None, None)
+    b = charge.build_subtract("u", 5, "k", {"x": "y"}, None)
+    c = charge.build_subtract("u", 6, "k", None, None)
     assert len({a.fingerprint, b.fingerprint, c.fingerprint}) == 3
-    assert a.fingerprint == _requests.build_subtract("u", 5, "k", None, None).fingerprint
+    assert a.fingerprint == charge.build_subtract("u", 5, "k", None, None).fingerprint
     assert ":" not in a.fingerprint  # the idempotency record splits on the first ':'
-    added = _requests.build_add("u", 5, None, timedelta(seconds=1), "k", None, None)
+    added = charge.build_add("u", 5, None, timedelta(seconds=1), "k", None, None)
     assert added.fingerprint != a.fingerprint
-    assert _requests.build_subtract("u", 5, None, None, None).fingerprint == ""
+    assert charge.build_subtract("u", 5, None, None, None).fingerprint == ""
 
 
 def test_metadata_is_canonical_json() -> None:
@@ -44,7 +45,7 @@ def test_metadata_is_canonical_json() -> None:
 
 
 def test_start_cycle_without_user_makes_a_uuid4() -> None:
-    req = _requests.build_start_cycle(
+    req = cycles.build_start_cycle(
         0, 30, None, rollover_=0, renew=False, tz="UTC", key=None, now_ms=None
     )
     assert uuid.UUID(req.user_id).version == 4
@@ -70,3 +71,28 @@ def test_expire_at_and_ttl_are_exclusive() -> None:
     with pytest.raises(InvalidExpiryError):
         _requests.expiry(datetime(2030, 1, 1), timedelta(days=1))
     assert _requests.expiry(None, timedelta(seconds=2)) == (None, 2000)
+
+
+def test_fingerprints_are_those_stored_records_were_made_with() -> None:
+    """An idempotency record keeps its request's fingerprint for a day: the operations' specs
+    must make exactly the fingerprints the previous code did, or a retry across an upgrade is
+    refused as a conflict (values computed by the code before issue 16's operation specs)."""
+    from credici_redis._ops import holds, reverse
+
+    assert charge.build_subtract("u", 5, "k", {"x": "y"}, None).fingerprint == (
+        "190fd10668ef3ecbecdfea9b325a7305"
+    )
+    added = charge.build_add("u", 5, None, timedelta(seconds=1), "k", None, None, 3)
+    assert added.fingerprint == "7ad2acbc7d42fe0a26f2a88f2a3d508c"
+    reserved = holds.build_reserve("u", 5, timedelta(seconds=9), "k", None, None)
+    assert reserved.fingerprint == "a3c5600e85bf6449c7b75dd653e32123"
+    assert holds.build_capture("h3@u", 2, "k", None).fingerprint == (
+        "fd9c1cced89b6474c9c0c5ec3fbbbc8f"
+    )
+    assert reverse.build_reverse("17-0@u", "k", None).fingerprint == (
+        "6e432d786bc209f57ef951e455dbbbbe"
+    )
+    cycle = cycles.build_start_cycle(
+        5, 30, "u", rollover_=None, renew=True, tz="UTC", key="k", now_ms=None
+    )
+    assert cycle.fingerprint == "bb3cebeedc0c6750ba4a326cc1cd6c0c"

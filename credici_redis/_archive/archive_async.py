@@ -35,8 +35,8 @@ from credici_redis._archive.base import (
 )
 from credici_redis._core import keys as _keys
 from credici_redis._core.protocol import entry_key, parse_entry
-from credici_redis._core.requests import HistoryRequest
 from credici_redis._core.time import from_ms
+from credici_redis._ops.history import HistoryRequest
 from credici_redis._storages import cluster as _cluster
 from credici_redis._storages.pg_history import Entry, history_row, pg_text
 from credici_redis._storages.redis_async import AsyncRedisStorage

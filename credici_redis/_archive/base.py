@@ -13,19 +13,19 @@ from typing import Any
 
 import psycopg
 
-from credici_redis._clients.base import merge as merge  # credici_redis.archive exports it
 from credici_redis._core import keys as _keys
-from credici_redis._core import scripts as _scripts
 from credici_redis._core.protocol import (
     Call,
     Flow,
-    _fields,
-    _sent,
     entry_key,
+    sent,
+    stream_fields,
     text,
 )
-from credici_redis._core.requests import HistoryRequest
+from credici_redis._core.scripts import Script, load
 from credici_redis._core.time import from_ms
+from credici_redis._ops.history import HistoryRequest
+from credici_redis._ops.history import merge as merge  # credici_redis.archive exports it
 from credici_redis._storages.pg_history import (
     INSERT_HISTORY,
     Entry,
@@ -38,6 +38,11 @@ from credici_redis.errors import (
     StorageError,
     StorageUnavailableError,
 )
+
+ARCHIVE_PENDING = load("archive_pending", effect=False)
+ARCHIVE_DONE = load("archive_done", effect=False)  # compare-and-set on the archived-up-to id
+ARCHIVE_SCAN = load("archive_scan", effect=False)
+ARCHIVE_LAG = load("archive_lag", effect=False)
 
 SLOTS_PER_ROUND = 1024
 """Slot outboxes read per pipeline."""
@@ -95,12 +100,12 @@ class _Pending:
 
 
 def _server_ms() -> Flow[int]:
-    (reply,) = yield from _sent([Call(("TIME",))])
+    (reply,) = yield from sent([Call(("TIME",))])
     return int(text(reply[0])) * 1000 + int(text(reply[1])) // 1000
 
 
 def _script_call(
-    namespace: str, script: _scripts.Script, user_id: str, extra: Sequence[str], argv: Sequence[str]
+    namespace: str, script: Script, user_id: str, extra: Sequence[str], argv: Sequence[str]
 ) -> Call:
     keys = [*_keys.user_keys(namespace, user_id), *extra]
     return Call(("EVALSHA", script.sha, len(keys), *keys, *argv), script)
@@ -117,8 +122,8 @@ def _due_users(
     full = False
     if not cluster:  # one script call for all these slots
         keys = [*outboxes, *queues]
-        script = _scripts.ARCHIVE_SCAN
-        (reply,) = yield from _sent(
+        script = ARCHIVE_SCAN
+        (reply,) = yield from sent(
             [Call(("EVALSHA", script.sha, len(keys), *keys, count, horizon_ms), script)]
         )
         full, members = bool(int(reply[0])), reply[1:]
@@ -127,7 +132,7 @@ def _due_users(
         for outbox, queue in zip(outboxes, queues, strict=True):
             calls.append(Call(("ZRANGE", outbox, 0, count - 1)))
             calls.append(Call(("ZRANGEBYSCORE", queue, "-inf", horizon_ms, "LIMIT", 0, count)))
-        replies = yield from _sent(calls)
+        replies = yield from sent(calls)
         full = any(len(reply) >= count for reply in replies)
         members = [member for reply in replies for member in reply]
     users = {_keys.user_from_key(namespace, text(member)): None for member in members}
@@ -135,15 +140,13 @@ def _due_users(
 
 
 def _pending(namespace: str, users: list[str], count: int) -> Flow[list[_Pending]]:
-    calls = [
-        _script_call(namespace, _scripts.ARCHIVE_PENDING, user, (), (str(count),)) for user in users
-    ]
-    replies = yield from _sent(calls)
+    calls = [_script_call(namespace, ARCHIVE_PENDING, user, (), (str(count),)) for user in users]
+    replies = yield from sent(calls)
     found = []
     for user, reply in zip(users, replies, strict=True):
         pending = _Pending(user, text(reply[0]))
         for i in range(2, len(reply), 2):
-            pending.entries.append((text(reply[i]), _fields(reply[i + 1])))
+            pending.entries.append((text(reply[i]), stream_fields(reply[i + 1])))
         found.append(pending)
     return found
 
@@ -155,8 +158,8 @@ def _done(namespace: str, batch: list[_Pending], keep_ms: int) -> Flow[int]:
         upto = p.entries[-1][0] if p.entries else ""
         trim_queue = _keys.trim_queue(namespace, _keys.user_slot(p.user_id))
         argv = ("", p.archived, upto, str(len(p.entries)), str(keep_ms))
-        calls.append(_script_call(namespace, _scripts.ARCHIVE_DONE, p.user_id, (trim_queue,), argv))
-    replies = yield from _sent(calls)
+        calls.append(_script_call(namespace, ARCHIVE_DONE, p.user_id, (trim_queue,), argv))
+    replies = yield from sent(calls)
     trimmed = 0
     for reply in replies:
         if text(reply[0]) == "OK":
@@ -175,9 +178,9 @@ def _lag(namespace: str, cluster: bool) -> Flow[ArchiveLag]:
         if cluster:  # no call may cross a slot
             calls = [Call(("ZRANGE", outbox, 0, -1, "WITHSCORES")) for outbox in outboxes]
         else:  # one script call for all these slots
-            script = _scripts.ARCHIVE_LAG
+            script = ARCHIVE_LAG
             calls = [Call(("EVALSHA", script.sha, len(outboxes), *outboxes), script)]
-        replies = yield from _sent(calls)
+        replies = yield from sent(calls)
         for reply in replies:
             pairs = _pairs(reply)
             for member, score in pairs:
@@ -186,7 +189,7 @@ def _lag(namespace: str, cluster: bool) -> Flow[ArchiveLag]:
     entries = 0
     for i in range(0, len(pending_users), 500):
         chunk = pending_users[i : i + 500]
-        replies = yield from _sent(
+        replies = yield from sent(
             [Call(("HGET", _keys.user_keys(namespace, u).state, "pn")) for u in chunk]
         )
         entries += sum(max(int(text(r)), 0) for r in replies if r is not None)

@@ -12,10 +12,11 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from credici_redis._clients.base import AddItem, ClientBase, Clock, SubtractItem, UserId, merge
-from credici_redis._core import requests as _requests
+from credici_redis._clients.base import AddItem, ClientBase, Clock, SubtractItem, UserId
+from credici_redis._core import requests as check
+from credici_redis._ops import account, audit, charge, cycles, history, holds, reverse
 from credici_redis._storages.connect import DEFAULT_TIMEOUT, open_storage
-from credici_redis.errors import CrediciError
+from credici_redis.errors import CrediciError, InconsistentStateError
 from credici_redis.models import (
     AuditReport,
     BalanceDetails,
@@ -116,11 +117,10 @@ class CrediciClient(ClientBase):
         Burn order: priority ascending, then soonest expiry, never-expiring last, then oldest.
         A debt (see set_credit_limit) is repaid first.
         """
-        return self.storage.add(
-            _requests.build_add(
-                user_id, amount, expire_at, ttl, idempotency_key, metadata, self._now(), priority
-            )
+        req = charge.build_add(
+            user_id, amount, expire_at, ttl, idempotency_key, metadata, self._now(), priority
         )
+        return self.storage.execute(charge.ADD, req)
 
     def subtract(
         self,
@@ -131,25 +131,25 @@ class CrediciClient(ClientBase):
         metadata: dict[str, str] | None = None,
     ) -> Transaction:
         """Take `amount` credits, soonest-expiring first; all or nothing."""
-        return self.storage.subtract(
-            _requests.build_subtract(user_id, amount, idempotency_key, metadata, self._now())
-        )
+        req = charge.build_subtract(user_id, amount, idempotency_key, metadata, self._now())
+        return self.storage.execute(charge.SUBTRACT, req)
 
     def add_many(self, items: Iterable[AddItem]) -> list[Transaction | CrediciError]:
         """Many adds in one round trip. An item is (user_id, amount[, expire_at]) or a mapping
         with the keys of `add`; each result, in order, is its Transaction or the error it got."""
-        reqs = _requests.build_many(items, _requests.build_add_item, self._now())
-        return self.storage.add_many(reqs)
+        reqs = charge.build_many(items, charge.build_add_item, self._now())
+        return self.storage.execute_many(charge.ADD, reqs)
 
     def subtract_many(self, items: Iterable[SubtractItem]) -> list[Transaction | CrediciError]:
         """Many subtracts in one round trip. An item is (user_id, amount) or a mapping with the
         keys of `subtract`; each result, in order, is its Transaction or the error it got."""
-        reqs = _requests.build_many(items, _requests.build_subtract_item, self._now())
-        return self.storage.subtract_many(reqs)
+        reqs = charge.build_many(items, charge.build_subtract_item, self._now())
+        return self.storage.execute_many(charge.SUBTRACT, reqs)
 
     def get_balance(self, user_id: UserId) -> int:
         """Credits available now (expired buckets excluded). Cost does not grow with history."""
-        return self.storage.balance(_requests.user_id(user_id), self._now())
+        req = account.build_user(user_id, self._now())
+        return self.storage.execute(account.BALANCE, req)
 
     def start_cycle(
         self,
@@ -169,21 +169,21 @@ class CrediciClient(ClientBase):
         renew: start the next period by itself, on the original schedule, at the next operation.
         With no user_id a new user (a uuid4) is created; `Cycle.user_id` tells which.
         """
-        req = _requests.build_start_cycle(
+        req = cycles.build_start_cycle(
             amount, time_delta, user_id, rollover_=rollover, renew=renew, tz=tz,
             key=idempotency_key, now_ms=self._now(),
         )  # fmt: skip
-        return self.storage.start_cycle(req)
+        return self.storage.execute(cycles.START_CYCLE, req)
 
     def get_cycle(self, user_id: UserId) -> Cycle | None:
         """The user's current (or last) cycle, renewed up to now; None if it never had one."""
-        return self.storage.get_cycle(_requests.user_id(user_id), self._now())
+        req = account.build_user(user_id, self._now())
+        return self.storage.execute(cycles.GET_CYCLE, req)
 
     def cancel_cycle(self, user_id: UserId, *, forfeit: bool = False) -> Cycle:
         """Stop renewal; the grant stays until the cycle's end, or expires now with forfeit."""
-        return self.storage.cancel_cycle(
-            _requests.user_id(user_id), _requests.flag("forfeit", forfeit), self._now()
-        )
+        req = cycles.build_cancel_cycle(user_id, forfeit, self._now())
+        return self.storage.execute(cycles.CANCEL_CYCLE, req)
 
     def get_all_user_transactions(
         self, user_id: UserId, *, limit: int | None = None, before: str | None = None
@@ -191,7 +191,7 @@ class CrediciClient(ClientBase):
         """The user's history, newest first: all of it, or at most `limit` entries (up to
         100,000) older than the transaction `before`. To read a long history in bounded
         memory, page with `before=` the last one returned, or use iter_user_transactions."""
-        req = _requests.build_history(
+        req = history.build_history(
             user_id, None, None, self._now(), period=False, limit=limit, before=before
         )
         return self._history(req)
@@ -207,7 +207,7 @@ class CrediciClient(ClientBase):
     ) -> list[Transaction]:
         """History entries with from_ <= created_at <= to_ (naive = UTC), newest first; `limit`
         and `before` as for get_all_user_transactions."""
-        req = _requests.build_history(
+        req = history.build_history(
             user_id, from_, to_, self._now(), period=True, limit=limit, before=before
         )
         return self._history(req)
@@ -225,7 +225,7 @@ class CrediciClient(ClientBase):
         period = from_ is not None or to_ is not None
         before: str | None = None
         while True:
-            req = _requests.build_history(
+            req = history.build_history(
                 user_id, from_, to_, self._now(), period=period, limit=page_size, before=before
             )
             page = self._history(req)
@@ -235,8 +235,8 @@ class CrediciClient(ClientBase):
                 return
             before = page[-1].transaction_id
 
-    def _history(self, req: _requests.HistoryRequest) -> list[Transaction]:
-        recent = self.storage.history(req)
+    def _history(self, req: history.HistoryRequest) -> list[Transaction]:
+        recent = self.storage.execute(history.HISTORY, req)
         if self.archive is None or (req.limit is not None and len(recent) >= req.limit):
             return recent
         # Redis first: an entry trimmed after this read was committed to PostgreSQL before.
@@ -244,21 +244,21 @@ class CrediciClient(ClientBase):
         if req.limit is not None and recent:
             last = recent[-1].transaction_id.partition("@")[0]
             req = replace(req, before=last, limit=req.limit - len(recent))
-        return merge(recent, self.archive.history(req))
+        return history.merge(recent, self.archive.history(req))
 
     def reserve(
         self,
         user_id: UserId,
         amount: int,
         *,
-        ttl: timedelta = _requests.DEFAULT_HOLD_TTL,
+        ttl: timedelta = holds.DEFAULT_HOLD_TTL,
         idempotency_key: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> Hold:
         """Hold `amount` credits (out of the available balance, in burn order) until capture,
         release, or `ttl`, after which the next operation on the user releases them."""
-        req = _requests.build_reserve(user_id, amount, ttl, idempotency_key, metadata, self._now())
-        return self.storage.reserve(req)
+        req = holds.build_reserve(user_id, amount, ttl, idempotency_key, metadata, self._now())
+        return self.storage.execute(holds.RESERVE, req)
 
     def capture(
         self, hold_id: str, amount: int | None = None, *, idempotency_key: str | None = None
@@ -267,36 +267,41 @@ class CrediciClient(ClientBase):
 
         The Transaction's `captured` is the charge, its `amount` what came back.
         """
-        req = _requests.build_capture(hold_id, amount, idempotency_key, self._now())
-        return self.storage.capture(req)
+        req = holds.build_capture(hold_id, amount, idempotency_key, self._now())
+        return self.storage.execute(holds.CAPTURE, req)
 
     def release(self, hold_id: str) -> Hold:
         """Give every held credit back; once per hold."""
-        user, local = _requests.hold(hold_id)
-        return self.storage.release(user, local, self._now())
+        req = holds.build_hold(hold_id, self._now())
+        return self.storage.execute(holds.RELEASE, req)
+
+    def get_hold(self, hold_id: str) -> Hold:
+        """The hold as it is now (an expired one is released first). HoldNotFoundError once it
+        ended more than a day ago."""
+        req = holds.build_hold(hold_id, self._now())
+        return self.storage.execute(holds.GET_HOLD, req)
 
     def reverse(self, transaction_id: str, *, idempotency_key: str | None = None) -> Transaction:
         """Undo a subtract or capture (credits back to their buckets, unless those expired:
         see `unrestored`) or an add (what is left of it is removed). Once per transaction."""
-        req = _requests.build_reverse(transaction_id, idempotency_key, self._now())
-        return self.storage.reverse(req)
+        req = reverse.build_reverse(transaction_id, idempotency_key, self._now())
+        return self.storage.execute(reverse.REVERSE, req)
 
     def get_balance_details(self, user_id: UserId) -> BalanceDetails:
         """Balance, debt, credit limit and the buckets in burn order."""
-        return self.storage.balance_details(_requests.user_id(user_id), self._now())
+        req = account.build_user(user_id, self._now())
+        return self.storage.execute(account.DETAILS, req)
 
     def set_credit_limit(self, user_id: UserId, limit: int) -> None:
         """Allow the balance down to -limit (0, the default: no overdraft)."""
-        return self.storage.set_credit_limit(
-            _requests.user_id(user_id), _requests.credit_limit(limit), self._now()
-        )
+        req = account.build_credit_limit(user_id, limit, self._now())
+        return self.storage.execute(account.SET_CREDIT_LIMIT, req)
 
     def set_low_balance_threshold(self, user_id: UserId, threshold: int | None) -> None:
         """Ask for events when the user's balance falls below `threshold` (or to 0);
         None: no events for this user (the default)."""
-        return self.storage.set_low_balance_threshold(
-            _requests.user_id(user_id), _requests.threshold(threshold), self._now()
-        )
+        req = account.build_threshold(user_id, threshold, self._now())
+        return self.storage.execute(account.SET_LOW_BALANCE_THRESHOLD, req)
 
     def events(
         self,
@@ -312,17 +317,28 @@ class CrediciClient(ClientBase):
         `group` (each event goes to one of them). At least once: an event is acknowledged when
         you come back for the next one; one a consumer never acknowledged is taken over after
         `claim_after` seconds. Stops after `idle_timeout` seconds without events (None: never)."""
-        names = _requests.consumer_name(group, consumer)
-        reading = _requests.event_reading(batch, poll, claim_after, idle_timeout)
+        names = check.consumer_name(group, consumer)
+        reading = check.event_reading(batch, poll, claim_after, idle_timeout)
         return self.storage.events(*names, reading)
 
     def audit(self, user_id: UserId) -> AuditReport:
         """Rebuild the balance and every bucket from the history; report any difference."""
-        return self.storage.audit(_requests.user_id(user_id), self._now(), self.archive)
+        req = account.build_user(user_id, self._now())
+        try:
+            snapshot = self.storage.execute(audit.AUDIT, req)
+        except InconsistentStateError as exc:
+            return AuditReport(
+                user_id=req.user_id, ok=False, balance=0, history_balance=0, entries=0,
+                buckets=0, problems=[str(exc)],
+            )  # fmt: skip
+        if self.archive is None or not snapshot.trimmed:
+            return snapshot.report(())
+        # Read after the snapshot: whatever Redis trimmed before it is in PostgreSQL by now.
+        return snapshot.report(self.archive.entries_before(req.user_id, snapshot.trimmed))
 
     def scan_users(self, batch: int = 500) -> Iterator[list[str]]:
         """Every user of the namespace, `batch` at a time (SCAN: never blocks Redis for long)."""
-        return self.storage.scan_users(_requests.batch_size(batch))
+        return self.storage.scan_users(check.batch_size(batch))
 
     def close(self) -> None:
         self.storage.close()

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from credici_redis._core.time import NEVER_MS
 from credici_redis.models import AuditReport
-
-NEVER_MS = 999_999_999_999_999
 
 
 def replay(

@@ -118,6 +118,19 @@ def events_pattern(namespace: str) -> str:
     return f"{namespace}:{{%S*}}:ev"
 
 
+def events_key(namespace: str, tag: str) -> str:
+    """The event stream of the slot whose hash tag is `tag`."""
+    return f"{namespace}:{{{tag}}}:ev"
+
+
+def events_tag(namespace: str, stream: str) -> str:
+    """The slot's hash tag of an event stream key (`events_key`'s inverse)."""
+    inner = stream.removeprefix(f"{namespace}:{{").removesuffix("}:ev")
+    if events_key(namespace, inner) != stream:
+        raise ValueError(f"{stream!r} is not an event stream of namespace {namespace!r}")
+    return inner
+
+
 def idempotency_key(namespace: str, user_id: str, key: str) -> str:
     return f"{namespace}:{{{user_tag(user_id)}}}:i:{key}"
 

@@ -1,6 +1,7 @@
-"""Validated requests: every public argument is checked here, before anything is sent.
+"""The checks of every public argument, made before anything is sent (pure code).
 
-Pure code shared by both clients and every storage. A request that leaves this module is well
+Each operation's request type and builder are in its family module (`credici_redis._ops`); the
+builders check each argument with the functions here. A request that leaves a builder is well
 formed; what only the storage can judge (an expiry against the server's clock, the balance) is
 judged inside the storage's atomic operation.
 """
@@ -13,25 +14,21 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
-from credici_redis._core.keys import parse_hold_id, parse_transaction_id
-from credici_redis._core.schedule import CALENDAR_PERIODS, zone
-from credici_redis._core.time import duration_ms, to_ms, to_ms_ceil
+from credici_redis._core.keys import parse_hold_id
+from credici_redis._core.schedule import CALENDAR_PERIODS
+from credici_redis._core.time import duration_ms, to_ms
 from credici_redis.errors import (
-    CrediciError,
     InvalidAmountError,
     InvalidCycleError,
     InvalidExpiryError,
     InvalidIdempotencyKeyError,
     InvalidInputError,
     InvalidMetadataError,
-    InvalidPeriodError,
     InvalidPriorityError,
-    InvalidTimeZoneError,
     InvalidUserIdError,
     StorageError,
 )
@@ -44,77 +41,6 @@ MAX_IDEMPOTENCY_KEY_CHARS = 256
 MAX_METADATA_ITEMS = 64
 MAX_METADATA_BYTES = 4096
 MAX_TTL = timedelta(days=365 * 1000)
-
-
-@dataclass(frozen=True, slots=True)
-class AddRequest:
-    user_id: str
-    amount: int
-    expire_at_ms: int | None
-    ttl_ms: int | None
-    idempotency_key: str | None
-    fingerprint: str
-    metadata_json: str
-    now_ms: int | None
-    priority: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class SubtractRequest:
-    user_id: str
-    amount: int
-    idempotency_key: str | None
-    fingerprint: str
-    metadata_json: str
-    now_ms: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class StartCycleRequest:
-    user_id: str
-    amount: int
-    period: str
-    """The period as given, encoded: "days:N", "us:N", or a calendar period name."""
-    duration_ms: int | None
-    """Fixed periods only; None for a calendar period."""
-    tz: str
-    renew: bool
-    rollover: int | None
-    idempotency_key: str | None
-    fingerprint: str
-    now_ms: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class ReserveRequest:
-    user_id: str
-    amount: int
-    ttl_ms: int
-    idempotency_key: str | None
-    fingerprint: str
-    metadata_json: str
-    now_ms: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class CaptureRequest:
-    hold_id: str
-    user_id: str
-    local_id: str
-    amount: int | None
-    idempotency_key: str | None
-    fingerprint: str
-    now_ms: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class ReverseRequest:
-    transaction_id: str
-    user_id: str
-    entry_id: str
-    idempotency_key: str | None
-    fingerprint: str
-    now_ms: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,16 +57,11 @@ class EventReading:
 
 
 @dataclass(frozen=True, slots=True)
-class HistoryRequest:
-    """A history read, newest first: entries with from_ms <= time <= to_ms, older than the
-    entry `before` (a history entry id, exclusive), at most `limit` of them (None: all)."""
+class UserRequest:
+    """An operation on a user that takes nothing else (a read: balance, cycle, details, audit)."""
 
     user_id: str
-    from_ms: int | None
-    to_ms: int | None
     now_ms: int | None
-    limit: int | None = None
-    before: str | None = None
 
 
 def user_id(value: object) -> str:
@@ -337,202 +258,9 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
-KeyedRequest = TypeVar(
-    "KeyedRequest",
-    AddRequest,
-    SubtractRequest,
-    StartCycleRequest,
-    ReserveRequest,
-    CaptureRequest,
-    ReverseRequest,
-)
-
-
-def keyed(req: KeyedRequest, key: str | None) -> KeyedRequest:
-    """The request under idempotency key `key` (None: no key), with its fingerprint."""
-    if key is None:
-        return replace(req, idempotency_key=None, fingerprint="")
-    if isinstance(req, AddRequest):
-        fp = fingerprint(
-            "add", req.amount, req.expire_at_ms, req.ttl_ms, req.metadata_json, req.priority
-        )
-    elif isinstance(req, SubtractRequest):
-        fp = fingerprint("subtract", req.amount, req.metadata_json)
-    elif isinstance(req, ReserveRequest):
-        fp = fingerprint("reserve", req.amount, req.ttl_ms, req.metadata_json)
-    elif isinstance(req, CaptureRequest):
-        fp = fingerprint("capture", req.local_id, req.amount)
-    elif isinstance(req, ReverseRequest):
-        fp = fingerprint("reverse", req.entry_id)
-    else:
-        fp = fingerprint("start_cycle", req.amount, req.period, req.tz, req.renew, req.rollover)
-    return replace(req, idempotency_key=key, fingerprint=fp)
-
-
 def generated_key() -> str:
     """For automatic retries of a call given no key: made once per call, so retries apply once."""
     return f"auto:{uuid.uuid4().hex}"
-
-
-def build_add(
-    user: object,
-    credits: object,
-    expire_at: object,
-    ttl: object,
-    key: object,
-    meta: object,
-    now_ms: int | None,
-    rank: object = 0,
-) -> AddRequest:
-    uid, n = user_id(user), amount(credits)
-    exp_ms, ttl_ms = expiry(expire_at, ttl)
-    ikey, meta_json = idempotency_key(key), metadata(meta)
-    req = AddRequest(uid, n, exp_ms, ttl_ms, None, "", meta_json, now_ms, priority(rank))
-    return keyed(req, ikey)
-
-
-def build_subtract(
-    user: object, credits: object, key: object, meta: object, now_ms: int | None
-) -> SubtractRequest:
-    uid, n = user_id(user), amount(credits)
-    ikey, meta_json = idempotency_key(key), metadata(meta)
-    return keyed(SubtractRequest(uid, n, None, "", meta_json, now_ms), ikey)
-
-
-def build_start_cycle(
-    credits: object,
-    time_delta: object,
-    user: object,
-    *,
-    rollover_: object,
-    renew: object,
-    tz: object,
-    key: object,
-    now_ms: int | None,
-) -> StartCycleRequest:
-    n = amount(credits, allow_zero=True)
-    period, duration = cycle_period(time_delta)
-    keep = rollover(rollover_)
-    renews = flag("renew", renew)
-    if not isinstance(tz, str):
-        raise InvalidTimeZoneError(f"tz must be an IANA time zone name, got {tz!r}")
-    zone(tz)
-    uid = str(uuid.uuid4()) if user is None else user_id(user)
-    ikey = idempotency_key(key)
-    req = StartCycleRequest(uid, n, period, duration, tz, renews, keep, None, "", now_ms)
-    return keyed(req, ikey)
-
-
-MAX_HISTORY_LIMIT = 100_000
-"""The most entries one history read returns when a limit is given; page on with `before`."""
-
-
-def build_history(
-    user: object,
-    from_: object,
-    to_: object,
-    now_ms: int | None,
-    *,
-    period: bool,
-    limit: object = None,
-    before: object = None,
-) -> HistoryRequest:
-    uid = user_id(user)
-    if limit is not None and (type(limit) is not int or not 1 <= limit <= MAX_HISTORY_LIMIT):
-        raise InvalidInputError(f"limit must be an int from 1 to {MAX_HISTORY_LIMIT}, or None")
-    entry = None
-    if before is not None:
-        if not isinstance(before, str):
-            raise InvalidInputError("before must be a transaction id (str) of this user")
-        owner, entry = parse_transaction_id(before)
-        if owner != uid:
-            raise InvalidInputError(f"before={before!r} is a transaction of another user")
-    if not period:
-        return HistoryRequest(uid, None, None, now_ms, limit, entry)
-    for name, value in (("from_", from_), ("to_", to_)):
-        if not isinstance(value, datetime):
-            raise InvalidPeriodError(f"{name} must be a datetime, not {type(value).__name__}")
-    assert isinstance(from_, datetime) and isinstance(to_, datetime)
-    try:
-        return HistoryRequest(uid, to_ms_ceil(from_), to_ms(to_), now_ms, limit, entry)
-    except OverflowError as exc:  # an aware time whose UTC is outside datetime's range
-        raise InvalidPeriodError(f"from_ {from_} or to_ {to_} is out of range") from exc
-
-
-SUBTRACT_ITEM_KEYS = frozenset({"user_id", "amount", "idempotency_key", "metadata"})
-ADD_ITEM_KEYS = frozenset(
-    {"user_id", "amount", "expire_at", "ttl", "idempotency_key", "metadata", "priority"}
-)
-
-
-def _item_fields(item: object, keys: frozenset[str], positional: int) -> dict[str, Any]:
-    if isinstance(item, Mapping):
-        unknown = set(item) - keys
-        if unknown:
-            raise InvalidInputError(f"unknown item keys {sorted(map(str, unknown))}")
-        return dict(item)
-    if isinstance(item, tuple) and 2 <= len(item) <= positional:
-        return dict(zip(("user_id", "amount", "expire_at"), item, strict=False))
-    raise InvalidInputError(
-        f"an item is a (user_id, amount) tuple or a mapping with keys from {sorted(keys)}"
-    )
-
-
-def build_subtract_item(item: object, now_ms: int | None) -> SubtractRequest:
-    f = _item_fields(item, SUBTRACT_ITEM_KEYS, 2)
-    return build_subtract(
-        f.get("user_id"), f.get("amount"), f.get("idempotency_key"), f.get("metadata"), now_ms
-    )
-
-
-def build_add_item(item: object, now_ms: int | None) -> AddRequest:
-    f = _item_fields(item, ADD_ITEM_KEYS, 3)
-    return build_add(
-        f.get("user_id"), f.get("amount"), f.get("expire_at"), f.get("ttl"),
-        f.get("idempotency_key"), f.get("metadata"), now_ms, f.get("priority", 0),
-    )  # fmt: skip
-
-
-Built = TypeVar("Built", AddRequest, SubtractRequest)
-
-
-def build_many(
-    items: object, build: Callable[[object, int | None], Built], now_ms: int | None
-) -> list[Built | CrediciError]:
-    """One request per item; an item with bad input becomes its error, the others go ahead."""
-    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
-        raise InvalidInputError("items must be an iterable of items")
-    built: list[Built | CrediciError] = []
-    for item in items:
-        try:
-            built.append(build(item, now_ms))
-        except InvalidInputError as error:
-            built.append(error)
-    return built
-
-
-DEFAULT_HOLD_TTL = timedelta(minutes=5)
-
-
-def build_reserve(
-    user: object, credits: object, ttl: object, key: object, meta: object, now_ms: int | None
-) -> ReserveRequest:
-    uid, n = user_id(user), amount(credits)
-    if not isinstance(ttl, timedelta):
-        raise InvalidExpiryError(f"ttl must be a timedelta, not {type(ttl).__name__}")
-    _, ttl_ms = expiry(None, ttl)
-    assert ttl_ms is not None
-    ikey, meta_json = idempotency_key(key), metadata(meta)
-    return keyed(ReserveRequest(uid, n, ttl_ms, None, "", meta_json, now_ms), ikey)
-
-
-def build_capture(hold: object, credits: object, key: object, now_ms: int | None) -> CaptureRequest:
-    if not isinstance(hold, str):
-        raise InvalidInputError(f"hold_id must be a str, not {type(hold).__name__}")
-    uid, local = parse_hold_id(hold)
-    n = None if credits is None else amount(credits)
-    ikey = idempotency_key(key)
-    return keyed(CaptureRequest(hold, user_id(uid), local, n, None, "", now_ms), ikey)
 
 
 def hold(value: object) -> tuple[str, str]:
@@ -541,14 +269,6 @@ def hold(value: object) -> tuple[str, str]:
         raise InvalidInputError(f"hold_id must be a str, not {type(value).__name__}")
     uid, local = parse_hold_id(value)
     return user_id(uid), local
-
-
-def build_reverse(transaction: object, key: object, now_ms: int | None) -> ReverseRequest:
-    if not isinstance(transaction, str):
-        raise InvalidInputError(f"transaction_id must be a str, not {type(transaction).__name__}")
-    uid, entry = parse_transaction_id(transaction)
-    ikey = idempotency_key(key)
-    return keyed(ReverseRequest(transaction, user_id(uid), entry, None, "", now_ms), ikey)
 
 
 def threshold(value: object) -> int | None:

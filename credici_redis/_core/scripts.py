@@ -27,6 +27,13 @@ class Script:
     Scripts without an effect only bring a user up to now (expiry, renewal), which is the same
     however often it runs.
     """
+    write: bool = True
+    """A write the caller is told about: with durability="replica", a WAIT follows it. A read
+    (balance, details...) writes only what any later call would write again: no WAIT."""
+
+
+LOADED: dict[str, Script] = {}
+"""Every script loaded so far, by name (the operations and the archiver load theirs)."""
 
 
 def _lua_dir() -> Path:
@@ -44,34 +51,10 @@ def _expand(directory: Path, name: str, seen: tuple[str, ...] = ()) -> str:
     return _INCLUDE.sub(lambda m: _expand(directory, m.group(1), (*seen, name)), text)
 
 
-def load(name: str, *, effect: bool) -> Script:
+def load(name: str, *, effect: bool, write: bool = True) -> Script:
+    """The script lua/<name>.lua, includes expanded; loaded once per name."""
     source = _expand(_lua_dir(), f"{name}.lua")
-    return Script(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest(), effect)
-
-
-ADD = load("add", effect=True)
-SUBTRACT = load("subtract", effect=True)
-BALANCE = load("balance", effect=False)
-START_CYCLE = load("start_cycle", effect=True)
-CYCLE = load("cycle", effect=False)
-CANCEL_CYCLE = load("cancel_cycle", effect=True)
-AUDIT = load("audit", effect=False)
-DETAILS = load("details", effect=False)
-SET_CREDIT_LIMIT = load("set_credit_limit", effect=False)  # setting it twice is setting it once
-
-RESERVE = load("reserve", effect=True)
-CAPTURE = load("capture", effect=True)
-RELEASE = load("release", effect=False)  # a second release has no effect: safe to repeat
-REVERSE = load("reverse", effect=True)
-SET_LOW_BALANCE_THRESHOLD = load("set_low_balance_threshold", effect=False)
-
-ARCHIVE_PENDING = load("archive_pending", effect=False)
-ARCHIVE_DONE = load("archive_done", effect=False)  # compare-and-set on the archived-up-to id
-ARCHIVE_SCAN = load("archive_scan", effect=False)
-ARCHIVE_LAG = load("archive_lag", effect=False)
-
-ALL = (
-    ADD, SUBTRACT, BALANCE, START_CYCLE, CYCLE, CANCEL_CYCLE, AUDIT, DETAILS, SET_CREDIT_LIMIT,
-    RESERVE, CAPTURE, RELEASE, REVERSE, SET_LOW_BALANCE_THRESHOLD, ARCHIVE_PENDING, ARCHIVE_DONE,
-    ARCHIVE_SCAN, ARCHIVE_LAG,
-)  # fmt: skip
+    script = Script(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest(), effect, write)
+    if LOADED.setdefault(name, script) != script:
+        raise RuntimeError(f"credici-redis: script {name} loaded twice, differently")
+    return script

@@ -6,6 +6,9 @@ from datetime import datetime, timedelta, timezone
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
+NEVER_MS = 999_999_999_999_999
+"""The expiry of a bucket that never expires (15 nines: bucket ids start with their expiry)."""
+
 
 def as_utc(moment: datetime) -> datetime:
     """A naive datetime is read as UTC (as in the seed README); an aware one is converted."""

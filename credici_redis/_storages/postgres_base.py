@@ -64,14 +64,6 @@ TABLES = (
     "credici_event_groups",
     "credici_event_pending",
 )
-TABLES = (
-    "credici_history",
-    "credici_user_state",
-    "credici_idempotency",
-    "credici_events",
-    "credici_event_groups",
-    "credici_event_pending",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +184,7 @@ class PostgresLedger:
         prefix = user.state[: -len("s")]
         records = [k[len(prefix) :] for k in keys[len(user) :]]  # idempotency records
         ns_user = (self.namespace, pg_text(user_id))
-        target = text(argv[2]) if call.script.name == "reverse" else None
+        target = call.entry  # a history entry the script reads (reverse's), besides the newest
 
         reads = [
             BEGIN,

@@ -16,17 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as redis_errors
 
+from credici_redis._core.operation import Operation
 from credici_redis._core.protocol import Call, Flow
-from credici_redis._core.requests import (
-    AddRequest,
-    CaptureRequest,
-    EventReading,
-    HistoryRequest,
-    ReserveRequest,
-    ReverseRequest,
-    StartCycleRequest,
-    SubtractRequest,
-)
+from credici_redis._core.requests import EventReading
 from credici_redis._storages import cluster as _cluster
 from credici_redis._storages.batcher import _Batcher  # async only
 from credici_redis._storages.loops import LoopClients  # async only
@@ -36,7 +28,6 @@ from credici_redis._storages.redis_base import (
     DEFAULT_NAMESPACE,
     DEFAULT_REPLICA_TIMEOUT,
     DRIVER_ERRORS,
-    AsyncArchiveSource,
     Batch,
     Durability,
     R,
@@ -50,20 +41,8 @@ from credici_redis._storages.redis_base import (
     storage_error,
     to_resend,
 )
-from credici_redis.errors import (
-    CrediciError,
-    InconsistentStateError,
-    StorageError,
-    StorageUnavailableError,
-)
-from credici_redis.models import (
-    AuditReport,
-    BalanceDetails,
-    BalanceEvent,
-    Cycle,
-    Hold,
-    Transaction,
-)
+from credici_redis.errors import CrediciError, StorageError, StorageUnavailableError
+from credici_redis.models import BalanceEvent
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -158,33 +137,22 @@ class AsyncRedisStorage(_RedisStorageBase):
         self._cluster = _cluster.is_cluster(redis)
         self._batcher = _Batcher(self._round_trip, BATCH_CALLS) if batching else None  # async only
 
-    async def add(self, req: AddRequest) -> Transaction:
-        req = self._retry_safe(req)
-        return await self.retrying(lambda: self.ledger.add(req))
+    async def execute(self, op: Operation[R, T], req: R) -> T:
+        """Carry out one operation (`credici_redis._ops`) on a validated request."""
+        req = self._retry_safe(op, req)
+        return await self.retrying(lambda: self.ledger.execute(op, req))
 
-    async def subtract(self, req: SubtractRequest) -> Transaction:
-        req = self._retry_safe(req)
-        return await self.retrying(lambda: self.ledger.subtract(req))
-
-    async def add_many(self, reqs: Batch[AddRequest]) -> list[Transaction | CrediciError]:
-        return await self.retrying_many(self.ledger.add_many, self._batch_safe(reqs))
-
-    async def subtract_many(self, reqs: Batch[SubtractRequest]) -> list[Transaction | CrediciError]:
-        return await self.retrying_many(self.ledger.subtract_many, self._batch_safe(reqs))
-
-    async def retrying_many(
-        self,
-        make_flow: Callable[[Batch[R]], Flow[list[Transaction | CrediciError]]],
-        reqs: Batch[R],
-    ) -> list[Transaction | CrediciError]:
-        """Run a batch; items that met an outage are run anew up to `retries` times."""
-        results: list[Transaction | CrediciError] = [
+    async def execute_many(self, op: Operation[R, T], reqs: Batch[R]) -> list[T | CrediciError]:
+        """Many requests of one operation in one round trip; each result, or its error, in order.
+        Items that met an outage are run anew up to `retries` times."""
+        reqs = self._batch_safe(op, reqs)
+        results: list[T | CrediciError] = [
             r if isinstance(r, CrediciError) else StorageError("not sent") for r in reqs
         ]
         pending = [i for i, r in enumerate(reqs) if not isinstance(r, CrediciError)]
         for attempt in itertools.count():
             try:
-                got = await self.run(make_flow([reqs[i] for i in pending]))
+                got = await self.run(self.ledger.execute_many(op, [reqs[i] for i in pending]))
             except StorageUnavailableError as outage:
                 got = [outage] * len(pending)
             for i, result in zip(pending, got, strict=True):
@@ -194,59 +162,6 @@ class AsyncRedisStorage(_RedisStorageBase):
                 return results
             await asyncio.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
-
-    async def balance(self, user_id: str, now_ms: int | None) -> int:
-        return await self.retrying(lambda: self.ledger.balance(user_id, now_ms))
-
-    async def start_cycle(self, req: StartCycleRequest) -> Cycle:
-        req = self._retry_safe(req)
-        return await self.retrying(lambda: self.ledger.start_cycle(req))
-
-    async def get_cycle(self, user_id: str, now_ms: int | None) -> Cycle | None:
-        return await self.retrying(lambda: self.ledger.get_cycle(user_id, now_ms))
-
-    async def cancel_cycle(self, user_id: str, forfeit: bool, now_ms: int | None) -> Cycle:
-        # Cancelling twice is the same as once: safe to retry without a key.
-        return await self.retrying(lambda: self.ledger.cancel_cycle(user_id, forfeit, now_ms))
-
-    async def history(self, req: HistoryRequest) -> list[Transaction]:
-        return await self.retrying(lambda: self.ledger.history(req))
-
-    async def reserve(self, req: ReserveRequest) -> Hold:
-        req = self._retry_safe(req)
-        return await self.retrying(lambda: self.ledger.reserve(req))
-
-    async def capture(self, req: CaptureRequest) -> Transaction:
-        req = self._retry_safe(req)
-        return await self.retrying(lambda: self.ledger.capture(req))
-
-    async def release(self, user_id: str, local_id: str, now_ms: int | None) -> Hold:
-        return await self.retrying(lambda: self.ledger.release(user_id, local_id, now_ms))
-
-    async def reverse(self, req: ReverseRequest) -> Transaction:
-        req = self._retry_safe(req)
-        return await self.retrying(lambda: self.ledger.reverse(req))
-
-    async def audit(
-        self, user_id: str, now_ms: int | None, archive: AsyncArchiveSource | None = None
-    ) -> AuditReport:
-        try:
-            snapshot = await self.retrying(lambda: self.ledger.audit_snapshot(user_id, now_ms))
-        except InconsistentStateError as exc:
-            return AuditReport(
-                user_id=user_id, ok=False, balance=0, history_balance=0, entries=0, buckets=0,
-                problems=[str(exc)],
-            )  # fmt: skip
-        if archive is None or not snapshot.trimmed:
-            return snapshot.report(())
-        # Read after the snapshot: whatever Redis trimmed before it is in PostgreSQL by now.
-        return snapshot.report(await archive.entries_before(user_id, snapshot.trimmed))
-
-    async def balance_details(self, user_id: str, now_ms: int | None) -> BalanceDetails:
-        return await self.retrying(lambda: self.ledger.balance_details(user_id, now_ms))
-
-    async def set_credit_limit(self, user_id: str, limit: int, now_ms: int | None) -> None:
-        return await self.retrying(lambda: self.ledger.set_credit_limit(user_id, limit, now_ms))
 
     async def scan_users(self, batch: int) -> AsyncIterator[list[str]]:
         """Every user of the namespace, in batches, by SCAN: Redis is never blocked for long."""
@@ -271,13 +186,6 @@ class AsyncRedisStorage(_RedisStorageBase):
                 yield found
                 if cursor == 0:
                     break
-
-    async def set_low_balance_threshold(
-        self, user_id: str, threshold: int | None, now_ms: int | None
-    ) -> None:
-        return await self.retrying(
-            lambda: self.ledger.set_low_balance_threshold(user_id, threshold, now_ms)
-        )
 
     def _event_streams(self) -> AsyncIterator[list[str]]:
         return self._scanning(partial(self.ledger.find_event_streams, count=1000))

@@ -14,14 +14,9 @@ from typing import Any, Literal, Protocol, TypeVar, get_args
 from redis import exceptions as redis_errors
 from redis.backoff import EqualJitterBackoff
 
+from credici_redis._core.operation import Operation
 from credici_redis._core.protocol import Call, Ledger
-from credici_redis._core.requests import (
-    AddRequest,
-    KeyedRequest,
-    SubtractRequest,
-    generated_key,
-    keyed,
-)
+from credici_redis._core.requests import generated_key
 from credici_redis._core.time import duration_ms
 from credici_redis.errors import (
     CrediciError,
@@ -34,7 +29,7 @@ from credici_redis.errors import (
 )
 
 T = TypeVar("T")
-R = TypeVar("R", AddRequest, SubtractRequest)
+R = TypeVar("R")
 Batch = list[R | CrediciError]
 """Requests of a batch; an item whose input was bad is already its error."""
 
@@ -49,10 +44,6 @@ Durability = Literal["primary", "replica"]
 replica too has it (``WAIT 1``), so that a failover does not lose it."""
 DEFAULT_REPLICA_TIMEOUT = 1.0
 """Seconds a write waits for a replica's acknowledgement (``durability="replica"``)."""
-
-READ_SCRIPTS = frozenset({"balance", "cycle", "audit", "details"})
-"""Scripts that only read (what they write, expiry and renewal, any later call writes again): no
-WAIT for them. Every other script is a write a caller was told about, and is waited for."""
 
 
 BATCH_CALLS = 512
@@ -236,14 +227,15 @@ class _RedisStorageBase:
         self._backoff = EqualJitterBackoff(cap=1.0, base=retry_backoff)
         self._owns_connection = owns_connection
 
-    def _retry_safe(self, req: KeyedRequest) -> KeyedRequest:
-        """With retries on, a request without a key gets one, once, before its first attempt."""
-        if self.retries and req.idempotency_key is None:
-            return keyed(req, generated_key())
+    def _retry_safe(self, op: Operation[R, Any], req: R) -> R:
+        """With retries on, a request of a keyed operation without a key gets one, once, before
+        its first attempt."""
+        if self.retries and op.keyed and getattr(req, "idempotency_key", None) is None:
+            return op.with_key(req, generated_key())
         return req
 
-    def _batch_safe(self, reqs: Batch[R]) -> Batch[R]:
-        return [r if isinstance(r, CrediciError) else self._retry_safe(r) for r in reqs]
+    def _batch_safe(self, op: Operation[R, Any], reqs: Batch[R]) -> Batch[R]:
+        return [r if isinstance(r, CrediciError) else self._retry_safe(op, r) for r in reqs]
 
     def _pause(self, attempt: int) -> float:
         """Seconds to wait before retry `attempt` (0 for the first retry)."""
@@ -252,10 +244,7 @@ class _RedisStorageBase:
     def _waits(self, calls: list[Call]) -> list[bool]:
         """Which calls a WAIT must follow: with durability="replica", every write."""
         replica = self.durability == "replica"
-        return [
-            replica and call.script is not None and call.script.name not in READ_SCRIPTS
-            for call in calls
-        ]
+        return [replica and call.script is not None and call.script.write for call in calls]
 
     @property
     def _wait_ms(self) -> int:

@@ -26,8 +26,8 @@ from typing import Any, Generic, Literal, TypeVar
 from credici_redis._clients.base import UserId
 from credici_redis._core.keys import parse_hold_id
 from credici_redis._core.requests import MAX_IDEMPOTENCY_KEY_CHARS
+from credici_redis._ops.holds import DEFAULT_HOLD_TTL as DEFAULT_HOLD_TTL  # asgi, wsgi
 from credici_redis.errors import (
-    CaptureExceedsHoldError,
     CrediciError,
     HoldFinishedError,
     HoldNotFoundError,
@@ -61,7 +61,6 @@ the key reserved: never ``http:...``, so no client header can take them first.""
 MAX_RESERVATIONS = 5
 """Holds one ``Idempotency-Key`` may reserve in turn, each after the previous one was released
 (a failed or abandoned attempt); past that a retry reserves without a key (logged)."""
-DEFAULT_HOLD_TTL = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -414,7 +413,7 @@ def refusal_for(
 class Call:
     """One call to the credits client: ``client.<name>(*args, **kwargs)``."""
 
-    name: Literal["subtract", "reserve", "capture", "release"]
+    name: Literal["subtract", "reserve", "capture", "release", "get_hold"]
     args: tuple[object, ...]
     kwargs: Mapping[str, object] = field(default_factory=dict)
 
@@ -477,18 +476,13 @@ Outcome = Refusal | None
 
 
 def hold_status(hold: Hold) -> Flow[str]:
-    """The hold's status now: "active", "captured", "released" or "expired". The client has no
-    call that reads a hold, so ask for a capture of more than it holds, which changes nothing:
-    an active hold answers CaptureExceedsHoldError, a finished one HoldFinishedError."""
+    """The hold's status now: "active", "captured", "released" or "expired" (as is a hold
+    finished so long ago that it is forgotten)."""
     try:
-        yield Call("capture", (hold.hold_id, hold.amount + 1))
-    except CaptureExceedsHoldError:
-        return "active"
-    except HoldFinishedError as exc:
-        return exc.status
+        found: Hold = yield Call("get_hold", (hold.hold_id,))
     except HoldNotFoundError:
         return "expired"
-    raise AssertionError(f"hold {hold.hold_id} gave more than it holds")  # pragma: no cover
+    return found.status
 
 
 class Metering:

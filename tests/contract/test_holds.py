@@ -205,3 +205,39 @@ async def test_bad_hold_arguments(client: Any, user: str) -> None:
         await client.capture(hold.hold_id, 0)
     assert await client.get_balance(user) == 90
     await clean(client, user)
+
+
+async def test_get_hold_reads_a_hold_as_it_is_now(client: Any, user: str, clock: FakeClock) -> None:
+    await client.add(user, 100)
+    hold = await client.reserve(user, 30, ttl=MINUTE)
+    read = await client.get_hold(hold.hold_id)
+    assert read.model_dump(exclude={"transaction_id"}) == hold.model_dump(
+        exclude={"transaction_id"}
+    )
+    assert (read.status, read.captured, read.transaction_id) == ("active", 0, None)
+    balance = await client.get_balance(user)
+
+    await client.capture(hold.hold_id, 12)
+    captured = await client.get_hold(hold.hold_id)
+    assert (captured.status, captured.captured, captured.amount) == ("captured", 12, 30)
+    assert await client.get_balance(user) == balance + 18  # reading changed nothing
+
+    other = await client.reserve(user, 5, ttl=MINUTE)
+    await client.release(other.hold_id)
+    assert (await client.get_hold(other.hold_id)).status == "released"
+
+    lapsing = await client.reserve(user, 7, ttl=MINUTE)
+    clock.advance(MINUTE * 2)
+    before = await client.get_all_user_transactions(user)
+    expired = await client.get_hold(lapsing.hold_id)  # the ttl passed: released by this read
+    assert (expired.status, expired.captured) == ("expired", 0)
+    assert await client.get_all_user_transactions(user) == before  # balance read it already
+
+    clock.advance(DAY * 2)  # a finished hold is remembered for a day, then forgotten
+    with pytest.raises(HoldNotFoundError):
+        await client.get_hold(hold.hold_id)
+    with pytest.raises(HoldNotFoundError):
+        await client.get_hold(f"h999@{user}")
+    with pytest.raises(InvalidInputError):
+        await client.get_hold("not-a-hold")
+    await clean(client, user)

@@ -1,0 +1,82 @@
+"""Every coded reply of the Lua scripts that means an error, and the exception it becomes: one
+table, read for every operation (an operation lists the codes its script may give, and
+tests/test_contract_lua.py checks them against the script's header).
+
+Each entry makes the error from the request (its facts: user, amount, hold, transaction) and
+the reply's fields (f[0] is the code). A code not in the table is a bug: StorageError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from credici_redis._core import keys as _keys
+from credici_redis._core.time import from_ms
+from credici_redis.errors import (
+    AlreadyReversedError,
+    CaptureExceedsHoldError,
+    CrediciError,
+    CycleNotFoundError,
+    HoldFinishedError,
+    HoldNotFoundError,
+    IdempotencyConflictError,
+    InsufficientCreditsError,
+    InvalidAmountError,
+    InvalidExpiryError,
+    NotReversibleError,
+    StorageError,
+    TransactionArchivedError,
+    TransactionNotFoundError,
+)
+from credici_redis.models import TransactionKind
+
+KINDS: dict[str, TransactionKind] = {
+    "a": "add",
+    "s": "subtract",
+    "e": "expire",
+    "c": "cycle_start",
+    "r": "reserve",
+    "p": "capture",
+    "l": "release",
+    "v": "reverse",
+}
+"""History entry kinds as the scripts write them."""
+
+
+def _amount(req: Any) -> int:
+    return getattr(req, "amount", None) or 0
+
+
+REFUSALS: dict[str, Callable[[Any, list[str]], CrediciError]] = {
+    "INSUFFICIENT": lambda req, f: InsufficientCreditsError(req.user_id, req.amount, int(f[1])),
+    "IDEM_CONFLICT": lambda req, f: IdempotencyConflictError(req.user_id, req.idempotency_key),
+    "EXPIRY_PAST": lambda req, f: InvalidExpiryError(
+        f"the expiry must be after the storage's current time ({from_ms(int(f[1]))})"
+    ),
+    "BALANCE_LIMIT": lambda req, f: InvalidAmountError(
+        f"adding {_amount(req)} to a balance of {f[1]} would pass the limit of 2**53-1",
+        amount=_amount(req),
+    ),
+    "NO_CYCLE": lambda req, f: CycleNotFoundError(req.user_id),
+    "NO_HOLD": lambda req, f: HoldNotFoundError(req.hold_id),
+    "HOLD_DONE": lambda req, f: HoldFinishedError(req.hold_id, f[1]),
+    "HOLD_EXCEEDED": lambda req, f: CaptureExceedsHoldError(req.hold_id, _amount(req), int(f[1])),
+    "NO_TX": lambda req, f: TransactionNotFoundError(req.transaction_id),
+    "ARCHIVED": lambda req, f: TransactionArchivedError(req.transaction_id),
+    "NOT_REVERSIBLE": lambda req, f: NotReversibleError(req.transaction_id, KINDS.get(f[1], "?")),
+    "REVERSED": lambda req, f: AlreadyReversedError(
+        req.transaction_id, _keys.transaction_id(req.user_id, f[1])
+    ),
+}
+
+PROGRESS = frozenset({"SCHEDULE", "CATCHUP", "INCONSISTENT"})
+"""Replies every script may give, answered by the ledger itself (`credici_redis._core.protocol`)."""
+
+
+def refusal(req: Any, f: list[str]) -> CrediciError:
+    """The error a script's coded reply `f` means for request `req`."""
+    make = REFUSALS.get(f[0])
+    if make is None:
+        return StorageError(f"unexpected reply from a credici script: {f!r}")
+    return make(req, f)

@@ -1,0 +1,107 @@
+"""`audit`: lua/audit.lua snapshots the user's balance, buckets and holds, then XRANGE reads the
+history up to that snapshot, oldest first, in pages; `AuditSnapshot.report` replays it
+(`credici_redis._core.audit`) with whatever the archive holds of what Redis trimmed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from credici_redis._core import audit as _audit
+from credici_redis._core import keys as _keys
+from credici_redis._core.operation import Operation, Reply
+from credici_redis._core.protocol import (
+    HISTORY_PAGE,
+    Call,
+    Flow,
+    Ledger,
+    entry_key,
+    sent,
+    stream_fields,
+    text,
+)
+from credici_redis._core.requests import UserRequest
+from credici_redis._core.scripts import load
+from credici_redis.models import AuditReport
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSnapshot:
+    """What Redis holds of a user, and the history it still keeps.
+
+    `trimmed`: entries before this id were archived to PostgreSQL and trimmed from Redis ('' =
+    none); the audit then needs them (`report(archived)`), read after this snapshot so none can be
+    trimmed between the two reads unseen.
+    """
+
+    user_id: str
+    balance: int
+    buckets: dict[str, int]
+    held: int
+    entries: list[tuple[str, dict[str, str]]]
+    last: str
+    stream_last: str
+    trimmed: str
+
+    def report(self, archived: Sequence[tuple[str, dict[str, str]]]) -> AuditReport:
+        """The audit, with the archived entries (any order, duplicates of kept ones allowed)."""
+        kept = {entry_id for entry_id, _ in self.entries}
+        older = sorted(
+            ((i, f) for i, f in archived if i not in kept and entry_key(i) <= entry_key(self.last)),
+            key=lambda e: entry_key(e[0]),
+        )
+        entries = [*older, *self.entries]
+        report = _audit.replay(self.user_id, entries, self.balance, self.buckets, self.held)
+        problems = list(report.problems)
+        if self.trimmed and not archived:
+            problems.insert(
+                0,
+                f"the history before {self.trimmed} was archived to PostgreSQL: audit with the "
+                "archive (archive_url) to replay it",
+            )
+        ends = [i for i in (self.stream_last, entries[-1][0] if entries else "0-0") if i != "0-0"]
+        newest = max(ends, key=entry_key, default="0-0")  # an empty stream may be all archived
+        if newest != self.last:
+            problems.append(f"the history ends at {newest}, the balance knows it up to {self.last}")
+        if problems == report.problems:
+            return report
+        return report.model_copy(update={"ok": False, "problems": problems})
+
+
+def _state(req: UserRequest, r: Reply) -> AuditSnapshot:
+    """The script's snapshot, without the history yet."""
+    rest = r.tail()
+    return AuditSnapshot(
+        req.user_id, int(r["balance"]), {rest[i]: int(rest[i + 1]) for i in range(0, len(rest), 2)},
+        int(r["held"]), [], r["last"], r["stream_last"], r["trimmed"],
+    )  # fmt: skip
+
+
+def _audit_snapshot(
+    ledger: Ledger, op: Operation[Any, Any], req: UserRequest
+) -> Flow[AuditSnapshot]:
+    """The snapshot, then the history up to it, oldest first, in pages."""
+    snapshot: AuditSnapshot = yield from ledger.script_flow(op, req)
+    stream = _keys.user_keys(ledger.namespace, req.user_id).history
+    start = "-"
+    while snapshot.last != "0-0":
+        (page,) = yield from sent(
+            [Call(("XRANGE", stream, start, snapshot.last, "COUNT", HISTORY_PAGE))]
+        )
+        snapshot.entries.extend((text(e[0]), stream_fields(e[1])) for e in page)
+        if len(page) < HISTORY_PAGE:
+            break
+        start = "(" + text(page[-1][0])
+    return snapshot
+
+
+AUDIT: Operation[UserRequest, AuditSnapshot] = Operation(
+    "audit",
+    UserRequest,
+    load("audit", effect=False, write=False),
+    argv=(),
+    reply=("OK", "balance", "last", "stream_last", "held", "trimmed", "*buckets"),
+    parse=_state,
+    flow=_audit_snapshot,
+)
