@@ -62,7 +62,6 @@ class CrediciClient(ClientBase):
         timeout: float = DEFAULT_TIMEOUT,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
         retries: int = 0,
-        batching: bool = False,  # async only: calls of one event-loop moment share a pipeline
         cluster: bool = False,
         durability: Durability = "primary",
         clock: Clock | None = None,
@@ -74,7 +73,8 @@ class CrediciClient(ClientBase):
 
         timeout: seconds before a call fails with StorageUnavailableError. retries: how often a
         call is retried by itself after an outage (writes get an idempotency key, so a retry never
-        applies twice). cluster: the URL names a node of a Redis Cluster. archive_url: the
+        applies twice). batching (asyncio only): calls of one event-loop moment share one
+        pipeline. cluster: the URL names a node of a Redis Cluster. archive_url: the
         PostgreSQL database the archiver (credici_redis.archive) moves old history to; history
         reads return one seamless history across both. durability="replica": a write returns
         once a replica has it too (WAIT, up to timeout/2), else raises ReplicationTimeoutError.

@@ -19,7 +19,8 @@ import inspect
 import threading
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import SplitResult, urlsplit
 
 import redis
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MAX_CONNECTIONS = 64
 
+ASYNC_ONLY_OPTIONS = frozenset({"batching"})
+"""from_url options only the asyncio client takes."""
 FROM_URL_OPTIONS = (
     "namespace",
     "timeout",
@@ -160,6 +163,13 @@ def check_options(
     typo meant."""
     if not options:
         return
+    for name in ASYNC_ONLY_OPTIONS & set(options):
+        if not asyncio:
+            raise InvalidOptionError(
+                f"{name} is an option of the asyncio client only (AsyncCrediciClient.from_url): "
+                "it shares pipelines between the calls of one event-loop moment",
+                option=name,
+            )
     if scheme == "memory":
         known: set[str] = set()
         takes = "memory:// takes no driver options"
@@ -226,51 +236,13 @@ def open_storage(
     allow_eviction: bool = False,
     **options: Any,
 ) -> Storage:
-    scheme = check_url(url)
-    check_options(scheme, options, cluster=cluster, asyncio=False)
-    waiting = _durability(scheme, durability, timeout)
-    if scheme in {"postgres", "postgresql"} and not cluster:
-        from credici_redis.postgres import PostgresStorage
-
-        return PostgresStorage.from_url(
-            url, namespace, timeout=timeout, idempotency_ttl=idempotency_ttl, retries=retries,
-            **options,
-        )  # fmt: skip
-    client: Any
-    if cluster:
-        _check_cluster(scheme, url)
-        try:  # the sync cluster client connects at once, to learn the cluster's layout
-            client = redis.cluster.RedisCluster.from_url(
-                url,
-                connection_pool_class=redis.BlockingConnectionPool,
-                **_client_options(
-                    timeout, max_connections, {"timeout": timeout, **options}, asyncio=False
-                ),
-            )
-        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-            raise StorageUnavailableError(f"no node of the Redis Cluster answered: {exc}") from exc
-    elif scheme == "memory":
-        client = need_embedded("memory://").FakeRedis(
-            server=_memory_server(url),
-            connection_pool_class=redis.BlockingConnectionPool,
-            max_connections=max_connections,
-        )
-    else:
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
-            timeout=timeout,
-            **_client_options(timeout, max_connections, options, asyncio=False),
-        )
-        client = redis.Redis.from_pool(pool)
-    return RedisStorage(
-        client,
-        namespace,
-        idempotency_ttl=idempotency_ttl,
-        retries=retries,
-        owns_connection=True,
-        allow_eviction=allow_eviction,
-        **waiting,
-    )
+    """The sync storage a URL names (what `CrediciClient.from_url` opens)."""
+    opened = _open(
+        url, namespace, asyncio=False, timeout=timeout, max_connections=max_connections,
+        idempotency_ttl=idempotency_ttl, retries=retries, batching=False, cluster=cluster,
+        durability=durability, allow_eviction=allow_eviction, options=options,
+    )  # fmt: skip
+    return cast(Storage, opened)
 
 
 def open_async_storage(
@@ -287,67 +259,98 @@ def open_async_storage(
     allow_eviction: bool = False,
     **options: Any,
 ) -> AsyncStorage:
-    scheme = check_url(url)
-    check_options(scheme, options, cluster=cluster, asyncio=True)
-    waiting = _durability(scheme, durability, timeout)
-    if scheme in {"postgres", "postgresql"} and not cluster:
-        from credici_redis.postgres import AsyncPostgresStorage
+    """The asyncio storage a URL names (what `AsyncCrediciClient.from_url` opens)."""
+    opened = _open(
+        url, namespace, asyncio=True, timeout=timeout, max_connections=max_connections,
+        idempotency_ttl=idempotency_ttl, retries=retries, batching=batching, cluster=cluster,
+        durability=durability, allow_eviction=allow_eviction, options=options,
+    )  # fmt: skip
+    return cast(AsyncStorage, opened)
 
-        return AsyncPostgresStorage.from_url(
-            url, namespace, timeout=timeout, idempotency_ttl=idempotency_ttl, retries=retries,
-            batching=batching, **options,
-        )  # fmt: skip
+
+def _open(
+    url: str,
+    namespace: str,
+    *,
+    asyncio: bool,
+    timeout: float,
+    max_connections: int,
+    idempotency_ttl: timedelta,
+    retries: int,
+    batching: bool,
+    cluster: bool,
+    durability: Durability,
+    allow_eviction: bool,
+    options: dict[str, Any],
+) -> Storage | AsyncStorage:
+    """Both kinds of storage, opened the same way: check everything, then connect."""
+    scheme = check_url(url)
+    check_options(scheme, options, cluster=cluster, asyncio=asyncio)
+    waiting = _durability(scheme, durability, timeout)
+    common: dict[str, Any] = {"idempotency_ttl": idempotency_ttl, "retries": retries}
+    if scheme in {"postgres", "postgresql"} and not cluster:
+        from credici_redis.postgres import AsyncPostgresStorage, PostgresStorage
+
+        if asyncio:
+            return AsyncPostgresStorage.from_url(
+                url, namespace, timeout=timeout, batching=batching, **common, **options
+            )
+        return PostgresStorage.from_url(url, namespace, timeout=timeout, **common, **options)
     if cluster:
         _check_cluster(scheme, url)
-    connect = _async_connector(url, scheme, cluster, timeout, max_connections, options)
-    return AsyncRedisStorage(
-        connect(),
-        namespace,
-        idempotency_ttl=idempotency_ttl,
-        retries=retries,
-        batching=batching,
-        owns_connection=True,
-        allow_eviction=allow_eviction,
-        connect=connect,
-        **waiting,
-    )
+    connect = _connector(url, scheme, cluster, timeout, max_connections, options, asyncio=asyncio)
+    try:  # the sync cluster client connects at once, to learn the cluster's layout
+        client = connect()
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        raise StorageUnavailableError(f"no node of the Redis Cluster answered: {exc}") from exc
+    common |= {"owns_connection": True, "allow_eviction": allow_eviction, **waiting}
+    if asyncio:
+        return AsyncRedisStorage(client, namespace, batching=batching, connect=connect, **common)
+    return RedisStorage(client, namespace, **common)
 
 
-def _async_connector(
+def _connector(
     url: str,
     scheme: str,
     cluster: bool,
     timeout: float,
     max_connections: int,
     options: dict[str, Any],
+    *,
+    asyncio: bool,
 ) -> Callable[[], Any]:
-    """Makes a new asyncio client of this configuration: one for each event loop the storage
-    runs in (an asyncio connection belongs to the loop that opened it)."""
+    """Makes a new client of this configuration. An asyncio storage makes one for each event
+    loop it runs in (an asyncio connection belongs to the loop that opened it)."""
+    settings = _client_options(timeout, max_connections, options, asyncio=asyncio)
+    if cluster and asyncio:
+        return partial(redis.asyncio.cluster.RedisCluster.from_url, url, **settings)
     if cluster:
-
-        def cluster_client() -> Any:
-            return redis.asyncio.cluster.RedisCluster.from_url(
-                url, **_client_options(timeout, max_connections, options, asyncio=True)
-            )
-
-        return cluster_client
+        return partial(
+            redis.cluster.RedisCluster.from_url,
+            url,
+            connection_pool_class=redis.BlockingConnectionPool,
+            **_client_options(
+                timeout, max_connections, {"timeout": timeout, **options}, asyncio=False
+            ),
+        )
     if scheme == "memory":
-        server = _memory_server(url)  # every loop's client sees the same store
+        server = _memory_server(url)  # every client (every loop's) sees the same store
         fake = need_embedded("memory://")
-
-        def memory_client() -> Any:
-            return fake.FakeAsyncRedis(
-                server=server,
-                connection_pool_class=redis.asyncio.BlockingConnectionPool,
-                max_connections=max_connections,
-            )
-
-        return memory_client
+        return partial(
+            fake.FakeAsyncRedis if asyncio else fake.FakeRedis,
+            server=server,
+            connection_pool_class=(
+                redis.asyncio.BlockingConnectionPool if asyncio else redis.BlockingConnectionPool
+            ),
+            max_connections=max_connections,
+        )
+    pool_class: Any = (
+        redis.asyncio.BlockingConnectionPool if asyncio else redis.BlockingConnectionPool
+    )
+    client_class: Any = redis.asyncio.Redis if asyncio else redis.Redis
 
     def redis_client() -> Any:
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url, timeout=timeout, **_client_options(timeout, max_connections, options, asyncio=True)
-        )
-        return redis.asyncio.Redis.from_pool(pool)
+        pool = pool_class.from_url(url, timeout=timeout, **settings)
+        return client_class.from_pool(pool)
 
     return redis_client
