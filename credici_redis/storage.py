@@ -27,13 +27,9 @@ from here.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from typing import Protocol
-
-from credici_redis._core.operation import Operation
-from credici_redis._core.requests import EventReading
 from credici_redis._ops import OPERATIONS
 from credici_redis._storages.batcher import _Batcher
+from credici_redis._storages.interface import AsyncStorage, Storage
 from credici_redis._storages.redis_async import AsyncRedisStorage
 from credici_redis._storages.redis_base import (
     BATCH_CALLS,
@@ -54,8 +50,6 @@ from credici_redis._storages.redis_base import (
     to_resend,
 )
 from credici_redis._storages.redis_sync import RedisStorage
-from credici_redis.errors import CrediciError
-from credici_redis.models import BalanceEvent
 
 __all__ = [
     "BATCH_CALLS",
@@ -85,29 +79,3 @@ __all__ = [
 READ_SCRIPTS = frozenset(op.script.name for op in OPERATIONS.values() if not op.script.write)
 """Scripts that only read (what they write, expiry and renewal, any later call writes again): no
 WAIT follows them (`Script.write`). Every other script is a write a caller was told about."""
-
-
-class Storage(Protocol):
-    """What `CrediciClient` needs from a storage: carry out any operation (`credici_redis._ops`)
-    on a validated request, one or many, and walk the namespace. Adding an operation never
-    widens it."""
-
-    def execute(self, op: Operation[R, T], req: R) -> T: ...
-    def execute_many(self, op: Operation[R, T], reqs: Batch[R]) -> list[T | CrediciError]: ...
-    def scan_users(self, batch: int) -> Iterator[list[str]]: ...
-    def events(
-        self, group: str, consumer: str, reading: EventReading
-    ) -> Iterator[BalanceEvent]: ...
-    def close(self) -> None: ...
-
-
-class AsyncStorage(Protocol):
-    """What `AsyncCrediciClient` needs from a storage: `Storage`, awaitable."""
-
-    async def execute(self, op: Operation[R, T], req: R) -> T: ...
-    async def execute_many(self, op: Operation[R, T], reqs: Batch[R]) -> list[T | CrediciError]: ...
-    def scan_users(self, batch: int) -> AsyncIterator[list[str]]: ...
-    def events(
-        self, group: str, consumer: str, reading: EventReading
-    ) -> AsyncIterator[BalanceEvent]: ...
-    async def aclose(self) -> None: ...

@@ -16,13 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from credici_redis._core.requests import fingerprint
 from credici_redis._core.scripts import Script
-
-if TYPE_CHECKING:
-    from credici_redis._core.protocol import Ledger
 
 Req = TypeVar("Req")
 Res = TypeVar("Res")
@@ -63,7 +60,8 @@ class Reply(Mapping[str, str]):
         return name in self._index and self._index[name] < len(self._fields)
 
 
-CustomFlow = Callable[["Ledger", "Operation[Any, Any]", Any], Generator[Any, Any, Any]]
+CustomFlow = Callable[[Any, "Operation[Any, Any]", Any], Generator[Any, Any, Any]]
+"""An operation's own flow: (the `Ledger`, the operation, the request) -> a flow of its result."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -32,18 +32,15 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from credici_redis._core.extras import need_embedded
+from credici_redis._storages.interface import AsyncStorage, Storage
+from credici_redis._storages.redis_async import AsyncRedisStorage
+from credici_redis._storages.redis_base import Durability
+from credici_redis._storages.redis_sync import RedisStorage
 from credici_redis.errors import (
     InvalidInputError,
     InvalidOptionError,
     InvalidURLError,
     StorageUnavailableError,
-)
-from credici_redis.storage import (
-    AsyncRedisStorage,
-    AsyncStorage,
-    Durability,
-    RedisStorage,
-    Storage,
 )
 
 if TYPE_CHECKING:
@@ -289,7 +286,8 @@ def _open(
     waiting = _durability(scheme, durability, timeout)
     common: dict[str, Any] = {"idempotency_ttl": idempotency_ttl, "retries": retries}
     if scheme in {"postgres", "postgresql"} and not cluster:
-        from credici_redis.postgres import AsyncPostgresStorage, PostgresStorage
+        from credici_redis._storages.postgres_async import AsyncPostgresStorage
+        from credici_redis._storages.postgres_sync import PostgresStorage
 
         if asyncio:
             return AsyncPostgresStorage.from_url(

@@ -18,6 +18,8 @@ from credici_redis._core.operation import Operation
 from credici_redis._core.protocol import Call, Ledger
 from credici_redis._core.requests import generated_key
 from credici_redis._core.time import duration_ms
+from credici_redis._storages.interface import Batch as Batch
+from credici_redis._storages.interface import R as R
 from credici_redis.errors import (
     CrediciError,
     EvictionPolicyError,
@@ -29,9 +31,6 @@ from credici_redis.errors import (
 )
 
 T = TypeVar("T")
-R = TypeVar("R")
-Batch = list[R | CrediciError]
-"""Requests of a batch; an item whose input was bad is already its error."""
 
 DEFAULT_NAMESPACE = "credici"
 DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
