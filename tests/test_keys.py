@@ -49,3 +49,13 @@ def test_every_slot_has_an_event_stream_tag() -> None:
     tags = [_keys.slot_tag(slot) for slot in range(_keys.SLOTS)]
     assert [key_slot(f"ns:{{{tag}}}:ev".encode()) for tag in tags] == list(range(_keys.SLOTS))
     assert all(tag.startswith("%S") for tag in tags)  # never a percent-encoded user id
+
+
+def test_an_event_stream_key_and_its_slot_tag_go_both_ways() -> None:
+    user = _keys.user_keys("app", "alice")
+    tag = _keys.slot_tag(_keys.user_slot("alice"))
+    assert _keys.events_key("app", tag) == user.events
+    assert _keys.events_tag("app", user.events) == tag
+    for wrong in ("app:{alice}:s", "other:{%S1}:ev", "app:%S1:ev"):
+        with pytest.raises(ValueError):
+            _keys.events_tag("app", wrong)

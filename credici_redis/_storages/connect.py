@@ -220,49 +220,14 @@ def _durability(scheme: str, durability: Durability, timeout: float) -> dict[str
     return {"durability": durability, "replica_timeout": timeout / 2}
 
 
-def open_storage(
-    url: str,
-    namespace: str,
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-    max_connections: int = DEFAULT_MAX_CONNECTIONS,
-    idempotency_ttl: timedelta,
-    retries: int = 0,
-    cluster: bool = False,
-    durability: Durability = "primary",
-    allow_eviction: bool = False,
-    **options: Any,
-) -> Storage:
-    """The sync storage a URL names (what `CrediciClient.from_url` opens)."""
-    opened = _open(
-        url, namespace, asyncio=False, timeout=timeout, max_connections=max_connections,
-        idempotency_ttl=idempotency_ttl, retries=retries, batching=False, cluster=cluster,
-        durability=durability, allow_eviction=allow_eviction, options=options,
-    )  # fmt: skip
-    return cast(Storage, opened)
+def open_storage(url: str, namespace: str, **settings: Any) -> Storage:
+    """The sync storage a URL names (what `CrediciClient.from_url` opens); `settings`: `_open`'s."""
+    return cast(Storage, _open(url, namespace, asyncio=False, **settings))
 
 
-def open_async_storage(
-    url: str,
-    namespace: str,
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-    max_connections: int = DEFAULT_MAX_CONNECTIONS,
-    idempotency_ttl: timedelta,
-    retries: int = 0,
-    batching: bool = False,
-    cluster: bool = False,
-    durability: Durability = "primary",
-    allow_eviction: bool = False,
-    **options: Any,
-) -> AsyncStorage:
+def open_async_storage(url: str, namespace: str, **settings: Any) -> AsyncStorage:
     """The asyncio storage a URL names (what `AsyncCrediciClient.from_url` opens)."""
-    opened = _open(
-        url, namespace, asyncio=True, timeout=timeout, max_connections=max_connections,
-        idempotency_ttl=idempotency_ttl, retries=retries, batching=batching, cluster=cluster,
-        durability=durability, allow_eviction=allow_eviction, options=options,
-    )  # fmt: skip
-    return cast(AsyncStorage, opened)
+    return cast(AsyncStorage, _open(url, namespace, asyncio=True, **settings))
 
 
 def _open(
@@ -270,17 +235,18 @@ def _open(
     namespace: str,
     *,
     asyncio: bool,
-    timeout: float,
-    max_connections: int,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
     idempotency_ttl: timedelta,
-    retries: int,
-    batching: bool,
-    cluster: bool,
-    durability: Durability,
-    allow_eviction: bool,
-    options: dict[str, Any],
+    retries: int = 0,
+    cluster: bool = False,
+    durability: Durability = "primary",
+    allow_eviction: bool = False,
+    **options: Any,
 ) -> Storage | AsyncStorage:
-    """Both kinds of storage, opened the same way: check everything, then connect."""
+    """Both kinds of storage, opened the same way: check everything, then connect. `options`
+    go to redis-py (or psycopg); an unknown one is refused before anything connects."""
+    batching = options.pop("batching", False) if asyncio else False  # asyncio only
     scheme = check_url(url)
     check_options(scheme, options, cluster=cluster, asyncio=asyncio)
     waiting = _durability(scheme, durability, timeout)
