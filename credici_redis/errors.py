@@ -34,8 +34,9 @@
                 └── ReplicationTimeoutError  applied on the primary, no replica confirmed it in time
 
 Domain outcomes come back from the Lua scripts as coded replies and become these exceptions in
-one place (`credici_redis._core.protocol.raise_for_code`); a Redis error reply is a bug or an
-outage.
+one table (`credici_redis._core.codes.REFUSALS`). What a Redis error reply or a connection
+failure means (not applied, maybe applied, not replicated) is one table too
+(`credici_redis._storages.outcomes`).
 """
 
 from __future__ import annotations

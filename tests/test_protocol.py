@@ -141,4 +141,4 @@ def test_error_replies_become_credici_errors_in_their_place() -> None:
     assert out[0] == [b"OK"]
     assert type(out[1]) is StorageError and out[1].__cause__ is wrongtype
     assert type(out[2]) is StorageUnavailableError and out[2].__cause__ is readonly
-    assert type(out[3]) is StorageError
+    assert type(out[3]) is StorageUnavailableError  # NOSCRIPT: the script did not run

@@ -2,8 +2,8 @@
 
 Sources live in ``lua/`` at the top of the repository and ship inside the wheel as
 ``credici_redis/lua/``. A line ``--!include NAME`` is replaced by the file NAME, so shared
-helpers (``_ledger.lua``) are written once. Scripts run by EVALSHA; the storages reload a script
-when Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH).
+helpers (``_ledger.lua``) are written once. Scripts run by EVALSHA; when Redis answers NOSCRIPT
+(after a restart, SCRIPT FLUSH or a failover) the storages send the script's source (EVAL).
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ storage routes calls itself (`Routing`) instead of using redis-py's `execute_com
   them; each node's commands go out as one pipeline on one connection, WAIT last.
 
 SCAN has a cursor per node: the storage runs each SCAN flow once per primary (`primaries`),
-sending its SCAN to that node (`scan_reply` unwraps redis-py's per-node reply). SCRIPT LOAD goes
-to every primary (redis-py routes it so); a NOSCRIPT anywhere reloads it.
+sending its SCAN to that node (`scan_reply` unwraps redis-py's per-node reply). A call answered
+NOSCRIPT is sent again as EVAL of its source, routed like any call: it runs, and caches the script,
+on whichever primary owns the key by then (a newly promoted one included).
 """
 
 from __future__ import annotations

@@ -34,9 +34,11 @@ from credici_redis._storages.redis_base import (
     T,
     _RedisStorageBase,
     _scripts_of,
+    by_source,
     check_eviction_policy,
     check_retry_policy,
     errors_in_place,
+    eval_refused,
     is_in_process,
     storage_error,
     to_resend,
@@ -271,7 +273,7 @@ class AsyncRedisStorage(_RedisStorageBase):
         self._server_checked = True
 
     async def _send(self, calls: list[Call], node: Any = None) -> list[Any]:
-        """One round trip (a pipeline if several calls), reloading scripts on NOSCRIPT.
+        """One round trip (a pipeline if several calls), resending scripts on NOSCRIPT.
         A lost connection raises; an error reply comes back in its call's place."""
         if self._batcher is not None and node is None:  # async only
             return await self._batcher.send(calls)  # async only
@@ -282,12 +284,16 @@ class AsyncRedisStorage(_RedisStorageBase):
         return errors_in_place(calls, replies)
 
     async def _round_trip(self, calls: list[Call], node: Any = None) -> list[Any]:
+        """Send calls; those Redis answered NOSCRIPT (and the reads after them) go again, each
+        script by its source, in one more round trip (`by_source`)."""
         replies = await self._pipeline(calls, node)
         resend = to_resend(calls, replies)
         if resend:
-            for source in _scripts_of(calls, resend):
-                await self.redis.script_load(source)
-            again = await self._pipeline([calls[i] for i in resend])
+            again = await self._pipeline([by_source(calls[i]) for i in resend])
+            if eval_refused(again):  # an ACL without EVAL: load the scripts, send by SHA
+                for source in _scripts_of(calls, resend):
+                    await self.redis.script_load(source)
+                again = await self._pipeline([calls[i] for i in resend])
             for i, reply in zip(resend, again, strict=True):
                 replies[i] = reply
         return replies

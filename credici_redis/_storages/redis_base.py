@@ -20,13 +20,13 @@ from credici_redis._core.requests import generated_key
 from credici_redis._core.time import duration_ms
 from credici_redis._storages.interface import Batch as Batch
 from credici_redis._storages.interface import R as R
+from credici_redis._storages.outcomes import DRIVER_ERRORS as DRIVER_ERRORS
+from credici_redis._storages.outcomes import acknowledged, not_replicated
+from credici_redis._storages.outcomes import errors_in_place as errors_in_place
+from credici_redis._storages.outcomes import storage_error as storage_error
 from credici_redis.errors import (
     CrediciError,
     EvictionPolicyError,
-    OutcomeUnknownError,
-    ReplicationTimeoutError,
-    StorageError,
-    StorageUnavailableError,
     UnsafeClientError,
 )
 
@@ -47,58 +47,6 @@ DEFAULT_REPLICA_TIMEOUT = 1.0
 
 BATCH_CALLS = 512
 """Most calls per auto-batched pipeline; more go out as further pipelines at the same time."""
-
-_UNAVAILABLE = (
-    redis_errors.ConnectionError,  # includes BusyLoadingError
-    redis_errors.TimeoutError,
-    redis_errors.ReadOnlyError,  # a replica after failover, until the client follows the master
-    redis_errors.OutOfMemoryError,
-    redis_errors.ClusterDownError,
-    redis_errors.TryAgainError,
-    redis_errors.MasterDownError,
-    redis_errors.RedisClusterException,  # e.g. no node of the cluster could be reached
-)
-
-DRIVER_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException)
-"""What redis-py raises; a cluster client's own failures are not RedisErrors."""
-
-
-# redis-py's words for a failure before anything was sent.
-_NOT_SENT = (
-    "connecting to",
-    "Timeout connecting",
-    "No connection available",
-    "Too many connections",
-)
-
-
-def _maybe_applied(exc: Exception, calls: list[Call]) -> bool:
-    """A request was on the wire when the connection failed: Redis may have run it."""
-    lost = isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError) and not (
-        isinstance(exc, redis_errors.BusyLoadingError) or any(w in str(exc) for w in _NOT_SENT)
-    )
-    return lost and any(call.script is not None and call.script.effect for call in calls)
-
-
-def _refused_unrun(exc: Exception) -> bool:
-    """An error reply Redis gives before running the command: BUSY (another client's script is
-    running past lua-time-limit). The command did not run: safe to send again."""
-    return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("BUSY ")
-
-
-def storage_error(exc: Exception, calls: list[Call]) -> CrediciError:
-    """The CrediciError a driver error means; the caller chains it (`raise ... from exc`)."""
-    if _refused_unrun(exc):
-        return StorageUnavailableError(f"Redis is busy running another script; not applied: {exc}")
-    if _maybe_applied(exc, calls):
-        return OutcomeUnknownError(
-            f"the connection failed before Redis answered; the request may have been applied: "
-            f"retry it with the same idempotency key ({exc})"
-        )
-    if isinstance(exc, _UNAVAILABLE):
-        return StorageUnavailableError(f"Redis is unavailable: {exc}")
-    return StorageError(f"Redis refused a credici command: {exc}")
-
 
 # A retry of one of these may re-send a command Redis already ran.
 _RESENT_AFTER = (
@@ -256,42 +204,14 @@ class _RedisStorageBase:
         """A write whose WAIT saw no replica acknowledge it becomes ReplicationTimeoutError."""
         out = []
         for reply, ack, waited in zip(replies, acks, waits, strict=True):
-            if waited and not isinstance(reply, Exception) and not _acknowledged(ack):
-                reply = _not_replicated(ack, self.replica_timeout)
+            if waited and not isinstance(reply, Exception) and not acknowledged(ack):
+                reply = not_replicated(ack, self.replica_timeout)
             out.append(reply)
         return out
 
 
-def _acknowledged(ack: Any) -> bool:
-    return isinstance(ack, int) and ack >= 1
-
-
-def _not_replicated(ack: Any, timeout: float) -> CrediciError:
-    if isinstance(ack, int):
-        return ReplicationTimeoutError(
-            f"the write was applied on the primary, but no replica acknowledged it within "
-            f"{timeout:g} s: a failover now could lose it; retry it with the same idempotency key",
-            replicas=ack,
-            timeout=timeout,
-        )
-    error: CrediciError
-    if isinstance(ack, redis_errors.ConnectionError | redis_errors.TimeoutError):
-        error = OutcomeUnknownError(
-            f"the write was applied on the primary, but the connection failed while waiting for "
-            f"a replica ({ack}): retry it with the same idempotency key"
-        )
-        error.__cause__ = ack
-        return error
-    error = StorageError(
-        f"the write was applied on the primary, but Redis refused WAIT ({ack}): "
-        "durability='replica' needs WAIT and a replica"
-    )
-    error.__cause__ = ack if isinstance(ack, BaseException) else None
-    return error
-
-
 def to_resend(calls: list[Call], replies: list[Any]) -> list[int]:
-    """Which calls of a pipeline to send again once the missing scripts are loaded.
+    """Which calls of a pipeline to send again, by their scripts' source (`by_source`).
 
     Every call that got NOSCRIPT, and every read (non-script call) after the first of them, since
     a read may depend on a script earlier in the batch. A script that ran is never sent twice.
@@ -303,19 +223,22 @@ def to_resend(calls: list[Call], replies: list[Any]) -> list[int]:
     return resend
 
 
-def errors_in_place(calls: list[Call], replies: list[Any]) -> list[Any]:
-    """Each error reply of a pipeline becomes its CrediciError, in its place: one call's failure
-    is that call's, and the flow decides (a batch keeps it per item, other flows raise it)."""
-    out = []
-    for call, reply in zip(calls, replies, strict=True):
-        if isinstance(reply, redis_errors.NoScriptError):
-            reply = StorageError("Redis lost the credici scripts again right after loading them")
-        elif isinstance(reply, redis_errors.RedisError):
-            error = storage_error(reply, [call])
-            error.__cause__ = reply
-            reply = error
-        out.append(reply)
-    return out
+def by_source(call: Call) -> Call:
+    """The call as EVAL of its script's source instead of EVALSHA: it runs wherever its key lives
+    now, whatever that server's script cache holds (after a restart, SCRIPT FLUSH or a failover
+    to a primary that never saw the script), and leaves the script cached there."""
+    if call.script is None or call.args[0] != "EVALSHA":
+        return call
+    return Call(("EVAL", call.script.source, *call.args[2:]), call.script, call.entry)
+
+
+def eval_refused(replies: list[Any]) -> bool:
+    """An ACL that grants EVALSHA and SCRIPT LOAD but not EVAL (as the docs once said): the
+    scripts are then loaded, and sent by SHA again."""
+    return any(
+        isinstance(r, redis_errors.NoPermissionError) and "'eval'" in str(r).lower()
+        for r in replies
+    )
 
 
 def _scripts_of(calls: list[Call], indices: list[int]) -> list[str]:

@@ -287,6 +287,28 @@ async def test_every_grant_is_needed(acl_server: Server, grant: str, clock: Fake
 
 
 @pytest.mark.parametrize("api", ["sync", "async"])
+async def test_an_acl_with_script_load_instead_of_eval_still_works(
+    acl_server: Server, api: str, clock: FakeClock
+) -> None:
+    """The ACL these docs gave before (EVALSHA and SCRIPT LOAD, no EVAL): a NOSCRIPT is then
+    answered by loading the scripts and sending them by SHA again."""
+    rules = [rule if rule != "+eval" else "+script|load" for rule in acl_rules("credici")]
+    assert "+script|load" in rules
+    acl_server.set_user(f"legacy-{api}", rules)
+    client = make_client(api, acl_server.url(f"legacy-{api}"), namespace=NAMESPACE, clock=clock)
+    user = f"legacy-user-{api}"
+    try:
+        acl_server.admin.script_flush()
+        assert (await client.add(user, 5)).balance_after == 5
+        acl_server.admin.script_flush()
+        assert (await client.subtract(user, 2, idempotency_key="k")).balance_after == 3
+        assert await client.get_balance(user) == 3
+    finally:
+        await close(client)
+        acl_server.admin.execute_command("ACL", "DELUSER", f"legacy-{api}")
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
 async def test_the_acl_user_is_confined_to_its_namespace(acl_server: Server, api: str) -> None:
     acl_server.admin.set(f"{OTHER}:secret", "42")
     raw = redis.Redis(port=acl_server.port, username="credici", password=PASSWORD)
@@ -302,21 +324,20 @@ async def test_the_acl_user_is_confined_to_its_namespace(acl_server: Server, api
             ("FLUSHALL",),
             ("CONFIG", "GET", "requirepass"),
             ("SCRIPT", "FLUSH"),
-            ("EVAL", "return 1", "0"),
+            ("SCRIPT", "LOAD", "return 1"),
             ("DEL", f"{NAMESPACE}:{{u}}:s"),
             ("SUBSCRIBE", "x"),
         ]
         for command in refused:
             with pytest.raises(redis.exceptions.NoPermissionError):
                 raw.execute_command(*command)
-        # A script the user loads itself still runs with the user's permissions.
-        sha = raw.script_load("return redis.call('GET', KEYS[1])")
-        assert raw.evalsha(sha, 1, f"{NAMESPACE}:{{u}}:x") is None
+        # A script the user sends itself (EVAL) still runs with the user's permissions.
+        own = "return redis.call('GET', KEYS[1])"
+        assert raw.eval(own, 1, f"{NAMESPACE}:{{u}}:x") is None
         with pytest.raises(redis.exceptions.NoPermissionError):
-            raw.evalsha(sha, 1, f"{OTHER}:secret")
-        sneaky = raw.script_load(f"return redis.call('GET', '{OTHER}:secret')")
+            raw.eval(own, 1, f"{OTHER}:secret")
         with pytest.raises(redis.exceptions.ResponseError, match=REFUSED):
-            raw.evalsha(sneaky, 0)
+            raw.eval(f"return redis.call('GET', '{OTHER}:secret')", 0)
     finally:
         raw.close()
     assert acl_server.admin.get(f"{OTHER}:secret") == b"42"
