@@ -71,7 +71,8 @@ from credici_redis._core import scripts as _scripts
 from credici_redis._core.protocol import Call, Flow
 from credici_redis._core.requests import UserRequest
 from credici_redis._core.scripts import Script
-from credici_redis._ops import account, charge, holds
+from credici_redis._ops import account, charge
+from credici_redis._ops import holds as hold_ops
 from credici_redis.errors import StorageUnavailableError
 
 TRIVIAL = "return 1"
@@ -1066,8 +1067,8 @@ def history_read(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) 
 
 
 def reserve_call(client: CrediciClient, user: str, ttl: timedelta, now_ms: int) -> Call:
-    req = holds.build_reserve(user, 1, ttl, None, None, now_ms)
-    return first_call(client.storage.ledger.execute(holds.RESERVE, req))
+    req = hold_ops.build_reserve(user, 1, ttl, None, None, now_ms)
+    return first_call(client.storage.ledger.execute(hold_ops.RESERVE, req))
 
 
 def _ping_loop(port: int, stop: Any, worst: Any) -> None:
@@ -1154,7 +1155,7 @@ def pathological(s: Settings) -> list[Row]:
 
             def holds() -> None:
                 client.add("holds", s.pathological)
-                fill(raw, holds.RESERVE.script, clocked(
+                fill(raw, hold_ops.RESERVE.script, clocked(
                     lambda ms: reserve_call(client, "holds", timedelta(hours=1), ms),
                     now[0], s.pathological, 0))  # fmt: skip
                 now[0] += 2 * 3_600_000
