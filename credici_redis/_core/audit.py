@@ -22,134 +22,166 @@ def replay(
     buckets: Mapping[str, int],
     held: int = 0,
 ) -> AuditReport:
-    """entries: (entry id, fields), oldest first. balance, buckets, held: what Redis holds now."""
-    model: dict[str, int] = {}
-    rank: dict[str, int] = {}  # priority of each bucket (0 unless the grant said otherwise)
-    holds: dict[str, list[tuple[str, int]]] = {}  # active holds: their parts
-    seen: dict[str, Mapping[str, str]] = {}  # entries by id, for reversals
-    running = count = 0
-    problems: list[str] = []
+    """entries: (entry id, fields), oldest first. balance, buckets, held: what Redis holds now.
+    Keeps every entry for reversals; `Replay` fed page by page with the originals keeps none."""
+    run = Replay(user_id)
+    seen: dict[str, Mapping[str, str]] = {}
+    for entry_id, f in entries:
+        seen[entry_id] = f
+        run.feed(entry_id, f, seen.get(f.get("o", "")) if f.get("k") == "v" else None)
+    return run.report(balance, buckets, held)
 
-    def drop(bucket: str, credits: int, entry_id: str) -> None:
-        left = model.get(bucket, 0) - credits
-        if bucket not in model or left < 0:
-            problems.append(f"{entry_id}: takes {credits} from bucket {bucket}, which has less")
+
+class Replay:
+    """The audit's replay, one entry at a time (oldest first), in memory bounded by the user's
+    buckets and active holds, not by the history: a reversal is fed with the entry it reverses,
+    which the caller looks up (`reversed_id`)."""
+
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+        self.model: dict[str, int] = {}
+        self.rank: dict[str, int] = {}  # priority of each bucket (0 unless the grant said so)
+        self.holds: dict[str, list[tuple[str, int]]] = {}  # active holds: their parts
+        self.running = 0
+        self.count = 0
+        self.last = "0-0"
+        self.problems: list[str] = []
+
+    @staticmethod
+    def reversed_id(f: Mapping[str, str]) -> str | None:
+        """The id of the entry a reversal reverses (its caller feeds that entry along)."""
+        return f.get("o") if f.get("k") == "v" else None
+
+    def _drop(self, bucket: str, credits: int, entry_id: str) -> None:
+        left = self.model.get(bucket, 0) - credits
+        if bucket not in self.model or left < 0:
+            self.problems.append(
+                f"{entry_id}: takes {credits} from bucket {bucket}, which has less"
+            )
         if left > 0:
-            model[bucket] = left
+            self.model[bucket] = left
         else:
-            model.pop(bucket, None)
+            self.model.pop(bucket, None)
 
-    def take(need: int, entry_id: str) -> list[tuple[str, int]]:
+    def _take(self, need: int, entry_id: str) -> list[tuple[str, int]]:
         parts = []
-        for bucket in sorted(model, key=lambda b: (rank.get(b, 0), b)):
+        for bucket in sorted(self.model, key=lambda b: (self.rank.get(b, 0), b)):
             if need == 0:
                 break
-            used = min(need, model[bucket])
+            used = min(need, self.model[bucket])
             parts.append((bucket, used))
-            drop(bucket, used, entry_id)
+            self._drop(bucket, used, entry_id)
             need -= used
         if need:
-            problems.append(f"{entry_id}: needs {need} more credits than the buckets hold")
+            self.problems.append(f"{entry_id}: needs {need} more credits than the buckets hold")
         return parts
 
-    def give_back(
-        parts: list[tuple[str, int]], at: int, before: int, entry_id: str, extra: int = 0
+    def _give_back(
+        self, parts: list[tuple[str, int]], at: int, before: int, entry_id: str, extra: int = 0
     ) -> None:
         restored = extra
         for bucket, credits in parts:
             expiry = int(bucket[:15])
             if expiry == NEVER_MS or expiry > at:
-                model[bucket] = model.get(bucket, 0) + credits
+                self.model[bucket] = self.model.get(bucket, 0) + credits
                 restored += credits
         if before < 0 and restored:
-            take(min(restored, -before), entry_id)
+            self._take(min(restored, -before), entry_id)
 
-    def parts_of(f: Mapping[str, str]) -> list[tuple[str, int]]:
+    @staticmethod
+    def _parts_of(f: Mapping[str, str]) -> list[tuple[str, int]]:
         return [
             (part.split(":")[0], int(part.split(":")[1]))
             for part in f.get("u", "").split(";")
             if part
         ]
 
-    for entry_id, f in entries:
-        count += 1
-        seen[entry_id] = f
+    def feed(
+        self, entry_id: str, f: Mapping[str, str], original: Mapping[str, str] | None = None
+    ) -> None:
+        """The next entry; for a reversal, `original` is the entry it reverses (None: missing)."""
+        model, problems = self.model, self.problems
+        self.count += 1
+        self.last = entry_id
         kind, amount = f.get("k", "?"), int(f.get("n", "0"))
-        before = running
+        before = self.running
         repaid = min(max(amount, 0), max(-before, 0))  # what a grant pays back of a debt
-        running += amount
+        self.running += amount
+        running = self.running
         if int(f.get("b", "0")) != running:
             problems.append(f"{entry_id}: balance_after {f.get('b')}, history adds up to {running}")
         if kind == "a":
             if "g" in f:
                 model[f["g"]] = amount - repaid
-                rank[f["g"]] = int(f.get("p", "0"))
+                self.rank[f["g"]] = int(f.get("p", "0"))
         elif kind == "s":
-            taken = take(min(-amount, max(before, 0)), entry_id)  # past the buckets: debt
-            if sorted(taken) != sorted(parts_of(f)):
-                problems.append(f"{entry_id}: took {taken}, history says {parts_of(f)}")
+            taken = self._take(min(-amount, max(before, 0)), entry_id)  # past the buckets: debt
+            if sorted(taken) != sorted(self._parts_of(f)):
+                problems.append(f"{entry_id}: took {taken}, history says {self._parts_of(f)}")
             if running < 0 and model:
                 problems.append(f"{entry_id}: in debt while buckets hold credits")
         elif kind == "e":
             if "h" not in f:  # a hold's expired parts had already left the buckets
-                drop(f.get("g", "?"), -amount, entry_id)
+                self._drop(f.get("g", "?"), -amount, entry_id)
         elif kind == "c":
             carried = int(f.get("r", "0"))
             if "f" in f:
-                drop(f["f"], carried, entry_id)
+                self._drop(f["f"], carried, entry_id)
             if "g" in f:
                 model[f["g"]] = amount + carried - repaid
         elif kind == "r":
-            holds[f.get("h", "?")] = take(-amount, entry_id)
+            self.holds[f.get("h", "?")] = self._take(-amount, entry_id)
         elif kind in ("p", "l"):
-            parts = holds.pop(f.get("h", "?"), None)
+            parts = self.holds.pop(f.get("h", "?"), None)
             if parts is None:
                 problems.append(f"{entry_id}: ends hold {f.get('h')}, which is not active")
-                continue
+                return
             charge, rest = int(f.get("q", "0")), []
             for bucket, credits in parts:
                 used = min(credits, charge)
                 charge -= used
                 if credits > used:
                     rest.append((bucket, credits - used))
-            give_back(rest, int(f.get("t", "0")), before, entry_id)
+            self._give_back(rest, int(f.get("t", "0")), before, entry_id)
         elif kind == "v":
-            original = seen.get(f.get("o", "?"))
             if original is None:
                 problems.append(f"{entry_id}: reverses {f.get('o')}, not in the history")
             elif original.get("k") == "a":
                 if "g" in f and amount:
-                    drop(f["g"], -amount, entry_id)  # all that was left of the grant
+                    self._drop(f["g"], -amount, entry_id)  # all that was left of the grant
                 elif "g" in f:
                     model.pop(f["g"], None)
             else:
-                charged = parts_of(original)
+                charged = self._parts_of(original)
                 overdraft = (
                     -int(original["n"]) if original.get("k") == "s" else int(original["q"])
                 ) - sum(credits for _, credits in charged)
                 if overdraft > 0 and "g" in f:
                     model[f["g"]] = overdraft
-                give_back(charged, int(f.get("t", "0")), before, entry_id, max(overdraft, 0))
+                self._give_back(charged, int(f.get("t", "0")), before, entry_id, max(overdraft, 0))
         else:
             problems.append(f"{entry_id}: unknown kind {kind!r}")
 
-    if running != balance:
-        problems.append(f"balance is {balance}, history adds up to {running}")
-    holding = sum(credits for parts in holds.values() for _, credits in parts)
-    if holding != held:
-        problems.append(f"holds hold {held}, history gives {holding}")
-    for bucket in sorted(set(model) | set(buckets)):
-        if model.get(bucket) != buckets.get(bucket):
-            problems.append(
-                f"bucket {bucket}: Redis holds {buckets.get(bucket)}, "
-                f"history gives {model.get(bucket)}"
-            )
-    return AuditReport(
-        user_id=user_id,
-        ok=not problems,
-        balance=balance,
-        history_balance=running,
-        entries=count,
-        buckets=len(buckets),
-        problems=problems,
-    )
+    def report(self, balance: int, buckets: Mapping[str, int], held: int = 0) -> AuditReport:
+        """The audit, against what Redis holds now."""
+        problems = list(self.problems)
+        if self.running != balance:
+            problems.append(f"balance is {balance}, history adds up to {self.running}")
+        holding = sum(credits for parts in self.holds.values() for _, credits in parts)
+        if holding != held:
+            problems.append(f"holds hold {held}, history gives {holding}")
+        for bucket in sorted(set(self.model) | set(buckets)):
+            if self.model.get(bucket) != buckets.get(bucket):
+                problems.append(
+                    f"bucket {bucket}: Redis holds {buckets.get(bucket)}, "
+                    f"history gives {self.model.get(bucket)}"
+                )
+        return AuditReport(
+            user_id=self.user_id,
+            ok=not problems,
+            balance=balance,
+            history_balance=self.running,
+            entries=self.count,
+            buckets=len(buckets),
+            problems=problems,
+        )

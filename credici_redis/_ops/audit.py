@@ -4,12 +4,14 @@ history up to that snapshot, oldest first, in pages; `AuditSnapshot.report` repl
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from credici_redis._core import audit as _audit
 from credici_redis._core import keys as _keys
+from credici_redis._core.audit import Replay
 from credici_redis._core.operation import Operation, Reply
 from credici_redis._core.protocol import (
     HISTORY_PAGE,
@@ -26,13 +28,15 @@ from credici_redis._core.scripts import load
 from credici_redis.models import AuditReport
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuditSnapshot:
-    """What Redis holds of a user, and the history it still keeps.
+    """What Redis holds of a user, and its history replayed (or kept, to replay with the archive).
 
     `trimmed`: entries before this id were archived to PostgreSQL and trimmed from Redis ('' =
     none); the audit then needs them (`report(archived)`), read after this snapshot so none can be
-    trimmed between the two reads unseen.
+    trimmed between the two reads unseen, and the entries Redis keeps are held in `entries` to
+    replay after them. With nothing trimmed, the history is replayed page by page as it is read
+    (`replayed`), in memory bounded by the user's buckets and holds, whatever its length.
     """
 
     user_id: str
@@ -43,16 +47,26 @@ class AuditSnapshot:
     last: str
     stream_last: str
     trimmed: str
+    replayed: Replay | None = None
 
     def report(self, archived: Sequence[tuple[str, dict[str, str]]]) -> AuditReport:
         """The audit, with the archived entries (any order, duplicates of kept ones allowed)."""
-        kept = {entry_id for entry_id, _ in self.entries}
-        older = sorted(
-            ((i, f) for i, f in archived if i not in kept and entry_key(i) <= entry_key(self.last)),
-            key=lambda e: entry_key(e[0]),
-        )
-        entries = [*older, *self.entries]
-        report = _audit.replay(self.user_id, entries, self.balance, self.buckets, self.held)
+        if self.replayed is not None:
+            newest = self.replayed.last
+            report = self.replayed.report(self.balance, self.buckets, self.held)
+        else:
+            kept = {entry_id for entry_id, _ in self.entries}
+            older = sorted(
+                (
+                    (i, f)
+                    for i, f in archived
+                    if i not in kept and entry_key(i) <= entry_key(self.last)
+                ),
+                key=lambda e: entry_key(e[0]),
+            )
+            entries = [*older, *self.entries]
+            newest = entries[-1][0] if entries else "0-0"
+            report = _audit.replay(self.user_id, entries, self.balance, self.buckets, self.held)
         problems = list(report.problems)
         if self.trimmed and not archived:
             problems.insert(
@@ -60,7 +74,7 @@ class AuditSnapshot:
                 f"the history before {self.trimmed} was archived to PostgreSQL: audit with the "
                 "archive (archive_url) to replay it",
             )
-        ends = [i for i in (self.stream_last, entries[-1][0] if entries else "0-0") if i != "0-0"]
+        ends = [i for i in (self.stream_last, newest) if i != "0-0"]
         newest = max(ends, key=entry_key, default="0-0")  # an empty stream may be all archived
         if newest != self.last:
             problems.append(f"the history ends at {newest}, the balance knows it up to {self.last}")
@@ -81,19 +95,45 @@ def _state(req: UserRequest, r: Reply) -> AuditSnapshot:
 def _audit_snapshot(
     ledger: Ledger, op: Operation[Any, Any], req: UserRequest
 ) -> Flow[AuditSnapshot]:
-    """The snapshot, then the history up to it, oldest first, in pages."""
+    """The snapshot, then the history up to it, oldest first, in pages: replayed as it comes
+    (each reversal's original read by id), or kept when part of it is in the archive."""
     snapshot: AuditSnapshot = yield from ledger.script_flow(op, req)
     stream = _keys.user_keys(ledger.namespace, req.user_id).history
+    replay = None if snapshot.trimmed else Replay(req.user_id)
     start = "-"
     while snapshot.last != "0-0":
         (page,) = yield from sent(
             [Call(("XRANGE", stream, start, snapshot.last, "COUNT", HISTORY_PAGE))]
         )
-        snapshot.entries.extend((text(e[0]), stream_fields(e[1])) for e in page)
+        entries = [(text(e[0]), stream_fields(e[1])) for e in page]
+        if replay is None:
+            snapshot.entries.extend(entries)
+        else:
+            originals = yield from _originals(stream, entries)
+            for entry_id, f in entries:
+                reversed_id = Replay.reversed_id(f)
+                replay.feed(entry_id, f, originals.get(reversed_id) if reversed_id else None)
         if len(page) < HISTORY_PAGE:
             break
         start = "(" + text(page[-1][0])
+    snapshot.replayed = replay
     return snapshot
+
+
+ENTRY_ID = re.compile(r"\d+-\d+")
+
+
+def _originals(
+    stream: str, entries: list[tuple[str, dict[str, str]]]
+) -> Flow[dict[str, dict[str, str]]]:
+    """The entries the reversals of a page reverse, read by id in one round trip."""
+    wanted = sorted(
+        {o for _, f in entries if (o := Replay.reversed_id(f)) and ENTRY_ID.fullmatch(o)}
+    )
+    if not wanted:
+        return {}
+    replies = yield from sent([Call(("XRANGE", stream, o, o)) for o in wanted])
+    return {text(e[0]): stream_fields(e[1]) for found in replies for e in found}
 
 
 AUDIT: Operation[UserRequest, AuditSnapshot] = Operation(

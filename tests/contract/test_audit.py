@@ -119,3 +119,24 @@ async def test_cli_audit(
     out = capsys.readouterr()
     assert "audited 3 users: 2 ok, 1 failed" in out.out
     assert "b: FAILED" in out.out + out.err
+
+
+async def test_a_history_of_many_pages_with_reversals_audits_clean(
+    client: Any, user: str, clock: FakeClock
+) -> None:
+    """The audit replays page by page (1,000 entries each), reading each reversal's original by
+    id: reversals of entries pages before, of a capture and of a grant, all replay exactly."""
+    first = await client.add(user, 5_000, ttl=DAY)
+    await client.add(user, 300)
+    charges = await client.subtract_many([(user, 1) for _ in range(1_200)])
+    hold = await client.reserve(user, 40)
+    captured = await client.capture(hold.hold_id, 15)
+    await client.reverse(charges[0].transaction_id)  # its original is on the first page
+    await client.reverse(charges[1_100].transaction_id)
+    await client.reverse(captured.transaction_id)
+    clock.advance(2 * DAY)  # the first grant expires: a reversed charge of it is not restored
+    await client.reverse(charges[5].transaction_id)
+    await client.reverse(first.transaction_id)
+    report = await client.audit(user)
+    assert report.problems == [] and report.ok
+    assert report.entries == len(await client.get_all_user_transactions(user)) > 1_200
