@@ -35,12 +35,11 @@ class Reply(Mapping[str, str]):
     """A script's OK reply, read by field name (the operation's `reply` names). A last name
     starting with ``*`` names the repeated tail: `tail()` returns it."""
 
-    __slots__ = ("_fields", "_index", "_names")
+    __slots__ = ("_fields", "_index")
 
-    def __init__(self, names: tuple[str, ...], values: list[str]) -> None:
-        self._names = names
+    def __init__(self, index: Mapping[str, int], values: list[str]) -> None:
         self._fields = values
-        self._index = {name: i for i, name in enumerate(names) if not name.startswith("*")}
+        self._index = index  # name -> position (`reply_index`: made once per operation)
 
     def __getitem__(self, name: str) -> str:
         return self._fields[self._index[name]]
@@ -90,8 +89,12 @@ class Operation(Generic[Req, Res]):
     flow: CustomFlow | None = None
     """The flow, when it is more than the script (a read of the server's clock before, history
     pages after); it runs the script by `Ledger.script_flow`."""
+    reply_index: Mapping[str, int] = field(init=False, repr=False)
+    """The reply's names by position, made once (`Reply` reads by it)."""
 
     def __post_init__(self) -> None:
+        index = {name: i for i, name in enumerate(self.reply) if not name.startswith("*")}
+        object.__setattr__(self, "reply_index", index)
         names = {f.name for f in fields(self.request)}  # type: ignore[arg-type]
         unknown = [a for a in self.argv if a not in names and a not in LEDGER_ARGS]
         unknown += [f for f in self.fingerprint or () if f not in names]

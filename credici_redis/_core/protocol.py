@@ -166,9 +166,9 @@ class Ledger:
             raise reply
         if not isinstance(reply, list) or not reply:
             raise StorageError(f"unexpected reply from a credici script: {reply!r}")
-        f = [text(v) for v in reply]
+        f = [v.decode() if type(v) is bytes else str(v) for v in reply]  # the hot path: inline
         if f[0] == "OK":
-            return op.parse(req, Reply(op.reply, f))
+            return op.parse(req, Reply(op.reply_index, f))
         outcome = op.outcomes.get(f[0])
         if outcome is not None:
             return outcome(req, f)
