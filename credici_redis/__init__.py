@@ -55,6 +55,7 @@ if TYPE_CHECKING:
         BalanceEvent,
         Bucket,
         Cycle,
+        Decision,
         Hold,
         Transaction,
     )
@@ -71,6 +72,7 @@ _LAZY = {
     "BalanceEvent": "credici_redis.models",
     "Bucket": "credici_redis.models",
     "Cycle": "credici_redis.models",
+    "Decision": "credici_redis.models",
     "Hold": "credici_redis.models",
     "Transaction": "credici_redis.models",
     "AsyncPostgresStorage": "credici_redis.postgres",  # the "postgres" extra
@@ -111,6 +113,7 @@ __all__ = [
     "CrediciError",
     "Cycle",
     "CycleNotFoundError",
+    "Decision",
     "EventLoopError",
     "EvictionPolicyError",
     "Hold",

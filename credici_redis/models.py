@@ -119,6 +119,21 @@ class BalanceDetails(BaseModel):
     buckets: list[Bucket]
 
 
+class Decision(BaseModel):
+    """What `check` found: would a charge of that amount pass now (nothing was charged)?"""
+
+    model_config = ConfigDict(frozen=True)
+
+    allowed: bool
+    reason: Literal["credits", "rate", "budget"] | None = Field(
+        description="why not (None when allowed); only credits are checked so far"
+    )
+    retry_after: timedelta | None = Field(
+        default=None, description="when a refusal for rate or budget would lift (None: credits)"
+    )
+    available: int = Field(description="what can be charged now: balance + credit_limit")
+
+
 class AuditReport(BaseModel):
     """The audit of one user: the balance and every bucket rebuilt from history, compared."""
 

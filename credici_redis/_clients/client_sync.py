@@ -23,6 +23,7 @@ from credici_redis.models import (
     BalanceEvent,
     CalendarPeriod,
     Cycle,
+    Decision,
     Hold,
     Transaction,
 )
@@ -286,6 +287,12 @@ class CrediciClient(ClientBase):
         see `unrestored`) or an add (what is left of it is removed). Once per transaction."""
         req = reverse.build_reverse(transaction_id, idempotency_key, self._now())
         return self.storage.execute(reverse.REVERSE, req)
+
+    def check(self, user_id: UserId, amount: int) -> Decision:
+        """Would `subtract(user_id, amount)` pass now? A dry run: nothing is charged (due
+        expiries and renewals are recorded, as by any read). Only credits are checked so far."""
+        req = account.build_check(user_id, amount, self._now())
+        return self.storage.execute(account.CHECK, req)
 
     def get_balance_details(self, user_id: UserId) -> BalanceDetails:
         """Balance, debt, credit limit and the buckets in burn order."""

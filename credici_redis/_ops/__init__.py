@@ -9,9 +9,10 @@ reply becomes a model, and which errors it raises (codes in `credici_redis._core
     reverse     reverse                    reverse.lua                   Transaction
     cycles      start_cycle, get_cycle,    start_cycle.lua, cycle.lua,   Cycle (None: no cycle)
                 cancel_cycle               cancel_cycle.lua
-    account     balance, details,          balance.lua, details.lua,     int, BalanceDetails,
-                set_credit_limit,          set_credit_limit.lua,         None
-                set_low_balance_threshold  set_low_balance_threshold.lua
+    account     balance, details, check,   balance.lua, details.lua,     int, BalanceDetails,
+                set_credit_limit,          check.lua,                    Decision, None
+                set_low_balance_threshold  set_credit_limit.lua,
+                                           set_low_balance_threshold.lua
     history     history                    balance.lua + XREVRANGE pages list[Transaction]
     audit       audit                      audit.lua + XRANGE pages      AuditSnapshot
 
