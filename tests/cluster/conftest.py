@@ -14,7 +14,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,11 @@ class LocalCluster:
     ports: list[int]
     processes: dict[int, subprocess.Popen[bytes]]
     directory: Path
+    commands: dict[int, list[str]] = field(default_factory=dict)
+
+    def restart(self, port: int) -> None:
+        """Start a stopped node again, as it was (its nodes.conf: it rejoins the cluster)."""
+        self.processes[port] = subprocess.Popen(self.commands[port], stdout=subprocess.DEVNULL)
 
     @property
     def url(self) -> str:
@@ -110,17 +115,15 @@ def start_cluster(nodes: int = NODES, replicas: int = 1) -> LocalCluster:
     try:
         for port in ports:
             # fmt: off
-            processes[port] = subprocess.Popen(
-                [
-                    "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                    "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
-                    "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no",
-                    "--dir", str(directory), "--logfile", f"{directory}/{port}.log",
-                    "--repl-diskless-sync-delay", "0", "--enable-debug-command", "local",
-                ],
-                stdout=subprocess.DEVNULL,
-            )
+            cluster.commands[port] = [
+                "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no",
+                "--dir", str(directory), "--logfile", f"{directory}/{port}.log",
+                "--repl-diskless-sync-delay", "0", "--enable-debug-command", "local",
+            ]
             # fmt: on
+            processes[port] = subprocess.Popen(cluster.commands[port], stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         for port in ports:
             while True:

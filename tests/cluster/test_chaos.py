@@ -53,6 +53,20 @@ def _took_over(replica: int, deadline: float) -> None:
         time.sleep(0.1)
 
 
+def _has_replica(primary: int, deadline: float) -> None:
+    """Until a replica is connected and in sync with `primary` (a WAIT can then succeed)."""
+    while True:
+        try:
+            with redis.Redis(port=primary, socket_timeout=1) as r:
+                info = r.info("replication")
+                if info.get("connected_slaves", 0) and info["slave0"].get("state") == "online":
+                    return
+        except redis.RedisError:
+            pass
+        assert time.monotonic() < deadline, "no replica came back"
+        time.sleep(0.1)
+
+
 @dataclass
 class Run:
     """One client's charges: what was acknowledged, what failed, how long calls took."""
@@ -130,13 +144,14 @@ class Run:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["hang", "takeover"])
+@pytest.mark.parametrize("fault", ["hang", "takeover", "kill"])
 async def test_a_primary_replaced_under_load_gives_only_typed_outcomes(fault: str) -> None:
     """Two clients charge the same way, one with durability="replica" (checked), one with
     "primary" (what it loses is reported, as the README's durability table says). The fault:
     "hang": the primary is SIGSTOPped until its replica takes over, then resumes (SIGCONT) and
     finds itself a replica; "takeover": its replica takes over at once (CLUSTER FAILOVER
-    TAKEOVER), the primary learns it is demoted while calls wait on it."""
+    TAKEOVER), the primary learns it is demoted while calls wait on it; "kill": SIGKILL, and the
+    replica takes over after the node timeout (then alone: writes wait for a replica in vain)."""
     local = start_cluster()
     users = [f"user-{i}" for i in range(24)]
     # A timeout longer than the hang: calls to the hung primary still wait when it resumes.
@@ -163,6 +178,13 @@ async def test_a_primary_replaced_under_load_gives_only_typed_outcomes(fault: st
 
         async def hang_primary() -> None:
             await asyncio.sleep(1)
+            if fault == "kill":  # SIGKILL: its replica takes over after the node timeout
+                local.processes[victim].kill()
+                local.processes[victim].wait()
+                await asyncio.to_thread(_took_over, replica, time.monotonic() + 20)
+                local.restart(victim)  # the operator brings it back: a replica of the new primary
+                await asyncio.to_thread(_has_replica, replica, time.monotonic() + 30)
+                return
             if fault == "takeover":
                 with redis.Redis(port=replica) as r:
                     r.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
@@ -185,7 +207,7 @@ async def test_a_primary_replaced_under_load_gives_only_typed_outcomes(fault: st
 
         errors = {n for n in durable.seen if ":" not in n and not n.startswith("retry")}
         assert errors <= TYPED, durable.seen  # never a plain StorageError
-        if fault == "hang":  # a takeover may be too quick for any call to fail
+        if fault != "takeover":  # a takeover may be too quick for any call to fail
             assert errors, "the hung primary made no caller fail: the scenario did not happen"
         assert max(durable.longest.values()) <= 8.0 + 1.0  # within the timeout (and a margin)
         assert [key for key in durable.acked if found[key] == 0] == []  # nothing acked is lost
