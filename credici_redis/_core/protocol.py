@@ -8,7 +8,7 @@ operation's ARGV names, then its reply parsed by the operation, or turned into t
 means (`credici_redis._core.codes`).
 
 Every script may also answer SCHEDULE (a calendar cycle needs boundaries only Python can compute),
-CATCHUP (a step of a long catch-up was applied) or INCONSISTENT: `Ledger._scheduled` answers them.
+CATCHUP (a step of a long catch-up was applied) or INCONSISTENT: `Ledger.scheduled` answers them.
 The namespace-wide flows (users, event streams) are here too: they run no user script.
 """
 
@@ -176,7 +176,7 @@ class Ledger:
 
     def script_flow(self, op: Operation[Req, Any], req: Req) -> Flow[Any]:
         """Run the operation's script (answering SCHEDULE and CATCHUP), parse its reply."""
-        (reply,) = yield from self._scheduled(lambda extension: [self.call(op, req, extension)])
+        (reply,) = yield from self.scheduled(lambda extension: [self.call(op, req, extension)])
         return self.result(op, req, reply)
 
     def server_ms(self) -> Flow[int]:
@@ -192,7 +192,7 @@ class Ledger:
             lambda reply: cast(Res, self.result(op, req, reply)),
         )
 
-    def _scheduled(self, batch: Callable[[str], list[Call]]) -> Flow[list[Any]]:
+    def scheduled(self, batch: Callable[[str], list[Call]]) -> Flow[list[Any]]:
         """Send `batch(extension)`; when its first script asks for calendar boundaries (SCHEDULE),
         compute them and send it again with them. Nothing was written by a SCHEDULE reply. While
         it replies CATCHUP (a step of a long catch-up was applied), send it again as it was."""
@@ -217,7 +217,7 @@ class Ledger:
     def _many(self, items: Sequence[Item[T] | CrediciError]) -> Flow[list[T | CrediciError]]:
         """Many independent calls in one round trip; each item's result, or its error, in order.
         Items that are already an error (bad input) are passed through without a call. An item
-        whose script asked for a schedule, or replied CATCHUP, goes out again (as `_scheduled`)."""
+        whose script asked for a schedule, or replied CATCHUP, goes out again (as `scheduled`)."""
         results: list[T | CrediciError] = [
             item if isinstance(item, CrediciError) else StorageError("not sent") for item in items
         ]

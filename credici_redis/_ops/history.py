@@ -53,7 +53,7 @@ def _history(
         return []
     wanted = req.limit if req.limit is not None else float("inf")
     count = int(min(wanted, HISTORY_PAGE))
-    _, page = yield from ledger._scheduled(lambda extension: [
+    _, page = yield from ledger.scheduled(lambda extension: [
         ledger.call(op, req, extension),
         Call(("XREVRANGE", stream, high, low, "COUNT", count)),
     ])  # fmt: skip

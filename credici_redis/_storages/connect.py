@@ -285,6 +285,8 @@ def _connector(
 ) -> Callable[[], Any]:
     """Makes a new client of this configuration. An asyncio storage makes one for each event
     loop it runs in (an asyncio connection belongs to the loop that opened it)."""
+    if cluster and not asyncio:  # its blocking pools wait up to `timeout` for a connection
+        options = {"timeout": timeout, **options}
     settings = _client_options(timeout, max_connections, options, asyncio=asyncio)
     if cluster and asyncio:
         return partial(redis.asyncio.cluster.RedisCluster.from_url, url, **settings)
@@ -293,9 +295,7 @@ def _connector(
             redis.cluster.RedisCluster.from_url,
             url,
             connection_pool_class=redis.BlockingConnectionPool,
-            **_client_options(
-                timeout, max_connections, {"timeout": timeout, **options}, asyncio=False
-            ),
+            **settings,
         )
     if scheme == "memory":
         server = _memory_server(url)  # every client (every loop's) sees the same store
