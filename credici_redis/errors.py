@@ -9,6 +9,7 @@
     │   ├── InvalidCycleError
     │   │   └── InvalidTimeZoneError
     │   ├── InvalidPeriodError
+    │   ├── InvalidLimitError        a RateLimit or Budget that cannot work
     │   ├── InvalidPriorityError
     │   ├── InvalidIdempotencyKeyError
     │   ├── InvalidMetadataError
@@ -19,6 +20,9 @@
     ├── EventLoopError (also a RuntimeError): a client used where it cannot be; nothing was sent
     ├── EvictionPolicyError           the Redis may evict keys (maxmemory-policy), or will not say
     ├── InsufficientCreditsError      subtract asked for more than the user has
+    ├── LimitExceededError            a charge refused by the user's limits (set_limits)
+    │   ├── RateLimitedError          ... calling faster than the rate allows (.retry_after)
+    │   └── BudgetExceededError       ... past the spending budget of the period (.resets_at)
     ├── IdempotencyConflictError      a key reused for a different request
     ├── CycleNotFoundError            cancel_cycle on a user with no running cycle
     ├── HoldNotFoundError             no such hold (or it ended more than a day ago)
@@ -40,6 +44,8 @@ failure means (not applied, maybe applied, not replicated) is one table too
 """
 
 from __future__ import annotations
+
+from datetime import datetime, timedelta
 
 
 class CrediciError(Exception):
@@ -87,6 +93,10 @@ class InvalidCycleError(InvalidInputError):
 
 class InvalidPeriodError(InvalidInputError):
     """from_/to_ of a history query are not datetimes."""
+
+
+class InvalidLimitError(InvalidInputError):
+    """A RateLimit or Budget that cannot work (amount < 1, a period under 1 ms, ...)."""
 
 
 class InvalidTimeZoneError(InvalidCycleError):
@@ -164,6 +174,46 @@ class InsufficientCreditsError(CrediciError):
         self.user_id = user_id
         self.requested = requested
         self.available = available
+
+
+class LimitExceededError(CrediciError):
+    """A charge (subtract, reserve, a batch item) refused by the user's limits: rate or budget
+    (`set_limits`, or the client's `default_limits`). Nothing changed: no credits, no rate and
+    no budget were used."""
+
+    def __init__(self, message: str, *, user_id: str, requested: int) -> None:
+        super().__init__(message)
+        self.user_id = user_id
+        self.requested = requested
+
+
+class RateLimitedError(LimitExceededError):
+    """Calling faster than the user's RateLimit allows. `retry_after`: when the same charge
+    would pass (None: never, the amount is larger than the rate's burst)."""
+
+    def __init__(self, user_id: str, requested: int, retry_after: timedelta | None) -> None:
+        when = "never (more than the burst)" if retry_after is None else f"in {retry_after}"
+        super().__init__(
+            f"user {user_id!r} is rate limited: {requested} credits pass {when}",
+            user_id=user_id,
+            requested=requested,
+        )
+        self.retry_after = retry_after
+
+
+class BudgetExceededError(LimitExceededError):
+    """The charge would pass the user's Budget for the period: `remaining` credits may still be
+    spent until `resets_at`."""
+
+    def __init__(self, user_id: str, requested: int, remaining: int, resets_at: datetime) -> None:
+        super().__init__(
+            f"user {user_id!r} may spend {remaining} more credits until {resets_at.isoformat()},"
+            f" {requested} were requested",
+            user_id=user_id,
+            requested=requested,
+        )
+        self.remaining = remaining
+        self.resets_at = resets_at
 
 
 class IdempotencyConflictError(CrediciError):

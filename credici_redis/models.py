@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from credici_redis.errors import InvalidCycleError, InvalidLimitError
 
 TransactionKind = Literal[
     "add", "subtract", "expire", "cycle_start", "reserve", "capture", "release", "reverse"
@@ -126,10 +129,13 @@ class Decision(BaseModel):
 
     allowed: bool
     reason: Literal["credits", "rate", "budget"] | None = Field(
-        description="why not (None when allowed); only credits are checked so far"
+        description="why not (None when allowed): subtract's first refusal, in its order"
+        " credits, budget, rate"
     )
     retry_after: timedelta | None = Field(
-        default=None, description="when a refusal for rate or budget would lift (None: credits)"
+        default=None,
+        description="when a refusal for rate or budget lifts (None: allowed, credits, or a rate"
+        " refusal that never lifts: the amount is more than the burst)",
     )
     available: int = Field(description="what can be charged now: balance + credit_limit")
 
@@ -150,9 +156,102 @@ class AuditReport(BaseModel):
 
 __all__ = [
     "AuditReport",
+    "Budget",
     "CalendarPeriod",
     "Cycle",
     "CycleStatus",
+    "Limits",
+    "RateLimit",
     "Transaction",
     "TransactionKind",
 ]
+
+
+MAX_LIMIT = 2**53 - 1
+
+
+def _whole(name: str, value: object, low: int = 1) -> int:
+    if type(value) is not int or not low <= value <= MAX_LIMIT:
+        raise InvalidLimitError(f"{name} must be an int from {low} to 2**53-1, not {value!r}")
+    return value
+
+
+def _window_ms(name: str, value: object) -> int:
+    if not isinstance(value, timedelta) or value % timedelta(milliseconds=1):
+        raise InvalidLimitError(f"{name} must be a timedelta of whole milliseconds, not {value!r}")
+    ms = value // timedelta(milliseconds=1)
+    if not 1 <= ms <= MAX_LIMIT:
+        raise InvalidLimitError(f"{name} must be from 1 ms to 2**53-1 ms, not {value}")
+    return ms
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most `amount` credits per `per`, in bursts of up to `burst` credits (default: amount).
+    A charge of n credits uses n units of rate (GCRA: cost-weighted, no fixed-window edges)."""
+
+    amount: int
+    per: timedelta
+    burst: int | None = None
+
+    def __post_init__(self) -> None:
+        _whole("RateLimit.amount", self.amount)
+        per = _window_ms("RateLimit.per", self.per)
+        if self.burst is None:
+            object.__setattr__(self, "burst", self.amount)
+        burst = _whole("RateLimit.burst", self.burst)
+        if 2 * burst * per > MAX_LIMIT:  # the scripts count in exact integers up to 2**53
+            raise InvalidLimitError(
+                f"RateLimit: burst x per (in ms) must stay under 2**52, not {burst} x {per}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """At most `amount` credits spent per `period`: a calendar day, week (from Monday), month or
+    year in time zone `tz`, or a fixed window (a timedelta, counted from the Unix epoch)."""
+
+    amount: int
+    period: CalendarPeriod | timedelta
+    tz: str = "UTC"
+
+    def __post_init__(self) -> None:
+        _whole("Budget.amount", self.amount)
+        if isinstance(self.period, timedelta):
+            _window_ms("Budget.period", self.period)
+            if self.tz != "UTC":
+                raise InvalidLimitError(
+                    "Budget: a timedelta window counts from the Unix epoch; tz applies to"
+                    " calendar periods only ('day', 'week', 'month', 'year')"
+                )
+        elif self.period not in ("day", "week", "month", "year"):
+            raise InvalidLimitError(
+                "Budget.period must be 'day', 'week', 'month', 'year' or a timedelta,"
+                f" not {self.period!r}"
+            )
+        if not isinstance(self.tz, str):
+            raise InvalidLimitError(f"Budget.tz must be an IANA zone name, not {self.tz!r}")
+        from credici_redis._core.schedule import zone
+
+        try:
+            zone(self.tz)
+        except InvalidCycleError as exc:
+            raise InvalidLimitError(f"Budget.tz: unknown time zone {self.tz!r}") from exc
+
+
+class Limits(BaseModel):
+    """A user's limits: `rate` and `budget` (None: not limited that way). `get_limits` also
+    says what was spent of the budget in its running period and when that period ends, and
+    whether these are the user's own or the client's `default_limits`."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    rate: RateLimit | None = None
+    budget: Budget | None = None
+    budget_used: int = Field(default=0, description="spent in the running budget period")
+    budget_resets_at: AwareDatetime | None = Field(
+        default=None, description="when the running budget period ends (None: no budget)"
+    )
+    default: bool = Field(
+        default=False, description="the client's default_limits (the user has none of its own)"
+    )

@@ -101,13 +101,15 @@ local function inconsistency(v)
 end
 
 local function load_state()
-  local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst', 'nx', 'cl', 'hd', 'hx', 'lt')
+  local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst', 'nx', 'cl', 'hd', 'hx', 'lt',
+    'lim')
   local bad = inconsistency(v)
   if bad then return nil, bad end
   return {
     bal = tonumber(v[1]) or 0, ms = tonumber(v[2]) or 0, sq = tonumber(v[3]) or 0, dirty = false,
     ce = tonumber(v[4]), cst = v[5] or nil, nx = tonumber(v[6]), limit = tonumber(v[7]) or 0,
     held = tonumber(v[8]) or 0, hx = tonumber(v[9]), holds_dirty = false, low = tonumber(v[10]),
+    lim = v[11] or nil,
   }
 end
 
@@ -342,6 +344,7 @@ end
 -- Calendar cycles: take the client's extension if it starts where the queue ends; then the queue
 -- must reach past `now`, or the client is asked (SCHEDULE) before anything is written.
 local function ensure_schedule(c, now, extension)
+  extension = string.match(extension, '^[^|]*')  -- the cycle's part (a budget period follows '|')
   local have = count_list(c.cq)
   local first_missing = tonumber(c.ck) + 2 + have
   if extension ~= '' then
@@ -427,6 +430,144 @@ local function cycle_reply(c, now)
 end
 
 -- ---------------------------------------------------------------------------------------------
+-- Limits: a rate (GCRA, cost-weighted: a charge of n credits uses n units) and a spending budget
+-- per period; the user's own (state field lim, set by set_limits.lua) or else the client's
+-- default (an ARGV of the scripts that charge). A spec is "R<amount>:<per ms>:<burst>" and/or
+-- "B<amount>:<period>:<tz>" (period day|week|month|year, or a fixed window in ms counted from
+-- the Unix epoch), joined by ';'; credici_redis/_ops/limits.py makes and checks them.
+-- Usage, in the state hash:
+--   rb  ms of the rate's last charge   ro  how far the rate's theoretical arrival time (TAT) was
+--       ahead of rb, in ticks of 1/amount ms (integers: exact)   rk  the rate spec it counts for
+--   bu  credits spent in the budget period   bs, be  the period (start, end ms)
+--   bc  counting since (the period's start, or when this budget began)   bk  "period:tz" counted
+-- A change of the rate spec starts the rate afresh; a change of the budget's period or zone
+-- starts the budget afresh (a new amount alone keeps what was spent). Checks and refusals change
+-- nothing; give-backs (a capture under its hold, a release, a hold's ttl, a reversal) return
+-- budget spent in the current period since bc, never rate.
+
+local USAGE = { 'rb', 'ro', 'rk', 'bu', 'bs', 'be', 'bc', 'bk' }
+
+local function parse_limits(spec)
+  local lim = nil
+  for part in string.gmatch(spec or '', '[^;]+') do
+    lim = lim or {}
+    local a, b, c = string.match(part, '^%a(%d+):([^:]+):(.*)$')
+    if string.sub(part, 1, 1) == 'R' then
+      lim.ra, lim.rp, lim.rs, lim.rk = tonumber(a), tonumber(b), tonumber(c), part
+    else
+      lim.ba, lim.bp, lim.bz, lim.bk = tonumber(a), b, c, b .. ':' .. c
+    end
+  end
+  return lim
+end
+
+-- The limits in effect: the user's own, else the default; nil for none.
+local function limits_of(st, default)
+  if st.lim then return parse_limits(st.lim), st.lim end
+  return parse_limits(default), default
+end
+
+local function load_usage()
+  local v = redis.call('HMGET', K_STATE, unpack(USAGE))
+  return { rb = tonumber(v[1]), ro = tonumber(v[2]), rk = v[3] or nil, bu = tonumber(v[4]) or 0,
+           bs = tonumber(v[5]), be = tonumber(v[6]), bc = tonumber(v[7]), bk = v[8] or nil }
+end
+
+-- The rate at `now` for a charge of n: true and how far the TAT is ahead of now after it (ticks),
+-- or false and when it would pass (ms; '' = never: n is more than the burst).
+local function rate_after(lim, u, now, n)
+  local per, burst = lim.rp, lim.rs
+  if n > burst then return false, '' end
+  local ahead = 0
+  if u.rk == lim.rk and u.ro then
+    local elapsed = math.max(now - u.rb, 0)  -- a clock step back does not run the rate backwards
+    if elapsed <= math.floor(u.ro / lim.ra) then ahead = u.ro - elapsed * lim.ra end
+  end
+  local after = ahead + n * per
+  if after > burst * per then return false, fmt(math.ceil((after - burst * per) / lim.ra)) end
+  return true, after
+end
+
+-- The budget period containing `now`: start, end, whether it is a new one (nothing spent yet);
+-- or nil and the reply asking the client for a calendar period (after a save: nothing else was
+-- written). The client's answer is the part of ARGV[2] after '|': "<start ms>,<end ms>".
+local function budget_period(st, lim, u, now)
+  if u.bk == lim.bk and u.be and now < u.be then return u.bs, u.be, false end
+  local dur = tonumber(lim.bp)
+  if dur then
+    local start = now - now % dur
+    return start, start + dur, true
+  end
+  local s, e = string.match(ARGV[2], '|(%d+),(%d+)$')
+  s, e = tonumber(s), tonumber(e)
+  if s and s <= now and now < e then return s, e, true end
+  save_state(st)
+  return nil, { 'PERIOD', fmt(now), lim.bp, lim.bz }
+end
+
+-- May a charge of n go ahead at `now` under the limits in effect? Returns the plan of what it
+-- uses (nil: the user has no limits), or nil and the refusal (or PERIOD ask) to reply. Budget
+-- refuses before rate (its wait is the longer); credits were checked before, by the caller.
+-- Refusals: {'BUDGET', remaining, resets_at ms} | {'RATE', retry_after ms ('' = never)}
+local function gate(st, now, n, default)
+  local lim = limits_of(st, default)
+  if not lim then return nil, nil end
+  local u = load_usage()
+  local plan = {}
+  if lim.ba then
+    local start, ends, fresh = budget_period(st, lim, u, now)
+    if not start then return nil, ends end
+    local used = (fresh and 0) or u.bu
+    if n > lim.ba - used then
+      save_state(st)
+      return nil, { 'BUDGET', fmt(math.max(lim.ba - used, 0)), fmt(ends) }
+    end
+    -- counted since: as before within the period; its start when a period follows another of
+    -- the same budget; now when this budget (period, zone) begins
+    local since = (not fresh and u.bc) or (u.bk == lim.bk and start) or now
+    plan[#plan + 1] = { 'bu', fmt(used + n), 'bs', fmt(start), 'be', fmt(ends), 'bc', fmt(since),
+                        'bk', lim.bk }
+  end
+  if lim.ra then
+    local ok, after = rate_after(lim, u, now, n)
+    if not ok then
+      save_state(st)
+      return nil, { 'RATE', after }
+    end
+    plan[#plan + 1] = { 'rb', fmt(now), 'ro', fmt(after), 'rk', lim.rk }
+  end
+  return plan, nil
+end
+
+-- Writes what an accepted charge used of the limits (gate's plan).
+local function spend(plan)
+  if not plan then return end
+  for _, fields in ipairs(plan) do redis.call('HSET', K_STATE, unpack(fields)) end
+end
+
+-- The limits in effect and the budget spent in the running period (nothing is written but a
+-- save before a PERIOD ask).
+-- Reply {'OK', own (1|0), limits (spec, '' = none), budget_used, budget_resets_at ('' = none)}
+local function limits_reply(st, now, default)
+  local lim, spec = limits_of(st, default)
+  local own = (st.lim and '1') or '0'
+  if not lim or not lim.ba then return { 'OK', own, spec or '', '0', '' } end
+  local u = load_usage()
+  local start, ends, fresh = budget_period(st, lim, u, now)
+  if not start then return ends end
+  return { 'OK', own, spec, fmt((fresh and 0) or u.bu), fmt(ends) }
+end
+
+-- Budget comes back: `amount` credits charged (or held) at `charged_at`, if that was counted in
+-- the budget period still running at `at`.
+local function budget_back(amount, charged_at, at)
+  if amount <= 0 then return end
+  local v = redis.call('HMGET', K_STATE, 'bu', 'bc', 'be')
+  if not v[1] or charged_at < tonumber(v[2]) or at >= tonumber(v[3]) then return end
+  redis.call('HSET', K_STATE, 'bu', fmt(math.max(tonumber(v[1]) - amount, 0)))
+end
+
+-- ---------------------------------------------------------------------------------------------
 -- Holds
 
 local HOLD_STATUS = { a = 'active', c = 'captured', r = 'released', x = 'expired' }
@@ -507,6 +648,7 @@ local function hold_timer_due(st, hold_id, at)
   redis.call('ZREM', K_TIMERS, hold_id)
   if rec[1] == 'a' then
     give_back(st, hold_id, rec[5] or '', at, 'l', {})
+    budget_back(tonumber(rec[2]), tonumber(rec[4]), at)
     finish_hold(st, hold_id, rec, 'x', 0, at)
   else
     redis.call('HDEL', K_HOLDS, hold_id)

@@ -11,6 +11,7 @@ History: renewals, holds released by their ttl, expired buckets, then one "p" en
 back to the available balance (the captured credits had already left it at reserve), then an "e"
 entry for returned credits whose bucket expired while held. Counts as `used` in the cycle.
 Held credits stay capturable until the hold ends, even when their bucket expired meanwhile.
+What is not captured comes back to the limits' budget, if the hold counted in the running period.
 ]]
 --!include _ledger.lua
 
@@ -46,6 +47,7 @@ if #charged > 0 then fields[#fields + 1] = 'u'; fields[#fields + 1] = table.conc
 if ikey ~= '' then fields[#fields + 1] = 'i'; fields[#fields + 1] = ikey end
 local id, back, after = give_back(st, hold_id, table.concat(rest, ';'), now, 'p', fields)
 count_usage(st, now, 'cu', charge)
+budget_back(held - charge, tonumber(rec[4]), now)
 finish_hold(st, hold_id, rec, 'c', charge, now)
 save_state(st)
 -- The reply is the "p" entry as history has it: its balance_after is before any "e" entry.

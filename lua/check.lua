@@ -1,9 +1,13 @@
---[[ check.lua: would a charge of `amount` pass now? A dry run of subtract: nothing is charged.
+--[[ check.lua: would a charge of `amount` pass now? A dry run of subtract: nothing is charged,
+no rate and no budget is used.
 KEYS  1-9 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount
-Reply {'OK', allowed (1|0), reason ('' | 'credits'), available (balance + credit limit)}
-      | SCHEDULE | CATCHUP | INCONSISTENT
+      4 default_limits (the client's, for a user without its own; '' = none)
+Reply {'OK', allowed (1|0), reason ('' | 'credits' | 'budget' | 'rate'),
+       available (balance + credit limit), retry_after_ms ('' = none, or never)}
+      | PERIOD | SCHEDULE | CATCHUP | INCONSISTENT
 History: renewals, holds released by their ttl, expired buckets (as any read); nothing else.
+The reason is subtract's first refusal, in its order: credits, budget, rate.
 ]]
 --!include _ledger.lua
 
@@ -13,6 +17,13 @@ if ask then return ask end
 save_state(st)
 local available = st.bal + st.limit
 if st.bal - amount < -st.limit then  -- subtract's own test
-  return { 'OK', '0', 'credits', fmt(available) }
+  return { 'OK', '0', 'credits', fmt(available), '' }
 end
-return { 'OK', '1', '', fmt(available) }
+local _, refused = gate(st, now, amount, ARGV[4])
+if not refused then return { 'OK', '1', '', fmt(available), '' } end
+if refused[1] == 'BUDGET' then
+  return { 'OK', '0', 'budget', fmt(available), fmt(tonumber(refused[3]) - now) }
+elseif refused[1] == 'RATE' then
+  return { 'OK', '0', 'rate', fmt(available), refused[2] }
+end
+return refused  -- PERIOD

@@ -5,7 +5,8 @@ ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 local_
 Reply hold_reply (status 'released') | {'NO_HOLD'} | {'HOLD_DONE', status}
       | SCHEDULE | CATCHUP | INCONSISTENT
 History: renewals, holds released by their ttl, expired buckets, then one "l" entry (+amount),
-then an "e" entry for credits whose bucket expired while held.
+then an "e" entry for credits whose bucket expired while held. The held amount comes back to the
+limits' budget, if the hold counted in the running period.
 ]]
 --!include _ledger.lua
 
@@ -15,6 +16,7 @@ if ask then return ask end
 local rec, missing = active_hold(st, hold_id)
 if missing then return missing end
 give_back(st, hold_id, rec[5] or '', now, 'l', {})
+budget_back(tonumber(rec[2]), tonumber(rec[4]), now)
 finish_hold(st, hold_id, rec, 'r', 0, now)
 save_state(st)
 return hold_reply(hold_id, { 'r', rec[2], rec[3], rec[4], '0' })

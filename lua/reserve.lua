@@ -2,11 +2,14 @@
 KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount | 4 ttl_ms
       5 fingerprint | 6 idempotency_ttl_ms | 7 idempotency_key ('' = none)
-      8 metadata_json ('' = none)
+      8 metadata_json ('' = none) | 9 default_limits (the client's; '' = none)
 Reply hold_reply + {transaction_id (of the "r" entry)} | {'IDEM_CONFLICT'}
-      | {'INSUFFICIENT', available} | SCHEDULE | CATCHUP | INCONSISTENT
+      | {'INSUFFICIENT', available} | {'BUDGET', remaining, resets_at} | {'RATE', retry_after_ms}
+      | PERIOD | SCHEDULE | CATCHUP | INCONSISTENT
 History: renewals, holds released by their ttl, expired buckets, then one "r" entry (-amount).
 Credits are taken from the available balance in burn order; a hold never uses the credit limit.
+The held amount counts against the limits' rate and budget now (what is not captured comes back
+to the budget, see capture.lua).
 ]]
 --!include _ledger.lua
 
@@ -22,6 +25,9 @@ if amount > math.max(st.bal, 0) then
   save_state(st)
   return { 'INSUFFICIENT', fmt(math.max(st.bal, 0)) }
 end
+local plan, refused = gate(st, now, amount, ARGV[9])
+if refused then return refused end
+spend(plan)
 
 local parts = {}
 take(amount, parts)

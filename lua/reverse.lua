@@ -15,6 +15,8 @@ the entry it reverses.
   buckets whose expiry has come (w: not restored); a charge's overdraft part comes back as a new
   never-expiring bucket. As any grant, what comes back repays a debt first.
 - add: what is left of that grant is removed (nothing, if it was spent or expired).
+- The charge comes back to the limits' budget if it counted in the running period (a capture:
+  if its hold is still remembered, a day after it ended, and counted; else nothing comes back).
 ]]
 --!include _ledger.lua
 
@@ -81,6 +83,12 @@ else
   end
   if before < 0 then take(math.min(restored + overdraft, -before), nil) end
   amount, unrestored = restored + overdraft, expired
+  local charged_at = id_parts(target)
+  if f.k == 'p' then
+    local rec = split(redis.call('HGET', K_HOLDS, f.h or '') or '', '|')
+    charged_at = tonumber(rec[4]) or -1
+  end
+  if charged_at >= 0 then budget_back(charged, charged_at, now) end
   fields[#fields + 1] = 't'
   fields[#fields + 1] = fmt(now)
   if expired > 0 then fields[#fields + 1] = 'w'; fields[#fields + 1] = fmt(expired) end

@@ -2,11 +2,13 @@
 KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount | 4 fingerprint
       5 idempotency_ttl_ms | 6 idempotency_key ('' = none) | 7 metadata_json ('' = none)
+      8 default_limits (the client's, for a user without its own; '' = none)
 Reply {'OK', id, kind 's', amount (-amount), balance_after, expire_at '', idempotency_key, metadata}
       | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available (balance + credit limit)}
-      | SCHEDULE | CATCHUP | INCONSISTENT
-History: cycle renewals, holds released by their ttl, expired buckets, then one "s" entry (none when insufficient).
-Counts as `used` in the cycle.
+      | {'BUDGET', remaining, resets_at} | {'RATE', retry_after_ms} (the user's limits)
+      | PERIOD | SCHEDULE | CATCHUP | INCONSISTENT
+History: cycle renewals, holds released by their ttl, expired buckets, then one "s" entry (none when refused).
+Counts as `used` in the cycle, and against the limits' rate and budget.
 ]]
 --!include _ledger.lua
 
@@ -22,6 +24,9 @@ if st.bal - amount < -st.limit then
   save_state(st)
   return { 'INSUFFICIENT', fmt(st.bal + st.limit) }
 end
+local plan, refused = gate(st, now, amount, ARGV[8])
+if refused then return refused end
+spend(plan)
 
 local parts = burn(st, amount)
 st.bal = st.bal - amount

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from credici_redis._core.codes import PROGRESS, REFUSALS
+from credici_redis._core.codes import LIMITS_PROGRESS, PROGRESS, REFUSALS
 from credici_redis._core.operation import CLOCK_ARGS, Operation
 from credici_redis._ops import OPERATIONS
 
@@ -88,7 +88,7 @@ def reply_names(head: str, ledger: str = LEDGER) -> list[str]:
 def reply_codes(head: str) -> set[str]:
     reply = _section(head, "Reply")
     codes = set(re.findall(r"\{'([A-Z_]+)'", reply)) - {"OK"}
-    return codes | set(re.findall(r"\b(SCHEDULE|CATCHUP|INCONSISTENT)\b", reply))
+    return codes | set(re.findall(r"\b(SCHEDULE|PERIOD|CATCHUP|INCONSISTENT)\b", reply))
 
 
 def ledger_reply_sizes(ledger: str = LEDGER) -> dict[str, tuple[int, int]]:
@@ -126,7 +126,8 @@ def problems(
 
 
 def expected_codes(op: Operation[object, object]) -> set[str]:
-    return set(op.refusals) | set(op.outcomes) | PROGRESS
+    asks = LIMITS_PROGRESS if "default_limits" in op.argv else frozenset()
+    return set(op.refusals) | set(op.outcomes) | PROGRESS | asks
 
 
 @pytest.mark.parametrize("op", list(OPERATIONS.values()), ids=lambda op: op.name)
@@ -141,7 +142,7 @@ def test_each_refusal_has_its_exception(op: Operation[object, object]) -> None:
 
 def test_the_shared_replies_return_the_fields_their_comment_names() -> None:
     sizes = ledger_reply_sizes()
-    assert set(sizes) == {"tx_reply", "cycle_reply", "hold_reply"}
+    assert set(sizes) == {"tx_reply", "cycle_reply", "hold_reply", "limits_reply"}
     for name, (named, returned) in sizes.items():
         assert named == returned, name
 
@@ -150,9 +151,11 @@ SUBTRACT = """--[[ subtract.lua: take credits out.
 KEYS  1-9 the user's keys
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount | 4 fingerprint
       5 idempotency_ttl_ms | 6 idempotency_key ('' = none) | 7 metadata_json ('' = none)
+      8 default_limits
 Reply {'OK', id, kind 's', amount (-amount), balance_after, expire_at '', idempotency_key, metadata}
       | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available (balance + credit limit)}
-      | SCHEDULE | CATCHUP | INCONSISTENT
+      | {'BUDGET', remaining, resets_at} | {'RATE', retry_after_ms}
+      | PERIOD | SCHEDULE | CATCHUP | INCONSISTENT
 History: one "s" entry.
 ]]"""
 

@@ -13,6 +13,7 @@ from credici_redis._core.protocol import Call, Ledger
 from credici_redis._ops import OPERATIONS, charge
 from credici_redis.errors import (
     AlreadyReversedError,
+    BudgetExceededError,
     CaptureExceedsHoldError,
     CycleNotFoundError,
     HoldFinishedError,
@@ -22,6 +23,7 @@ from credici_redis.errors import (
     InvalidAmountError,
     InvalidExpiryError,
     NotReversibleError,
+    RateLimitedError,
     StorageError,
     TransactionArchivedError,
     TransactionNotFoundError,
@@ -99,6 +101,8 @@ EXPECTED = {
     "ARCHIVED": TransactionArchivedError,
     "NOT_REVERSIBLE": NotReversibleError,
     "REVERSED": AlreadyReversedError,
+    "BUDGET": BudgetExceededError,
+    "RATE": RateLimitedError,
 }
 
 
@@ -109,7 +113,7 @@ def test_each_code_becomes_its_error_with_the_requests_facts(code: str) -> None:
         user_id="alice", amount=7, idempotency_key="k", hold_id="h1@alice",
         transaction_id="17-0@alice",
     )  # fmt: skip
-    error = refusal(req, [code, "5"])
+    error = refusal(req, [code, "5", "1795551726366"])
     assert type(error) is EXPECTED[code]
     facts = {"user_id": "alice", "hold_id": "h1@alice", "transaction_id": "17-0@alice"}
     facts |= {"amount": 7, "requested": 7}

@@ -8,6 +8,7 @@ from typing import Any
 from uuid import UUID
 
 from credici_redis._core.time import to_ms
+from credici_redis._ops.limits import encode_limits
 
 Clock = Callable[[], datetime]
 UserId = str | UUID
@@ -16,8 +17,11 @@ AddItem = tuple[UserId, int] | tuple[UserId, int, datetime | None] | Mapping[str
 
 
 class ClientBase:
-    def __init__(self, clock: Clock | None) -> None:
+    def __init__(self, clock: Clock | None, default_limits: object = None) -> None:
         self._clock = clock
+        self._limits = encode_limits(default_limits)
+        self.default_limits = default_limits
+        """The limits of users that have none of their own (None: no limits)."""
 
     def _now(self) -> int | None:
         """None: the storage's own clock (Redis TIME). A clock is for tests and simulations."""

@@ -6,22 +6,26 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from credici_redis._clients.base import AddItem, ClientBase, Clock, SubtractItem, UserId
 from credici_redis._core import requests as check
-from credici_redis._ops import account, audit, charge, cycles, history, holds, reverse
+from credici_redis._ops import account, audit, charge, cycles, history, holds, limits, reverse
 from credici_redis._storages.connect import DEFAULT_TIMEOUT, open_async_storage
 from credici_redis.errors import CrediciError, InconsistentStateError
 from credici_redis.models import (
     AuditReport,
     BalanceDetails,
     BalanceEvent,
+    Budget,
     CalendarPeriod,
     Cycle,
     Decision,
     Hold,
+    Limits,
+    RateLimit,
     Transaction,
 )
 from credici_redis.storage import (
@@ -44,10 +48,13 @@ class AsyncCrediciClient(ClientBase):
         *,
         clock: Clock | None = None,
         archive: AsyncArchiveReader | None = None,
+        default_limits: Limits | None = None,
     ) -> None:
         """archive: where the history the archiver moved out of Redis is (credici_redis.archive);
-        history reads and the audit then cover it too."""
-        super().__init__(clock)
+        history reads and the audit then cover it too. default_limits: the rate and budget of
+        users that have no limits of their own (`set_limits`): a free plan needs no per-user
+        call."""
+        super().__init__(clock, default_limits)
         self.storage = storage
         self.archive = archive
 
@@ -66,6 +73,7 @@ class AsyncCrediciClient(ClientBase):
         clock: Clock | None = None,
         archive_url: str | None = None,
         allow_eviction: bool = False,
+        default_limits: Limits | None = None,
         **redis_options: Any,
     ) -> AsyncCrediciClient:
         """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded).
@@ -79,6 +87,7 @@ class AsyncCrediciClient(ClientBase):
         once a replica has it too (WAIT, up to timeout/2), else raises ReplicationTimeoutError.
         The first call reads the Redis's maxmemory-policy and raises EvictionPolicyError unless
         it is noeviction (keys evicted = credits lost); allow_eviction=True skips that check.
+        default_limits: the rate and budget of users without limits of their own.
         Other keyword arguments go to redis-py; one it does not take raises InvalidOptionError.
         The URL is required: ``memory://`` keeps credits in this process only.
         """
@@ -99,7 +108,7 @@ class AsyncCrediciClient(ClientBase):
             allow_eviction=allow_eviction,
             **redis_options,
         )
-        return cls(storage, clock=clock, archive=archive)
+        return cls(storage, clock=clock, archive=archive, default_limits=default_limits)
 
     async def add(
         self,
@@ -130,8 +139,13 @@ class AsyncCrediciClient(ClientBase):
         idempotency_key: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> Transaction:
-        """Take `amount` credits, soonest-expiring first; all or nothing."""
-        req = charge.build_subtract(user_id, amount, idempotency_key, metadata, self._now())
+        """Take `amount` credits, soonest-expiring first; all or nothing. With limits (see
+        `set_limits`), the same atomic step also checks and uses the rate and the budget:
+        InsufficientCreditsError, BudgetExceededError, RateLimitedError (in that order), and
+        nothing changed."""
+        req = charge.build_subtract(
+            user_id, amount, idempotency_key, metadata, self._now(), self._limits
+        )
         return await self.storage.execute(charge.SUBTRACT, req)
 
     async def add_many(self, items: Iterable[AddItem]) -> list[Transaction | CrediciError]:
@@ -145,7 +159,9 @@ class AsyncCrediciClient(ClientBase):
     ) -> list[Transaction | CrediciError]:
         """Many subtracts in one round trip. An item is (user_id, amount) or a mapping with the
         keys of `subtract`; each result, in order, is its Transaction or the error it got."""
-        reqs = charge.build_many(items, charge.build_subtract_item, self._now())
+        reqs = charge.build_many(
+            items, partial(charge.build_subtract_item, limits=self._limits), self._now()
+        )
         return await self.storage.execute_many(charge.SUBTRACT, reqs)
 
     async def get_balance(self, user_id: UserId) -> int:
@@ -258,8 +274,12 @@ class AsyncCrediciClient(ClientBase):
         metadata: dict[str, str] | None = None,
     ) -> Hold:
         """Hold `amount` credits (out of the available balance, in burn order) until capture,
-        release, or `ttl`, after which the next operation on the user releases them."""
-        req = holds.build_reserve(user_id, amount, ttl, idempotency_key, metadata, self._now())
+        release, or `ttl`, after which the next operation on the user releases them. The held
+        amount counts against the user's rate and budget now, as a subtract would (a capture
+        below it, a release or the ttl give the rest back to the budget)."""
+        req = holds.build_reserve(
+            user_id, amount, ttl, idempotency_key, metadata, self._now(), self._limits
+        )
         return await self.storage.execute(holds.RESERVE, req)
 
     async def capture(
@@ -292,10 +312,28 @@ class AsyncCrediciClient(ClientBase):
         return await self.storage.execute(reverse.REVERSE, req)
 
     async def check(self, user_id: UserId, amount: int) -> Decision:
-        """Would `subtract(user_id, amount)` pass now? A dry run: nothing is charged (due
-        expiries and renewals are recorded, as by any read). Only credits are checked so far."""
-        req = account.build_check(user_id, amount, self._now())
-        return await self.storage.execute(account.CHECK, req)
+        """Would `subtract(user_id, amount)` pass now? A dry run: nothing is charged and no rate
+        or budget used (due expiries and renewals are recorded, as by any read). The reason is
+        subtract's first refusal: credits, budget, rate."""
+        req = limits.build_check(user_id, amount, self._now(), self._limits)
+        return await self.storage.execute(limits.CHECK, req)
+
+    async def set_limits(
+        self, user_id: UserId, *, rate: RateLimit | None = None, budget: Budget | None = None
+    ) -> Limits:
+        """The user's own limits, enforced by every charge (subtract, reserve, the batches) in
+        the same atomic step: `rate` (GCRA: n credits use n units) and `budget` (credits spent
+        per calendar period in a time zone, or per fixed window). Both None: the user's own
+        limits are cleared and the client's default_limits apply again. What was spent of a
+        budget of the same period and zone still counts; a new rate starts with a full burst."""
+        req = limits.build_set_limits(user_id, rate, budget, self._now(), self._limits)
+        return await self.storage.execute(limits.SET_LIMITS, req)
+
+    async def get_limits(self, user_id: UserId) -> Limits:
+        """The user's limits in effect (its own, else the client's default: `default` is True),
+        what was spent of the budget in the running period and when that period ends."""
+        req = limits.build_get_limits(user_id, self._now(), self._limits)
+        return await self.storage.execute(limits.GET_LIMITS, req)
 
     async def get_balance_details(self, user_id: UserId) -> BalanceDetails:
         """Balance, debt, credit limit and the buckets in burn order."""

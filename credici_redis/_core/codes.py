@@ -9,12 +9,14 @@ the reply's fields (f[0] is the code). A code not in the table is a bug: Storage
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from credici_redis._core import keys as _keys
 from credici_redis._core.time import from_ms
 from credici_redis.errors import (
     AlreadyReversedError,
+    BudgetExceededError,
     CaptureExceedsHoldError,
     CrediciError,
     CycleNotFoundError,
@@ -25,6 +27,7 @@ from credici_redis.errors import (
     InvalidAmountError,
     InvalidExpiryError,
     NotReversibleError,
+    RateLimitedError,
     StorageError,
     TransactionArchivedError,
     TransactionNotFoundError,
@@ -50,6 +53,12 @@ def _amount(req: Any) -> int:
 
 REFUSALS: dict[str, Callable[[Any, list[str]], CrediciError]] = {
     "INSUFFICIENT": lambda req, f: InsufficientCreditsError(req.user_id, req.amount, int(f[1])),
+    "BUDGET": lambda req, f: BudgetExceededError(
+        req.user_id, req.amount, int(f[1]), from_ms(int(f[2]))
+    ),
+    "RATE": lambda req, f: RateLimitedError(
+        req.user_id, req.amount, timedelta(milliseconds=int(f[1])) if f[1] else None
+    ),
     "IDEM_CONFLICT": lambda req, f: IdempotencyConflictError(req.user_id, req.idempotency_key),
     "EXPIRY_PAST": lambda req, f: InvalidExpiryError(
         f"the expiry must be after the storage's current time ({from_ms(int(f[1]))})"
@@ -72,6 +81,9 @@ REFUSALS: dict[str, Callable[[Any, list[str]], CrediciError]] = {
 
 PROGRESS = frozenset({"SCHEDULE", "CATCHUP", "INCONSISTENT"})
 """Replies every script may give, answered by the ledger itself (`credici_redis._core.protocol`)."""
+LIMITS_PROGRESS = frozenset({"PERIOD"})
+"""... and those the scripts that read limits (ARGV default_limits) may give too: PERIOD asks for
+the calendar period of a budget, answered by the ledger like SCHEDULE."""
 
 
 def refusal(req: Any, f: list[str]) -> CrediciError:

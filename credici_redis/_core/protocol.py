@@ -104,13 +104,23 @@ def _still_catching_up() -> StorageError:
     return StorageError(f"the user was still catching up after {CATCHUP_STEPS:,} steps")
 
 
-def schedule_extension(reply: Any) -> str | None:
-    """For a SCHEDULE reply, the calendar boundaries to send back; None for any other reply."""
-    if not (isinstance(reply, list) and reply and text(reply[0]) == "SCHEDULE"):
+def answer(reply: Any, extension: str) -> str | None:
+    """For a reply asking for calendar boundaries, the extension (ARGV 2) to send the call again
+    with; None for any other reply. SCHEDULE asks for a cycle's boundaries (the part before '|'),
+    PERIOD for the budget period containing the server's now (the part after '|')."""
+    if not (isinstance(reply, list) and reply):
         return None
-    now, anchor, index, period, tz = (text(v) for v in reply[1:6])
-    found = _schedule.boundaries_from(int(anchor), period, tz, int(index), int(now))
-    return f"{index}:" + ",".join(map(str, found))
+    code = text(reply[0])
+    cycle, _, period = extension.partition("|")
+    if code == "SCHEDULE":
+        now, anchor, index, every, tz = (text(v) for v in reply[1:6])
+        found = _schedule.boundaries_from(int(anchor), every, tz, int(index), int(now))
+        cycle = f"{index}:" + ",".join(map(str, found))
+    elif code == "PERIOD" and len(reply) == 4:
+        period = _schedule.period_extension([text(v) for v in reply])
+    else:
+        return None
+    return f"{cycle}|{period}" if period else cycle
 
 
 def encode(value: Any) -> str | int:
@@ -205,7 +215,7 @@ class Ledger:
             refused = inconsistent(replies[0])
             if refused is not None:
                 raise refused
-            asked = schedule_extension(replies[0])
+            asked = answer(replies[0], extension)
             if asked is None:
                 return replies
             schedules += 1
@@ -238,7 +248,7 @@ class Ledger:
                 if refused is not None:
                     results[i] = refused
                     continue
-                asked = schedule_extension(reply)
+                asked = answer(reply, extensions[i])
                 if asked is not None and schedules[i] + 1 < SCHEDULE_ATTEMPTS:
                     schedules[i] += 1
                     extensions[i] = asked

@@ -11,7 +11,7 @@ the client computes calendar boundaries here and hands the scripts a few at a ti
 from __future__ import annotations
 
 import calendar
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -61,3 +61,39 @@ def boundaries_from(anchor_ms: int, period: str, tz: str, first: int, now_ms: in
             past_now += 1
         k += 1
     return found
+
+
+# -- budget periods (credici_redis._ops.limits) ----------------------------------------------
+
+
+def calendar_period(now_ms: int, period: str, tz: str) -> tuple[int, int]:
+    """The calendar `period` containing now_ms in zone tz: (start, end) in ms. Days start at local
+    midnight, weeks on Monday, months on the 1st, years on January 1st (a midnight that a DST
+    change skips is the first instant after it)."""
+    z = zone(tz)
+    day = from_ms(now_ms).astimezone(z).date()
+    if period == "week":
+        day -= timedelta(days=day.weekday())
+    elif period == "month":
+        day = day.replace(day=1)
+    elif period == "year":
+        day = day.replace(month=1, day=1)
+    if period == "day":
+        after = day + timedelta(days=1)
+    elif period == "week":
+        after = day + timedelta(weeks=1)
+    elif period == "month":
+        after = (day.replace(day=28) + timedelta(days=4)).replace(day=1)
+    else:
+        after = day.replace(year=day.year + 1)
+
+    def midnight(d: date) -> int:
+        return to_ms(datetime.combine(d, time(0), tzinfo=z))
+
+    return midnight(day), midnight(after)
+
+
+def period_extension(reply: list[str]) -> str:
+    """The answer to a PERIOD reply {'PERIOD', now, period, tz}: "<start>,<end>"."""
+    start, end = calendar_period(int(reply[1]), reply[2], reply[3])
+    return f"{start},{end}"

@@ -9,10 +9,12 @@ reply becomes a model, and which errors it raises (codes in `credici_redis._core
     reverse     reverse                    reverse.lua                   Transaction
     cycles      start_cycle, get_cycle,    start_cycle.lua, cycle.lua,   Cycle (None: no cycle)
                 cancel_cycle               cancel_cycle.lua
-    account     balance, details, check,   balance.lua, details.lua,     int, BalanceDetails,
-                set_credit_limit,          check.lua,                    Decision, None
-                set_low_balance_threshold  set_credit_limit.lua,
-                                           set_low_balance_threshold.lua
+    account     balance, details,          balance.lua, details.lua,     int, BalanceDetails,
+                set_credit_limit,          set_credit_limit.lua,         None
+                set_low_balance_threshold  set_low_balance_threshold.lua
+    limits      check                      check.lua                     Decision
+                set_limits, get_limits     set_limits.lua, get_limits.lua  Limits
+                (enforced by subtract.lua and reserve.lua; the wire form of limits)
     history     history                    balance.lua + XREVRANGE pages list[Transaction]
     audit       audit                      audit.lua + XRANGE pages      AuditSnapshot
 
@@ -23,7 +25,7 @@ generated). tests/test_contract_lua.py checks the Operation against the script's
 """
 
 from credici_redis._core.operation import OPERATIONS, Operation
-from credici_redis._ops import account, audit, charge, cycles, history, holds, reverse
+from credici_redis._ops import account, audit, charge, cycles, history, holds, limits, reverse
 
 __all__ = [
     "OPERATIONS",
@@ -34,5 +36,6 @@ __all__ = [
     "cycles",
     "history",
     "holds",
+    "limits",
     "reverse",
 ]

@@ -1,5 +1,4 @@
-"""A user's account: `balance` (lua/balance.lua), `details` (lua/details.lua), `check`
-(lua/check.lua: would a charge pass now?), and its settings,
+"""A user's account: `balance` (lua/balance.lua), `details` (lua/details.lua), and its settings,
 `set_credit_limit` (lua/set_credit_limit.lua) and `set_low_balance_threshold`
 (lua/set_low_balance_threshold.lua)."""
 
@@ -14,14 +13,7 @@ from credici_redis._core.operation import Operation, Reply
 from credici_redis._core.requests import UserRequest
 from credici_redis._core.scripts import load
 from credici_redis._core.time import NEVER_MS, from_ms
-from credici_redis.models import BalanceDetails, Bucket, Decision
-
-
-@dataclass(frozen=True, slots=True)
-class CheckRequest:
-    user_id: str
-    amount: int
-    now_ms: int | None
+from credici_redis.models import BalanceDetails, Bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +53,6 @@ def _details(req: UserRequest, r: Reply) -> BalanceDetails:
     )
 
 
-def _decision(req: CheckRequest, r: Reply) -> Decision:
-    return Decision(
-        allowed=r["allowed"] == "1",
-        reason="credits" if r["reason"] == "credits" else None,
-        available=int(r["available"]),
-    )
-
-
 def _nothing(req: Any, r: Reply) -> None:
     return None
 
@@ -92,15 +76,6 @@ DETAILS: Operation[UserRequest, BalanceDetails] = Operation(
     parse=_details,
 )
 
-CHECK: Operation[CheckRequest, Decision] = Operation(
-    "check",
-    CheckRequest,
-    load("check", effect=False, write=False),
-    argv=("amount",),
-    reply=("OK", "allowed", "reason", "available"),
-    parse=_decision,
-)
-
 SET_CREDIT_LIMIT: Operation[CreditLimitRequest, None] = Operation(
     "set_credit_limit",
     CreditLimitRequest,
@@ -122,10 +97,6 @@ SET_LOW_BALANCE_THRESHOLD: Operation[ThresholdRequest, None] = Operation(
 
 def build_user(user: object, now_ms: int | None) -> UserRequest:
     return UserRequest(check.user_id(user), now_ms)
-
-
-def build_check(user: object, credits: object, now_ms: int | None) -> CheckRequest:
-    return CheckRequest(check.user_id(user), check.amount(credits), now_ms)
 
 
 def build_credit_limit(user: object, limit: object, now_ms: int | None) -> CreditLimitRequest:

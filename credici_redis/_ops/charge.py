@@ -36,6 +36,8 @@ class SubtractRequest:
     fingerprint: str
     metadata_json: str
     now_ms: int | None
+    default_limits: str = ""
+    """The client's default limits (a spec, `_ops.limits`), for a user without its own."""
 
 
 def _transaction(req: AddRequest | SubtractRequest, r: Reply) -> Transaction:
@@ -66,10 +68,17 @@ SUBTRACT: Operation[SubtractRequest, Transaction] = Operation(
     "subtract",
     SubtractRequest,
     load("subtract", effect=True),
-    argv=("amount", "fingerprint", "idempotency_ttl_ms", "idempotency_key", "metadata_json"),
+    argv=(
+        "amount",
+        "fingerprint",
+        "idempotency_ttl_ms",
+        "idempotency_key",
+        "metadata_json",
+        "default_limits",
+    ),
     reply=TX_REPLY,
     parse=_transaction,
-    refusals=frozenset({"IDEM_CONFLICT", "INSUFFICIENT"}),
+    refusals=frozenset({"IDEM_CONFLICT", "INSUFFICIENT", "BUDGET", "RATE"}),
     fingerprint=("amount", "metadata_json"),
 )
 
@@ -92,11 +101,11 @@ def build_add(
 
 
 def build_subtract(
-    user: object, credits: object, key: object, meta: object, now_ms: int | None
+    user: object, credits: object, key: object, meta: object, now_ms: int | None, limits: str = ""
 ) -> SubtractRequest:
     uid, n = check.user_id(user), check.amount(credits)
     ikey, meta_json = check.idempotency_key(key), check.metadata(meta)
-    return SUBTRACT.with_key(SubtractRequest(uid, n, None, "", meta_json, now_ms), ikey)
+    return SUBTRACT.with_key(SubtractRequest(uid, n, None, "", meta_json, now_ms, limits), ikey)
 
 
 SUBTRACT_ITEM_KEYS = frozenset({"user_id", "amount", "idempotency_key", "metadata"})
@@ -118,11 +127,12 @@ def _item_fields(item: object, keys: frozenset[str], positional: int) -> dict[st
     )
 
 
-def build_subtract_item(item: object, now_ms: int | None) -> SubtractRequest:
+def build_subtract_item(item: object, now_ms: int | None, limits: str = "") -> SubtractRequest:
     f = _item_fields(item, SUBTRACT_ITEM_KEYS, 2)
     return build_subtract(
-        f.get("user_id"), f.get("amount"), f.get("idempotency_key"), f.get("metadata"), now_ms
-    )
+        f.get("user_id"), f.get("amount"), f.get("idempotency_key"), f.get("metadata"), now_ms,
+        limits,
+    )  # fmt: skip
 
 
 def build_add_item(item: object, now_ms: int | None) -> AddRequest:

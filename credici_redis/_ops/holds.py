@@ -29,6 +29,8 @@ class ReserveRequest:
     fingerprint: str
     metadata_json: str
     now_ms: int | None
+    default_limits: str = ""
+    """The client's default limits (a spec, `_ops.limits`), for a user without its own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +98,11 @@ RESERVE: Operation[ReserveRequest, Hold] = Operation(
         "idempotency_ttl_ms",
         "idempotency_key",
         "metadata_json",
+        "default_limits",
     ),
     reply=(*HOLD_REPLY, "transaction_id"),
     parse=parse_hold,
-    refusals=frozenset({"IDEM_CONFLICT", "INSUFFICIENT"}),
+    refusals=frozenset({"IDEM_CONFLICT", "INSUFFICIENT", "BUDGET", "RATE"}),
     fingerprint=("amount", "ttl_ms", "metadata_json"),
 )
 
@@ -136,7 +139,13 @@ GET_HOLD: Operation[HoldRequest, Hold] = Operation(
 
 
 def build_reserve(
-    user: object, credits: object, ttl: object, key: object, meta: object, now_ms: int | None
+    user: object,
+    credits: object,
+    ttl: object,
+    key: object,
+    meta: object,
+    now_ms: int | None,
+    limits: str = "",
 ) -> ReserveRequest:
     uid, n = check.user_id(user), check.amount(credits)
     if not isinstance(ttl, timedelta):
@@ -144,7 +153,9 @@ def build_reserve(
     _, ttl_ms = check.expiry(None, ttl)
     assert ttl_ms is not None
     ikey, meta_json = check.idempotency_key(key), check.metadata(meta)
-    return RESERVE.with_key(ReserveRequest(uid, n, ttl_ms, None, "", meta_json, now_ms), ikey)
+    return RESERVE.with_key(
+        ReserveRequest(uid, n, ttl_ms, None, "", meta_json, now_ms, limits), ikey
+    )
 
 
 def build_capture(hold: object, credits: object, key: object, now_ms: int | None) -> CaptureRequest:
