@@ -17,6 +17,7 @@ Keys, built by credici_redis/_core/keys.py, in the same order for every script; 
                            o the entry reversed, w credits not restored (their bucket expired)
   KEYS[6] holds    hash    hold id -> "a|amount|expires|created|parts" while active, then
                            "<c(aptured) r(eleased) x (expired)>|amount|expires|created|captured"
+                           created: the id of the hold's "r" entry (older holds: its ms)
                            parts: "bucket:credits:priority;..." (where the held credits came from)
   KEYS[7] timers   zset    hold id -> when it is released by itself (active) or forgotten (done)
   KEYS[8] events   stream  low-balance events of the user's slot (shared by the users of the slot)
@@ -140,6 +141,12 @@ local function notice(st, amount, entry_id)
     redis.call('XADD', K_EVENTS, '*', 't', kind, 'h', K_HISTORY, 'e', entry_id,
       'b', fmt(after), 'l', fmt(st.low))
   end
+end
+
+-- The id the next history entry dated `at` gets (see append).
+local function next_id(st, at)
+  if at <= st.ms then return fmt(st.ms) .. '-' .. fmt(st.sq + 1) end
+  return fmt(at) .. '-0'
 end
 
 -- Appends a history entry dated `at` and returns its id. Ids only grow: an entry dated before
@@ -439,11 +446,12 @@ end
 --   rb  ms of the rate's last charge   ro  how far the rate's theoretical arrival time (TAT) was
 --       ahead of rb, in ticks of 1/amount ms (integers: exact)   rk  the rate spec it counts for
 --   bu  credits spent in the budget period   bs, be  the period (start, end ms)
---   bc  counting since (the period's start, or when this budget began)   bk  "period:tz" counted
+--   bc  the first history id counted (the period's start, or the first entry after this budget
+--       began)   bk  "period:tz" counted
 -- A change of the rate spec starts the rate afresh; a change of the budget's period or zone
 -- starts the budget afresh (a new amount alone keeps what was spent). Checks and refusals change
 -- nothing; give-backs (a capture under its hold, a release, a hold's ttl, a reversal) return
--- budget spent in the current period since bc, never rate.
+-- budget spent in the current period from bc on, never rate.
 
 local USAGE = { 'rb', 'ro', 'rk', 'bu', 'bs', 'be', 'bc', 'bk' }
 
@@ -470,7 +478,7 @@ end
 local function load_usage()
   local v = redis.call('HMGET', K_STATE, unpack(USAGE))
   return { rb = tonumber(v[1]), ro = tonumber(v[2]), rk = v[3] or nil, bu = tonumber(v[4]) or 0,
-           bs = tonumber(v[5]), be = tonumber(v[6]), bc = tonumber(v[7]), bk = v[8] or nil }
+           bs = tonumber(v[5]), be = tonumber(v[6]), bc = v[7] or nil, bk = v[8] or nil }
 end
 
 -- The rate at `now` for a charge of n: true and how far the TAT is ahead of now after it (ticks),
@@ -522,10 +530,10 @@ local function gate(st, now, n, default)
       save_state(st)
       return nil, { 'BUDGET', fmt(math.max(lim.ba - used, 0)), fmt(ends) }
     end
-    -- counted since: as before within the period; its start when a period follows another of
-    -- the same budget; now when this budget (period, zone) begins
-    local since = (not fresh and u.bc) or (u.bk == lim.bk and start) or now
-    plan[#plan + 1] = { 'bu', fmt(used + n), 'bs', fmt(start), 'be', fmt(ends), 'bc', fmt(since),
+    -- counted from: as before within the period; its start when a period follows another of
+    -- the same budget; the next history entry when this budget (period, zone) begins
+    local since = (not fresh and u.bc) or (u.bk == lim.bk and fmt(start) .. '-0') or next_id(st, now)
+    plan[#plan + 1] = { 'bu', fmt(used + n), 'bs', fmt(start), 'be', fmt(ends), 'bc', since,
                         'bk', lim.bk }
   end
   if lim.ra then
@@ -558,12 +566,15 @@ local function limits_reply(st, now, default)
   return { 'OK', own, spec, fmt((fresh and 0) or u.bu), fmt(ends) }
 end
 
--- Budget comes back: `amount` credits charged (or held) at `charged_at`, if that was counted in
--- the budget period still running at `at`.
-local function budget_back(amount, charged_at, at)
-  if amount <= 0 then return end
+-- Budget comes back: `amount` credits charged (or held) by history entry `charged` (an id; a bare
+-- ms for holds made before holds kept their entry's id), if that was counted in the budget period
+-- still running at `at`.
+local function budget_back(amount, charged, at)
+  if amount <= 0 or not charged then return end
   local v = redis.call('HMGET', K_STATE, 'bu', 'bc', 'be')
-  if not v[1] or charged_at < tonumber(v[2]) or at >= tonumber(v[3]) then return end
+  if not v[1] or at >= tonumber(v[3]) then return end
+  if not string.find(charged, '-', 1, true) then charged = charged .. '-0' end
+  if id_less(charged, v[2]) then return end
   redis.call('HSET', K_STATE, 'bu', fmt(math.max(tonumber(v[1]) - amount, 0)))
 end
 
@@ -648,7 +659,7 @@ local function hold_timer_due(st, hold_id, at)
   redis.call('ZREM', K_TIMERS, hold_id)
   if rec[1] == 'a' then
     give_back(st, hold_id, rec[5] or '', at, 'l', {})
-    budget_back(tonumber(rec[2]), tonumber(rec[4]), at)
+    budget_back(tonumber(rec[2]), rec[4], at)
     finish_hold(st, hold_id, rec, 'x', 0, at)
   else
     redis.call('HDEL', K_HOLDS, hold_id)
@@ -657,7 +668,8 @@ end
 
 -- Reply {'OK', hold_id, amount, status, created_at, expires_at, captured}
 local function hold_reply(hold_id, rec)
-  return { 'OK', hold_id, rec[2], HOLD_STATUS[rec[1]], rec[4], rec[3], rec[5] or '0' }
+  return { 'OK', hold_id, rec[2], HOLD_STATUS[rec[1]], string.match(rec[4], '^%d+'), rec[3],
+           rec[5] or '0' }
 end
 
 -- ---------------------------------------------------------------------------------------------

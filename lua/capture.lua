@@ -47,7 +47,7 @@ if #charged > 0 then fields[#fields + 1] = 'u'; fields[#fields + 1] = table.conc
 if ikey ~= '' then fields[#fields + 1] = 'i'; fields[#fields + 1] = ikey end
 local id, back, after = give_back(st, hold_id, table.concat(rest, ';'), now, 'p', fields)
 count_usage(st, now, 'cu', charge)
-budget_back(held - charge, tonumber(rec[4]), now)
+budget_back(held - charge, rec[4], now)
 finish_hold(st, hold_id, rec, 'c', charge, now)
 save_state(st)
 -- The reply is the "p" entry as history has it: its balance_after is before any "e" entry.

@@ -16,7 +16,7 @@ if ask then return ask end
 local rec, missing = active_hold(st, hold_id)
 if missing then return missing end
 give_back(st, hold_id, rec[5] or '', now, 'l', {})
-budget_back(tonumber(rec[2]), tonumber(rec[4]), now)
+budget_back(tonumber(rec[2]), rec[4], now)
 finish_hold(st, hold_id, rec, 'r', 0, now)
 save_state(st)
 return hold_reply(hold_id, { 'r', rec[2], rec[3], rec[4], '0' })

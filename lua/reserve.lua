@@ -39,7 +39,7 @@ fields[#fields + 1] = 'h'
 fields[#fields + 1] = hold_id
 local id = append(st, 'r', -amount, now, fields)
 local expires = now + ttl
-local rec = { 'a', fmt(amount), fmt(expires), fmt(st.ms), table.concat(parts, ';') }
+local rec = { 'a', fmt(amount), fmt(expires), id, table.concat(parts, ';') }
 redis.call('HSET', K_HOLDS, hold_id, table.concat(rec, '|'))
 hold_timer(st, hold_id, expires)
 save_state(st)

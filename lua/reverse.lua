@@ -83,12 +83,11 @@ else
   end
   if before < 0 then take(math.min(restored + overdraft, -before), nil) end
   amount, unrestored = restored + overdraft, expired
-  local charged_at = id_parts(target)
-  if f.k == 'p' then
-    local rec = split(redis.call('HGET', K_HOLDS, f.h or '') or '', '|')
-    charged_at = tonumber(rec[4]) or -1
+  local charged_by = target
+  if f.k == 'p' then  -- the hold's "r" entry counted it, if the hold is still remembered
+    charged_by = split(redis.call('HGET', K_HOLDS, f.h or '') or '', '|')[4]
   end
-  if charged_at >= 0 then budget_back(charged, charged_at, now) end
+  budget_back(charged, charged_by, now)
   fields[#fields + 1] = 't'
   fields[#fields + 1] = fmt(now)
   if expired > 0 then fields[#fields + 1] = 'w'; fields[#fields + 1] = fmt(expired) end

@@ -238,20 +238,23 @@ async def make_client(api: str, backend: str, namespace: str) -> AsyncIterator[M
     def make(**options: Any) -> Any:
         if api == "async-batched":
             options = {"batching": True, **options}
-        clock = options.pop("clock", None)
+        # The client's own options; the rest are the storage's.
+        client_options = {k: options.pop(k) for k in ("clock", "default_limits") if k in options}
         if api == "sync":
             if backend == "custom":
                 storage = custom_factory()(namespace, asynchronous=False, **options)
-                sync = CrediciClient(storage, clock=clock)
+                sync = CrediciClient(storage, **client_options)
             else:
-                sync = CrediciClient.from_url(url, namespace=namespace, clock=clock, **options)
+                sync = CrediciClient.from_url(url, namespace=namespace, **client_options, **options)
             made.append(sync)
             return SyncAsAsync(sync)
         if backend == "custom":
             astorage = custom_factory()(namespace, asynchronous=True, **options)
-            aclient = AsyncCrediciClient(astorage, clock=clock)
+            aclient = AsyncCrediciClient(astorage, **client_options)
         else:
-            aclient = AsyncCrediciClient.from_url(url, namespace=namespace, clock=clock, **options)
+            aclient = AsyncCrediciClient.from_url(
+                url, namespace=namespace, **client_options, **options
+            )
         made.append(aclient)
         return aclient
 

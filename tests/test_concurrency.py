@@ -279,3 +279,90 @@ async def test_a_hold_that_times_out_is_never_captured(make_client: Any, user: s
     assert info.value.status == "expired"
     assert await client.get_balance(user) == 100
     assert (await client.audit(user)).ok
+
+
+LIMITED_WORKER = textwrap.dedent(
+    """
+    import json, sys, time
+    from credici_redis import CrediciClient, InsufficientCreditsError, LimitExceededError
+    url, namespace, user, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    ok = limited = 0
+    with CrediciClient.from_url(url, namespace=namespace) as client:
+        sys.stdout.write("ready\\n"); sys.stdout.flush(); sys.stdin.readline()  # start together
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                client.subtract(user, 1)
+                ok += 1
+            except LimitExceededError:
+                limited += 1
+    print(json.dumps({"ok": ok, "limited": limited}))
+    """
+)
+
+
+def _hammer(url: str, namespace: str, user: str, seconds: float) -> tuple[int, int]:
+    """8 processes charge 1 credit as fast as they can for `seconds`: (accepted, refused)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LIMITED_WORKER, url, namespace, user, str(seconds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return sum(r["ok"] for r in results), sum(r["limited"] for r in results)
+
+
+def _server_seconds(client: CrediciClient) -> float:
+    seconds, micros = client.storage.redis.time()  # type: ignore[attr-defined]
+    return float(seconds) + micros / 1e6
+
+
+@pytest.mark.slow
+def test_eight_processes_never_pass_the_rate(namespace: str, user: str) -> None:
+    """Issue 17: N processes hammering one user never get more than burst + rate x elapsed
+    (the Redis server's clock, read before the first and after the last charge)."""
+    from credici_redis import RateLimit
+
+    rate, burst = 40, 15
+    with CrediciClient.from_url(REDIS_URL, namespace=namespace) as client:
+        client.add(user, 100_000)
+        client.set_limits(user, rate=RateLimit(rate, timedelta(seconds=1), burst=burst))
+        started = _server_seconds(client)
+        accepted, refused = _hammer(REDIS_URL, namespace, user, 3.0)
+        elapsed = _server_seconds(client) - started
+        assert accepted <= burst + rate * elapsed, (accepted, elapsed)
+        assert accepted >= burst + rate * 2.0  # it did let the rate through, 3 s of it
+        assert refused > accepted  # they really did hammer it
+        history = client.get_all_user_transactions(user)
+        assert _subtract_entries(history) == accepted
+        assert client.get_balance(user) == 100_000 - accepted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+def test_eight_processes_never_pass_the_budget(backend: str, namespace: str, user: str) -> None:
+    from credici_redis import Budget
+
+    url = REDIS_URL if backend == "redis" else POSTGRES_URL
+    with CrediciClient.from_url(url, namespace=namespace) as client:
+        client.add(user, 100_000)
+        client.set_limits(user, budget=Budget(300, timedelta(days=365)))
+        accepted, refused = _hammer(url, namespace, user, 2.0)
+        # All of the budget, never more (a 365-day window: it does not turn during the run).
+        assert (accepted, client.get_limits(user).budget_used) == (300, 300)
+        assert refused > 0
+        assert _subtract_entries(client.get_all_user_transactions(user)) == accepted
