@@ -1,9 +1,9 @@
 """credici-redis against raw redis-py, measured in the same run on the same Redis.
 
     .venv/bin/python benchmarks/bench.py [--redis-url URL] [--quick] [--json PATH]
-        [--postgres-url URL] [--no-postgres | --only-postgres]
+        [--postgres-url URL] [--no-postgres | --only-postgres | --only-limits]
 
-Seven sections, printed as one table; each figure of the library beside a raw baseline measured in
+Eight sections, printed as one table; each figure of the library beside a raw baseline measured in
 the same run, their ratio (library / raw), and the issue's target where it sets one (PASS/MISS):
 
 1. sync latency p50/p99, one connection, sequential calls: subtract, add and get_balance against
@@ -24,6 +24,10 @@ the same run, their ratio (library / raw), and the issue's target where it sets 
 7. PostgreSQL side by side: the same sync workload (subtract, add, get_balance p50/p99, one
    connection; subtract ops/s with 8 threads on 8 users) on ``PostgresStorage`` and on
    ``RedisStorage``, as PostgreSQL / Redis ratios (``--postgres-url``; ``--no-postgres`` skips it).
+8. limits (issue 17): subtract under a rate and a budget (the user's own, or the client's
+   ``default_limits``) against a plain subtract, and against the ``limits`` library's moving
+   window hit (and fixed window, for the budget) before a plain subtract: sync p50/p99, asyncio
+   ops/s (64 tasks), Redis CPU per charge (``--only-limits``: this section alone).
 
 Every key lives under a fresh namespace ``bench-<random>``, deleted at exit (also on error).
 """
@@ -65,7 +69,14 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 
-from credici_redis import AsyncCrediciClient, CrediciClient, Transaction
+from credici_redis import (
+    AsyncCrediciClient,
+    Budget,
+    CrediciClient,
+    Limits,
+    RateLimit,
+    Transaction,
+)
 from credici_redis._core import audit as _audit
 from credici_redis._core import keys as _keys
 from credici_redis._core import scripts as _scripts
@@ -1367,6 +1378,272 @@ def postgres_side_by_side(redis_url: str, postgres_url: str, ns: str, s: Setting
     return rows
 
 
+# --- 8. limits (issue 17) ----------------------------------------------------------------------
+
+LIMIT_RATE = 100_000
+"""Section 8's rate: credits per second, burst the same. No run comes near it (nor the budget),
+so every charge is accepted on both sides, and the limits are checked and used on every call."""
+LIMIT_BUDGET = 10**12
+"""Section 8's budget: credits per calendar day (UTC); the `limits` library's fixed window too."""
+LIMIT_VARIANTS = ("plain", "own", "rate", "default", "two", "three")
+"""plain: no limits; own: set_limits(rate, budget); rate: set_limits(rate) alone; default: the
+user of a client with default_limits=Limits(rate, budget); two: the `limits` library's moving
+window hit, then a plain subtract; three: its moving window and fixed window (day) hits, then a
+plain subtract. Every variant has users of its own."""
+
+
+def limit_specs() -> tuple[RateLimit, Budget]:
+    return RateLimit(LIMIT_RATE, timedelta(seconds=1)), Budget(LIMIT_BUDGET, "day")
+
+
+def limit_rows(section: str, stats: dict[str, dict[str, float]]) -> list[Row]:
+    """Each limited charge against the plain one, then against the two-library setups; stats:
+    the figure of each variant, per stat."""
+    plain = "subtract(u, 1), no limits, same client"
+    two = "`limits` moving window hit + subtract (2 round trips)"
+    three = "`limits` moving + fixed (day) window hits + subtract (3)"
+    comparisons = [
+        ("subtract, own rate+budget", "own", "plain", plain),
+        ("subtract, own rate only", "rate", "plain", plain),
+        ("subtract, default_limits rate+budget", "default", "plain",
+         "subtract(u, 1), no limits (client without defaults)"),
+        ("subtract, own rate+budget", "own", "two", two),
+        ("subtract, own rate only", "rate", "two", two),
+        ("subtract, own rate+budget", "own", "three", three),
+    ]  # fmt: skip
+    return [
+        Row(section, label, stat, figures[ours], figures[theirs], baseline)
+        for label, ours, theirs, baseline in comparisons
+        for stat, figures in stats.items()
+        if ours in figures and theirs in figures
+    ]
+
+
+def check_budget_used(found: dict[str, int], expected: dict[str, int]) -> None:
+    """Every measured charge was counted in its user's budget: the limits were in effect (a
+    budget period that ended meanwhile, at midnight UTC, makes the count smaller: not checked)."""
+    for user, used in found.items():
+        if used != expected[user]:
+            raise RuntimeError(f"{user}: budget_used {used}, not the {expected[user]} charges made")
+
+
+@contextlib.contextmanager
+def sync_limit_variants(
+    client: CrediciClient, url: str, ns: str
+) -> Iterator[tuple[dict[str, Callable[[], object]], Callable[[dict[str, int]], None]]]:
+    """The variants' sync calls, on a user of their own each (LIMIT_VARIANTS; the `limits`
+    library's two only when it is installed), and a check to call afterwards with the number
+    of calls made per variant: each was counted in the budget (ours, and the fixed window)."""
+    rate, budget = limit_specs()
+    users = {name: f"{ns}-limits-{name}" for name in LIMIT_VARIANTS}
+    dclient = CrediciClient.from_url(
+        url, namespace=ns, default_limits=Limits(rate=rate, budget=budget)
+    )
+    pool = None
+    try:
+        client.add_many([(user, PLENTY) for user in users.values()])
+        client.set_limits(users["own"], rate=rate, budget=budget)
+        client.set_limits(users["rate"], rate=rate)
+        ops: dict[str, Callable[[], object]] = {
+            "plain": partial(client.subtract, users["plain"], 1),
+            "own": partial(client.subtract, users["own"], 1),
+            "rate": partial(client.subtract, users["rate"], 1),
+            "default": partial(dclient.subtract, users["default"], 1),
+        }
+        fixed_used: Callable[[], int] | None = None
+        try:
+            from limits import RateLimitItemPerDay, RateLimitItemPerSecond
+            from limits.storage import RedisStorage
+            from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
+        except ImportError:
+            progress("8. the `limits` library is not installed: its rows are skipped")
+        else:
+            # Its own pool, with the settings of the library's (two libraries, two pools).
+            pool = redis.BlockingConnectionPool.from_url(url, **_pool_options())
+            storage = RedisStorage(url, connection_pool=pool, key_prefix=f"{ns}:limits")
+            moving = MovingWindowRateLimiter(storage)
+            fixed = FixedWindowRateLimiter(storage)
+            per_second = RateLimitItemPerSecond(LIMIT_RATE)
+            per_day = RateLimitItemPerDay(LIMIT_BUDGET)
+
+            def two(user: str = users["two"]) -> None:
+                if not moving.hit(per_second, user):
+                    raise RuntimeError("the `limits` moving window refused a hit")
+                client.subtract(user, 1)
+
+            def three(user: str = users["three"]) -> None:
+                if not (moving.hit(per_second, user) and fixed.hit(per_day, user)):
+                    raise RuntimeError("the `limits` windows refused a hit")
+                client.subtract(user, 1)
+
+            def fixed_used(user: str = users["three"]) -> int:
+                return LIMIT_BUDGET - fixed.get_window_stats(per_day, user).remaining
+
+            ops["two"], ops["three"] = two, three
+        period = client.get_limits(users["own"]).budget_resets_at
+
+        def check(made: dict[str, int]) -> None:
+            after = {"own": client.get_limits(users["own"]),
+                     "default": dclient.get_limits(users["default"])}  # fmt: skip
+            if all(lim.budget_resets_at == period for lim in after.values()):
+                check_budget_used({name: lim.budget_used for name, lim in after.items()}, made)
+                if fixed_used is not None:
+                    check_budget_used({"three": fixed_used()}, made)
+
+        yield ops, check
+    finally:
+        dclient.close()
+        if pool is not None:
+            pool.disconnect()
+
+
+def limits_sync(client: CrediciClient, url: str, ns: str, s: Settings) -> list[Row]:
+    """Sync latency of a charge under limits against a plain one, and against the `limits`
+    library's rate limiter before a plain charge; all variants in alternating blocks."""
+    progress("8. limits: sync latency")
+    with sync_limit_variants(client, url, ns) as (ops, check):
+        samples = interleaved(ops, s.calls, s.warmup, s.rounds)
+        check({name: s.warmup + len(found) for name, found in samples.items()})
+    section = (
+        f"8. limits (issue 17): subtract(u, 1) under a rate ({LIMIT_RATE:,}/s) and a budget "
+        f"({LIMIT_BUDGET:.0e}/day), against none and against the `limits` library's rate "
+        f"limiter before a plain subtract; sync, one connection, {s.calls:,} calls per variant"
+    )
+    stats = {
+        f"p{p} µs": {name: percentile(found, p) for name, found in samples.items()}
+        for p in (50, 99)
+    }
+    return limit_rows(section, stats)
+
+
+def limits_server_cpu(s: Settings) -> list[Row]:
+    """Redis's own CPU time per charge of each variant (INFO commandstats: the EVALSHA calls,
+    which include the commands their scripts run), on a redis-server of our own: what the
+    limits cost the one resource every client shares, apart from the client-side noise."""
+    if not shutil.which("redis-server"):
+        progress("8. limits: Redis CPU skipped: redis-server not on PATH")
+        return []
+    progress("8. limits: Redis CPU per charge, on a redis-server of our own")
+    calls = max(1, s.growth_calls // s.rounds)
+    cpu: dict[str, list[int]] = {}
+    with private_redis() as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        r = redis.Redis(port=port)
+        with (
+            CrediciClient.from_url(url, namespace="bench") as client,
+            sync_limit_variants(client, url, "bench") as (ops, check),
+        ):
+            for fn in ops.values():  # loads the scripts, asks the budget period
+                timed(fn, s.warmup, [])
+            cpu = {name: [0, 0] for name in ops}  # usec, charges
+            for _ in range(s.rounds):
+                for name, fn in ops.items():
+                    r.config_resetstat()
+                    for _ in range(calls):
+                        fn()
+                    stats = r.info("commandstats")
+                    cpu[name][0] += sum(
+                        int(stats.get(f"cmdstat_{command}", {}).get("usec", 0))
+                        for command in ("evalsha", "eval")
+                    )
+                    cpu[name][1] += calls
+            check({name: s.warmup + charges for name, (_, charges) in cpu.items()})
+        r.close()
+    section = (
+        f"8. limits (issue 17): Redis CPU per charge (INFO commandstats, every EVALSHA of the "
+        f"variant), {s.rounds} x {calls:,} charges per variant, on a redis-server of our own"
+    )
+    return limit_rows(section, {"µs/call": {n: u / c for n, (u, c) in cpu.items()}})
+
+
+async def limits_async(url: str, ns: str, s: Settings) -> list[Row]:
+    """Throughput of the same variants: TASKS tasks per variant, each on a user of its own,
+    variants alternating over the rounds (as section 3)."""
+    progress(f"8. limits: asyncio, {TASKS} tasks")
+    rate, budget = limit_specs()
+    users = {name: [f"{ns}-alimits-{name}{i}" for i in range(TASKS)] for name in LIMIT_VARIANTS}
+    aclient = AsyncCrediciClient.from_url(url, namespace=ns)
+    dclient = AsyncCrediciClient.from_url(
+        url, namespace=ns, default_limits=Limits(rate=rate, budget=budget)
+    )
+    pool = None
+    try:
+        await aclient.add_many([(user, PLENTY) for group in users.values() for user in group])
+        for user in users["own"]:
+            await aclient.set_limits(user, rate=rate, budget=budget)
+        for user in users["rate"]:
+            await aclient.set_limits(user, rate=rate)
+        variants: dict[str, list[Callable[[], Awaitable[object]]]] = {
+            "plain": [partial(aclient.subtract, user, 1) for user in users["plain"]],
+            "own": [partial(aclient.subtract, user, 1) for user in users["own"]],
+            "rate": [partial(aclient.subtract, user, 1) for user in users["rate"]],
+            "default": [partial(dclient.subtract, user, 1) for user in users["default"]],
+        }
+        try:
+            from limits import RateLimitItemPerDay, RateLimitItemPerSecond
+            from limits.aio.storage import RedisStorage
+            from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
+        except ImportError:
+            pass  # said by limits_sync
+        else:
+            # redis.asyncio, as the library's client, on a pool of its own with the same settings.
+            pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_pool_options(asyncio=True))
+            storage = RedisStorage(f"async+{url}", implementation="redispy",
+                                   connection_pool=pool, key_prefix=f"{ns}:limits")  # fmt: skip
+            moving = MovingWindowRateLimiter(storage)
+            fixed = FixedWindowRateLimiter(storage)
+            per_second = RateLimitItemPerSecond(LIMIT_RATE)
+            per_day = RateLimitItemPerDay(LIMIT_BUDGET)
+
+            async def two(user: str) -> None:
+                if not await moving.hit(per_second, user):
+                    raise RuntimeError("the `limits` moving window refused a hit")
+                await aclient.subtract(user, 1)
+
+            async def three(user: str) -> None:
+                if not (await moving.hit(per_second, user) and await fixed.hit(per_day, user)):
+                    raise RuntimeError("the `limits` windows refused a hit")
+                await aclient.subtract(user, 1)
+
+            variants["two"] = [partial(two, user) for user in users["two"]]
+            variants["three"] = [partial(three, user) for user in users["three"]]
+        made = dict.fromkeys(variants, 0)
+        for name, fns in variants.items():  # opens the connections, asks the budget periods
+            made[name] += (await throughput(fns, 0.3))[0]
+        period = (await aclient.get_limits(users["own"][0])).budget_resets_at
+        totals = {name: [0, 0.0] for name in variants}
+        gc.collect()
+        for _ in range(s.async_rounds):
+            for name, fns in variants.items():
+                calls, elapsed = await throughput(fns, s.async_seconds)
+                totals[name][0] += calls
+                totals[name][1] += elapsed
+                made[name] += calls
+        after = {
+            name: [await client.get_limits(user) for user in users[name]]
+            for name, client in (("own", aclient), ("default", dclient))
+        }
+        if all(lim.budget_resets_at == period for group in after.values() for lim in group):
+            check_budget_used(
+                {name: sum(lim.budget_used for lim in group) for name, group in after.items()},
+                made,
+            )
+            if "three" in variants:
+                windows = [await fixed.get_window_stats(per_day, user) for user in users["three"]]
+                check_budget_used({"three": sum(LIMIT_BUDGET - w.remaining for w in windows)}, made)
+    finally:
+        await aclient.aclose()
+        await dclient.aclose()
+        if pool is not None:
+            await pool.aclose()
+    rate_of = {name: calls / elapsed for name, (calls, elapsed) in totals.items()}
+    section = (
+        f"8. limits (issue 17), the same variants under asyncio: {TASKS} tasks per variant on "
+        f"{TASKS} users of its own, {s.async_rounds} x {s.async_seconds:g} s per variant"
+    )
+    return limit_rows(section, {"ops/s": rate_of})
+
+
 def run(
     url: str,
     settings: Settings,
@@ -1375,6 +1652,7 @@ def run(
     postgres_url: str | None = None,
     *,
     only_postgres: bool = False,
+    only_limits: bool = False,
 ) -> None:
     started = time.perf_counter()
     ns = f"bench-{secrets.token_hex(4)}"
@@ -1388,7 +1666,7 @@ def run(
                 raise RuntimeError(f"Redis hashed script {script} differently")
 
         rows: list[Row] = []
-        if not only_postgres:
+        if not (only_postgres or only_limits):
             rows += sync_latency(client, raw, trivial, ns, settings)
             rows += batch_throughput(client, raw, trivial, ns, settings)
 
@@ -1404,8 +1682,12 @@ def run(
             rows += period_growth(client, raw, trivial, ns, settings)
             rows += history_read(client, raw, ns, settings)
             rows += pathological(settings)
-        if postgres_url:
+        if postgres_url and not only_limits:
             rows += postgres_side_by_side(url, postgres_url, ns, settings)
+        if not only_postgres:
+            rows += limits_sync(client, url, ns, settings)
+            rows += asyncio.run(limits_async(url, ns, settings))
+            rows += limits_server_cpu(settings)
         info["load_average_1m_end"] = load_average()
     finally:
         try:
@@ -1442,14 +1724,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--no-postgres", action="store_true", help="skip section 7")
     parser.add_argument("--only-postgres", action="store_true", help="section 7 alone")
+    parser.add_argument("--only-limits", action="store_true", help="section 8 alone")
     args = parser.parse_args(argv)
     if args.no_postgres and args.only_postgres:
         parser.error("--no-postgres and --only-postgres exclude each other")
+    if args.only_limits and args.only_postgres:
+        parser.error("--only-limits and --only-postgres exclude each other")
     mode = "quick" if args.quick else "full"
     postgres_url = None if args.no_postgres else args.postgres_url
     try:
         run(args.redis_url, QUICK if args.quick else FULL, mode, args.json, postgres_url,
-            only_postgres=args.only_postgres)  # fmt: skip
+            only_postgres=args.only_postgres, only_limits=args.only_limits)  # fmt: skip
     except (redis.ConnectionError, StorageUnavailableError) as exc:
         print(f"bench: cannot reach Redis at {args.redis_url}: {exc}", file=sys.stderr)
         return 1

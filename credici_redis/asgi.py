@@ -15,6 +15,18 @@ price in one atomic `subtract` *before* calling the app (requests metered by usa
   right after the charge) and ``X-Credits-Cost``; the `Charge` is in ``scope["credici.charge"]``;
 - not enough credits: ``402 {"error": "insufficient_credits", "required": N, "available": M}``
   (with the two headers: the price and the balance) and the app never runs;
+- refused by the user's limits (its own, `set_limits`, or the client's `default_limits`):
+  ``429`` and the app never runs; nothing is charged, an ``Idempotency-Key`` is not used up.
+  A rate too fast: ``{"error": "rate_limited", "required": N, "retry_after": S}`` with
+  ``Retry-After: S`` (whole seconds, rounded up, at least 1) and ``RateLimit: "rate";r=0;t=S``
+  (the field of the IETF draft-ietf-httpapi-ratelimit-headers); a price larger than the rate's
+  burst never passes: ``"retry_after": null`` and a ``"detail"``, no ``Retry-After`` nor
+  ``RateLimit``. Over the budget: ``{"error": "budget_exceeded", "required": N, "remaining":
+  R, "resets_at": "<ISO 8601>", "retry_after": S}`` with ``Retry-After: S`` and ``RateLimit:
+  "budget";r=R;t=S``, S the seconds until the budget's period ends (by the client's clock if
+  it has one, else this machine's). Both carry ``X-Credits-Cost`` (``X-Credits-Reserved`` for
+  a reservation). There is no ``RateLimit-Policy``: the draft requires its quota, and a
+  refusal does not say the user's limits (reading them would cost a call per refusal);
 - an ``Idempotency-Key`` header makes the charge idempotent for that user (stored as
   ``http:<key>``, kept 24 h): a retry is charged once and sees the first ``X-Credits-Remaining``.
   The handler does run again: responses are not replayed. The same key on a different request
@@ -59,8 +71,10 @@ Before the app runs the middleware reserves the maximum: a route's ``@metered(n)
 (an int, or ``reserve(scope)``, sync or async, returning one, or None for the fixed `cost`). The
 endpoint's decorator (``@priced`` or ``@metered``) wins, then the innermost dependency
 (``charge`` or ``meter``), then `reserve`, then `cost`. Not enough credits answers
-the same ``402`` as a charge and the app never runs; a storage failure follows
-`on_storage_error` as for a charge. The response then carries ``X-Credits-Reserved: n`` (the
+the same ``402`` as a charge, the user's limits the same ``429`` (a reservation uses the rate
+and budget of all it reserves; what a capture does not take goes back to the budget, not to
+the rate), and the app never runs; a storage failure follows `on_storage_error` as for a
+charge. The response then carries ``X-Credits-Reserved: n`` (the
 cost is not known yet when streaming starts; trailers are not used) and the app finds the
 `Meter` in ``scope["credici.meter"]`` (`current_meter`, or ``Depends(meter(...))``). The handler
 reports what it used, with ``meter.add(n)`` as it goes or ``meter.report(total)`` /
@@ -388,7 +402,7 @@ class CreditMiddleware(_web.Metering):
         self.cost = _check_price(cost)
         self.reserve = None if reserve is None or callable(reserve) else _web.check_cost(reserve)
         self._reserve_of = reserve if callable(reserve) else None
-        self._configure(hold_ttl, on_disconnect, on_storage_error, logger, __name__)
+        self._configure(client, hold_ttl, on_disconnect, on_storage_error, logger, __name__)
         self._settling_tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

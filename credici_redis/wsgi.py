@@ -13,9 +13,14 @@ server's threads): the price is `cost` (an int, or `cost(environ)`; 0 is free), 
 `user(environ)` (None: not metered); a paid response gets ``X-Credits-Remaining`` and
 ``X-Credits-Cost`` and the `Charge` is in ``environ["credici.charge"]``; not enough credits
 answers ``402 {"error": "insufficient_credits", "required": N, "available": M}`` without
-running the app; ``Idempotency-Key`` makes the charge idempotent per user (422 on a conflicting
-reuse, 400 on an empty or too long key); a storage failure answers 503 (``on_storage_error=
-"closed"``, the default) or runs the app unpaid (``"open"``), logged to ``credici_redis.wsgi``.
+running the app; the user's limits (`set_limits`, or the client's `default_limits`) answer
+``429`` without running it, with ``Retry-After`` and ``RateLimit: "rate";r=0;t=S`` or
+``RateLimit: "budget";r=R;t=S`` (bodies ``{"error": "rate_limited", ...}`` and
+``{"error": "budget_exceeded", ...}``, no ``Retry-After`` for a price over the rate's burst,
+which never passes: all as in `credici_redis.asgi`); ``Idempotency-Key`` makes the charge
+idempotent per user (422 on a conflicting reuse, 400 on an empty or too long key); a storage
+failure answers 503 (``on_storage_error="closed"``, the default) or runs the app unpaid
+(``"open"``), logged to ``credici_redis.wsgi``.
 
 Per-view prices: WSGI has no routing the middleware could read before the app runs (Flask and
 Django resolve the view inside the app), and the charge must come first, so there is no view
@@ -28,10 +33,11 @@ A charge is final: an app that fails afterwards keeps it.
 Metered by usage (the cost is known only after the response), as in `credici_redis.asgi`:
 ``reserve=200`` (or ``reserve(environ)`` returning an int, or None for a request charged its
 fixed `cost`) reserves that much before the app runs (402 and the app never runs when the user
-has less; `on_storage_error` applies). The response gets ``X-Credits-Reserved``; the app finds
-the `Meter` in ``environ["credici.meter"]`` (`current_meter(environ or request)`) and reports
-with ``meter.add(n)`` or ``meter.report(total)`` / ``report_usage(request, total)``, from the view
-or from the response iterable while it streams. When the server closes the response iterable
+has less, 429 when the user's limits refuse it; `on_storage_error` applies). The response
+gets ``X-Credits-Reserved``; the app finds the `Meter` in ``environ["credici.meter"]``
+(`current_meter(environ or request)`) and reports with ``meter.add(n)`` or
+``meter.report(total)`` / ``report_usage(request, total)``, from the view or from the response
+iterable while it streams. When the server closes the response iterable
 the hold is settled by the same rules: a complete response with a status < 500 captures the
 usage reported (more than reserved: the reservation, logged; nothing reported: all of it for a
 status < 400, nothing for a 4xx); status >= 500 or an exception releases everything; a
@@ -180,7 +186,7 @@ class CreditMiddleware(_web.Metering):
         self.user = user
         self.cost = cost if callable(cost) else _web.check_cost(cost)
         self.reserve = reserve if reserve is None or callable(reserve) else _web.check_cost(reserve)
-        self._configure(hold_ttl, on_disconnect, on_storage_error, logger, __name__)
+        self._configure(client, hold_ttl, on_disconnect, on_storage_error, logger, __name__)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         environ[CHARGE_KEY] = None

@@ -328,7 +328,7 @@ def _hammer(url: str, namespace: str, user: str, seconds: float) -> tuple[int, i
 
 def _server_seconds(client: CrediciClient) -> float:
     seconds, micros = client.storage.redis.time()  # type: ignore[attr-defined]
-    return float(seconds) + micros / 1e6
+    return float(seconds) + float(micros) / 1e6
 
 
 @pytest.mark.slow

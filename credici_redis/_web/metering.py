@@ -17,17 +17,19 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from typing import Any, Generic, Literal, TypeVar
 
-from credici_redis._clients.base import UserId
+from credici_redis._clients.base import ClientBase, UserId
 from credici_redis._core.keys import parse_hold_id
 from credici_redis._core.requests import MAX_IDEMPOTENCY_KEY_CHARS
+from credici_redis._core.time import from_ms
 from credici_redis._ops.holds import DEFAULT_HOLD_TTL as DEFAULT_HOLD_TTL  # asgi, wsgi
 from credici_redis.errors import (
+    BudgetExceededError,
     CrediciError,
     HoldFinishedError,
     HoldNotFoundError,
@@ -35,6 +37,7 @@ from credici_redis.errors import (
     InsufficientCreditsError,
     InvalidIdempotencyKeyError,
     InvalidUserIdError,
+    RateLimitedError,
     StorageError,
 )
 from credici_redis.models import Hold, Transaction
@@ -47,6 +50,13 @@ DisconnectPolicy = Literal["capture", "release"]
 REMAINING_HEADER = "X-Credits-Remaining"
 COST_HEADER = "X-Credits-Cost"
 RESERVED_HEADER = "X-Credits-Reserved"
+RETRY_AFTER_HEADER = "Retry-After"
+RATELIMIT_HEADER = "RateLimit"
+"""The service limit of draft-ietf-httpapi-ratelimit-headers (``"<policy>";r=<left>;t=<s>``),
+sent with a 429. Its ``RateLimit-Policy`` (the quota, ``q``, is required there) is not: a
+refusal does not say the user's limits, and reading them would cost a call per refusal."""
+RATE_POLICY = "rate"
+BUDGET_POLICY = "budget"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_PREFIX = "http:"
 """Keys from the header are stored as ``http:<header>``, so a client's key can never replay or
@@ -141,6 +151,80 @@ def charge_metadata(method: str, path: str) -> dict[str, str]:
 
 def charge_headers(charge: Charge) -> tuple[tuple[str, str], ...]:
     return ((REMAINING_HEADER, str(charge.remaining)), (COST_HEADER, str(charge.cost)))
+
+
+Clock = Callable[[], datetime]
+
+
+def clock_of(client: ClientBase) -> Clock:
+    """The time a client's storage goes by, as near as the middleware can tell without asking
+    it: the client's clock when it was given one (tests, simulations), else this machine's."""
+
+    storage_ms = getattr(client, "_now", None)  # None: a stand-in client without a clock
+
+    def now() -> datetime:
+        ms = None if storage_ms is None else storage_ms()
+        return datetime.now(timezone.utc) if ms is None else from_ms(ms)
+
+    return now
+
+
+def wait_seconds(delay: timedelta) -> int:
+    """A wait as ``Retry-After`` says it: whole seconds, rounded up, at least 1 (so that a retry
+    never comes before the time the refusal named)."""
+    return max(-(-delay // timedelta(seconds=1)), 1)
+
+
+def service_limit(policy: str, remaining: int, reset: int | None) -> str:
+    """A ``RateLimit`` field value: ``"budget";r=3;t=3600`` (no ``t``: no reset to tell)."""
+    value = f'"{policy}";r={max(remaining, 0)}'
+    return value if reset is None else f"{value};t={reset}"
+
+
+def limit_refusal(
+    exc: RateLimitedError | BudgetExceededError, price: tuple[str, str], now: Clock
+) -> Refusal:
+    """The 429 for a charge the user's limits refused; `price` is the cost (or reservation)
+    header, as on a 402."""
+    if isinstance(exc, BudgetExceededError):
+        wait = wait_seconds(exc.resets_at - now())
+        return Refusal(
+            429,
+            {
+                "error": "budget_exceeded",
+                "required": exc.requested,
+                "remaining": exc.remaining,
+                "resets_at": exc.resets_at.isoformat(),
+                "retry_after": wait,
+            },
+            (
+                (RETRY_AFTER_HEADER, str(wait)),
+                (RATELIMIT_HEADER, service_limit(BUDGET_POLICY, exc.remaining, wait)),
+                price,
+            ),
+        )
+    if exc.retry_after is None:  # more than the burst: waiting does not help
+        return Refusal(
+            429,
+            {
+                "error": "rate_limited",
+                "required": exc.requested,
+                "retry_after": None,
+                "detail": f"{exc.requested} credits are more than the rate limit lets through "
+                "at once (its burst): this request can never pass",
+            },
+            (price,),
+        )
+    wait = wait_seconds(exc.retry_after)
+    return Refusal(
+        429,
+        {"error": "rate_limited", "required": exc.requested, "retry_after": wait},
+        (
+            (RETRY_AFTER_HEADER, str(wait)),
+            (RATELIMIT_HEADER, service_limit(RATE_POLICY, 0, wait)),
+            price,
+        ),
+    )
 
 
 def check_disconnect_policy(value: object) -> DisconnectPolicy:
@@ -368,12 +452,16 @@ def refusal_for(
     method: str,
     path: str,
     reserving: bool = False,
+    now: Clock | None = None,
 ) -> Refusal | None:
     """The answer to a charge (or a reservation: `reserving`, `cost` is then the amount to
-    reserve) that raised `exc`; None means fail open (run the handler unpaid).
+    reserve) that raised `exc`; None means fail open (run the handler unpaid). `now`: the
+    storage's time, to say how long a budget refusal lasts (None: this machine's clock).
 
+    Not enough credits is a 402; the user's limits (rate, budget) a 429 (`limit_refusal`).
     Errors that are not the client's doing nor an outage (a bad `cost`, a bug) are re-raised.
     """
+    price = (RESERVED_HEADER if reserving else COST_HEADER, str(cost))
     if isinstance(exc, InsufficientCreditsError):
         return Refusal(
             402,
@@ -382,11 +470,10 @@ def refusal_for(
                 "required": exc.requested,
                 "available": exc.available,
             },
-            (
-                (REMAINING_HEADER, str(exc.available)),
-                (RESERVED_HEADER if reserving else COST_HEADER, str(cost)),
-            ),
+            ((REMAINING_HEADER, str(exc.available)), price),
         )
+    if isinstance(exc, RateLimitedError | BudgetExceededError):
+        return limit_refusal(exc, price, now or (lambda: datetime.now(timezone.utc)))
     if isinstance(exc, IdempotencyConflictError):
         key = exc.idempotency_key.removeprefix(IDEMPOTENCY_PREFIX)
         return Refusal(422, {"error": "idempotency_conflict", "idempotency_key": key})
@@ -492,15 +579,18 @@ class Metering:
     on_disconnect: DisconnectPolicy
     on_storage_error: StorageErrorPolicy
     logger: logging.Logger
+    _storage_now: Clock
 
     def _configure(
         self,
+        client: ClientBase,
         hold_ttl: object,
         on_disconnect: object,
         on_storage_error: object,
         logger: logging.Logger | None,
         default_logger: str,
     ) -> None:
+        self._storage_now = clock_of(client)
         self.hold_ttl = check_hold_ttl(hold_ttl)
         self.on_disconnect = check_disconnect_policy(on_disconnect)
         self.on_storage_error = check_policy(on_storage_error)
@@ -517,7 +607,7 @@ class Metering:
     ) -> Outcome:
         return refusal_for(
             exc, user_id=str(user), cost=cost, policy=self.on_storage_error, logger=self.logger,
-            method=method, path=path, reserving=reserving,
+            method=method, path=path, reserving=reserving, now=self._storage_now,
         )  # fmt: skip
 
     def _charging(

@@ -103,7 +103,7 @@ async def test_set_limits_refuses_what_is_not_a_limit(
         lambda: RateLimit(True, MINUTE),
         lambda: RateLimit(2**40, timedelta(days=365), burst=2**40),  # past exact integers
         lambda: Budget(0, "day"),
-        lambda: Budget(10, "fortnight"),
+        lambda: Budget(10, "fortnight"),  # type: ignore[arg-type]
         lambda: Budget(10, "day", "Mars/Olympus_Mons"),
         lambda: Budget(10, timedelta(days=1), "Europe/Paris"),  # a fixed window has no zone
         lambda: Budget(10, -MINUTE),

@@ -22,7 +22,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 from urllib.parse import parse_qs
@@ -81,8 +81,16 @@ class Served:
         return f"credici_redis.{self.kind}"
 
 
-def asgi_app(url: str, namespace: str, timeout: float, **options: Any) -> tuple[FastAPI, State]:
-    client = AsyncCrediciClient.from_url(url, namespace=namespace, timeout=timeout)
+def asgi_app(
+    url: str,
+    namespace: str,
+    timeout: float,
+    client_options: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> tuple[FastAPI, State]:
+    client = AsyncCrediciClient.from_url(
+        url, namespace=namespace, timeout=timeout, **(client_options or {})
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -247,18 +255,27 @@ def wsgi_reserve(environ: wsgi.WSGIEnvironment) -> int | None:
 
 @contextlib.contextmanager
 def serve_contract(
-    kind: str, url: str, namespace: str, *, timeout: float = 0.5, **options: Any
+    kind: str,
+    url: str,
+    namespace: str,
+    *,
+    timeout: float = 0.5,
+    client_options: Mapping[str, Any] | None = None,
+    **options: Any,
 ) -> Iterator[Served]:
     """The contract app of `kind` ("asgi" or "wsgi") under its server, with the middleware's
-    `options`, on the credits at `url`."""
+    `options`, on the credits at `url` (a client made with `client_options` besides the
+    `timeout`: a ``clock``, ``default_limits``)."""
     if kind == "asgi":
-        app, state = asgi_app(url, namespace, timeout, **options)
+        app, state = asgi_app(url, namespace, timeout, client_options, **options)
         with serve_asgi(app) as base, httpx.Client(base_url=base, timeout=10) as http:
             yield Served(kind, http, state)
         return
     assert kind == "wsgi"
     wsgi_app = WSGIApp()
-    with CrediciClient.from_url(url, namespace=namespace, timeout=timeout) as client:
+    with CrediciClient.from_url(
+        url, namespace=namespace, timeout=timeout, **(client_options or {})
+    ) as client:
         wrapped = wsgi.CreditMiddleware(
             wsgi_app,
             client=client,
