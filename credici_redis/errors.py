@@ -46,6 +46,10 @@ failure means (not applied, maybe applied, not replicated) is one table too
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from credici_redis.models import Budget, RateLimit
 
 
 class CrediciError(Exception):
@@ -191,7 +195,14 @@ class RateLimitedError(LimitExceededError):
     """Calling faster than the user's RateLimit allows. `retry_after`: when the same charge
     would pass (None: never, the amount is larger than the rate's burst)."""
 
-    def __init__(self, user_id: str, requested: int, retry_after: timedelta | None) -> None:
+    def __init__(
+        self,
+        user_id: str,
+        requested: int,
+        retry_after: timedelta | None,
+        *,
+        limit: RateLimit | None = None,
+    ) -> None:
         when = "never (more than the burst)" if retry_after is None else f"in {retry_after}"
         super().__init__(
             f"user {user_id!r} is rate limited: {requested} credits pass {when}",
@@ -199,13 +210,24 @@ class RateLimitedError(LimitExceededError):
             requested=requested,
         )
         self.retry_after = retry_after
+        self.limit = limit
+        """The rate that refused (None when not known)."""
 
 
 class BudgetExceededError(LimitExceededError):
     """The charge would pass the user's Budget for the period: `remaining` credits may still be
     spent until `resets_at`."""
 
-    def __init__(self, user_id: str, requested: int, remaining: int, resets_at: datetime) -> None:
+    def __init__(
+        self,
+        user_id: str,
+        requested: int,
+        remaining: int,
+        resets_at: datetime,
+        *,
+        retry_after: timedelta | None = None,
+        limit: Budget | None = None,
+    ) -> None:
         super().__init__(
             f"user {user_id!r} may spend {remaining} more credits until {resets_at.isoformat()},"
             f" {requested} were requested",
@@ -214,6 +236,10 @@ class BudgetExceededError(LimitExceededError):
         )
         self.remaining = remaining
         self.resets_at = resets_at
+        self.retry_after = retry_after
+        """resets_at less the storage's clock when it refused (None when not known)."""
+        self.limit = limit
+        """The budget that refused (None when not known)."""
 
 
 class IdempotencyConflictError(CrediciError):

@@ -516,7 +516,8 @@ end
 -- May a charge of n go ahead at `now` under the limits in effect? Returns the plan of what it
 -- uses (nil: the user has no limits), or nil and the refusal (or PERIOD ask) to reply. Budget
 -- refuses before rate (its wait is the longer); credits were checked before, by the caller.
--- Refusals: {'BUDGET', remaining, resets_at ms} | {'RATE', retry_after ms ('' = never)}
+-- Refusals: {'BUDGET', remaining, resets_at ms, retry_after ms, budget spec}
+--         | {'RATE', retry_after ms ('' = never), rate spec}
 local function gate(st, now, n, default)
   local lim = limits_of(st, default)
   if not lim then return nil, nil end
@@ -528,7 +529,8 @@ local function gate(st, now, n, default)
     local used = (fresh and 0) or u.bu
     if n > lim.ba - used then
       save_state(st)
-      return nil, { 'BUDGET', fmt(math.max(lim.ba - used, 0)), fmt(ends) }
+      return nil, { 'BUDGET', fmt(math.max(lim.ba - used, 0)), fmt(ends), fmt(ends - now),
+                    'B' .. fmt(lim.ba) .. ':' .. lim.bp .. ':' .. lim.bz }
     end
     -- counted from: as before within the period; its start when a period follows another of
     -- the same budget; the next history entry when this budget (period, zone) begins
@@ -540,7 +542,7 @@ local function gate(st, now, n, default)
     local ok, after = rate_after(lim, u, now, n)
     if not ok then
       save_state(st)
-      return nil, { 'RATE', after }
+      return nil, { 'RATE', after, lim.rk }
     end
     plan[#plan + 1] = { 'rb', fmt(now), 'ro', fmt(after), 'rk', lim.rk }
   end
@@ -668,8 +670,8 @@ end
 
 -- Reply {'OK', hold_id, amount, status, created_at, expires_at, captured}
 local function hold_reply(hold_id, rec)
-  return { 'OK', hold_id, rec[2], HOLD_STATUS[rec[1]], string.match(rec[4], '^%d+'), rec[3],
-           rec[5] or '0' }
+  local created = string.match(rec[4], '^%d+')  -- the "r" entry's ms
+  return { 'OK', hold_id, rec[2], HOLD_STATUS[rec[1]], created, rec[3], rec[5] or '0' }
 end
 
 -- ---------------------------------------------------------------------------------------------

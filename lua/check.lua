@@ -22,7 +22,7 @@ end
 local _, refused = gate(st, now, amount, ARGV[4])
 if not refused then return { 'OK', '1', '', fmt(available), '' } end
 if refused[1] == 'BUDGET' then
-  return { 'OK', '0', 'budget', fmt(available), fmt(tonumber(refused[3]) - now) }
+  return { 'OK', '0', 'budget', fmt(available), refused[4] }
 elseif refused[1] == 'RATE' then
   return { 'OK', '0', 'rate', fmt(available), refused[2] }
 end

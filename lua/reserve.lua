@@ -4,7 +4,8 @@ ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount
       5 fingerprint | 6 idempotency_ttl_ms | 7 idempotency_key ('' = none)
       8 metadata_json ('' = none) | 9 default_limits (the client's; '' = none)
 Reply hold_reply + {transaction_id (of the "r" entry)} | {'IDEM_CONFLICT'}
-      | {'INSUFFICIENT', available} | {'BUDGET', remaining, resets_at} | {'RATE', retry_after_ms}
+      | {'INSUFFICIENT', available} | {'BUDGET', remaining, resets_at, retry_after_ms, budget}
+      | {'RATE', retry_after_ms, rate}
       | PERIOD | SCHEDULE | CATCHUP | INCONSISTENT
 History: renewals, holds released by their ttl, expired buckets, then one "r" entry (-amount).
 Credits are taken from the available balance in burn order; a hold never uses the credit limit.

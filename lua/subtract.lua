@@ -5,7 +5,8 @@ ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount
       8 default_limits (the client's, for a user without its own; '' = none)
 Reply {'OK', id, kind 's', amount (-amount), balance_after, expire_at '', idempotency_key, metadata}
       | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available (balance + credit limit)}
-      | {'BUDGET', remaining, resets_at} | {'RATE', retry_after_ms} (the user's limits)
+      | {'BUDGET', remaining, resets_at, retry_after_ms, budget}
+      | {'RATE', retry_after_ms, rate} (the user's limits)
       | PERIOD | SCHEDULE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets, then one "s" entry (none when refused).
 Counts as `used` in the cycle, and against the limits' rate and budget.

@@ -113,7 +113,11 @@ def test_each_code_becomes_its_error_with_the_requests_facts(code: str) -> None:
         user_id="alice", amount=7, idempotency_key="k", hold_id="h1@alice",
         transaction_id="17-0@alice",
     )  # fmt: skip
-    error = refusal(req, [code, "5", "1795551726366"])
+    fields = {
+        "BUDGET": ["5", "1795551726366", "1000", "B10:day:UTC"],
+        "RATE": ["5", "R10:60000:10"],
+    }.get(code, ["5"])
+    error = refusal(req, [code, *fields])
     assert type(error) is EXPECTED[code]
     facts = {"user_id": "alice", "hold_id": "h1@alice", "transaction_id": "17-0@alice"}
     facts |= {"amount": 7, "requested": 7}

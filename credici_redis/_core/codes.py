@@ -47,6 +47,14 @@ KINDS: dict[str, TransactionKind] = {
 """History entry kinds as the scripts write them."""
 
 
+def _limit(spec: str) -> Any:
+    """(rate, budget) of a limits spec (`credici_redis._ops.limits`, imported here only when a
+    limit refused: it imports the ledger, which imports this table)."""
+    from credici_redis._ops.limits import decode
+
+    return decode(spec)
+
+
 def _amount(req: Any) -> int:
     return getattr(req, "amount", None) or 0
 
@@ -54,10 +62,18 @@ def _amount(req: Any) -> int:
 REFUSALS: dict[str, Callable[[Any, list[str]], CrediciError]] = {
     "INSUFFICIENT": lambda req, f: InsufficientCreditsError(req.user_id, req.amount, int(f[1])),
     "BUDGET": lambda req, f: BudgetExceededError(
-        req.user_id, req.amount, int(f[1]), from_ms(int(f[2]))
+        req.user_id,
+        req.amount,
+        int(f[1]),
+        from_ms(int(f[2])),
+        retry_after=timedelta(milliseconds=int(f[3])),
+        limit=_limit(f[4])[1],
     ),
     "RATE": lambda req, f: RateLimitedError(
-        req.user_id, req.amount, timedelta(milliseconds=int(f[1])) if f[1] else None
+        req.user_id,
+        req.amount,
+        timedelta(milliseconds=int(f[1])) if f[1] else None,
+        limit=_limit(f[2])[0],
     ),
     "IDEM_CONFLICT": lambda req, f: IdempotencyConflictError(req.user_id, req.idempotency_key),
     "EXPIRY_PAST": lambda req, f: InvalidExpiryError(

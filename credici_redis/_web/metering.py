@@ -26,7 +26,8 @@ from typing import Any, Generic, Literal, TypeVar
 from credici_redis._clients.base import ClientBase, UserId
 from credici_redis._core.keys import parse_hold_id
 from credici_redis._core.requests import MAX_IDEMPOTENCY_KEY_CHARS
-from credici_redis._core.time import from_ms
+from credici_redis._core.schedule import calendar_period
+from credici_redis._core.time import from_ms, to_ms
 from credici_redis._ops.holds import DEFAULT_HOLD_TTL as DEFAULT_HOLD_TTL  # asgi, wsgi
 from credici_redis.errors import (
     BudgetExceededError,
@@ -53,8 +54,10 @@ RESERVED_HEADER = "X-Credits-Reserved"
 RETRY_AFTER_HEADER = "Retry-After"
 RATELIMIT_HEADER = "RateLimit"
 """The service limit of draft-ietf-httpapi-ratelimit-headers (``"<policy>";r=<left>;t=<s>``),
-sent with a 429. Its ``RateLimit-Policy`` (the quota, ``q``, is required there) is not: a
-refusal does not say the user's limits, and reading them would cost a call per refusal."""
+sent with a 429."""
+RATELIMIT_POLICY_HEADER = "RateLimit-Policy"
+"""... and the quota policy that refused (``"<policy>";q=<quota>;w=<window s>``), from the limit
+the refusal carries (the script that refused names it: no extra call)."""
 RATE_POLICY = "rate"
 BUDGET_POLICY = "budget"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -181,13 +184,36 @@ def service_limit(policy: str, remaining: int, reset: int | None) -> str:
     return value if reset is None else f"{value};t={reset}"
 
 
+def quota_policy(exc: RateLimitedError | BudgetExceededError) -> str | None:
+    """The ``RateLimit-Policy`` value of the limit that refused: the rate's amount per its
+    window, the budget's amount per its period (a calendar one: the period that refused, DST
+    included); None when the refusal does not carry its limit."""
+    if isinstance(exc, RateLimitedError):
+        rate = exc.limit
+        if rate is None:
+            return None
+        return f'"{RATE_POLICY}";q={rate.amount};w={wait_seconds(rate.per)}'
+    budget = exc.limit
+    if budget is None:
+        return None
+    if isinstance(budget.period, timedelta):
+        window = wait_seconds(budget.period)
+    else:
+        start, end = calendar_period(to_ms(exc.resets_at) - 1, budget.period, budget.tz)
+        window = wait_seconds(timedelta(milliseconds=end - start))
+    return f'"{BUDGET_POLICY}";q={budget.amount};w={window}'
+
+
 def limit_refusal(
     exc: RateLimitedError | BudgetExceededError, price: tuple[str, str], now: Clock
 ) -> Refusal:
     """The 429 for a charge the user's limits refused; `price` is the cost (or reservation)
     header, as on a 402."""
+    policy = quota_policy(exc)
+    quota = () if policy is None else ((RATELIMIT_POLICY_HEADER, policy),)
     if isinstance(exc, BudgetExceededError):
-        wait = wait_seconds(exc.resets_at - now())
+        # The storage's own count of the wait, else this machine's clock against resets_at.
+        wait = wait_seconds(exc.retry_after or exc.resets_at - now())
         return Refusal(
             429,
             {
@@ -200,6 +226,7 @@ def limit_refusal(
             (
                 (RETRY_AFTER_HEADER, str(wait)),
                 (RATELIMIT_HEADER, service_limit(BUDGET_POLICY, exc.remaining, wait)),
+                *quota,
                 price,
             ),
         )
@@ -213,7 +240,7 @@ def limit_refusal(
                 "detail": f"{exc.requested} credits are more than the rate limit lets through "
                 "at once (its burst): this request can never pass",
             },
-            (price,),
+            (*quota, price),
         )
     wait = wait_seconds(exc.retry_after)
     return Refusal(
@@ -222,6 +249,7 @@ def limit_refusal(
         (
             (RETRY_AFTER_HEADER, str(wait)),
             (RATELIMIT_HEADER, service_limit(RATE_POLICY, 0, wait)),
+            *quota,
             price,
         ),
     )

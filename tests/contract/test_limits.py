@@ -136,6 +136,7 @@ async def test_a_burst_then_the_rate(client: Any, user: str, clock: FakeClock) -
         await client.subtract(user, 1)
     assert refused.value.retry_after == timedelta(seconds=10)
     assert (refused.value.user_id, refused.value.requested) == (user, 1)
+    assert refused.value.limit == RateLimit(6, MINUTE, burst=3)  # the rate that refused
     assert isinstance(refused.value, LimitExceededError)
     clock.advance(timedelta(seconds=9, milliseconds=999))
     with pytest.raises(RateLimitedError) as again:
@@ -204,6 +205,8 @@ async def test_a_budget_per_fixed_window(client: Any, user: str, clock: FakeCloc
         await client.subtract(user, 4)
     resets = datetime(2026, 3, 4, 11, 0, tzinfo=timezone.utc)
     assert (refused.value.remaining, refused.value.resets_at) == (3, resets)
+    assert refused.value.retry_after == timedelta(minutes=1)  # by the storage's clock
+    assert refused.value.limit == Budget(10, timedelta(hours=1))
     limits = await client.get_limits(user)
     assert (limits.budget_used, limits.budget_resets_at) == (7, resets)
     await client.subtract(user, 3)

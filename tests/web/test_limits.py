@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -31,6 +32,7 @@ from tests.web.contract import KINDS, RESERVE, Served, serve_contract
 Serve = Callable[..., AbstractContextManager[Served]]
 
 PER_MINUTE_2 = RateLimit(2, timedelta(minutes=1))
+MINUTE_AND_A_HALF = timedelta(seconds=90)
 _SERVICE_LIMIT = re.compile(r'"(?P<policy>[a-z]+)";r=(?P<r>\d+)(?:;t=(?P<t>\d+))?')
 
 
@@ -62,13 +64,15 @@ def service_limit(response: httpx.Response) -> tuple[str, int, int | None]:
     return match["policy"], int(match["r"]), None if t is None else int(t)
 
 
-def assert_rate_limited(r: httpx.Response, wait: int, required: int = 1) -> None:
+def assert_rate_limited(
+    r: httpx.Response, wait: int, required: int = 1, policy: str = '"rate";q=2;w=60'
+) -> None:
     assert r.status_code == 429, r.text
     assert r.headers["content-type"] == "application/json"
     assert r.json() == {"error": "rate_limited", "required": required, "retry_after": wait}
     assert int(r.headers["retry-after"]) == wait
     assert service_limit(r) == ("rate", 0, wait)
-    assert "ratelimit-policy" not in r.headers  # the quota is not known: no policy
+    assert r.headers["ratelimit-policy"] == policy
 
 
 def assert_never_passes(r: httpx.Response, required: int) -> None:
@@ -80,7 +84,12 @@ def assert_never_passes(r: httpx.Response, required: int) -> None:
 
 
 def assert_over_budget(
-    r: httpx.Response, required: int, remaining: int, resets_at: datetime, now: datetime
+    r: httpx.Response,
+    required: int,
+    remaining: int,
+    resets_at: datetime,
+    now: datetime,
+    policy: str = '"budget";q=12;w=3600',
 ) -> None:
     wait = max(math.ceil((resets_at - now) / timedelta(seconds=1)), 1)  # rounded up, >= 1
     assert r.status_code == 429, r.text
@@ -93,6 +102,7 @@ def assert_over_budget(
     }
     assert int(r.headers["retry-after"]) == wait
     assert service_limit(r) == ("budget", remaining, wait)
+    assert r.headers["ratelimit-policy"] == policy
 
 
 def next_hour(now: datetime) -> datetime:
@@ -163,7 +173,7 @@ def test_a_rate_limited_reservation_is_429_and_nothing_is_held(
             settled(credits, user, balance)
         # A reservation uses the rate it reserves (10 credits: 30 s of this one).
         r = http.get("/stream", params={"n": 3}, headers=headers)
-        assert_rate_limited(r, 30, required=RESERVE)
+        assert_rate_limited(r, 30, required=RESERVE, policy='"rate";q=20;w=60')
         assert credit_headers(r) == {"x-credits-reserved": str(RESERVE)}
         assert served.calls == {"/stream": 2}
         kinds = [kind for kind, _, _ in holds(credits, user)]
@@ -233,7 +243,7 @@ def test_the_clients_default_limits_refuse_users_without_their_own(
         assert_rate_limited(r, 30)
         # Budget before rate: 2 spent of 4 today, 5 more is over; resets at midnight UTC.
         r = http.get("/expensive", headers=headers)
-        assert_over_budget(r, 5, 2, next_midnight(clock.now), clock.now)
+        assert_over_budget(r, 5, 2, next_midnight(clock.now), clock.now, '"budget";q=4;w=86400')
         assert credit_headers(r) == {"x-credits-cost": "5"}
 
         for _ in range(3):
@@ -290,3 +300,26 @@ def test_refusal_headers_and_rounding() -> None:
     }
     late = refuse(BudgetExceededError("alice", 3, 0, midnight), now=lambda: midnight)
     assert late.headers[:2] == (("Retry-After", "1"), ("RateLimit", '"budget";r=0;t=1'))
+
+    # With the limit the script names: its quota policy; the wait as the storage counted it.
+    ny = ZoneInfo("America/New_York")
+    march = datetime(2030, 3, 1, tzinfo=ny)  # February 2030: 28 days in New York
+    monthly = BudgetExceededError(
+        "alice", 3, 1, march, retry_after=timedelta(seconds=10.5),
+        limit=Budget(50, "month", "America/New_York"),
+    )  # fmt: skip
+    assert refuse(monthly, now=lambda: now).headers == (
+        ("Retry-After", "11"),
+        ("RateLimit", '"budget";r=1;t=11'),
+        ("RateLimit-Policy", '"budget";q=50;w=2419200'),
+        ("X-Credits-Cost", "3"),
+    )
+    limited = RateLimitedError(
+        "alice", 3, timedelta(seconds=2), limit=RateLimit(10, MINUTE_AND_A_HALF)
+    )
+    assert refuse(limited).headers == (
+        ("Retry-After", "2"),
+        ("RateLimit", '"rate";r=0;t=2'),
+        ("RateLimit-Policy", '"rate";q=10;w=90'),
+        ("X-Credits-Cost", "3"),
+    )
