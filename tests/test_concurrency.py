@@ -286,6 +286,7 @@ LIMITED_WORKER = textwrap.dedent(
     import json, sys, time
     from credici_redis import CrediciClient, InsufficientCreditsError, LimitExceededError
     url, namespace, user, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    until_refused = sys.argv[5] == "1"
     ok = limited = 0
     with CrediciClient.from_url(url, namespace=namespace) as client:
         sys.stdout.write("ready\\n"); sys.stdout.flush(); sys.stdin.readline()  # start together
@@ -296,16 +297,22 @@ LIMITED_WORKER = textwrap.dedent(
                 ok += 1
             except LimitExceededError:
                 limited += 1
+                if until_refused:
+                    break
     print(json.dumps({"ok": ok, "limited": limited}))
     """
 )
 
 
-def _hammer(url: str, namespace: str, user: str, seconds: float) -> tuple[int, int]:
-    """8 processes charge 1 credit as fast as they can for `seconds`: (accepted, refused)."""
+def _hammer(
+    url: str, namespace: str, user: str, seconds: float, until_refused: bool = False
+) -> tuple[int, int]:
+    """8 processes charge 1 credit as fast as they can for `seconds` (or, `until_refused`, each
+    until its first refusal): (accepted, refused)."""
+    flag = "1" if until_refused else "0"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", LIMITED_WORKER, url, namespace, user, str(seconds)],
+            [sys.executable, "-c", LIMITED_WORKER, url, namespace, user, str(seconds), flag],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -361,8 +368,8 @@ def test_eight_processes_never_pass_the_budget(backend: str, namespace: str, use
     with CrediciClient.from_url(url, namespace=namespace) as client:
         client.add(user, 100_000)
         client.set_limits(user, budget=Budget(300, timedelta(days=365)))
-        accepted, refused = _hammer(url, namespace, user, 2.0)
+        accepted, refused = _hammer(url, namespace, user, 90.0, until_refused=True)
         # All of the budget, never more (a 365-day window: it does not turn during the run).
         assert (accepted, client.get_limits(user).budget_used) == (300, 300)
-        assert refused > 0
+        assert refused == 8  # each process went on until the budget refused it
         assert _subtract_entries(client.get_all_user_transactions(user)) == accepted
