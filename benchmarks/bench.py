@@ -82,9 +82,10 @@ from credici_redis._core import keys as _keys
 from credici_redis._core import scripts as _scripts
 from credici_redis._core.protocol import Call, Flow, stream_fields, text
 from credici_redis._core.requests import UserRequest
-from credici_redis._core.scripts import Script
+from credici_redis._core.scripts import LIBRARY, Script
 from credici_redis._ops import account, charge
 from credici_redis._ops import holds as hold_ops
+from credici_redis._storages.redis_base import function_missing
 from credici_redis.errors import StorageUnavailableError
 
 TRIVIAL = "return 1"
@@ -232,22 +233,44 @@ def raw_async(url: str) -> redis.asyncio.Redis:
     return redis.asyncio.Redis.from_pool(pool)
 
 
+def missing(reply: Any) -> bool:
+    """NOSCRIPT, or FCALL of a function the server lacks (tests sharing this Redis flush)."""
+    return isinstance(reply, NoScriptError) or function_missing(reply)
+
+
+def reload(r: redis.Redis, call: Call) -> None:
+    """Load what `call` needs: its script (EVALSHA), or the library (FCALL)."""
+    assert call.script is not None
+    if call.args[0] == "FCALL":
+        with contextlib.suppress(redis.ResponseError):  # already there
+            r.function_load(LIBRARY.source)
+    else:
+        r.script_load(call.script.source)
+
+
 def send(r: redis.Redis, call: Call) -> Any:
-    """Raw redis-py EVALSHA; reloads the script on NOSCRIPT, as tests sharing this Redis flush."""
+    """Raw redis-py FCALL or EVALSHA; loads what it needs when the server lacks it."""
     try:
         return r.execute_command(*call.args)
-    except NoScriptError:
-        assert call.script is not None
-        r.script_load(call.script.source)
+    except redis.ResponseError as exc:
+        if not missing(exc):
+            raise
+        reload(r, call)
         return r.execute_command(*call.args)
 
 
 async def send_async(r: redis.asyncio.Redis, call: Call) -> Any:
     try:
         return await r.execute_command(*call.args)
-    except NoScriptError:
+    except redis.ResponseError as exc:
+        if not missing(exc):
+            raise
         assert call.script is not None
-        await r.script_load(call.script.source)
+        if call.args[0] == "FCALL":
+            with contextlib.suppress(redis.ResponseError):
+                await r.function_load(LIBRARY.source)
+        else:
+            await r.script_load(call.script.source)
         return await r.execute_command(*call.args)
 
 
@@ -257,9 +280,9 @@ def send_pipeline(r: redis.Redis, calls: list[Call]) -> list[Any]:
     for call in calls:
         pipe.execute_command(*call.args)
     replies: list[Any] = pipe.execute(raise_on_error=False)
-    if any(isinstance(reply, NoScriptError) for reply in replies):
-        for source in {call.script.source for call in calls if call.script is not None}:
-            r.script_load(source)
+    if any(missing(reply) for reply in replies):
+        for call in calls:
+            reload(r, call)
         return send_pipeline(r, calls)
     return replies
 
@@ -320,7 +343,7 @@ def fill(raw: redis.Redis, script: Script, commands: Iterable[tuple[Any, ...]]) 
                 pipe.execute_command(*args)
             refused = []
             for args, reply in zip(batch, pipe.execute(raise_on_error=False), strict=True):
-                if isinstance(reply, NoScriptError):
+                if missing(reply):
                     refused.append(args)
                 elif isinstance(reply, Exception):
                     raise reply
@@ -329,6 +352,8 @@ def fill(raw: redis.Redis, script: Script, commands: Iterable[tuple[Any, ...]]) 
                 else:
                     sent += 1
             if refused:
+                with contextlib.suppress(redis.ResponseError):  # FCALL: the library
+                    raw.function_load(LIBRARY.source)
                 raw.script_load(script.source)
             batch = refused
     return sent
@@ -676,7 +701,8 @@ def server_side(trivial: Call, s: Settings) -> list[Row]:
             # Real state through the library: one never-expiring bucket, a charge in history.
             client.add(user, PLENTY)
             client.subtract(user, 1)
-            # The very EVALSHA the library sends for subtract(user, 1) on the server's clock.
+            # The very call the library sends for subtract(user, 1) on the server's clock (FCALL
+            # of the library's function, loaded by the calls above).
             req = charge.build_subtract(user, 1, None, None, None)
             sub_args = client.storage.ledger.call(charge.SUBTRACT, req).args
             for script in (charge.SUBTRACT.script, trivial.script):
@@ -694,8 +720,12 @@ def server_side(trivial: Call, s: Settings) -> list[Row]:
                 for name, args in (("trivial", trivial.args), ("subtract", sub_args)):
                     r.config_resetstat()
                     rps[name].append(redis_benchmark(port, args, s.server_requests))
-                    evalsha = r.info("commandstats")["cmdstat_evalsha"]
-                    cpu[name] += [evalsha["usec"], evalsha["calls"]]
+                    stats = r.info("commandstats")
+                    ran = [stats.get(f"cmdstat_{c}", {}) for c in ("evalsha", "fcall")]
+                    cpu[name] += [
+                        sum(x.get("usec", 0) for x in ran),
+                        sum(x.get("calls", 0) for x in ran),
+                    ]
             # Every request was a real charge: the balance fell by exactly the requests sent.
             charged = before - client.get_balance(user)
             if charged != s.server_requests * s.server_rounds:
@@ -711,7 +741,7 @@ def server_side(trivial: Call, s: Settings) -> list[Row]:
     return [
         Row(
             section,
-            "EVALSHA subtract.lua, 1 user",
+            f"{sub_args[0]} subtract, 1 user",
             "req/s",
             mean["subtract"],
             mean["trivial"],
@@ -720,7 +750,7 @@ def server_side(trivial: Call, s: Settings) -> list[Row]:
         ),
         Row(
             section,
-            "EVALSHA subtract.lua, Redis CPU",
+            f"{sub_args[0]} subtract, Redis CPU",
             "µs/call",
             usec["subtract"],
             usec["trivial"],
@@ -1150,10 +1180,10 @@ class PingWatch:
 
 
 def longest_script_us(r: redis.Redis) -> int:
-    """The longest EVALSHA in the slow log (every command is logged: threshold 0)."""
+    """The longest script (FCALL or EVALSHA) in the slow log (every command is logged)."""
     entries = r.slowlog_get(100_000)
-    return max((int(e["duration"]) for e in entries if b"EVALSHA" in e["command"].upper()),
-               default=0)  # fmt: skip
+    scripts = [e for e in entries if e["command"].upper().startswith((b"EVALSHA", b"FCALL"))]
+    return max((int(e["duration"]) for e in scripts), default=0)
 
 
 def pathological(s: Settings) -> list[Row]:
@@ -1544,13 +1574,13 @@ def limits_server_cpu(s: Settings) -> list[Row]:
                     stats = r.info("commandstats")
                     cpu[name][0] += sum(
                         int(stats.get(f"cmdstat_{command}", {}).get("usec", 0))
-                        for command in ("evalsha", "eval")
+                        for command in ("evalsha", "eval", "fcall")
                     )
                     cpu[name][1] += calls
             check({name: s.warmup + charges for name, (_, charges) in cpu.items()})
         r.close()
     section = (
-        f"8. limits (issue 17): Redis CPU per charge (INFO commandstats, every EVALSHA of the "
+        f"8. limits (issue 17): Redis CPU per charge (INFO commandstats, every script call of the "
         f"variant), {s.rounds} x {calls:,} charges per variant, on a redis-server of our own"
     )
     return limit_rows(section, {"µs/call": {n: u / c for n, (u, c) in cpu.items()}})

@@ -54,9 +54,15 @@ Numbers are Lua doubles (exact up to 2^53-1, the library's limit); they are alwa
 fmt(), because tostring() switches to exponent notation past 14 digits.
 ]]
 
-local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_OUTBOX =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local K_IDEM = KEYS[10]
+local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_OUTBOX, K_IDEM
+
+-- The keys of this call: once per call (run as a script, here; in the Functions library, first
+-- thing in every function, which is why this is a function).
+local function bind(keys)
+  K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_OUTBOX, K_IDEM =
+    keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7], keys[8], keys[9], keys[10]
+end
+bind(KEYS)  --!script-only
 local RETAIN = 86400000  -- a finished hold is remembered a day: a late second capture gets its answer
 local MAX_CREDITS = 9007199254740991
 local NEVER = 999999999999999
@@ -103,29 +109,37 @@ end
 
 local function load_state()
   local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst', 'nx', 'cl', 'hd', 'hx', 'lt',
-    'lim')
+    'lim', 'pn')
   local bad = inconsistency(v)
   if bad then return nil, bad end
   return {
     bal = tonumber(v[1]) or 0, ms = tonumber(v[2]) or 0, sq = tonumber(v[3]) or 0, dirty = false,
     ce = tonumber(v[4]), cst = v[5] or nil, nx = tonumber(v[6]), limit = tonumber(v[7]) or 0,
     held = tonumber(v[8]) or 0, hx = tonumber(v[9]), holds_dirty = false, low = tonumber(v[10]),
-    lim = v[11] or nil,
+    lim = v[11] or nil, pn = tonumber(v[12]) or 0,
   }
 end
 
+-- One HSET for whatever changed: the balance and history position, the holds' total and next
+-- timer, and pn (entries not yet archived: this script's appends counted in).
 local function save_state(st)
+  if not (st.dirty or st.holds_dirty) then return end
+  local args = { 'HSET', K_STATE }
   if st.dirty then
-    redis.call('HSET', K_STATE, 'bal', fmt(st.bal), 'ms', fmt(st.ms), 'sq', fmt(st.sq),
-      'nx', fmt(st.nx or 0))
+    args[3], args[4], args[5], args[6], args[7], args[8], args[9], args[10] =
+      'bal', fmt(st.bal), 'ms', fmt(st.ms), 'sq', fmt(st.sq), 'nx', fmt(st.nx or 0)
   end
   if st.holds_dirty then
-    redis.call('HSET', K_STATE, 'hd', fmt(st.held), 'hx', fmt(st.hx or 0))
+    args[#args + 1] = 'hd'; args[#args + 1] = fmt(st.held)
+    args[#args + 1] = 'hx'; args[#args + 1] = fmt(st.hx or 0)
+    st.holds_dirty = false
   end
   if st.appended then
-    redis.call('HINCRBY', K_STATE, 'pn', st.appended)
+    st.pn = st.pn + st.appended
+    args[#args + 1] = 'pn'; args[#args + 1] = fmt(st.pn)
     st.appended = nil
   end
+  redis.call(unpack(args))
 end
 
 -- With a low-balance threshold set: a change that takes the balance from >= threshold to below
@@ -160,9 +174,10 @@ local function append(st, kind, amount, at, extra)
   redis.call(unpack(args))
   st.ms, st.sq, st.dirty = ms, sq, true
   -- The archive's outbox learns that this user has something to archive (from ms on, at the
-  -- latest: NX keeps an earlier mark), in the user's own slot.
+  -- latest: NX keeps an earlier mark), in the user's own slot. With entries pending already
+  -- (pn > 0) the user is in it: archive_done.lua drops a user only once none is pending.
   if not st.appended then
-    redis.call('ZADD', K_OUTBOX, 'NX', ms, K_HISTORY)
+    if st.pn <= 0 then redis.call('ZADD', K_OUTBOX, 'NX', ms, K_HISTORY) end
     st.appended = 0
   end
   st.appended = st.appended + 1

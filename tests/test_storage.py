@@ -23,6 +23,7 @@ from credici_redis import (
     StorageUnavailableError,
 )
 from credici_redis._core import keys as _keys
+from credici_redis._core.scripts import LIBRARY
 from tests.conftest import REDIS_URL, FakeClock, SyncAsAsync, free_port
 
 
@@ -35,27 +36,6 @@ def raw(client: Any) -> Any:
 async def call(client: Any, method: str, *args: Any) -> Any:
     result = getattr(raw(client), method)(*args)
     return await result if asyncio.iscoroutine(result) else result
-
-
-async def test_scripts_reload_after_script_flush(client: Any, user: str) -> None:
-    await client.add(user, 10)
-    await call(client, "script_flush")
-    await client.subtract(user, 1)  # a single EVALSHA
-    await call(client, "script_flush")
-    history = await client.get_all_user_transactions(user)  # a pipeline: EVALSHA, XREVRANGE
-    assert [t.amount for t in history] == [-1, 10]
-    await call(client, "script_flush")
-    assert await client.get_balance(user) == 9
-
-
-async def test_pipeline_reload_rereads_after_the_script(
-    client: Any, user: str, clock: FakeClock
-) -> None:
-    # The history read must see what the (reloaded) expiry script wrote before it.
-    await client.add(user, 3, ttl=timedelta(minutes=1))
-    clock.advance(timedelta(minutes=2))
-    await call(client, "script_flush")
-    assert [t.kind for t in await client.get_all_user_transactions(user)] == ["expire", "add"]
 
 
 async def test_all_keys_of_a_user_share_one_slot(
@@ -284,3 +264,109 @@ def test_from_url_turns_off_redis_py_retries() -> None:
     with CrediciClient.from_url(REDIS_URL) as c:
         retry = c.storage.redis.get_retry()  # type: ignore[attr-defined]
         assert retry is not None and retry.get_retries() == 0
+
+
+# -- the Functions library ------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["own-redis", "memory"])
+def flushable(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    """A URL whose server this test may flush (never the shared Redis), and its admin client."""
+    if request.param == "memory":
+        url = f"memory://flush-{time.monotonic_ns()}"
+        with CrediciClient.from_url(url) as probe:
+            yield url, probe.storage.redis
+        return
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    admin = redis.Redis(port=port)
+    try:
+        for _ in range(100):
+            try:
+                admin.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}", admin
+    finally:
+        admin.close()
+        proc.kill()
+        proc.wait()
+
+
+def libraries(admin: Any) -> list[str]:
+    """The names of the server's Functions libraries (FUNCTION LIST, RESP2 or a dict)."""
+    names = []
+    for lib in admin.function_list():
+        fields = lib if isinstance(lib, dict) else dict(zip(lib[::2], lib[1::2], strict=True))
+        name = fields.get(b"library_name", fields.get("library_name"))
+        names.append(name.decode() if isinstance(name, bytes) else str(name))
+    return names
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+async def test_calls_go_on_after_the_library_and_the_scripts_are_flushed(
+    flushable: tuple[str, Any], api: str
+) -> None:
+    url, admin = flushable
+    client: Any = (
+        SyncAsAsync(CrediciClient.from_url(url))
+        if api == "sync"
+        else AsyncCrediciClient.from_url(url)
+    )
+    try:
+        assert (await client.add("u", 10)).balance_after == 10  # first use: the library loads
+        assert (
+            client.storage.ledger.functions
+            if api != "sync"
+            else client.sync.storage.ledger.functions
+        )
+        assert libraries(admin) == [LIBRARY.name]
+        admin.function_flush()
+        await client.subtract("u", 1, idempotency_key="k")  # a single FCALL, found missing
+        admin.function_flush()
+        admin.script_flush()
+        history = await client.get_all_user_transactions("u")  # a pipeline: FCALL, XREVRANGE
+        assert [t.amount for t in history] == [-1, 10]
+        admin.function_flush()
+        again = await client.subtract("u", 1, idempotency_key="k")  # the retry: once
+        assert (again.amount, await client.get_balance("u")) == (-1, 9)
+        assert libraries(admin) == [LIBRARY.name]
+    finally:
+        if api == "sync":
+            client.sync.close()
+        else:
+            await client.aclose()
+
+
+def test_a_redis_without_functions_runs_the_scripts() -> None:
+    """Redis before 7 has no FCALL: the first call is refused (nothing ran), goes again as a
+    script, and every call after it goes as a script (EVALSHA) from then on."""
+    import fakeredis
+
+    from credici_redis.storage import RedisStorage
+
+    six = fakeredis.FakeRedis(server=fakeredis.FakeServer(version=(6,)))
+    with CrediciClient(RedisStorage(six, "old")) as client:
+        assert client.add("u", 5).balance_after == 5
+        assert client.storage.ledger.functions is False
+        assert client.subtract("u", 2, idempotency_key="k").balance_after == 3
+        assert client.subtract("u", 2, idempotency_key="k").balance_after == 3
+        assert client.get_balance("u") == 3
+
+
+async def test_a_reload_rereads_what_the_reloaded_script_wrote(
+    flushable: tuple[str, Any], clock: FakeClock
+) -> None:
+    """The history read after a script in one pipeline sees what the script wrote, when the
+    script had to go again (its function was missing)."""
+    url, admin = flushable
+    with CrediciClient.from_url(url, clock=clock) as client:
+        client.add("u", 3, ttl=timedelta(minutes=1))
+        clock.advance(timedelta(minutes=2))
+        admin.function_flush()
+        assert [t.kind for t in client.get_all_user_transactions("u")] == ["expire", "add"]

@@ -50,7 +50,8 @@ TX_REPLY = (
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One Redis command; `script` is set for EVALSHA so a driver can reload it on NOSCRIPT.
+    """One Redis command; `script` is set for FCALL and EVALSHA, so a driver can send its
+    source when the server lacks it (function not found, NOSCRIPT).
     `entry`: a history entry the script reads besides the newest (the PostgreSQL storage loads
     it), from the operation's `reads_entry`."""
 
@@ -138,6 +139,10 @@ class Ledger:
     def __init__(self, namespace: str, idempotency_ttl_ms: int) -> None:
         self.namespace = _keys.check_namespace(namespace)
         self.idempotency_ttl_ms = idempotency_ttl_ms
+        self.functions = True
+        """Calls go as FCALL of the Functions library (`credici_redis._core.scripts.LIBRARY`);
+        False: as EVALSHA of each script (a storage sets it where the library cannot be
+        loaded)."""
 
     # -- any operation ---------------------------------------------------------------------------
 
@@ -156,8 +161,8 @@ class Ledger:
         return (yield from self._many([self._item(op, req) for req in reqs]))
 
     def call(self, op: Operation[Any, Any], req: Any, extension: str = "") -> Call:
-        """The EVALSHA of `op`'s script for `req`: the user's keys (and the idempotency record,
-        under a key), then ARGV by the operation's names."""
+        """The FCALL (or EVALSHA) of `op`'s script for `req`: the user's keys (and the
+        idempotency record, under a key), then ARGV by the operation's names."""
         keys: list[str] = list(_keys.user_keys(self.namespace, req.user_id))
         key = getattr(req, "idempotency_key", None)
         if key is not None:
@@ -168,7 +173,9 @@ class Ledger:
                 getattr(req, name)
             ))  # fmt: skip
         entry = None if op.reads_entry is None else getattr(req, op.reads_entry)
-        return Call(("EVALSHA", op.script.sha, len(keys), *keys, *argv), op.script, entry)
+        script = op.script
+        head = ("FCALL", script.function) if self.functions else ("EVALSHA", script.sha)
+        return Call((*head, len(keys), *keys, *argv), script, entry)
 
     def result(self, op: Operation[Req, Any], req: Req, reply: Any) -> Any:
         """The operation's reply as its result (OK, or a coded outcome), or the error it means."""

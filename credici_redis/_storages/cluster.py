@@ -74,7 +74,7 @@ def scan_reply(reply: Any, node: Any) -> Any:
 def key_of(args: tuple[Any, ...]) -> Any:
     """The key a command is routed by (the ledger's commands name one slot each); None: any node."""
     name = str(args[0]).upper()
-    if name in {"EVALSHA", "EVAL"}:
+    if name in {"FCALL", "EVALSHA", "EVAL"}:
         return args[3] if int(args[2]) > 0 else None
     if name == "XGROUP":
         return args[2]

@@ -111,6 +111,7 @@ class AsyncPostgresStorage(AsyncRedisStorage):
             owns_connection=True,
         )
         self.postgres = PostgresLedger(namespace, self.ledger.idempotency_ttl_ms)
+        self.ledger.functions = False  # each call runs as a script on a connection's own Redis
         self._conninfo = conninfo
         self._timeout = timeout
         self._idempotency_ttl = idempotency_ttl

@@ -210,26 +210,67 @@ class _RedisStorageBase:
         return out
 
 
+def function_missing(reply: Any) -> bool:
+    """FCALL of a function the server does not have (the library was never loaded there, or
+    was lost in a restart, a FUNCTION FLUSH or a failover): nothing ran."""
+    return isinstance(reply, redis_errors.ResponseError) and str(reply).startswith(
+        "Function not found"
+    )
+
+
+def fcall_refused(reply: Any) -> bool:
+    """FCALL itself refused: by an ACL that does not grant it (one written for the scripts
+    alone), or by a Redis before 7 (no Functions). Nothing ran; the storage runs the scripts by
+    EVALSHA from then on."""
+    if not isinstance(reply, redis_errors.ResponseError):
+        return False
+    text = str(reply).lower()
+    return "'fcall'" in text and (
+        isinstance(reply, redis_errors.NoPermissionError) or "unknown command" in text
+    )
+
+
 def to_resend(calls: list[Call], replies: list[Any]) -> list[int]:
     """Which calls of a pipeline to send again, by their scripts' source (`by_source`).
 
-    Every call that got NOSCRIPT, and every read (non-script call) after the first of them, since
-    a read may depend on a script earlier in the batch. A script that ran is never sent twice.
+    Every call that got NOSCRIPT, "function not found" or an ACL refusal of FCALL, and every read
+    (non-script call) after the first of them, since a read may depend on a script earlier in the
+    batch. A script that ran is never sent twice.
     """
     resend: list[int] = []
     for i, (call, reply) in enumerate(zip(calls, replies, strict=True)):
-        if isinstance(reply, redis_errors.NoScriptError) or (resend and call.script is None):
+        missing = (
+            isinstance(reply, redis_errors.NoScriptError)
+            or function_missing(reply)
+            or fcall_refused(reply)
+        )
+        if missing or (resend and call.script is None):
             resend.append(i)
     return resend
 
 
 def by_source(call: Call) -> Call:
-    """The call as EVAL of its script's source instead of EVALSHA: it runs wherever its key lives
-    now, whatever that server's script cache holds (after a restart, SCRIPT FLUSH or a failover
-    to a primary that never saw the script), and leaves the script cached there."""
-    if call.script is None or call.args[0] != "EVALSHA":
+    """The call as EVAL of its script's source instead of FCALL or EVALSHA: it runs wherever its
+    key lives now, whatever that server holds (after a restart, a flush or a failover to a primary
+    that never saw the script), and leaves the script cached there."""
+    if call.script is None or call.args[0] not in ("EVALSHA", "FCALL"):
         return call
     return Call(("EVAL", call.script.source, *call.args[2:]), call.script, call.entry)
+
+
+def by_sha(call: Call) -> Call:
+    """The call as EVALSHA of its script (after the scripts were loaded by SCRIPT LOAD)."""
+    if call.script is None or call.args[0] not in ("EVAL", "FCALL", "EVALSHA"):
+        return call
+    return Call(("EVALSHA", call.script.sha, *call.args[2:]), call.script, call.entry)
+
+
+def no_functions(exc: BaseException) -> bool:
+    """A server without Functions (a Redis before 7): the storage then runs the scripts by
+    EVALSHA. (An ACL that refuses FUNCTION LOAD is not that: an administrator may load the
+    library.)"""
+    text = str(exc).lower()
+    return isinstance(exc, redis_errors.ResponseError) and "unknown command" in text
 
 
 def eval_refused(replies: list[Any]) -> bool:
@@ -241,6 +282,6 @@ def eval_refused(replies: list[Any]) -> bool:
     )
 
 
-def _scripts_of(calls: list[Call], indices: list[int]) -> list[str]:
-    sources = (calls[i].script for i in indices)
+def _scripts_of(calls: list[Call]) -> list[str]:
+    sources = (call.script for call in calls)
     return list({script.source: None for script in sources if script is not None})

@@ -18,6 +18,7 @@ from redis import exceptions as redis_errors
 from credici_redis._core.operation import Operation
 from credici_redis._core.protocol import Call, Flow
 from credici_redis._core.requests import EventReading
+from credici_redis._core.scripts import LIBRARY
 from credici_redis._storages import cluster as _cluster
 from credici_redis._storages.redis_base import (
     DEFAULT_IDEMPOTENCY_TTL,
@@ -30,12 +31,16 @@ from credici_redis._storages.redis_base import (
     T,
     _RedisStorageBase,
     _scripts_of,
+    by_sha,
     by_source,
     check_eviction_policy,
     check_retry_policy,
     errors_in_place,
     eval_refused,
+    fcall_refused,
+    function_missing,
     is_in_process,
+    no_functions,
     storage_error,
     to_resend,
 )
@@ -261,19 +266,57 @@ class RedisStorage(_RedisStorageBase):
         return errors_in_place(calls, replies)
 
     def _round_trip(self, calls: list[Call], node: Any = None) -> list[Any]:
-        """Send calls; those Redis answered NOSCRIPT (and the reads after them) go again, each
-        script by its source, in one more round trip (`by_source`)."""
+        """Send calls; those whose script the server lacked (function not found, NOSCRIPT), and
+        the reads after them, go again in one more round trip: by FCALL once the library is
+        loaded, else each script by its source (`by_source`). A script that ran is never sent
+        again."""
         replies = self._pipeline(calls, node)
         resend = to_resend(calls, replies)
-        if resend:
-            again = self._pipeline([by_source(calls[i]) for i in resend])
-            if eval_refused(again):  # an ACL without EVAL: load the scripts, send by SHA
-                for source in _scripts_of(calls, resend):
-                    self.redis.script_load(source)
-                again = self._pipeline([calls[i] for i in resend])
-            for i, reply in zip(resend, again, strict=True):
-                replies[i] = reply
+        if not resend:
+            return replies
+        if any(fcall_refused(replies[i]) for i in resend):
+            self.ledger.functions = False  # an ACL for scripts only: EVALSHA from now on
+        retry = [calls[i] for i in resend]
+        if any(function_missing(replies[i]) for i in resend) and self._load_library():
+            again = self._pipeline(retry)
+            late = to_resend(retry, again)  # a failover to a primary that missed the load
+            for k, reply in zip(late, self._by_source([retry[k] for k in late]), strict=True):
+                again[k] = reply
+        else:
+            again = self._by_source(retry)
+        for i, reply in zip(resend, again, strict=True):
+            replies[i] = reply
         return replies
+
+    def _by_source(self, calls: list[Call]) -> list[Any]:
+        """Each script by its source (EVAL); where an ACL refuses EVAL (one of EVALSHA and
+        SCRIPT LOAD), the scripts are loaded and sent by SHA."""
+        if not calls:
+            return []
+        again = self._pipeline([by_source(call) for call in calls])
+        if eval_refused(again):
+            for source in _scripts_of(calls):
+                self.redis.script_load(source)
+            again = self._pipeline([by_sha(call) for call in calls])
+        return again
+
+    def _load_library(self) -> bool:
+        """Load the Functions library on the server (on each primary of a cluster); True once
+        every one has it. On a Redis before 7 calls go by EVALSHA from then on; any other
+        failure (an ACL without FUNCTION LOAD, an outage) is met again by the next call."""
+        for node in _cluster.primaries(self.redis):
+            target = {} if node is None else {"target_nodes": node}
+            try:
+                self._execute("FUNCTION", "LOAD", LIBRARY.source, **target)
+            except redis_errors.ResponseError as exc:
+                if no_functions(exc):
+                    self.ledger.functions = False
+                    return False
+                if "already exists" not in str(exc):
+                    return False
+            except DRIVER_ERRORS:
+                return False
+        return True
 
     def _pipeline(self, calls: list[Call], node: Any = None) -> list[Any]:
         if node is not None:

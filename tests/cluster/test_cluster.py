@@ -9,6 +9,7 @@ on every master, scripts lost on every node, SCAN per node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
@@ -101,8 +102,12 @@ def _users_on_every_master(
 
 
 def _flush_scripts(cluster: LocalCluster) -> None:
-    for port in cluster.ports:  # replicas too: a promoted replica has none either
+    """The library (on the primaries, which flush their replicas' too) and the scripts (on
+    every node: a promoted replica has none either)."""
+    for port in cluster.ports:
         with cluster.node(port) as r:
+            with contextlib.suppress(redis.exceptions.ReadOnlyError):  # a replica
+                r.function_flush()
             r.script_flush()
 
 

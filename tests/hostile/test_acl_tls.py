@@ -270,6 +270,7 @@ WORKER_GRANTS = sorted(grants(acl_rules("credici")))
 async def test_every_grant_is_needed(acl_server: Server, grant: str, clock: FakeClock) -> None:
     user = f"without-{WORKER_GRANTS.index(grant)}"
     acl_server.set_user(user, [rule for rule in acl_rules("credici") if rule != grant])
+    acl_server.admin.function_flush()  # as on a fresh server: the library must be loaded
     url = acl_server.url(user)
     clocked = make_client("sync", url, namespace=NAMESPACE, clock=clock)
     realtime = make_client("sync", url, namespace=NAMESPACE)
@@ -286,26 +287,64 @@ async def test_every_grant_is_needed(acl_server: Server, grant: str, clock: Fake
         acl_server.admin.execute_command("ACL", "DELUSER", user)
 
 
+def scripts_acl(*grants: str) -> list[str]:
+    """The worker's documented rules with the Functions grants replaced (an ACL of the
+    scripts days)."""
+    functions = {"+fcall", "+function|load"}
+    rules = [rule for rule in acl_rules("credici") if rule not in functions]
+    assert len(rules) == len(acl_rules("credici")) - 2
+    return [*rules, *grants]
+
+
 @pytest.mark.parametrize("api", ["sync", "async"])
-async def test_an_acl_with_script_load_instead_of_eval_still_works(
-    acl_server: Server, api: str, clock: FakeClock
+@pytest.mark.parametrize(
+    "grants",
+    [("+evalsha", "+eval"), ("+evalsha", "+script|load")],
+    ids=["evalsha-eval", "evalsha-script-load"],
+)
+async def test_an_acl_for_scripts_alone_still_works(
+    acl_server: Server, api: str, grants: tuple[str, ...], clock: FakeClock
 ) -> None:
-    """The ACL these docs gave before (EVALSHA and SCRIPT LOAD, no EVAL): a NOSCRIPT is then
-    answered by loading the scripts and sending them by SHA again."""
-    rules = [rule if rule != "+eval" else "+script|load" for rule in acl_rules("credici")]
-    assert "+script|load" in rules
-    acl_server.set_user(f"legacy-{api}", rules)
-    client = make_client(api, acl_server.url(f"legacy-{api}"), namespace=NAMESPACE, clock=clock)
-    user = f"legacy-user-{api}"
+    """The ACLs these docs gave before Functions (EVALSHA and EVAL; EVALSHA and SCRIPT LOAD):
+    FCALL is refused once, then every call goes by EVALSHA; a NOSCRIPT is answered by the
+    script's source (EVAL), or by loading the scripts and sending them by SHA again."""
+    name = f"legacy-{api}-{grants[1].replace('|', '-')}"
+    acl_server.set_user(name, scripts_acl(*grants))
+    client = make_client(api, acl_server.url(name), namespace=NAMESPACE, clock=clock)
+    user = f"user-of-{name}"
     try:
         acl_server.admin.script_flush()
         assert (await client.add(user, 5)).balance_after == 5
         acl_server.admin.script_flush()
         assert (await client.subtract(user, 2, idempotency_key="k")).balance_after == 3
+        assert (await client.subtract(user, 2, idempotency_key="k")).balance_after == 3  # once
         assert await client.get_balance(user) == 3
     finally:
         await close(client)
-        acl_server.admin.execute_command("ACL", "DELUSER", f"legacy-{api}")
+        acl_server.admin.execute_command("ACL", "DELUSER", name)
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+async def test_without_function_load_the_library_loaded_by_an_admin_is_enough(
+    acl_server: Server, api: str, clock: FakeClock
+) -> None:
+    """The least privilege: FCALL alone, the library loaded by an administrator."""
+    from credici_redis._core.scripts import LIBRARY
+
+    name = f"fcall-only-{api}"
+    acl_server.set_user(name, [r for r in acl_rules("credici") if r != "+function|load"])
+    acl_server.admin.function_flush()
+    client = make_client(api, acl_server.url(name), namespace=NAMESPACE, clock=clock)
+    user = f"user-of-{name}"
+    try:
+        with pytest.raises(StorageError, match=REFUSED):  # the library is missing: refused
+            await client.add(user, 5)
+        acl_server.admin.function_load(LIBRARY.source)  # the administrator loads it
+        assert (await client.add(user, 5)).balance_after == 5  # the same client goes on
+        assert await client.get_balance(user) == 5
+    finally:
+        await close(client)
+        acl_server.admin.execute_command("ACL", "DELUSER", name)
 
 
 @pytest.mark.parametrize("api", ["sync", "async"])
@@ -325,19 +364,30 @@ async def test_the_acl_user_is_confined_to_its_namespace(acl_server: Server, api
             ("CONFIG", "GET", "requirepass"),
             ("SCRIPT", "FLUSH"),
             ("SCRIPT", "LOAD", "return 1"),
+            ("FUNCTION", "FLUSH"),
+            ("FUNCTION", "DELETE", "x"),
+            ("EVAL", "return 1", "0"),
             ("DEL", f"{NAMESPACE}:{{u}}:s"),
             ("SUBSCRIBE", "x"),
         ]
         for command in refused:
             with pytest.raises(redis.exceptions.NoPermissionError):
                 raw.execute_command(*command)
-        # A script the user sends itself (EVAL) still runs with the user's permissions.
-        own = "return redis.call('GET', KEYS[1])"
-        assert raw.eval(own, 1, f"{NAMESPACE}:{{u}}:x") is None
+        # A library the user loads itself still runs with the user's permissions.
+        lib = f"own{api}"
+        register = "redis.register_function('{}', function(keys) return redis.call('GET', {}) end)"
+        register += "\n"
+        own = (
+            f"#!lua name={lib}\n"
+            + register.format(f"{lib}_get", "keys[1]")
+            + register.format(f"{lib}_other", f"'{OTHER}:secret'")
+        )
+        raw.function_load(own)
+        assert raw.fcall(f"{lib}_get", 1, f"{NAMESPACE}:{{u}}:x") is None
         with pytest.raises(redis.exceptions.NoPermissionError):
-            raw.eval(own, 1, f"{OTHER}:secret")
+            raw.fcall(f"{lib}_get", 1, f"{OTHER}:secret")
         with pytest.raises(redis.exceptions.ResponseError, match=REFUSED):
-            raw.eval(f"return redis.call('GET', '{OTHER}:secret')", 0)
+            raw.fcall(f"{lib}_other", 0)
     finally:
         raw.close()
     assert acl_server.admin.get(f"{OTHER}:secret") == b"42"
@@ -393,7 +443,7 @@ def test_the_contract_suite_passes_as_the_test_acl_user(acl_server: Server) -> N
     assert done.returncode == 0, tail
     assert " passed" in done.stdout and " failed" not in done.stdout, tail
     # The tests ran against this server, as that user: their keys went through it.
-    assert acl_server.admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) > 100
+    assert acl_server.admin.info("commandstats").get("cmdstat_fcall", {}).get("calls", 0) > 100
 
 
 # --- TLS -------------------------------------------------------------------------------------
