@@ -112,6 +112,10 @@ class Operation(Generic[Req, Res]):
     def with_key(self, req: Req, key: str | None) -> Req:
         """The request under idempotency key `key` (None: no key), with its fingerprint."""
         if key is None:
+            if getattr(req, "idempotency_key", None) is None and not getattr(
+                req, "fingerprint", ""
+            ):
+                return req  # built without one: the usual case, no copy
             return replace(req, idempotency_key=None, fingerprint="")  # type: ignore[type-var]
         parts = (getattr(req, name) for name in self.fingerprint or ())
         fp = fingerprint(self.name, *parts)
