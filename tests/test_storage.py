@@ -370,3 +370,56 @@ async def test_a_reload_rereads_what_the_reloaded_script_wrote(
         clock.advance(timedelta(minutes=2))
         admin.function_flush()
         assert [t.kind for t in client.get_all_user_transactions("u")] == ["expire", "add"]
+
+
+# -- packing commands ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("FCALL", "f", 2, "ns:{ü 🙂}:s", "ns:{ü 🙂}:o", "", 1, -5, 2**53 - 1, "{}"),
+        ("SET", "k", 0.1),
+        ("XADD", "s", "*", "a", b"\x00\xff"),
+        ("CLIENT SETINFO", "LIB-NAME", "x"),  # redis-py sends some commands as one string
+        (b"CLIENT SETINFO", "LIB-VER", "1"),
+        ("SET", "k", memoryview(b"view")),  # not hiredis's: redis-py's own packer
+    ],
+)
+def test_the_packer_sends_the_bytes_redis_py_would(args: tuple[Any, ...]) -> None:
+    from redis._parsers.encoders import Encoder
+    from redis.connection import Connection, PythonRespSerializer
+
+    from credici_redis._storages.packing import PACKER
+
+    python = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+    assert b"".join(PACKER.pack(*args)) == b"".join(python.pack(*args))
+    assert b"".join(PACKER.pack(*args)) == b"".join(Connection().pack_command(*args))
+
+
+def test_the_packer_refuses_what_redis_py_refuses() -> None:
+    from credici_redis._storages.packing import PACKER
+
+    with pytest.raises(redis.DataError):
+        PACKER.pack("SET", "k", True)
+    with pytest.raises(redis.DataError):
+        PACKER.pack("SET", "k", object())
+
+
+@pytest.mark.parametrize("url", [REDIS_URL, "unix:///tmp/credici-none.sock", "rediss://x:1/0"])
+async def test_storages_pack_with_hiredis_on_every_scheme(url: str) -> None:
+    from credici_redis._storages.packing import PACKER
+
+    sync = CrediciClient.from_url(url)
+    asyn = AsyncCrediciClient.from_url(url)
+    try:
+        for client in (sync, asyn):
+            pool = client.storage.redis.connection_pool
+            connection = pool.connection_class(**pool.connection_kwargs)
+            assert connection._command_packer is PACKER
+        if url == REDIS_URL:  # and they work
+            assert sync.get_balance("never-seen") == 0
+            assert await asyn.get_balance("never-seen") == 0
+    finally:
+        sync.close()
+        await asyn.aclose()

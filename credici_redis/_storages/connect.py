@@ -33,6 +33,7 @@ from redis.retry import Retry
 
 from credici_redis._core.extras import need_embedded
 from credici_redis._storages.interface import AsyncStorage, Storage
+from credici_redis._storages.packing import install as install_packer
 from credici_redis._storages.redis_async import AsyncRedisStorage
 from credici_redis._storages.redis_base import Durability
 from credici_redis._storages.redis_sync import RedisStorage
@@ -315,6 +316,6 @@ def _connector(
 
     def redis_client() -> Any:
         pool = pool_class.from_url(url, timeout=timeout, **settings)
-        return client_class.from_pool(pool)
+        return install_packer(client_class.from_pool(pool))
 
     return redis_client
