@@ -11,6 +11,7 @@ from credici_redis._core import protocol as _protocol
 from credici_redis._core.codes import REFUSALS, refusal
 from credici_redis._core.protocol import Call, Ledger
 from credici_redis._ops import OPERATIONS, charge
+from credici_redis._storages.redis_base import by_sha, by_source
 from credici_redis.errors import (
     AlreadyReversedError,
     BudgetExceededError,
@@ -135,6 +136,22 @@ def test_resend_after_noscript_includes_later_reads_but_never_a_script_that_ran(
     assert to_resend(calls, replies) == [2, 3, 5]
     assert to_resend(calls, [[], [b"OK"], [b"OK"], [], [b"OK"], []]) == []
     assert to_resend([read, other], [ResponseError("WRONGTYPE"), [b"OK"]]) == []
+
+
+def test_resend_when_the_function_is_missing_or_fcall_refused() -> None:
+    from redis.exceptions import NoPermissionError
+
+    fcall = Call(("FCALL", "credici_x_subtract", 0), charge.SUBTRACT.script)
+    read = Call(("XRANGE", "k", "-", "+"))
+    missing = ResponseError("Function not found")
+    refused = NoPermissionError("this user has no permissions to run the 'fcall' command")
+    too_old = ResponseError("unknown command 'FCALL', with args beginning with: ")
+    for reply in (missing, refused, too_old):
+        assert to_resend([fcall, read], [reply, []]) == [0, 1]
+    other = NoPermissionError("this user has no permissions to run the 'xadd' command")
+    assert to_resend([fcall, read], [other, []]) == []  # an ACL refusal inside: not a resend
+    assert by_source(fcall).args == ("EVAL", charge.SUBTRACT.script.source, 0)
+    assert by_sha(fcall).args == ("EVALSHA", charge.SUBTRACT.script.sha, 0)
 
 
 def test_error_replies_become_credici_errors_in_their_place() -> None:
