@@ -46,26 +46,7 @@ def test_eight_processes_never_overspend(backend: str, namespace: str, user: str
     url = REDIS_URL if backend == "redis" else POSTGRES_URL
     with CrediciClient.from_url(url, namespace=namespace) as client:
         client.add(user, 1000)
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", WORKER, url, namespace, user, "200"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(8)
-        ]
-        for p in procs:
-            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        for p in procs:
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        results = []
-        for p in procs:
-            out, _ = p.communicate(timeout=120)
-            assert p.returncode == 0
-            results.append(json.loads(out.strip().splitlines()[-1]))
+        results = _run_workers(WORKER, url, namespace, user, "200")
         assert sum(r["ok"] for r in results) == 1000
         assert sum(r["rejected"] for r in results) == 600
         assert client.get_balance(user) == 0
@@ -304,15 +285,11 @@ LIMITED_WORKER = textwrap.dedent(
 )
 
 
-def _hammer(
-    url: str, namespace: str, user: str, seconds: float, until_refused: bool = False
-) -> tuple[int, int]:
-    """8 processes charge 1 credit as fast as they can for `seconds` (or, `until_refused`, each
-    until its first refusal): (accepted, refused)."""
-    flag = "1" if until_refused else "0"
+def _run_workers(worker: str, *argv: str) -> list[dict[str, int]]:
+    """8 processes run `worker` with `argv`, started together; their JSON results."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", LIMITED_WORKER, url, namespace, user, str(seconds), flag],
+            [sys.executable, "-c", worker, *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -330,6 +307,16 @@ def _hammer(
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0
         results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def _hammer(
+    url: str, namespace: str, user: str, seconds: float, until_refused: bool = False
+) -> tuple[int, int]:
+    """8 processes charge 1 credit as fast as they can for `seconds` (or, `until_refused`, each
+    until its first refusal): (accepted, refused)."""
+    flag = "1" if until_refused else "0"
+    results = _run_workers(LIMITED_WORKER, url, namespace, user, str(seconds), flag)
     return sum(r["ok"] for r in results), sum(r["limited"] for r in results)
 
 
