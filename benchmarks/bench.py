@@ -759,6 +759,98 @@ def server_side(trivial: Call, s: Settings) -> list[Row]:
     ]
 
 
+HAND_WRITTEN = """local b = tonumber(redis.call('GET', KEYS[1]) or '0')
+local n = tonumber(ARGV[1])
+if b < n then return {'INSUFFICIENT', b} end
+redis.call('DECRBY', KEYS[1], n)
+local id = redis.call('XADD', KEYS[2], '*', 'k', 's', 'n', -n, 'b', b - n)
+return {'OK', id}
+"""
+"""What a careful user writes without this library: a balance, a check, a charge, a history
+entry (GET, DECRBY, XADD: no expiry, no buckets, no idempotency, no limits)."""
+
+
+def script_cpu(r: redis.Redis) -> tuple[int, int]:
+    """(usec, calls) of every script call since the last CONFIG RESETSTAT."""
+    stats = r.info("commandstats")
+    ran = [stats.get(f"cmdstat_{c}", {}) for c in ("evalsha", "eval", "fcall")]
+    return sum(x.get("usec", 0) for x in ran), sum(x.get("calls", 0) for x in ran)
+
+
+def operation_cpu(s: Settings) -> list[Row]:
+    """Redis CPU per call of every operation that writes (and two reads), the library's own
+    client sending them one at a time, each user once per round (as an API's traffic: many users,
+    none hot), against the hand-written script pipelined on one user (its best case)."""
+    if not shutil.which("redis-server"):
+        progress("4b. Redis CPU per operation skipped: redis-server not on PATH")
+        return []
+    n = max(200, s.server_requests // 40)
+    progress(f"4b. Redis CPU per operation: {n:,} users, each operation once per user")
+    with private_redis() as port:
+        r = redis.Redis(port=port)
+        sha = r.script_load(HAND_WRITTEN)
+        users = [f"cpu-{i}" for i in range(n)]
+        for u in users:
+            r.set(f"hand:{{{u}}}:b", PLENTY)
+        r.config_resetstat()  # as the library's calls below: one at a time, each user once
+        for u in users:
+            r.evalsha(sha, 2, f"hand:{{{u}}}:b", f"hand:{{{u}}}:h", 1)
+        usec, calls = script_cpu(r)
+        hand = usec / calls
+        r.config_resetstat()  # its best case: pipelined, one hot user
+        pipe = r.pipeline(transaction=False)
+        for _ in range(n):
+            pipe.evalsha(sha, 2, "hand:{u}:b", "hand:{u}:h", 1)
+        pipe.execute()
+        usec, calls = script_cpu(r)
+        hand_hot = usec / calls
+        with CrediciClient.from_url(f"redis://127.0.0.1:{port}/0", namespace="cpu") as c:
+            c.add_many([(u, PLENTY) for u in users])
+            holds: dict[str, Any] = {}
+            charges: dict[str, Any] = {}
+            ops: dict[str, Callable[[str], Any]] = {
+                "add": lambda u: c.add(u, 5),
+                "subtract": lambda u: charges.__setitem__(u, c.subtract(u, 1)),
+                "subtract, keyed": lambda u: c.subtract(u, 1, idempotency_key=f"k-{u}"),
+                "reserve": lambda u: holds.__setitem__(u, c.reserve(u, 3)),
+                "capture (part)": lambda u: c.capture(holds[u].hold_id, 2),
+                "reverse": lambda u: c.reverse(charges[u].transaction_id),
+                "get_balance": lambda u: c.get_balance(u),
+                "check": lambda u: c.check(u, 1),
+            }
+            cpu: dict[str, float] = {}
+            for name, op in ops.items():
+                r.config_resetstat()
+                for u in users:
+                    op(u)
+                usec, calls = script_cpu(r)
+                cpu[name] = usec / calls
+            # The library's subtract in the hand-written script's best case: pipelined, one user.
+            args = subtract_call(c, users[0], 1).args
+            r.config_resetstat()
+            pipe = r.pipeline(transaction=False)
+            for _ in range(n):
+                pipe.execute_command(*args)
+            pipe.execute()
+            usec, calls = script_cpu(r)
+            hot = usec / calls
+        r.close()
+    section = (
+        f"4b. Redis CPU per call (INFO commandstats) of each operation, {n:,} users each once, "
+        "on a redis-server of our own; the hand-written script: GET, check, DECRBY, XADD, "
+        "pipelined on one user"
+    )
+    rows = [
+        Row(section, name, "µs/call", value, hand, "hand-written ledger script, the same way")
+        for name, value in cpu.items()
+    ]
+    rows.append(
+        Row(section, "subtract, pipelined, 1 user", "µs/call", hot, hand_hot,
+            "hand-written ledger script, pipelined, 1 user", Target("<=", 2.0))
+    )  # fmt: skip
+    return rows
+
+
 # --- 5. memory ---------------------------------------------------------------------------------
 
 
@@ -1706,6 +1798,7 @@ def run(
             rows += asyncio.run(async_throughput(url, trivial, ns, sub_calls, settings))
 
             rows += server_side(trivial, settings)
+            rows += operation_cpu(settings)
             rows += memory(client, raw, ns, settings)
             rows += bucket_growth(client, raw, trivial, ns, settings)
             rows += balance_growth(client, raw, trivial, ns, settings)
