@@ -25,14 +25,18 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
+import redis.cluster
 from tqdm import tqdm
 
+from credici_redis._core.scripts import LIBRARY
 from credici_redis._demo import DemoResult, run_demo
+from credici_redis._storages.cluster import primaries
 from credici_redis.client import CrediciClient
-from credici_redis.errors import CrediciError
+from credici_redis.errors import CrediciError, StorageError
 from credici_redis.models import Transaction
 from credici_redis.storage import DEFAULT_KEEP, DEFAULT_NAMESPACE
 
@@ -58,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "library":
+            return _library(args)
         return _operate(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
@@ -151,6 +157,21 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("--from", dest="from_", type=_instant, metavar="ISO8601")
     history.add_argument("--to", dest="to_", type=_instant, metavar="ISO8601")
     history.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    library = commands.add_parser(
+        "library",
+        parents=[store],
+        help="load the Functions library of this version into Redis (or print it)",
+        description=(
+            "Every operation runs as a function of one Redis Functions library, which the "
+            "clients load themselves where it is missing. Load it here as an administrator "
+            "(on each primary with --cluster) when the clients' ACL user may not (without "
+            '"+function|load"); RDB/AOF keep it and replicas get it. --print writes its source '
+            "instead, for FUNCTION LOAD by other means."
+        ),
+    )
+    library.add_argument("--print", action="store_true", help="print the source, load nothing")
+    library.add_argument("--cluster", action="store_true", help="the URL names a cluster node")
 
     archive = commands.add_parser(
         "archive",
@@ -290,6 +311,35 @@ def _report(result: DemoResult) -> str:
         lines.append(f"audit           FAILED: {len(result.problems)} problems")
         lines.extend(f"  {problem}" for problem in result.problems[:20])
     return "\n".join(lines)
+
+
+def _library(args: argparse.Namespace) -> int:
+    """Print the Functions library, or load it on the server (each primary of a cluster)."""
+    if args.print:
+        print(LIBRARY.source, end="")
+        return 0
+    url = args.redis_url or os.environ.get(URL_ENV)
+    if not url or url.startswith("memory:"):
+        raise UsageError(f"library needs --redis-url or ${URL_ENV} (a Redis server)")
+    client: Any = (
+        redis.cluster.RedisCluster.from_url(url) if args.cluster else redis.Redis.from_url(url)
+    )
+    try:
+        for node in primaries(client):
+            where = _redacted(url) if node is None else node.name
+            target = {} if node is None else {"target_nodes": node}
+            try:
+                client.execute_command("FUNCTION", "LOAD", LIBRARY.source, **target)
+                print(f"{LIBRARY.name}: loaded on {where}")
+            except redis.ResponseError as exc:
+                if "already exists" not in str(exc):
+                    raise StorageError(f"FUNCTION LOAD refused on {where}: {exc}") from exc
+                print(f"{LIBRARY.name}: already on {where}")
+    except redis.RedisError as exc:
+        raise StorageError(f"could not load the library: {exc}") from exc
+    finally:
+        client.close()
+    return 0
 
 
 def _operate(args: argparse.Namespace) -> int:

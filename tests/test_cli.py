@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import redis
@@ -255,3 +256,34 @@ def test_python_dash_m_exits_with_the_status(namespace: str) -> None:
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr == "credici-redis: error: user 'alice' has 0 credits, 5 were requested\n"
+
+
+def test_library_prints_the_source_and_loads_it_where_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from credici_redis._core.scripts import LIBRARY
+    from tests.conftest import start_redis_server
+
+    assert main(["library", "--print"]) == 0
+    assert capsys.readouterr().out == LIBRARY.source
+    port, proc = start_redis_server(tmp_path)  # a server of this test's own: empty
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        assert main(["library", "--redis-url", url]) == 0
+        assert capsys.readouterr().out == f"{LIBRARY.name}: loaded on {url}\n"
+        assert main(["library", "--redis-url", url]) == 0
+        assert capsys.readouterr().out == f"{LIBRARY.name}: already on {url}\n"
+        with redis.Redis(port=port) as admin:  # the clients find it there
+            admin.acl_setuser(
+                "noload",
+                enabled=True,
+                passwords=["+pw"],
+                keys=["*"],
+                commands=["+@all", "-function"],
+            )
+        with CrediciClient.from_url(f"redis://noload:pw@127.0.0.1:{port}/0") as client:
+            assert client.add("u", 5).balance_after == 5
+    finally:
+        proc.kill()
+        proc.wait()
+    assert main(["library", "--redis-url", "memory://"]) == 2
