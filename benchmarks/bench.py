@@ -851,6 +851,64 @@ def operation_cpu(s: Settings) -> list[Row]:
     return rows
 
 
+def _charge_loop(url: str, ns: str, worker: int, seconds: float, start: Any, out: Any) -> None:
+    """One process of section 4c: sync subtracts on users of its own until `seconds` pass."""
+    users = [f"proc{worker}-{i}" for i in range(64)]
+    with CrediciClient.from_url(url, namespace=ns) as client:
+        client.add_many([(u, PLENTY) for u in users])
+        start.wait()
+        done, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            client.subtract(users[done % len(users)], 1)
+            done += 1
+    out.put(done)
+
+
+def _redis_cpu_seconds(r: redis.Redis) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def process_throughput(s: Settings) -> list[Row]:
+    """Charges/s on one Redis with N client processes (sync, one call at a time each), and the
+    share of a core Redis used meanwhile: how far from saturating Redis the clients get."""
+    if not shutil.which("redis-server"):
+        progress("4c. throughput by processes skipped: redis-server not on PATH")
+        return []
+    seconds = 1.0 if s.server_rounds == 1 else 3.0
+    progress(f"4c. throughput with 1, 2, 4 client processes, {seconds:g} s each")
+    context = multiprocessing.get_context("fork")
+    rates: dict[int, tuple[float, float]] = {}
+    with private_redis() as port:
+        url, r = f"redis://127.0.0.1:{port}/0", redis.Redis(port=port)
+        for n in (1, 2, 4):
+            start, out = context.Event(), context.Queue()
+            procs = [
+                context.Process(target=_charge_loop, args=(url, f"p{n}", w, seconds, start, out))
+                for w in range(n)
+            ]
+            for proc in procs:
+                proc.start()
+            time.sleep(0.5 + 0.2 * n)  # each has made its users
+            cpu0, t0 = _redis_cpu_seconds(r), time.monotonic()
+            start.set()
+            done = sum(out.get(timeout=120) for _ in procs)
+            cpu1, t1 = _redis_cpu_seconds(r), time.monotonic()
+            for proc in procs:
+                proc.join()
+            rates[n] = (done / seconds, (cpu1 - cpu0) / (t1 - t0))
+        r.close()
+    section = (
+        f"4c. charges/s with N sync client processes (64 users each, {seconds:g} s), on a "
+        "redis-server of our own sharing the machine's cores; Redis's CPU share of one core"
+    )
+    rows = []
+    for n, (rate, share) in rates.items():
+        rows.append(Row(section, f"{n} process(es)", "ops/s", rate, rates[1][0], "1 process"))
+        rows.append(Row(section, f"{n} process(es), Redis CPU", "core", share, 1.0, "one core"))
+    return rows
+
+
 # --- 5. memory ---------------------------------------------------------------------------------
 
 
@@ -1799,6 +1857,7 @@ def run(
 
             rows += server_side(trivial, settings)
             rows += operation_cpu(settings)
+            rows += process_throughput(settings)
             rows += memory(client, raw, ns, settings)
             rows += bucket_growth(client, raw, trivial, ns, settings)
             rows += balance_growth(client, raw, trivial, ns, settings)
