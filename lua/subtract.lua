@@ -4,7 +4,7 @@ ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount
       5 idempotency_ttl_ms | 6 idempotency_key ('' = none) | 7 metadata_json ('' = none)
       8 default_limits (the client's, for a user without its own; '' = none)
 Reply {'OK', id, kind 's', amount (-amount), balance_after, expire_at '', idempotency_key, metadata}
-      | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available (balance + credit limit)}
+      | {'IDEM_CONFLICT'} | {'INSUFFICIENT', balance, credit_limit}
       | {'BUDGET', remaining, resets_at, retry_after_ms, budget}
       | {'RATE', retry_after_ms, rate} (the user's limits)
       | PERIOD | SCHEDULE | CATCHUP | INCONSISTENT
@@ -23,7 +23,7 @@ local st, ask = up_to_now(now, ARGV[2])
 if ask then return ask end
 if st.bal - amount < -st.limit then
   save_state(st)
-  return { 'INSUFFICIENT', fmt(st.bal + st.limit) }
+  return { 'INSUFFICIENT', fmt(st.bal), fmt(st.limit) }  -- summed by the client: exact
 end
 local plan, refused = gate(st, now, amount, ARGV[8])
 if refused then return refused end

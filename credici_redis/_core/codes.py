@@ -60,7 +60,11 @@ def _amount(req: Any) -> int:
 
 
 REFUSALS: dict[str, Callable[[Any, list[str]], CrediciError]] = {
-    "INSUFFICIENT": lambda req, f: InsufficientCreditsError(req.user_id, req.amount, int(f[1])),
+    "INSUFFICIENT": lambda req, f: InsufficientCreditsError(
+        req.user_id,
+        req.amount,
+        sum(map(int, f[1:3])),  # balance (+ credit limit): exact
+    ),
     "BUDGET": lambda req, f: BudgetExceededError(
         req.user_id,
         req.amount,

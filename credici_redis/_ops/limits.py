@@ -100,7 +100,7 @@ def _decision(req: CheckRequest, r: Reply) -> Decision:
         allowed=r["allowed"] == "1",
         reason=REASONS[r["reason"]],
         retry_after=timedelta(milliseconds=int(wait)) if wait else None,
-        available=int(r["available"]),
+        available=int(r["balance"]) + int(r["credit_limit"]),  # exact past 2**53
     )
 
 
@@ -123,7 +123,7 @@ CHECK: Operation[CheckRequest, Decision] = Operation(
     CheckRequest,
     load("check", effect=False, write=False),
     argv=("amount", "default_limits"),
-    reply=("OK", "allowed", "reason", "available", "retry_after_ms"),
+    reply=("OK", "allowed", "reason", "balance", "credit_limit", "retry_after_ms"),
     parse=_decision,
 )
 
