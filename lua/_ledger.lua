@@ -463,12 +463,14 @@ end
 --   bu  credits spent in the budget period   bs, be  the period (start, end ms)
 --   bc  the first history id counted (the period's start, or the first entry after this budget
 --       began)   bk  "period:tz" counted
+--   bf  the first history id any budget may count: set by set_limits.lua, so that a charge made
+--       while the user had no budget (or another one) never gives budget back
 -- A change of the rate spec starts the rate afresh; a change of the budget's period or zone
 -- starts the budget afresh (a new amount alone keeps what was spent). Checks and refusals change
 -- nothing; give-backs (a capture under its hold, a release, a hold's ttl, a reversal) return
 -- budget spent in the current period from bc on, never rate.
 
-local USAGE = { 'rb', 'ro', 'rk', 'bu', 'bs', 'be', 'bc', 'bk' }
+local USAGE = { 'rb', 'ro', 'rk', 'bu', 'bs', 'be', 'bc', 'bk', 'bf' }
 
 local function parse_limits(spec)
   local lim = nil
@@ -493,7 +495,8 @@ end
 local function load_usage()
   local v = redis.call('HMGET', K_STATE, unpack(USAGE))
   return { rb = tonumber(v[1]), ro = tonumber(v[2]), rk = v[3] or nil, bu = tonumber(v[4]) or 0,
-           bs = tonumber(v[5]), be = tonumber(v[6]), bc = v[7] or nil, bk = v[8] or nil }
+           bs = tonumber(v[5]), be = tonumber(v[6]), bc = v[7] or nil, bk = v[8] or nil,
+           bf = v[9] or nil }
 end
 
 -- The rate at `now` for a charge of n: true and how far the TAT is ahead of now after it (ticks),
@@ -550,6 +553,7 @@ local function gate(st, now, n, default)
     -- counted from: as before within the period; its start when a period follows another of
     -- the same budget; the next history entry when this budget (period, zone) begins
     local since = (not fresh and u.bc) or (u.bk == lim.bk and fmt(start) .. '-0') or next_id(st, now)
+    if u.bf and id_less(since, u.bf) then since = u.bf end
     plan[#plan + 1] = { 'bu', fmt(used + n), 'bs', fmt(start), 'be', fmt(ends), 'bc', since,
                         'bk', lim.bk }
   end

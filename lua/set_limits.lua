@@ -6,7 +6,8 @@ ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 limits
 Reply {'OK', own (1|0), limits (spec in effect, '' = none), budget_used, budget_resets_at ('' =
        no budget)} | PERIOD | SCHEDULE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets; limits are not a change of
-the balance. What was spent of a budget with the same period and zone still counts.
+the balance. What was spent of a budget with the same period and zone still counts; charges made
+before this call never give budget back (bf, and bc moved up to it).
 ]]
 --!include _ledger.lua
 
@@ -23,4 +24,7 @@ if st.lim then
 else
   redis.call('HDEL', K_STATE, 'lim')
 end
+local floor = next_id(st, now)
+redis.call('HSET', K_STATE, 'bf', floor)
+if redis.call('HEXISTS', K_STATE, 'bc') == 1 then redis.call('HSET', K_STATE, 'bc', floor) end
 return reply

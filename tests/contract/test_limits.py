@@ -429,3 +429,30 @@ async def test_limits_hold_for_other_clients_of_the_namespace(
     with pytest.raises(BudgetExceededError) as refused:
         await two.subtract(user, 3)
     assert refused.value.remaining == 2
+
+
+async def test_a_charge_the_budget_never_counted_gives_nothing_back(
+    client: Any, user: str, clock: FakeClock
+) -> None:
+    """Found by the model: a charge made while the user had no budget, reversed once the budget
+    is back, must not give that budget room it never used."""
+    clock.now = datetime(2026, 5, 1, 12, tzinfo=timezone.utc)
+    await client.add(user, 100)
+    await client.set_limits(user, budget=Budget(10, "day"))
+    await client.subtract(user, 10)
+    await client.set_limits(user)  # cleared
+    free = await client.subtract(user, 5)  # not counted
+    await client.set_limits(user, budget=Budget(10, "day"))
+    assert (await client.get_limits(user)).budget_used == 10
+    await client.reverse(free.transaction_id)
+    assert (await client.get_limits(user)).budget_used == 10
+    with pytest.raises(BudgetExceededError):
+        await client.subtract(user, 5)
+    # ... nor on a later day, whose budget starts from its midnight.
+    clock.advance(timedelta(days=1))
+    await client.set_limits(user)
+    free = await client.subtract(user, 5)
+    await client.set_limits(user, budget=Budget(10, "day"))
+    await client.subtract(user, 10)
+    await client.reverse(free.transaction_id)
+    assert (await client.get_limits(user)).budget_used == 10

@@ -9,6 +9,12 @@ Time is modelled as a sequence of events: whatever became due since the user's l
 time, in time order (at the same moment: the cycle boundary, then holds, then buckets). Nothing
 here is lazy in a way the README does not promise.
 
+Limits (a rate and a spending budget per user, or the client's default for users without their
+own) are enforced by the charges: subtract and reserve refuse for credits first, then budget,
+then rate; a refusal changes nothing, an accepted charge uses credits, rate and budget together;
+holds, releases, ttls, captures and reversals give budget back (never rate). `check` is a dry
+run of subtract.
+
 Identities the store makes up (transaction ids, hold ids, bucket ids) are the model's own here:
 an entry is known by its position in the user's history, a hold by its number, a bucket by its
 creation number; the state machine learns which store id is which.
@@ -18,10 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from credici_redis.errors import (
     AlreadyReversedError,
+    BudgetExceededError,
     CaptureExceedsHoldError,
     CrediciError,
     CycleNotFoundError,
@@ -32,6 +41,7 @@ from credici_redis.errors import (
     InvalidAmountError,
     InvalidExpiryError,
     NotReversibleError,
+    RateLimitedError,
     TransactionNotFoundError,
 )
 
@@ -71,6 +81,8 @@ class Bucket:
 
 Parts = tuple[tuple[int, int], ...]
 """Where credits came from: (bucket seq, credits), in the order they were taken."""
+EntryId = tuple[int, int]
+"""A history entry's place in time, as its stream id "<ms>-<seq>": (ms, seq), in order."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,7 @@ class Entry:
     # Not part of a Transaction:
     parts: Parts = field(default=(), compare=False)  # subtract / capture: buckets charged
     bucket: int | None = field(default=None, compare=False)  # add: the bucket it made
+    id: EntryId = field(default=(0, 0), compare=False)  # (ms, seq) of its stream id
 
 
 @dataclass
@@ -184,14 +197,122 @@ class CycleView:
     period: object
 
 
+# Limits.
+
+
+@dataclass(frozen=True)
+class Rate:
+    """At most `amount` credits per `per` ms, in bursts of up to `burst` (GCRA, cost-weighted)."""
+
+    amount: int
+    per: int  # ms
+    burst: int
+
+
+@dataclass(frozen=True)
+class Budget:
+    """At most `amount` credits spent per `period`: a calendar "day", "week" (from Monday),
+    "month" or "year" in zone `tz`, or a fixed window of that many ms counted from the epoch."""
+
+    amount: int
+    period: str | int
+    tz: str = "UTC"
+
+    @property
+    def counted(self) -> tuple[str | int, str]:
+        """What a budget's usage belongs to: another period or zone is another budget."""
+        return (self.period, self.tz)
+
+
+@dataclass(frozen=True)
+class LimitSpec:
+    rate: Rate | None = None
+    budget: Budget | None = None
+
+
+@dataclass
+class Usage:
+    """What the charges used of the limits, kept whatever limits are in effect.
+
+    Rate: `rb` the time of the last accepted charge, `ro` how far the theoretical arrival time
+    was ahead of it then, in ticks of 1/amount ms, `rate` the rate it counted for. Budget: `used`
+    in the period [`start`, `end`) of the budget `counted` (its (period, tz)), counting charges
+    made from the history entry `since` on (an entry id). None: never used.
+    """
+
+    rb: int | None = None
+    ro: int | None = None
+    rate: Rate | None = None
+    used: int | None = None
+    start: int | None = None
+    end: int | None = None
+    since: EntryId | None = None
+    counted: tuple[str | int, str] | None = None
+    floor: EntryId | None = None
+    """The first entry any budget may count: set_limits moves it (and `since`) to the next
+    entry, so a charge made without that budget never gives budget back."""
+
+
+@dataclass(frozen=True)
+class LimitsView:
+    """`get_limits`' answer (`resets_at` in ms; None: no budget)."""
+
+    rate: Rate | None
+    budget: Budget | None
+    used: int
+    resets_at: int | None
+    default: bool
+
+
+@dataclass(frozen=True)
+class DecisionView:
+    """`check`'s answer (`retry_after` in ms)."""
+
+    allowed: bool
+    reason: str | None
+    retry_after: int | None
+    available: int
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def calendar_period(now: int, period: str, tz: str) -> tuple[int, int]:
+    """The calendar period containing `now` in zone `tz`, from local midnight to local midnight:
+    a day, a week from Monday, a month from the 1st, a year from January 1st."""
+    zone = ZoneInfo(tz)
+    today = (EPOCH + timedelta(milliseconds=now)).astimezone(zone).date()
+    if period == "day":
+        first, after = today, today + timedelta(days=1)
+    elif period == "week":
+        first = today - timedelta(days=today.weekday())
+        after = first + timedelta(days=7)
+    elif period == "month":
+        first = date(today.year, today.month, 1)
+        after = date(today.year + today.month // 12, today.month % 12 + 1, 1)
+    else:
+        assert period == "year", period
+        first, after = date(today.year, 1, 1), date(today.year + 1, 1, 1)
+
+    def midnight(day: date) -> int:
+        local = datetime(day.year, day.month, day.day, tzinfo=zone)
+        return (local - EPOCH) // timedelta(milliseconds=1)
+
+    return midnight(first), midnight(after)
+
+
 Fingerprint = tuple[object, ...]
 
 
 class UserLedger:
-    """One user: buckets, balance, history, idempotency records, holds, cycle, credit limit."""
+    """One user: buckets, balance, history, idempotency records, holds, cycle, credit limit,
+    limits and what was used of them."""
 
-    def __init__(self, user_id: str) -> None:
+    def __init__(self, user_id: str, default_limits: LimitSpec | None = None) -> None:
         self.user_id = user_id
+        self.default_limits = default_limits  # the client's, for a user without its own
+        self.own_limits: LimitSpec | None = None
+        self.usage = Usage()
         self.all_buckets: list[Bucket] = []  # by seq - 1; emptied ones stay (a return refills)
         self.balance = 0  # negative: debt
         self.held = 0
@@ -281,6 +402,7 @@ class UserLedger:
                 requested=amount,
                 available=self.balance + self.limit,
             )
+        self.usage = self._gate(amount, now)
         # Out of the buckets as far as there are credits; past that, it is debt.
         parts = self._take(min(amount, max(self.balance, 0)))
         self.balance -= amount
@@ -321,6 +443,7 @@ class UserLedger:
                 requested=amount,
                 available=available,
             )
+        self.usage = self._gate(amount, now)  # the held amount counts now
         parts = self._take(amount)
         self.balance -= amount
         self.held += amount
@@ -361,6 +484,8 @@ class UserLedger:
         )
         if self.cycle is not None and self.cycle.running(now):
             self.cycle.used += charge
+        # What was not captured comes back to the budget.
+        self._budget_back(hold.amount - charge, self._charged_by(hold), now)
         self._finish(hold, "captured", now, captured=charge)
         self._remember(key, fingerprint, entry)
         return entry
@@ -369,6 +494,7 @@ class UserLedger:
         self.catch_up(now)
         hold = self._active_hold(number, now)
         self._give_back(hold, hold.parts, now, "release")
+        self._budget_back(hold.amount, self._charged_by(hold), now)
         self._finish(hold, "released", now)
         return hold.snapshot()
 
@@ -407,6 +533,14 @@ class UserLedger:
                 self._new_bucket(overdraft, None, 0)
             self._take(min(restored + overdraft, debt))  # repays the debt first
             amount = restored + overdraft
+            # The charge comes back to the budget if it counted: a subtract by its own entry,
+            # a capture by its hold's "reserve" entry, as long as the hold is remembered.
+            charged_by: EntryId | None = target.id
+            if target.kind == "capture":
+                assert target.hold is not None
+                hold = self.hold(target.hold)
+                charged_by = None if hold.forgotten else self._charged_by(hold)
+            self._budget_back(charged, charged_by, now)
         self.balance += amount
         entry = self._append(
             Entry(
@@ -478,6 +612,170 @@ class UserLedger:
         self.catch_up(now)
         return self.history[::-1]
 
+    # Limits.
+
+    def set_limits(self, limits: LimitSpec | None, now: int) -> LimitsView:
+        """The user's own limits; None (or neither a rate nor a budget) clears them. What was
+        used stays: a budget of the same period and zone goes on counting it."""
+        self.catch_up(now)
+        if limits is not None and limits.rate is None and limits.budget is None:
+            limits = None
+        self.own_limits = limits
+        view = self._limits_view(now)
+        self.usage.floor = self._next_id(now)
+        if self.usage.since is not None:
+            self.usage.since = self.usage.floor
+        return view
+
+    def get_limits(self, now: int) -> LimitsView:
+        self.catch_up(now)
+        return self._limits_view(now)
+
+    def check(self, amount: int, now: int) -> DecisionView:
+        """Would subtract(amount) pass now? Its first refusal, and nothing used."""
+        self.catch_up(now)
+        available = self.balance + self.limit
+        if self.balance - amount < -self.limit:
+            return DecisionView(False, "credits", None, available)
+        try:
+            self._gate(amount, now)
+        except Refused as refused:
+            reason = "budget" if refused.error is BudgetExceededError else "rate"
+            return DecisionView(False, reason, refused.facts["retry_after"], available)
+        return DecisionView(True, None, None, available)
+
+    def limits(self) -> LimitSpec | None:
+        """The limits in effect: the user's own, else the client's default."""
+        return self.own_limits if self.own_limits is not None else self.default_limits
+
+    def _limits_view(self, now: int) -> LimitsView:
+        limits = self.limits()
+        if limits is None:
+            return LimitsView(None, None, 0, None, False)
+        default = self.own_limits is None
+        if limits.budget is None:
+            return LimitsView(limits.rate, None, 0, None, default)
+        _, end, fresh = self._budget_period(limits.budget, now)
+        used = 0 if fresh else self.usage.used or 0
+        return LimitsView(limits.rate, limits.budget, used, end, default)
+
+    def _gate(self, amount: int, now: int) -> Usage:
+        """What a charge of `amount` at `now` uses of the limits in effect, or Refused: budget
+        before rate. The credits were checked before, by the caller."""
+        limits = self.limits()
+        usage = self.usage
+        if limits is None:
+            return usage
+        after = replace(usage)
+        budget = limits.budget
+        if budget is not None:
+            start, end, fresh = self._budget_period(budget, now)
+            used = 0 if fresh else usage.used or 0
+            if amount > budget.amount - used:
+                raise Refused(
+                    BudgetExceededError,
+                    user_id=self.user_id,
+                    requested=amount,
+                    remaining=max(budget.amount - used, 0),
+                    resets_at=end,
+                    retry_after=end - now,
+                    limit=budget,
+                )
+            # Counted from: as before within a period; from its start when a period follows
+            # another of the same budget; from this charge's entry when this budget (period,
+            # zone) begins.
+            since: EntryId | None
+            if not fresh:
+                since = usage.since
+            elif usage.counted == budget.counted:
+                since = (start, 0)
+            else:
+                since = self._next_id(now)
+            if usage.floor is not None and since is not None and since < usage.floor:
+                since = usage.floor
+            after.used, after.start, after.end = used + amount, start, end
+            after.since, after.counted = since, budget.counted
+        rate = limits.rate
+        if rate is not None:
+            if amount > rate.burst:
+                raise Refused(
+                    RateLimitedError,
+                    user_id=self.user_id,
+                    requested=amount,
+                    retry_after=None,  # never
+                    limit=rate,
+                )
+            tat = self._rate_ahead(rate, now) + amount * rate.per
+            over = tat - rate.burst * rate.per
+            if over > 0:
+                raise Refused(
+                    RateLimitedError,
+                    user_id=self.user_id,
+                    requested=amount,
+                    retry_after=-(-over // rate.amount),  # ms, rounded up
+                    limit=rate,
+                )
+            after.rb, after.ro, after.rate = now, tat, rate
+        return after
+
+    def _rate_ahead(self, rate: Rate, now: int) -> int:
+        """How far the rate's theoretical arrival time is ahead of `now`, in ticks of 1/amount
+        ms: 0 for a rate that never counted (or another rate counted last)."""
+        usage = self.usage
+        if usage.rate != rate or usage.ro is None:
+            return 0
+        assert usage.rb is not None
+        elapsed = max(now - usage.rb, 0)  # a clock step back does not run the rate backwards
+        if elapsed > usage.ro // rate.amount:
+            return 0
+        return usage.ro - elapsed * rate.amount
+
+    def limit_room(self, now: int, *, budget: bool = True, rate: bool = True) -> int | None:
+        """The largest charge the limits in effect (the budget, the rate or both) let through at
+        `now` (None: no such limits): not an answer the store gives, a target for tests aiming
+        at the limits' edges."""
+        limits = self.limits()
+        if limits is None:
+            return None
+        limits = LimitSpec(limits.rate if rate else None, limits.budget if budget else None)
+        if limits.rate is None and limits.budget is None:
+            return None
+        room = MAX_CREDITS
+        if limits.budget is not None:
+            _, _, fresh = self._budget_period(limits.budget, now)
+            used = 0 if fresh else self.usage.used or 0
+            room = min(room, max(limits.budget.amount - used, 0))
+        if limits.rate is not None:
+            spec = limits.rate
+            ahead = self._rate_ahead(spec, now)
+            room = min(room, spec.burst, max(spec.burst * spec.per - ahead, 0) // spec.per)
+        return room
+
+    def _budget_period(self, budget: Budget, now: int) -> tuple[int, int, bool]:
+        """The budget period containing `now`: start, end, and whether it is a new one (nothing
+        spent in it yet). The period being counted goes on until its end, also for a clock that
+        stepped back before its start."""
+        usage = self.usage
+        if usage.counted == budget.counted and usage.end is not None and now < usage.end:
+            assert usage.start is not None
+            return usage.start, usage.end, False
+        if isinstance(budget.period, int):
+            start = now - now % budget.period
+            return start, start + budget.period, True
+        start, end = calendar_period(now, budget.period, budget.tz)
+        return start, end, True
+
+    def _budget_back(self, amount: int, charged_by: EntryId | None, at: int) -> None:
+        """`amount` credits charged (or held) by the entry `charged_by` come back to the budget
+        at `at`, if they were counted in the period still counting at `at`."""
+        usage = self.usage
+        if amount <= 0 or charged_by is None or usage.used is None:
+            return
+        assert usage.since is not None and usage.end is not None
+        if charged_by < usage.since or at >= usage.end:
+            return
+        usage.used = max(usage.used - amount, 0)
+
     # Time.
 
     def catch_up(self, now: int) -> None:
@@ -499,6 +797,7 @@ class UserLedger:
             elif rank == 1:
                 hold = self.hold(which)
                 self._give_back(hold, hold.parts, at, "release")
+                self._budget_back(hold.amount, self._charged_by(hold), at)
                 self._finish(hold, "expired", at)
             else:
                 self._expire(self.bucket(which), at)
@@ -674,13 +973,24 @@ class UserLedger:
 
     # History and idempotency.
 
-    def _append(self, entry: Entry, at: int) -> Entry:
-        # History ids only grow: an entry dated before the last one takes the last one's ms.
+    def _next_id(self, at: int) -> EntryId:
+        """The id of the next entry dated `at`. Ids only grow: an entry dated at or before the
+        last one (a clock step back) takes the last one's ms, with the next seq."""
         if self.history:
-            at = max(at, self.history[-1].created_at)
-        stamped = replace(entry, created_at=at, balance_after=self.balance)
+            last_ms, last_seq = self.history[-1].id
+            if at <= last_ms:
+                return (last_ms, last_seq + 1)
+        return (at, 0)
+
+    def _append(self, entry: Entry, at: int) -> Entry:
+        entry_id = self._next_id(at)
+        stamped = replace(entry, created_at=entry_id[0], balance_after=self.balance, id=entry_id)
         self.history.append(stamped)
         return stamped
+
+    def _charged_by(self, hold: Hold) -> EntryId:
+        """The entry that counted a hold against the budget: its "reserve" entry."""
+        return self.history[hold.entry].id
 
     def _replay(self, key: str | None, fingerprint: Fingerprint) -> object:
         """The original result for a retry of the same request; a conflict for a different one."""
@@ -699,10 +1009,11 @@ class UserLedger:
 class LedgerModel:
     """Every user's ledger; users exist implicitly, as in the store."""
 
-    def __init__(self) -> None:
+    def __init__(self, default_limits: LimitSpec | None = None) -> None:
         self.users: dict[str, UserLedger] = {}
+        self.default_limits = default_limits  # the client's, for users without their own
 
     def user(self, user_id: str) -> UserLedger:
         if user_id not in self.users:
-            self.users[user_id] = UserLedger(user_id)
+            self.users[user_id] = UserLedger(user_id, self.default_limits)
         return self.users[user_id]

@@ -3,7 +3,7 @@
 A new bug the model finds goes here as a strict xfail first (it fails the run as soon as it
 passes), saying what the README promises and what the store does instead; the model may follow the
 store's wrong behaviour behind a KNOWN_BUG_* flag so the state machine can look for other
-differences meanwhile. All five found so far are fixed; their tests stay as regression tests.
+differences meanwhile. All six found so far are fixed; their tests stay as regression tests.
 """
 
 from __future__ import annotations
@@ -144,3 +144,14 @@ def test_a_capture_returns_its_own_history_entry_when_the_rest_expired(
     ]
     assert captured == newest[1]
     assert client.get_balance("u") == 0
+
+
+# Was a known bug (fixed), found by the model once it learnt limits. check() answers "available:
+# what can be charged now: balance + credit_limit", as get_balance_details does. check.lua added
+# the two in Lua doubles: past 2**53 (a balance near the 2**53-1 cap plus a credit limit) the sum
+# was rounded to an even number, here 2**53 + 40, one more than the exact answer.
+def test_check_says_the_same_available_as_the_balance_details(client: CrediciClient) -> None:
+    client.add("u", 2**53 - 1)
+    client.set_credit_limit("u", 40)
+    assert client.get_balance_details("u").available == 2**53 - 1 + 40
+    assert client.check("u", 1).available == 2**53 - 1 + 40

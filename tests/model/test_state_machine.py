@@ -5,22 +5,33 @@ a time, after a ttl, or never; with a priority; with idempotency keys from a sma
 metadata), subtracts (sometimes more than can be taken), retries of earlier keyed writes and
 conflicting reuses of their keys, credit limits, holds (reserve, capture all or part, release,
 ttl), reversals (of every kind of entry, twice, and of unknown ids), cycles (fixed periods,
-rollover 0 / N / all, renewing or not, upgrades, cancel with and without forfeit) and reads, while
-an injected clock moves (0 ms, 1 ms, seconds, days, exactly onto expiries, hold ttls and cycle
-ends, and now and then a step back).
+rollover 0 / N / all, renewing or not, upgrades, cancel with and without forfeit), limits (the
+client's default limits in half the runs; a user's own rate and budget set, changed in amount
+only, replaced and cleared; budgets per fixed window and per calendar day, week, month or year in
+New York or Kolkata; charges aimed at exactly what the limits let through, one less or one more;
+`check`) and reads, while an injected clock moves (0 ms, 1 ms, milliseconds to seconds, days,
+exactly onto expiries, hold ttls, cycle ends, budget period ends and the rate's slots, and now and
+then a step back).
 
 After each operation on a user, the store must agree with the model on: the operation's result
-or error, the balance, the whole history, the balance details, the current cycle, and the buckets
-read raw from Redis (each the same bucket, by id, as the model's, with its priority); and the
-balance must equal the sum of the history's amounts. After every step the usable buckets of every
-user must match, read raw (no operation: nothing is brought up to date by looking).
+or error (limits: which refusal, the budget's remaining credits and reset time, the rate's
+retry_after; `check`'s decision; `get_limits`' budget_used and budget_resets_at), the balance,
+the whole history, the balance details, the current cycle, what was used of the limits (read raw
+from the user's state hash: the rate's last charge and theoretical arrival time, the budget spent,
+its period and the first entry it counts) and the buckets read raw from Redis (each the same
+bucket, by id, as the model's, with its priority); and the balance must equal the sum of the
+history's amounts. After every step the usable buckets of every user must match, read raw (no
+operation: nothing is brought up to date by looking).
 
-It runs on the real Redis and on memory://, each with the sync and the asyncio client. Each run
-of a machine has a fresh namespace (and memory store) whose keys it deletes at the end.
+It runs on the real Redis and on memory://, each with the sync and the asyncio client; and, on
+each backend, a variant about limits (LimitedLedgerMachine: every user limited and funded from
+the start, longer runs, no cycles). Each run of a machine has a fresh namespace (and memory store)
+whose keys it deletes at the end.
 
 Profiles, chosen with CREDICI_HYPOTHESIS_PROFILE:
     ci    (default) a fixed, derandomized set of examples (60 runs of 40 steps per backend and
-          API), not shrunk, with no example database: CI is deterministic; ~45 s in all.
+          API, and 60 runs of 60 steps about limits per backend), not shrunk, with no example
+          database: CI is deterministic; ~40 s in all.
     long  many more runs and steps, random, failures saved in .hypothesis/:
               CREDICI_HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/model
 """
@@ -33,7 +44,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import Phase, settings
@@ -54,16 +65,21 @@ from credici_redis._core.keys import user_keys, user_tag
 from credici_redis.errors import (
     TransactionNotFoundError,
 )
-from credici_redis.models import Cycle, Hold, Transaction
+from credici_redis.models import Budget, Cycle, Decision, Hold, Limits, RateLimit, Transaction
 from tests.conftest import REDIS_URL, FakeClock, delete_namespace
+from tests.model import ledger_model as model
 from tests.model.ledger_model import (
     DAY,
     MAX_CREDITS,
     CycleView,
+    DecisionView,
     Entry,
     HoldView,
     LedgerModel,
+    LimitSpec,
+    LimitsView,
     Refused,
+    Usage,
     UserLedger,
 )
 
@@ -95,6 +111,12 @@ PROFILE = os.environ.get("CREDICI_HYPOTHESIS_PROFILE", "ci")
 if PROFILE not in {"ci", "long"}:
     raise pytest.UsageError(f"CREDICI_HYPOTHESIS_PROFILE must be 'ci' or 'long', not {PROFILE!r}")
 SETTINGS = settings.get_profile(f"credici-model-{PROFILE}")
+# Runs about limits: longer ones (a charge, time passing, a give-back, another charge), fewer.
+LIMITED_SETTINGS = settings(
+    SETTINGS,
+    max_examples=SETTINGS.max_examples,
+    stateful_step_count=SETTINGS.stateful_step_count * 3 // 2,
+)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MS = timedelta(milliseconds=1)
@@ -135,13 +157,18 @@ def first_difference(got: list[Entry], expected: list[Entry]) -> str:
 class Driver:
     """One client of the store; an async one runs on a private event loop owned by the machine."""
 
-    def __init__(self, api: str, url: str, namespace: str, clock: FakeClock) -> None:
+    def __init__(
+        self, api: str, url: str, namespace: str, clock: FakeClock, limits: Limits | None
+    ) -> None:
         self.loop = None if api == "sync" else asyncio.new_event_loop()
         self.client: Any
+        options: dict[str, Any] = {"namespace": namespace, "clock": clock}
+        if limits is not None:
+            options["default_limits"] = limits
         if self.loop is None:
-            self.client = CrediciClient.from_url(url, namespace=namespace, clock=clock)
+            self.client = CrediciClient.from_url(url, **options)
         else:
-            self.client = AsyncCrediciClient.from_url(url, namespace=namespace, clock=clock)
+            self.client = AsyncCrediciClient.from_url(url, **options)
 
     def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
         result = getattr(self.client, method)(*args, **kwargs)
@@ -190,12 +217,20 @@ add_amounts = st.one_of(
 priorities = st.one_of(*[st.just(0)] * 3, st.sampled_from([-1_000_000, -1, 1, 7, 1_000_000]))
 # ("abs", n); ("all", d): what the user can spend + d, for "exactly all" and "just over";
 # ("first", k, d): the first k+1 usable buckets in burn order + d, for burns across buckets that
-# stop exactly at, just before or just after a bucket's end.
+# stop exactly at, just before or just after a bucket's end; ("limit", which, d): the most the
+# user's limits let through now (what is left of the budget, what the rate allows, or both) + d.
 charge_amounts = st.one_of(
     st.tuples(st.just("abs"), st.integers(1, 30)),
+    st.tuples(st.just("abs"), st.integers(1, 4)),  # small: under most limits
     st.tuples(st.just("all"), st.integers(-3, 3)),
     st.tuples(st.just("first"), st.integers(0, 4), st.integers(-1, 1)),
     st.tuples(st.just("first"), st.integers(0, 4), st.integers(-1, 1)),
+    st.tuples(
+        st.just("limit"), st.sampled_from(["both", "budget", "rate"]), st.sampled_from([-1, 0, 1])
+    ),
+    st.tuples(
+        st.just("limit"), st.sampled_from(["both", "budget", "rate"]), st.sampled_from([-1, 0, 1])
+    ),
 )
 # A quarter of the writes carry a key; reuse_key sends most retries and conflicting requests.
 keys = st.one_of(*[st.none()] * 3, st.sampled_from(IDEMPOTENCY_KEYS))
@@ -211,6 +246,7 @@ metadatas = st.one_of(
 clock_steps = st.one_of(
     st.tuples(st.just("by"), st.sampled_from([0, 1])),
     st.tuples(st.just("by"), st.integers(1, 120 * SECOND)),
+    st.tuples(st.just("by"), st.integers(2, 3 * SECOND)),  # within a rate's slots
     st.tuples(st.just("by"), st.integers(1, 100).map(lambda days: days * DAY)),
     st.tuples(st.just("to"), st.integers(0, 50), st.sampled_from([-1, 0, 0, 1])),
     st.tuples(st.just("to"), st.integers(0, 50), st.sampled_from([-1, 0, 0, 1])),
@@ -222,10 +258,116 @@ periods = st.sampled_from([1, 30, timedelta(hours=12), timedelta(days=7, millise
 cycle_amounts = st.one_of(st.just(0), st.integers(1, 50))
 rollovers = st.sampled_from([0, 0, 3, 20, None])
 hold_ttls = st.sampled_from([1, SECOND, 300 * SECOND, DAY, 3 * DAY])
+# Limits: small rates whose slots the clock's steps (ms, seconds, days) cross, and small budgets
+# per fixed window (counted from the epoch) or per calendar period in zones that are not UTC (the
+# machine's clock starts at 2030-01-01 00:00 UTC: still 2029 in New York, already 05:30 in
+# Kolkata).
+rate_limits = st.builds(
+    RateLimit,
+    st.sampled_from([1, 3, 20, 100]),
+    st.sampled_from([7 * MS, timedelta(seconds=1), timedelta(seconds=30), timedelta(hours=1)]),
+    st.one_of(st.none(), st.sampled_from([1, 10, 60, 500])),
+)
+budget_periods = st.sampled_from(
+    [
+        (timedelta(seconds=90), "UTC"),
+        (timedelta(hours=1), "UTC"),
+        (timedelta(days=1), "UTC"),
+        ("day", "America/New_York"),
+        ("day", "Asia/Kolkata"),
+        ("week", "Asia/Kolkata"),
+        ("month", "America/New_York"),
+        ("month", "Asia/Kolkata"),
+        ("year", "America/New_York"),
+    ]
+)
+budget_amounts = st.one_of(st.integers(1, 60), st.sampled_from([1, 5, 100, 1000]))
+budgets = st.builds(lambda n, p: Budget(n, p[0], p[1]), budget_amounts, budget_periods)
+# The client's default limits, for the users without their own: none in half the runs.
+default_limits = st.one_of(
+    st.none(),
+    st.none(),
+    st.builds(Limits, rate=st.one_of(st.none(), rate_limits), budget=budgets),
+    st.builds(Limits, rate=rate_limits, budget=st.one_of(st.none(), budgets)),
+)
+# ... and always a budget, mostly with a rate, in the runs about limits.
+budgeted_limits = st.builds(
+    Limits, rate=st.one_of(st.none(), rate_limits, rate_limits, rate_limits), budget=budgets
+)
 
 
 def period_ms(period: int | timedelta) -> int:
     return period * DAY if isinstance(period, int) else period // MS
+
+
+def rate_spec(rate: RateLimit | None) -> model.Rate | None:
+    if rate is None:
+        return None
+    assert rate.burst is not None
+    return model.Rate(rate.amount, rate.per // MS, rate.burst)
+
+
+def budget_spec(budget: Budget | None) -> model.Budget | None:
+    if budget is None:
+        return None
+    period = budget.period if isinstance(budget.period, str) else budget.period // MS
+    return model.Budget(budget.amount, period, budget.tz)
+
+
+def limit_of(limit: RateLimit | Budget | None) -> model.Rate | model.Budget | None:
+    """The rate or budget a refusal names, in the model's terms."""
+    return rate_spec(limit) if isinstance(limit, RateLimit) else budget_spec(limit)
+
+
+def limit_spec(limits: Limits | None) -> LimitSpec | None:
+    """A client's default_limits in the model's terms (None: no limits)."""
+    if limits is None or (limits.rate is None and limits.budget is None):
+        return None
+    return LimitSpec(rate_spec(limits.rate), budget_spec(limits.budget))
+
+
+def limits_view(limits: Limits) -> LimitsView:
+    resets = limits.budget_resets_at
+    return LimitsView(
+        rate_spec(limits.rate),
+        budget_spec(limits.budget),
+        limits.budget_used,
+        None if resets is None else ms(resets),
+        limits.default,
+    )
+
+
+def decision_view(decision: Decision) -> DecisionView:
+    wait = decision.retry_after
+    if wait is not None:
+        assert wait % MS == timedelta(0), wait
+    return DecisionView(
+        decision.allowed,
+        decision.reason,
+        None if wait is None else wait // MS,
+        decision.available,
+    )
+
+
+def usage_fields(usage: Usage) -> list[str | None]:
+    """A user's usage of its limits as the store keeps it in the state hash (rb ro rk bu bs be
+    bc bk bf, see lua/_ledger.lua, "Limits"): None for a field never written."""
+
+    def num(value: int | None) -> str | None:
+        return None if value is None else str(value)
+
+    rate, counted = usage.rate, usage.counted
+    return [
+        num(usage.rb),
+        num(usage.ro),
+        None if rate is None else f"R{rate.amount}:{rate.per}:{rate.burst}",
+        num(usage.used),
+        num(usage.start),
+        num(usage.end),
+        None if usage.since is None else f"{usage.since[0]}-{usage.since[1]}",
+        None if counted is None else f"{counted[0]}:{counted[1]}",
+        None if usage.floor is None else f"{usage.floor[0]}-{usage.floor[1]}",
+    ]
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -236,9 +378,9 @@ class LedgerMachine(RuleBasedStateMachine):
     def __init__(self, backend: str, api: str) -> None:
         super().__init__()
         self.namespace = f"t{uuid.uuid4().hex[:12]}"
-        self.backend = backend
+        self.backend, self.api = backend, api
         # A memory:// store of this run's own, shared by the driver and the inspector.
-        url = REDIS_URL if backend == "redis" else f"memory://{self.namespace}"
+        self.url = url = REDIS_URL if backend == "redis" else f"memory://{self.namespace}"
         self.clock = FakeClock()
         self.clock.now = datetime(2030, 1, 1, tzinfo=timezone.utc)  # runs replay identically
         self.model = LedgerModel()
@@ -252,11 +394,12 @@ class LedgerMachine(RuleBasedStateMachine):
         self.bucket_ids: dict[tuple[str, int], str] = {}
         # The inspector reads buckets raw; it shares the driver's store but never runs a script.
         self.inspector = CrediciClient.from_url(url, namespace=self.namespace)
-        self.store = Driver(api, url, self.namespace, self.clock)
+        self.store: Driver | None = None  # made by create_users, with the run's default limits
 
     def teardown(self) -> None:
         try:
-            self.store.close()
+            if self.store is not None:
+                self.store.close()
         finally:
             if self.backend == "redis":
                 delete_namespace(self.namespace)
@@ -279,6 +422,15 @@ class LedgerMachine(RuleBasedStateMachine):
             times.update(h.expires_at for h in u.holds if h.status == "active")
             if u.cycle is not None and not u.cycle.ended:
                 times.add(u.cycle.ends_at)
+            # The end of the budget period being counted; when the rate's last charge is all
+            # paid back, and when a charge of 1 passes again.
+            usage, rate = u.usage, u.usage.rate
+            if usage.end is not None:
+                times.add(usage.end)
+            if rate is not None and usage.rb is not None and usage.ro is not None:
+                times.add(usage.rb + usage.ro // rate.amount)
+                wait = usage.ro - (rate.burst - 1) * rate.per
+                times.add(usage.rb + max(-(-wait // rate.amount), 0))
         return sorted(times)
 
     # Rules: credits in and out.
@@ -286,8 +438,13 @@ class LedgerMachine(RuleBasedStateMachine):
     @initialize(
         target=users,
         ids=st.lists(st.sampled_from(USER_IDS), min_size=2, max_size=3, unique=True),
+        limits=default_limits,
     )
-    def create_users(self, ids: list[str]) -> Any:
+    def create_users(self, ids: list[str], limits: Limits | None) -> Any:
+        """The users, and the client, with the run's default limits (for users without their
+        own)."""
+        self.store = Driver(self.api, self.url, self.namespace, self.clock, limits)
+        self.model = LedgerModel(limit_spec(limits))
         self.user_ids = ids
         for user in ids:
             self.tx_ids[user], self.hold_ids[user] = [], []
@@ -327,6 +484,10 @@ class LedgerMachine(RuleBasedStateMachine):
             n = amount[1]
         elif amount[0] == "all":
             n = sum(usable) + (ledger.limit if overdraft else 0) + amount[1]
+        elif amount[0] == "limit":
+            which = amount[1]
+            room = ledger.limit_room(self.now, budget=which != "rate", rate=which != "budget")
+            n = (1 if room is None else room) + amount[2]
         else:
             n = sum(usable[: amount[1] + 1]) + amount[2]
         return int(min(max(n, 1), MAX_CREDITS))
@@ -379,6 +540,47 @@ class LedgerMachine(RuleBasedStateMachine):
     def set_credit_limit(self, user: str, limit: int) -> None:
         expected = self.expect(lambda: self.ledger(user).set_credit_limit(limit, self.now))
         got = self.send("set_credit_limit", user, limit)
+        self.compare(user, expected, got)
+
+    # Rules: limits.
+
+    @rule(
+        user=users,
+        rate=st.one_of(st.none(), rate_limits, st.just("same")),
+        budget=st.one_of(st.none(), budgets, st.tuples(st.just("amount"), budget_amounts)),
+    )
+    def set_limits(
+        self, user: str, rate: RateLimit | str | None, budget: Budget | tuple[str, int] | None
+    ) -> None:
+        """The user's own limits: a new rate (or the same again), a new budget, the budget in
+        effect with only another amount (what was spent still counts); neither: cleared."""
+        ledger = self.ledger(user)
+        current = ledger.limits()
+        if rate == "same":
+            rate = None
+            if current is not None and current.rate is not None:
+                now_rate = current.rate
+                rate = RateLimit(now_rate.amount, now_rate.per * MS, now_rate.burst)
+        if isinstance(budget, tuple):
+            amount, budget = budget[1], None
+            if current is not None and current.budget is not None:
+                period = current.budget.period
+                window: Any = period if isinstance(period, str) else period * MS
+                budget = Budget(amount, window, current.budget.tz)
+        assert not isinstance(rate, str)
+        spec = LimitSpec(rate_spec(rate), budget_spec(budget))
+        expected = self.expect(lambda: ledger.set_limits(spec, self.now))
+        got = self.send("set_limits", user, rate=rate, budget=budget)
+        self.compare(user, expected, got)
+
+    @precondition(lambda self: any(self.can_charge(u) for u in self.model.users.values()))
+    @rule(user=users, amount=charge_amounts)
+    def check(self, user: str, amount: tuple[Any, ...]) -> None:
+        """Would a subtract pass? The same answer as the subtract, and nothing used."""
+        user = self.prefer(user, self.can_charge)
+        n = self.charge_amount(user, amount, overdraft=True)
+        expected = self.expect(lambda: self.ledger(user).check(n, self.now))
+        got = self.send("check", user, n)
         self.compare(user, expected, got)
 
     # Rules: holds and reversals.
@@ -532,11 +734,15 @@ class LedgerMachine(RuleBasedStateMachine):
         if future:
             self.clock.now = at_ms(future[step[1] % len(future)] + step[2])
 
-    @rule(user=users, read=st.sampled_from(["balance", "history", "cycle"]))
+    @rule(user=users, read=st.sampled_from(["balance", "history", "cycle", "limits", "limits"]))
     def read(self, user: str, read: str) -> None:
         """A read is an operation too: it must first record what fell due."""
         ledger = self.ledger(user)
-        if read == "balance":
+        if read == "limits":
+            expected_limits = ledger.get_limits(self.now)
+            got_limits = self.send("get_limits", user)
+            self.compare(user, expected_limits, got_limits)
+        elif read == "balance":
             expected: object = ledger.read_balance(self.now)
             got = self.send("get_balance", user)
             self.compare(user, expected, got)
@@ -557,9 +763,13 @@ class LedgerMachine(RuleBasedStateMachine):
         except Refused as refused:
             return refused
 
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        assert self.store is not None, "create_users makes the client"
+        return self.store(method, *args, **kwargs)
+
     def send(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            return self.store(method, *args, **kwargs)
+            return self.call(method, *args, **kwargs)
         except CrediciError as exc:
             return exc
 
@@ -627,6 +837,13 @@ class LedgerMachine(RuleBasedStateMachine):
                     assert got.transaction_id == self.tx_ids[user][value]
                 elif fact == "reversal":
                     assert got.reversal_id == self.tx_ids[user][value]
+                elif fact == "limit":  # the rate or budget that refused
+                    assert limit_of(getattr(got, fact)) == value, (fact, got)
+                elif fact == "resets_at":  # ms in the model
+                    assert getattr(got, fact) == at_ms(value), (fact, got)
+                elif fact == "retry_after":  # ms in the model; None: never
+                    wait = None if value is None else value * MS
+                    assert getattr(got, fact) == wait, (fact, got)
                 else:
                     assert getattr(got, fact) == value, (fact, got)
             if expected.error is TransactionNotFoundError:
@@ -649,6 +866,12 @@ class LedgerMachine(RuleBasedStateMachine):
             assert self.hold_view(user, got) == expected
         elif isinstance(expected, CycleView) or (expected is None and isinstance(got, Cycle)):
             assert self.cycle_view(user, got) == expected
+        elif isinstance(expected, LimitsView):
+            assert isinstance(got, Limits)
+            assert limits_view(got) == expected
+        elif isinstance(expected, DecisionView):
+            assert isinstance(got, Decision)
+            assert decision_view(got) == expected
         else:
             assert got == expected
 
@@ -706,9 +929,9 @@ class LedgerMachine(RuleBasedStateMachine):
         after it the store's buckets must be exactly the model's.
         """
         ledger = self.ledger(user)
-        balance = self.store("get_balance", user)
+        balance = self.call("get_balance", user)
         assert balance == ledger.read_balance(self.now)
-        history = self.store("get_all_user_transactions", user)
+        history = self.call("get_all_user_transactions", user)
         self.tx_ids[user] = [t.transaction_id for t in reversed(history)]
         got, expected = [self.entry_of(user, t) for t in history], ledger.read_history(self.now)
         assert got == expected, first_difference(got[::-1], expected[::-1])
@@ -721,7 +944,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert t.balance_after == running, t
         ids = [entry_id(t) for t in reversed(history)]
         assert ids == sorted(set(ids))
-        details = self.store("get_balance_details", user)
+        details = self.call("get_balance_details", user)
         assert (details.balance, details.held, details.credit_limit) == (
             ledger.balance,
             ledger.held,
@@ -734,10 +957,21 @@ class LedgerMachine(RuleBasedStateMachine):
             for b in ledger.buckets
         ]
         if ledger.cycle is not None:
-            cycle = self.store("get_cycle", user)
+            cycle = self.call("get_cycle", user)
             assert self.cycle_view(user, cycle) == ledger.get_cycle(self.now)
+        self.check_usage(user)
         self.check_buckets(user, exact=True)
         return history
+
+    def check_usage(self, user: str) -> None:
+        """What the user used of its limits, read raw from its state hash, against the model's:
+        the rate's last charge and how far ahead it left the rate, the budget spent, its period
+        and since when it counts."""
+        names = ("rb", "ro", "rk", "bu", "bs", "be", "bc", "bk", "bf")
+        redis: Any = cast(Any, self.inspector.storage).redis
+        raw = redis.hmget(user_keys(self.namespace, user).state, names)
+        got = [None if v is None else v.decode() for v in raw]
+        assert got == usage_fields(self.ledger(user).usage), list(zip(names, got, strict=True))
 
     def check_buckets(self, user: str, *, exact: bool) -> None:
         """The user's buckets as stored in Redis against the model's, in burn order.
@@ -791,9 +1025,39 @@ class LedgerMachine(RuleBasedStateMachine):
             self.check_buckets(user, exact=False)
 
 
+class LimitedLedgerMachine(LedgerMachine):
+    """The same machine, every user limited from the start by the client's default limits (a
+    budget, mostly with a rate) and given credits, so that more of its steps charge and give back
+    under limits: periods that end and follow one another, refusals at the edges, holds and
+    reversals giving budget back. Cycles and credit limits, which the limits do not look at, are
+    left to LedgerMachine: their steps go to the rest."""
+
+    start_cycle = cancel_cycle = set_credit_limit = None  # type: ignore[assignment]  # not rules
+
+    @initialize(
+        target=LedgerMachine.users,
+        ids=st.lists(st.sampled_from(USER_IDS), min_size=2, max_size=3, unique=True),
+        limits=budgeted_limits,
+        credits=st.lists(st.integers(1, 300), min_size=3, max_size=3),
+    )
+    def create_users(self, ids: list[str], limits: Limits | None, credits: list[int]) -> Any:
+        """... each with credits to spend from the first step."""
+        users = super().create_users(ids, limits)
+        for user, amount in zip(ids, credits, strict=False):
+            self.perform(Call(user, "add", amount))
+        return users
+
+
 @pytest.mark.timeout(0 if PROFILE == "long" else 300)
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_store_matches_model(backend: str, api: str) -> None:
     factory: Callable[[], LedgerMachine] = lambda: LedgerMachine(backend, api)  # noqa: E731
     run_state_machine_as_test(factory, settings=SETTINGS)
+
+
+@pytest.mark.timeout(0 if PROFILE == "long" else 300)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_store_matches_model_under_limits(backend: str) -> None:
+    factory: Any = lambda: LimitedLedgerMachine(backend, "sync")  # noqa: E731
+    run_state_machine_as_test(factory, settings=LIMITED_SETTINGS)
