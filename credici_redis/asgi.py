@@ -23,10 +23,10 @@ price in one atomic `subtract` *before* calling the app (requests metered by usa
   burst never passes: ``"retry_after": null`` and a ``"detail"``, no ``Retry-After`` nor
   ``RateLimit``. Over the budget: ``{"error": "budget_exceeded", "required": N, "remaining":
   R, "resets_at": "<ISO 8601>", "retry_after": S}`` with ``Retry-After: S`` and ``RateLimit:
-  "budget";r=R;t=S``, S the seconds until the budget's period ends (by the client's clock if
-  it has one, else this machine's). Both carry ``X-Credits-Cost`` (``X-Credits-Reserved`` for
-  a reservation). There is no ``RateLimit-Policy``: the draft requires its quota, and a
-  refusal does not say the user's limits (reading them would cost a call per refusal);
+  "budget";r=R;t=S``, S the seconds until the budget's period ends (by the storage's clock).
+  Both carry ``X-Credits-Cost`` (``X-Credits-Reserved`` for a reservation) and
+  ``RateLimit-Policy`` naming the limit that refused (``"rate";q=60;w=60``,
+  ``"budget";q=1000;w=86400``: the refusing script reports it, no extra call);
 - an ``Idempotency-Key`` header makes the charge idempotent for that user (stored as
   ``http:<key>``, kept 24 h): a retry is charged once and sees the first ``X-Credits-Remaining``.
   The handler does run again: responses are not replayed. The same key on a different request
@@ -402,7 +402,7 @@ class CreditMiddleware(_web.Metering):
         self.cost = _check_price(cost)
         self.reserve = None if reserve is None or callable(reserve) else _web.check_cost(reserve)
         self._reserve_of = reserve if callable(reserve) else None
-        self._configure(client, hold_ttl, on_disconnect, on_storage_error, logger, __name__)
+        self._configure(hold_ttl, on_disconnect, on_storage_error, logger, __name__)
         self._settling_tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -186,7 +186,7 @@ class CreditMiddleware(_web.Metering):
         self.user = user
         self.cost = cost if callable(cost) else _web.check_cost(cost)
         self.reserve = reserve if reserve is None or callable(reserve) else _web.check_cost(reserve)
-        self._configure(client, hold_ttl, on_disconnect, on_storage_error, logger, __name__)
+        self._configure(hold_ttl, on_disconnect, on_storage_error, logger, __name__)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         environ[CHARGE_KEY] = None

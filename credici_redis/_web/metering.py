@@ -23,11 +23,11 @@ from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from typing import Any, Generic, Literal, TypeVar
 
-from credici_redis._clients.base import ClientBase, UserId
+from credici_redis._clients.base import UserId
 from credici_redis._core.keys import parse_hold_id
 from credici_redis._core.requests import MAX_IDEMPOTENCY_KEY_CHARS
 from credici_redis._core.schedule import calendar_period
-from credici_redis._core.time import from_ms, to_ms
+from credici_redis._core.time import to_ms
 from credici_redis._ops.holds import DEFAULT_HOLD_TTL as DEFAULT_HOLD_TTL  # asgi, wsgi
 from credici_redis.errors import (
     BudgetExceededError,
@@ -159,19 +159,6 @@ def charge_headers(charge: Charge) -> tuple[tuple[str, str], ...]:
 Clock = Callable[[], datetime]
 
 
-def clock_of(client: ClientBase) -> Clock:
-    """The time a client's storage goes by, as near as the middleware can tell without asking
-    it: the client's clock when it was given one (tests, simulations), else this machine's."""
-
-    storage_ms = getattr(client, "_now", None)  # None: a stand-in client without a clock
-
-    def now() -> datetime:
-        ms = None if storage_ms is None else storage_ms()
-        return datetime.now(timezone.utc) if ms is None else from_ms(ms)
-
-    return now
-
-
 def wait_seconds(delay: timedelta) -> int:
     """A wait as ``Retry-After`` says it: whole seconds, rounded up, at least 1 (so that a retry
     never comes before the time the refusal named)."""
@@ -212,8 +199,9 @@ def limit_refusal(
     policy = quota_policy(exc)
     quota = () if policy is None else ((RATELIMIT_POLICY_HEADER, policy),)
     if isinstance(exc, BudgetExceededError):
-        # The storage's own count of the wait, else this machine's clock against resets_at.
-        wait = wait_seconds(exc.retry_after or exc.resets_at - now())
+        # The storage's own count of the wait (its clock); else this machine's against resets_at.
+        left = exc.retry_after if exc.retry_after is not None else exc.resets_at - now()
+        wait = wait_seconds(left)
         return Refusal(
             429,
             {
@@ -483,8 +471,9 @@ def refusal_for(
     now: Clock | None = None,
 ) -> Refusal | None:
     """The answer to a charge (or a reservation: `reserving`, `cost` is then the amount to
-    reserve) that raised `exc`; None means fail open (run the handler unpaid). `now`: the
-    storage's time, to say how long a budget refusal lasts (None: this machine's clock).
+    reserve) that raised `exc`; None means fail open (run the handler unpaid). `now`: the time
+    to count a budget refusal's wait from when the error does not carry it (None: this
+    machine's clock; the storage's errors carry it, counted by the storage's clock).
 
     Not enough credits is a 402; the user's limits (rate, budget) a 429 (`limit_refusal`).
     Errors that are not the client's doing nor an outage (a bad `cost`, a bug) are re-raised.
@@ -607,18 +596,15 @@ class Metering:
     on_disconnect: DisconnectPolicy
     on_storage_error: StorageErrorPolicy
     logger: logging.Logger
-    _storage_now: Clock
 
     def _configure(
         self,
-        client: ClientBase,
         hold_ttl: object,
         on_disconnect: object,
         on_storage_error: object,
         logger: logging.Logger | None,
         default_logger: str,
     ) -> None:
-        self._storage_now = clock_of(client)
         self.hold_ttl = check_hold_ttl(hold_ttl)
         self.on_disconnect = check_disconnect_policy(on_disconnect)
         self.on_storage_error = check_policy(on_storage_error)
@@ -635,7 +621,7 @@ class Metering:
     ) -> Outcome:
         return refusal_for(
             exc, user_id=str(user), cost=cost, policy=self.on_storage_error, logger=self.logger,
-            method=method, path=path, reserving=reserving, now=self._storage_now,
+            method=method, path=path, reserving=reserving,
         )  # fmt: skip
 
     def _charging(

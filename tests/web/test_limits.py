@@ -300,6 +300,9 @@ def test_refusal_headers_and_rounding() -> None:
     }
     late = refuse(BudgetExceededError("alice", 3, 0, midnight), now=lambda: midnight)
     assert late.headers[:2] == (("Retry-After", "1"), ("RateLimit", '"budget";r=0;t=1'))
+    # The storage's count wins, even a wait of 0 (its period ends now), over this clock's.
+    due = BudgetExceededError("alice", 3, 0, midnight, retry_after=timedelta(0))
+    assert refuse(due, now=lambda: now).headers[0] == ("Retry-After", "1")
 
     # With the limit the script names: its quota policy; the wait as the storage counted it.
     ny = ZoneInfo("America/New_York")
