@@ -7,8 +7,8 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from credici_redis._core.limit_spec import encode_limits
 from credici_redis._core.time import to_ms
-from credici_redis._ops.limits import encode_limits
 
 Clock = Callable[[], datetime]
 UserId = str | UUID

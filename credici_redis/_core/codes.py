@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from credici_redis._core import keys as _keys
+from credici_redis._core.limit_spec import decode
 from credici_redis._core.time import from_ms
 from credici_redis.errors import (
     AlreadyReversedError,
@@ -47,14 +48,6 @@ KINDS: dict[str, TransactionKind] = {
 """History entry kinds as the scripts write them."""
 
 
-def _limit(spec: str) -> Any:
-    """(rate, budget) of a limits spec (`credici_redis._ops.limits`, imported here only when a
-    limit refused: it imports the ledger, which imports this table)."""
-    from credici_redis._ops.limits import decode
-
-    return decode(spec)
-
-
 def _amount(req: Any) -> int:
     return getattr(req, "amount", None) or 0
 
@@ -71,13 +64,13 @@ REFUSALS: dict[str, Callable[[Any, list[str]], CrediciError]] = {
         int(f[1]),
         from_ms(int(f[2])),
         retry_after=timedelta(milliseconds=int(f[3])),
-        limit=_limit(f[4])[1],
+        limit=decode(f[4])[1],
     ),
     "RATE": lambda req, f: RateLimitedError(
         req.user_id,
         req.amount,
         timedelta(milliseconds=int(f[1])) if f[1] else None,
-        limit=_limit(f[2])[0],
+        limit=decode(f[2])[0],
     ),
     "IDEM_CONFLICT": lambda req, f: IdempotencyConflictError(req.user_id, req.idempotency_key),
     "EXPIRY_PAST": lambda req, f: InvalidExpiryError(

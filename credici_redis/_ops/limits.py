@@ -1,10 +1,10 @@
 """Limits: a user's rate and spending budget, enforced by the scripts that charge (subtract.lua,
 reserve.lua, and so the batch calls) in the same atomic step as the charge. Here: `check`
 (lua/check.lua: would a charge pass now?), `set_limits` (lua/set_limits.lua) and `get_limits`
-(lua/get_limits.lua), the limits' wire form (a *spec*), and the calendar periods of budgets.
+(lua/get_limits.lua). The limits' wire form (a *spec*) is `credici_redis._core.limit_spec`; a
+budget's calendar period, `credici_redis._core.schedule.calendar_period`.
 
-A spec is what the scripts read (lua/_ledger.lua, "Limits"): "R<amount>:<per ms>:<burst>" and/or
-"B<amount>:<period>:<tz>", joined by ';'. A user's own spec is kept in its state hash; the
+A user's own spec is kept in its state hash; the
 client's `default_limits` go with every charge as an ARGV, for users without their own (so no
 script reads a key outside the user's slot).
 
@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from credici_redis._core import requests as check
+from credici_redis._core.limit_spec import decode, encode
 from credici_redis._core.operation import Operation, Reply
 from credici_redis._core.scripts import load
 from credici_redis._core.time import from_ms
@@ -50,45 +51,6 @@ class GetLimitsRequest:
     user_id: str
     now_ms: int | None
     default_limits: str = ""
-
-
-# -- the wire form -------------------------------------------------------------------------------
-
-
-def _ms(delta: timedelta) -> int:
-    return delta // timedelta(milliseconds=1)
-
-
-def encode(rate: RateLimit | None, budget: Budget | None) -> str:
-    """The spec of these limits ('' for none)."""
-    parts = []
-    if rate is not None:
-        parts.append(f"R{rate.amount}:{_ms(rate.per)}:{rate.burst}")
-    if budget is not None:
-        period = budget.period if isinstance(budget.period, str) else str(_ms(budget.period))
-        parts.append(f"B{budget.amount}:{period}:{budget.tz}")
-    return ";".join(parts)
-
-
-def encode_limits(value: object) -> str:
-    """A client's `default_limits` (a Limits, or None) as a spec."""
-    if value is None:
-        return ""
-    if not isinstance(value, Limits):
-        raise InvalidLimitError(f"default_limits must be a Limits or None, not {value!r}")
-    return encode(value.rate, value.budget)
-
-
-def decode(spec: str) -> tuple[RateLimit | None, Budget | None]:
-    rate = budget = None
-    for part in filter(None, spec.split(";")):
-        amount, second, third = part[1:].split(":", 2)
-        if part[0] == "R":
-            rate = RateLimit(int(amount), timedelta(milliseconds=int(second)), int(third))
-        else:
-            period: Any = timedelta(milliseconds=int(second)) if second.isdigit() else second
-            budget = Budget(int(amount), period, third)
-    return rate, budget
 
 
 # -- operations ----------------------------------------------------------------------------------
