@@ -128,6 +128,7 @@ local function save_state(st)
   if st.dirty then
     args[3], args[4], args[5], args[6], args[7], args[8], args[9], args[10] =
       'bal', fmt(st.bal), 'ms', fmt(st.ms), 'sq', fmt(st.sq), 'nx', fmt(st.nx or 0)
+    st.dirty = false  -- saved: a second save_state writes nothing again
   end
   if st.holds_dirty then
     args[#args + 1] = 'hd'; args[#args + 1] = fmt(st.held)
