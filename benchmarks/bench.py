@@ -983,6 +983,20 @@ def memory(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) -> lis
     (bare_after,) = memory_usage(raw, [bare])
     bare_entry = (bare_after - bare_before) / n
 
+    # Usage rollups (issue 21): a user charged every 15 minutes for 30 days (UTC days); the
+    # usage hash then holds 7 days of hour records and 30 day records: bytes per day of use,
+    # against the history stream of the same days.
+    days, spacing = 30, 15 * 60_000
+    roll_user = f"{ns}-memory-rollups"
+    roll_keys = _keys.user_keys(ns, roll_user)
+    roll_n = days * 86_400_000 // spacing
+    roll_start = server_ms(raw) - 60_000 - roll_n * spacing
+    send(raw, add_call(client, roll_user, PLENTY, None, roll_start - spacing))
+    make_roll = partial(subtract_call, client, roll_user, 1)
+    fill(raw, charge.SUBTRACT.script, clocked(make_roll, roll_start, roll_n, spacing))
+    rollup_bytes, roll_stream = memory_usage(raw, [roll_keys.usage, roll_keys.history])
+    hour_records = raw.hlen(roll_keys.usage)
+
     section = (
         f"5. memory, MEMORY USAGE ... SAMPLES 0: {s.memory_users:,} users (uuid4 ids) with one "
         f"never-expiring bucket; {n:,} history entries"
@@ -1021,6 +1035,14 @@ def memory(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) -> lis
             outbox_share,
             counter,
             "SET <user key> 1000 (a string counter per user)",
+        ),
+        Row(
+            section,
+            f"usage rollups per user per day ({hour_records} records)",
+            "bytes",
+            rollup_bytes / days,
+            roll_stream / days,
+            f"the history stream of those days ({roll_n // days} charges a day, 30 days)",
         ),
         Row(
             section,

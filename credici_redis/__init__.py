@@ -49,6 +49,8 @@ from credici_redis.errors import (
     StorageUnavailableError,
     TransactionNotFoundError,
     UnsafeClientError,
+    UsageUnavailableError,
+    UsageZoneError,
 )
 
 if TYPE_CHECKING:
@@ -65,6 +67,8 @@ if TYPE_CHECKING:
         Limits,
         RateLimit,
         Transaction,
+        TrimReport,
+        UsagePoint,
     )
     from credici_redis.postgres import AsyncPostgresStorage, PostgresStorage
     from credici_redis.storage import AsyncRedisStorage, AsyncStorage, RedisStorage, Storage
@@ -85,6 +89,8 @@ _LAZY = {
     "Decision": "credici_redis.models",
     "Hold": "credici_redis.models",
     "Transaction": "credici_redis.models",
+    "UsagePoint": "credici_redis.models",
+    "TrimReport": "credici_redis.models",
     "AsyncPostgresStorage": "credici_redis.postgres",  # the "postgres" extra
     "PostgresStorage": "credici_redis.postgres",
     "AsyncRedisStorage": "credici_redis.storage",
@@ -162,6 +168,10 @@ __all__ = [
     "StorageUnavailableError",
     "Transaction",
     "TransactionNotFoundError",
+    "TrimReport",
     "UnsafeClientError",
+    "UsagePoint",
+    "UsageUnavailableError",
+    "UsageZoneError",
     "__version__",
 ]

@@ -152,6 +152,20 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--batch", type=_positive_int, default=500, metavar="N", help="SCAN batch")
     audit.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    trim = commands.add_parser(
+        "trim",
+        parents=[store],
+        help="remove history older than --retention (after a checkpoint the audit replays from)",
+    )
+    whom = trim.add_mutually_exclusive_group(required=True)
+    whom.add_argument("user", metavar="USER", nargs="?")
+    whom.add_argument("--all", action="store_true", help="every user of the namespace (SCAN)")
+    trim.add_argument(
+        "--retention", type=_duration, required=True, metavar="DURATION", help="e.g. 30d"
+    )
+    trim.add_argument("--batch", type=_positive_int, default=500, metavar="N", help="SCAN batch")
+    trim.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     history = commands.add_parser("history", parents=[store], help="a user's transactions")
     history.add_argument("user", metavar="USER")
     history.add_argument("--from", dest="from_", type=_instant, metavar="ISO8601")
@@ -352,7 +366,10 @@ def _operate(args: argparse.Namespace) -> int:
     namespace = args.namespace or DEFAULT_NAMESPACE
     if args.command == "archive":
         return _archive(url, postgres, namespace, args)
-    with CrediciClient.from_url(url, namespace=namespace, archive_url=postgres) as client:
+    retention = args.retention if args.command == "trim" else None
+    with CrediciClient.from_url(
+        url, namespace=namespace, archive_url=postgres, history_retention=retention
+    ) as client:
         if args.command == "balance":
             print(client.get_balance(args.user))
         elif args.command == "add":
@@ -370,6 +387,8 @@ def _operate(args: argparse.Namespace) -> int:
             print(_describe(tx))
         elif args.command == "audit":
             return _audit(client, args)
+        elif args.command == "trim":
+            return _trim(client, args)
         else:
             _history(client, args)
     return 0
@@ -399,6 +418,34 @@ def _audit(client: CrediciClient, args: argparse.Namespace) -> int:
                         bar.write(f"  {problem}")
                 bar.update()
     print(f"audited {audited} users: {audited - failed} ok, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+def _trim(client: CrediciClient, args: argparse.Namespace) -> int:
+    """Trim one user's history, or every user's in SCAN batches; exit 1 if a replay found a
+    problem (that user's history stays: audit it)."""
+    users_seen = trimmed = failed = archived = 0
+    with tqdm(desc="trim", unit=" users", disable=args.no_progress, file=sys.stderr) as bar:
+        batches = [[args.user]] if not args.all else client.scan_users(args.batch)
+        for users in batches:
+            for user in users:
+                report = client.trim_history(user)
+                while report.more and not report.problems:
+                    more = client.trim_history(user)
+                    report = more.model_copy(update={"trimmed": report.trimmed + more.trimmed})
+                users_seen += 1
+                trimmed += report.trimmed
+                archived += report.archived
+                if report.problems:
+                    failed += 1
+                    bar.write(f"{user}: NOT TRIMMED, its history does not add up")
+                    for problem in report.problems:
+                        bar.write(f"  {problem}")
+                bar.update()
+    print(
+        f"trimmed {trimmed} entries of {users_seen} users; {failed} not trimmed (problems), "
+        f"{archived} left to the archiver"
+    )
     return 0 if failed == 0 else 1
 
 

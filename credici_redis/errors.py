@@ -8,7 +8,8 @@
     │   ├── InvalidExpiryError
     │   ├── InvalidCycleError
     │   │   └── InvalidTimeZoneError
-    │   ├── InvalidPeriodError
+    │   ├── InvalidPeriodError       from_/to_ of a history or usage query
+    │   │   └── UsageZoneError       usage days asked in another zone than they were counted in
     │   ├── InvalidLimitError        a RateLimit or Budget that cannot work
     │   ├── InvalidPriorityError
     │   ├── InvalidIdempotencyKeyError
@@ -31,6 +32,7 @@
     │   └── TransactionArchivedError  ... or of one the archiver moved to PostgreSQL
     ├── NotReversibleError            reverse of an entry that is not a subtract, capture or add
     ├── AlreadyReversedError          a transaction is reversed once
+    ├── UsageUnavailableError         usage asked for before its records begin (.available_from)
     └── StorageError                  Redis answered something the library cannot use (a bug)
         ├── InconsistentStateError    a user's keys were changed or removed outside credici-redis
         └── StorageUnavailableError   connection failure or timeout; chained to the driver error
@@ -96,7 +98,19 @@ class InvalidCycleError(InvalidInputError):
 
 
 class InvalidPeriodError(InvalidInputError):
-    """from_/to_ of a history query are not datetimes."""
+    """from_/to_ of a history or usage query are not datetimes, or not a span it can read."""
+
+
+class UsageZoneError(InvalidPeriodError):
+    """Usage days or months asked for in a time zone other than the one the user's days were
+    counted in (the storage's usage_tz): they cannot be re-cut."""
+
+    def __init__(self, user_id: str, asked: str, counted: str) -> None:
+        super().__init__(
+            f"the usage days of {user_id!r} are counted in {counted!r}, not {asked!r}: ask with"
+            f" tz={counted!r}, or hours (UTC hours fit any zone's labels)"
+        )
+        self.user_id, self.asked, self.counted = user_id, asked, counted
 
 
 class InvalidLimitError(InvalidInputError):
@@ -316,6 +330,18 @@ class AlreadyReversedError(CrediciError):
         super().__init__(f"transaction {transaction_id!r} was reversed by {reversal_id!r}")
         self.transaction_id = transaction_id
         self.reversal_id = reversal_id
+
+
+class UsageUnavailableError(CrediciError):
+    """Usage asked for a period that begins before its records do: the hour or day records were
+    dropped after their retention, or the user's usage was first counted later (its history
+    began before this version of credici-redis)."""
+
+    def __init__(self, user_id: str, available_from: datetime) -> None:
+        super().__init__(
+            f"usage of {user_id!r} at this granularity is available from {available_from}"
+        )
+        self.user_id, self.available_from = user_id, available_from
 
 
 class StorageError(CrediciError):

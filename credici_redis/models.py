@@ -160,10 +160,13 @@ __all__ = [
     "CalendarPeriod",
     "Cycle",
     "CycleStatus",
+    "Granularity",
     "Limits",
     "RateLimit",
     "Transaction",
     "TransactionKind",
+    "TrimReport",
+    "UsagePoint",
 ]
 
 
@@ -255,3 +258,45 @@ class Limits(BaseModel):
     default: bool = Field(
         default=False, description="the client's default_limits (the user has none of its own)"
     )
+
+
+Granularity = Literal["hour", "day", "month"]
+
+
+class UsagePoint(BaseModel):
+    """A user's usage in one hour, day or month (`get_usage`), from the rollups every change
+    updates in the same script: exact against the history entries of that period.
+    granted - spent - expired is what the balance rose by in it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: AwareDatetime = Field(description="the period's start, in the zone asked for")
+    spent: int = Field(
+        description="credits charged (subtract, reserve), net of what came back (capture, "
+        "release, reversals of charges)"
+    )
+    granted: int = Field(description="credits added (add, cycle grants), net of reversals of adds")
+    expired: int = Field(description="credits that expired unused")
+    charges: int = Field(description="how many subtract and reserve calls took credits")
+
+
+class TrimReport(BaseModel):
+    """What `trim_history` did for a user: history entries removed from Redis after a checkpoint
+    of what they added up to (the audit replays from it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    user_id: str
+    trimmed: int = Field(description="history entries removed by this call")
+    checkpoint_at: AwareDatetime | None = Field(
+        default=None, description="the newest checkpoint: history before it is gone from Redis"
+    )
+    archived: bool = Field(
+        default=False,
+        description="the user's history goes to PostgreSQL: the archiver trims it, not this",
+    )
+    problems: list[str] = Field(
+        default_factory=list,
+        description="what the replay of the entries to trim found wrong: nothing was trimmed",
+    )
+    more: bool = Field(default=False, description="more is due: call again")

@@ -23,10 +23,18 @@ Keys, built by credici_redis/_core/keys.py, in the same order for every script; 
   KEYS[8] events   stream  low-balance events of the user's slot (shared by the users of the slot)
   KEYS[9] outbox   zset    the archive outbox of the user's slot (shared by its users): history
                            stream key -> ms of its oldest entry not yet archived to PostgreSQL
-  KEYS[10] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
+  KEYS[10] usage   hash    usage rollups: H<hour> and D<day> -> "spent:granted:expired:charges"
+                           (see "Usage rollups" below)
+  KEYS[11] checkpoint string  "<entry id>\n<JSON>": what the history up to that entry added up to,
+                           written by trim.lua before it trims those entries (retention)
+  KEYS[12] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
 ARGV[1] is always the clock: '' means the server's TIME; tests inject milliseconds.
-ARGV[2] is always a schedule extension for a calendar cycle: '' or "<index>:<ms>,<ms>,..." (the
-boundaries from that period index on, computed by the client after a SCHEDULE reply).
+ARGV[2] is always "<cycle>|<budget>|<zone>", every part optional ('' = none of them):
+  cycle   a schedule extension for a calendar cycle: "<index>:<ms>,<ms>,..." (the boundaries
+          from that period index on, computed by the client after a SCHEDULE reply)
+  budget  the budget period the client computed after a PERIOD reply: "<start ms>,<end ms>"
+  zone    the time zone of the usage days ('' = UTC), and after a ZONE reply its UTC offsets:
+          "<tz>=<valid until ms>;<from ms>:<offset ms>;..." (see "Usage rollups")
 
 The cycle lives in the state hash:
   ci  id of its cycle_start entry   c0  schedule anchor (ms)     ck  period index (0 = first)
@@ -54,13 +62,15 @@ Numbers are Lua doubles (exact up to 2^53-1, the library's limit); they are alwa
 fmt(), because tostring() switches to exponent notation past 14 digits.
 ]]
 
-local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_OUTBOX, K_IDEM
+local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_OUTBOX, K_USAGE
+local K_CHECKPOINT, K_IDEM
 
 -- The keys of this call: once per call (run as a script, here; in the Functions library, first
 -- thing in every function, which is why this is a function).
 local function bind(keys)
-  K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_OUTBOX, K_IDEM =
+  K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_OUTBOX, K_USAGE =
     keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7], keys[8], keys[9], keys[10]
+  K_CHECKPOINT, K_IDEM = keys[11], keys[12]
 end
 bind(KEYS)  --!script-only
 local RETAIN = 86400000  -- a finished hold is remembered a day: a late second capture gets its answer
@@ -109,7 +119,7 @@ end
 
 local function load_state()
   local v = redis.call('HMGET', K_STATE, 'bal', 'ms', 'sq', 'ce', 'cst', 'nx', 'cl', 'hd', 'hx', 'lt',
-    'lim', 'pn')
+    'lim', 'pn', 'ux', 'u1', 'u2', 'u3', 'u4')
   local bad = inconsistency(v)
   if bad then return nil, bad end
   return {
@@ -117,17 +127,24 @@ local function load_state()
     ce = tonumber(v[4]), cst = v[5] or nil, nx = tonumber(v[6]), limit = tonumber(v[7]) or 0,
     held = tonumber(v[8]) or 0, hx = tonumber(v[9]), holds_dirty = false, low = tonumber(v[10]),
     lim = v[11] or nil, pn = tonumber(v[12]) or 0,
+    ux = tonumber(v[13]), u1 = tonumber(v[14]) or 0, u2 = tonumber(v[15]) or 0,
+    u3 = tonumber(v[16]) or 0, u4 = tonumber(v[17]) or 0,
   }
 end
 
--- One HSET for whatever changed: the balance and history position, the holds' total and next
--- timer, and pn (entries not yet archived: this script's appends counted in).
+-- One HSET for whatever changed: the balance and history position (with the usage of the running
+-- slot), the holds' total and next timer, and pn (entries not yet archived: this script's appends
+-- counted in).
 local function save_state(st)
   if not (st.dirty or st.holds_dirty) then return end
   local args = { 'HSET', K_STATE }
   if st.dirty then
     args[3], args[4], args[5], args[6], args[7], args[8], args[9], args[10] =
       'bal', fmt(st.bal), 'ms', fmt(st.ms), 'sq', fmt(st.sq), 'nx', fmt(st.nx or 0)
+    if st.ux then
+      args[11], args[12], args[13], args[14], args[15], args[16], args[17], args[18] =
+        'u1', fmt(st.u1), 'u2', fmt(st.u2), 'u3', fmt(st.u3), 'u4', fmt(st.u4)
+    end
     st.dirty = false  -- saved: a second save_state writes nothing again
   end
   if st.holds_dirty then
@@ -158,6 +175,164 @@ local function notice(st, amount, entry_id)
   end
 end
 
+-- ---------------------------------------------------------------------------------------------
+-- Usage rollups: every history entry is counted, by the script that appends it, into the usage
+-- of its hour (UTC) and of its day (in the zone of ARGV[2]'s third part, UTC by default):
+--   spent    credits charged, net of what came back: -n of subtract, reserve, capture, release
+--            entries, and of reversals that give credits back (n > 0)
+--   granted  n of add and cycle_start entries, and of reversals that take credits back (n < 0)
+--   expired  -n of expire entries
+--   charges  how many subtract and reserve entries
+-- so that granted - spent - expired is what the balance rose by, over any span of entries.
+-- The running "slot" (the entries of one hour and one day: a day in a zone 30 minutes off UTC
+-- starts within an hour) is counted in the state hash, saved with the balance (no command of its
+-- own): u1 spent, u2 granted, u3 expired, u4 charges, ux the slot's end (ms), uh its hour, ud its
+-- day. The first entry past ux closes it (fold): its counts are added into the records
+--   K_USAGE  H<hour> and D<day>   "spent:granted:expired:charges"
+-- (hour = ms // 3,600,000; day = days from 1970-01-01 to the local date), once an hour at most.
+-- Records are kept KEEP_HOURS hours and KEEP_DAYS days from the newest: each fold drops those
+-- that fell out (state: ul/ql the lowest hour/day that may have a record, up/uq the last dropped,
+-- u0 where counting began: 0 when the user had no history before it).
+-- A zone's days come from its UTC offsets, which Lua cannot know: the client sends them after a
+-- ZONE reply ({'ZONE', tz, from ms, to ms}: nothing written before it), valid until a given time
+-- (state: uz zone, uv valid until, uo "<from>:<offset>;..."). A UTC day needs none.
+local HOUR, DAY = 3600000, 86400000
+local KEEP_HOURS, KEEP_DAYS = 168, 400
+
+-- The zone part of ARGV[2]: zone, and the offsets the client sent with it (or nil).
+local function zone_arg(extension)
+  local part = string.match(extension, '^[^|]*|[^|]*|(.*)$') or ''
+  if part == '' then return 'UTC', nil, nil end
+  local eq = string.find(part, '=', 1, true)
+  if not eq then return part, nil, nil end
+  local body = string.sub(part, eq + 1)
+  local semi = string.find(body, ';', 1, true)
+  return string.sub(part, 1, eq - 1), tonumber(string.sub(body, 1, semi - 1)),
+    string.sub(body, semi + 1)
+end
+
+local function parse_offsets(text)
+  local out = {}
+  for from, off in string.gmatch(text, '(%-?%d+):(%-?%d+)') do
+    out[#out + 1] = { tonumber(from), tonumber(off) }
+  end
+  return out
+end
+
+-- The day (days since 1970-01-01 of the local date) of `ms`, and when that day ends (ms).
+local function day_of(zone, ms)
+  if not zone then
+    local d = math.floor(ms / DAY)
+    return d, (d + 1) * DAY
+  end
+  local i = 1
+  while zone[i + 1] and zone[i + 1][1] <= ms do i = i + 1 end
+  local d = math.floor((ms + zone[i][2]) / DAY)
+  local midnight = (d + 1) * DAY
+  while true do  -- the first instant whose local time reaches the next midnight
+    local ends = math.max(zone[i][1], midnight - zone[i][2])
+    if not zone[i + 1] or ends < zone[i + 1][1] then return d, ends end
+    i = i + 1
+  end
+end
+
+-- Before anything is written: the zone's offsets must cover every entry this call may append
+-- (from the last one's ms to now). Loads them into st.zone (nil: UTC); or returns the ZONE ask.
+local function usage_zone(st, now, extension)
+  local upto = math.max(now, st.ms)
+  if st.ux and upto < st.ux then return nil end  -- no slot ends in this call
+  local tz, until_ms, offsets = zone_arg(extension)
+  st.usage_tz = tz
+  if tz == 'UTC' then return nil end
+  local v = redis.call('HMGET', K_STATE, 'uz', 'uv', 'uo')
+  if v[1] == tz and tonumber(v[2]) and upto < tonumber(v[2]) then
+    st.zone = parse_offsets(v[3])
+    return nil
+  end
+  local from = (st.ms > 0 and math.min(st.ms, now)) or now
+  if until_ms and upto < until_ms then
+    local zone = parse_offsets(offsets)
+    if zone[1] and zone[1][1] <= from then
+      local fields = { 'uz', tz, 'uv', fmt(until_ms), 'uo', offsets }
+      -- a user without history gets no state by a read: the first fold saves them then
+      if st.ms > 0 then redis.call('HSET', K_STATE, unpack(fields)) else st.zone_fields = fields end
+      st.zone = zone
+      return nil
+    end
+  end
+  return { 'ZONE', tz, fmt(from), fmt(upto) }
+end
+
+-- Record i of `values` ("s:g:x:c" or nil) plus counts `s`, as a record.
+local function add_record(values, i, s)
+  local old = values[i]
+  if old then
+    local o = {}
+    for n in string.gmatch(old, '[^:]+') do o[#o + 1] = tonumber(n) end
+    s = { s[1] + o[1], s[2] + o[2], s[3] + o[3], s[4] + o[4] }
+  end
+  return fmt(s[1]) .. ':' .. fmt(s[2]) .. ':' .. fmt(s[3]) .. ':' .. fmt(s[4])
+end
+
+-- Drops the records of `prefix` numbered from `low` to `upto` (at most KEEP_DAYS of them).
+local function drop_records(prefix, low, upto)
+  if upto < low then return end
+  local names = { 'HDEL', K_USAGE }
+  for n = low, upto do names[#names + 1] = prefix .. fmt(n) end
+  redis.call(unpack(names))
+end
+
+-- The slot of entry `ms` begins: the running one's counts go into its hour and day records.
+local function fold(st, ms)
+  local v = redis.call('HMGET', K_STATE, 'uh', 'ud', 'ul', 'ql', 'u0')
+  local hour, day = tonumber(v[1]), tonumber(v[2])
+  local counts = { st.u1, st.u2, st.u3, st.u4 }
+  local nh = math.floor(ms / HOUR)
+  local nd, day_ends = day_of(st.zone, ms)
+  local fields = { 'HSET', K_STATE, 'uh', fmt(nh), 'ud', fmt(nd) }
+  for _, f in ipairs(st.zone_fields or { 'uz', st.usage_tz or 'UTC' }) do fields[#fields + 1] = f end
+  if hour and (counts[1] ~= 0 or counts[2] ~= 0 or counts[3] ~= 0 or counts[4] ~= 0) then
+    local h, d = 'H' .. fmt(hour), 'D' .. fmt(day)
+    local old = redis.call('HMGET', K_USAGE, h, d)
+    redis.call('HSET', K_USAGE, h, add_record(old, 1, counts), d, add_record(old, 2, counts))
+  end
+  local low_hour, low_day = tonumber(v[3]), tonumber(v[4])
+  if not low_hour then  -- the first slot: counting begins
+    low_hour, low_day = nh, nd
+    fields[#fields + 1] = 'u0'
+    fields[#fields + 1] = (st.ms == 0 and '0') or fmt(ms)
+  end
+  local cut_hour, cut_day = nh - KEEP_HOURS, nd - KEEP_DAYS
+  if low_hour <= cut_hour then
+    drop_records('H', low_hour, math.min(cut_hour, hour or cut_hour))
+    low_hour = cut_hour + 1
+    fields[#fields + 1] = 'up'; fields[#fields + 1] = fmt(cut_hour)
+  end
+  if low_day <= cut_day then
+    drop_records('D', low_day, math.min(cut_day, day or cut_day))
+    low_day = cut_day + 1
+    fields[#fields + 1] = 'uq'; fields[#fields + 1] = fmt(cut_day)
+  end
+  fields[#fields + 1] = 'ul'; fields[#fields + 1] = fmt(low_hour)
+  fields[#fields + 1] = 'ql'; fields[#fields + 1] = fmt(low_day)
+  redis.call(unpack(fields))
+  st.ux = math.min((nh + 1) * HOUR, day_ends)
+  st.u1, st.u2, st.u3, st.u4 = 0, 0, 0, 0
+end
+
+-- Counts entry (kind, amount) at `ms` into the running slot (saved by save_state).
+local function count(st, kind, amount, ms)
+  if not st.ux or ms >= st.ux then fold(st, ms) end
+  if kind == 'e' then
+    st.u3 = st.u3 - amount
+  elseif kind == 'a' or kind == 'c' or (kind == 'v' and amount < 0) then
+    st.u2 = st.u2 + amount
+  else
+    st.u1 = st.u1 - amount
+    if kind == 's' or kind == 'r' then st.u4 = st.u4 + 1 end
+  end
+end
+
 -- The id the next history entry dated `at` gets (see append).
 local function next_id(st, at)
   if at <= st.ms then return fmt(st.ms) .. '-' .. fmt(st.sq + 1) end
@@ -173,6 +348,7 @@ local function append(st, kind, amount, at, extra)
   local args = { 'XADD', K_HISTORY, id, 'k', kind, 'n', fmt(amount), 'b', fmt(st.bal) }
   for i = 1, #extra do args[#args + 1] = extra[i] end
   redis.call(unpack(args))
+  count(st, kind, amount, ms)
   st.ms, st.sq, st.dirty = ms, sq, true
   -- The archive's outbox learns that this user has something to archive (from ms on, at the
   -- latest: NX keeps an earlier mark), in the user's own slot. With entries pending already
@@ -525,7 +701,7 @@ local function budget_period(st, lim, u, now)
     local start = now - now % dur
     return start, start + dur, true
   end
-  local s, e = string.match(ARGV[2], '|(%d+),(%d+)$')
+  local s, e = string.match(ARGV[2], '^[^|]*|(%d+),(%d+)')
   s, e = tonumber(s), tonumber(e)
   if s and s <= now and now < e then return s, e, true end
   save_state(st)
@@ -717,6 +893,8 @@ end
 local function up_to_now(now, extension)
   local st, bad = load_state()
   if not st then return nil, bad end
+  local zone_ask = usage_zone(st, now, extension)
+  if zone_ask then return nil, zone_ask end
   local c = nil
   if st.ce and st.cst ~= 'e' and now >= st.ce then
     c = load_cycle()

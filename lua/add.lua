@@ -1,11 +1,11 @@
 --[[ add.lua: grant credits in a new bucket.
-KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
+KEYS  1-11 the user's keys (see _ledger.lua); 12 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount
       4 expire_at_ms ('' = none) | 5 ttl_ms ('' = none) | 6 fingerprint | 7 idempotency_ttl_ms
       8 idempotency_key ('' = none) | 9 metadata_json ('' = none) | 10 priority
 Reply {'OK', id, kind 'a', amount, balance_after, expire_at, idempotency_key, metadata}
       | {'IDEM_CONFLICT'} | {'EXPIRY_PAST', now} | {'BALANCE_LIMIT', balance}
-      (the balance plus held credits stays within 2^53-1) | SCHEDULE | CATCHUP | INCONSISTENT
+      (the balance plus held credits stays within 2^53-1) | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets, then one "a" entry. Counts as `added` in the cycle.
 With debt, the grant repays it first; only the rest goes into the new bucket.
 ]]

@@ -1,10 +1,11 @@
 --[[ audit.lua: bring the user up to now, then return what the audit compares with its history.
-KEYS  1-9 the user's keys (see _ledger.lua)
+KEYS  1-11 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries)
 Reply {'OK', balance, last (history id as the state knows it), stream_last (last id in the
-       stream), held, trimmed (entries before it were archived to PostgreSQL and trimmed;
+       stream), held, trimmed (entries before it were trimmed: archived to PostgreSQL, or
+       after a checkpoint; '' = none), checkpoint ("<entry id>\n<JSON>" that trim.lua wrote;
        '' = none), *buckets (bucket id, credits left; each)}
-      | SCHEDULE | CATCHUP | INCONSISTENT
+      | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets. The history up to the returned id is then read in
 pages by the client: it only grows, so that part cannot change under the audit.
 ]]
@@ -18,7 +19,7 @@ local newest = redis.call('XREVRANGE', K_HISTORY, '+', '-', 'COUNT', 1)
 local stream_last = '0-0'
 if #newest > 0 then stream_last = newest[1][1] end
 local reply = { 'OK', fmt(st.bal), fmt(st.ms) .. '-' .. fmt(st.sq), stream_last, fmt(st.held),
-  redis.call('HGET', K_STATE, 'tm') or '' }
+  redis.call('HGET', K_STATE, 'tm') or '', redis.call('GET', K_CHECKPOINT) or '' }
 local buckets = redis.call('HGETALL', K_AMOUNTS)
 for i = 1, #buckets do reply[#reply + 1] = buckets[i] end
 return reply

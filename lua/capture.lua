@@ -1,12 +1,12 @@
 --[[ capture.lua: charge what a hold was for (all of it, or less) and give back the rest.
-KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
+KEYS  1-11 the user's keys (see _ledger.lua); 12 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 local_id (hold id
       within the user) | 4 amount ('' = all) | 5 fingerprint | 6 idempotency_ttl_ms
       7 idempotency_key ('' = none)
 Reply {'OK', id, kind 'p', amount (+returned), balance_after (of the "p" entry), expire_at '',
        idempotency_key, metadata '', hold_id, captured}
       | {'IDEM_CONFLICT'} | {'NO_HOLD'} | {'HOLD_DONE', status} | {'HOLD_EXCEEDED', held}
-      | SCHEDULE | CATCHUP | INCONSISTENT
+      | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: renewals, holds released by their ttl, expired buckets, then one "p" entry for what came
 back to the available balance (the captured credits had already left it at reserve), then an "e"
 entry for returned credits whose bucket expired while held. Counts as `used` in the cycle.

@@ -1,8 +1,8 @@
 --[[ details.lua: bring the user up to now, then read the balance in detail.
-KEYS  1-9 the user's keys (see _ledger.lua)
+KEYS  1-11 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries)
 Reply {'OK', balance, credit_limit, held, *buckets (bucket id, credits left, priority; each)}
-      | SCHEDULE | CATCHUP | INCONSISTENT
+      | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets.
 ]]
 --!include _ledger.lua

@@ -1,9 +1,9 @@
 --[[ release.lua: end a hold without charging: every held credit goes back.
-KEYS  1-9 the user's keys (see _ledger.lua)
+KEYS  1-11 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 local_id (hold id
       within the user)
 Reply hold_reply (status 'released') | {'NO_HOLD'} | {'HOLD_DONE', status}
-      | SCHEDULE | CATCHUP | INCONSISTENT
+      | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: renewals, holds released by their ttl, expired buckets, then one "l" entry (+amount),
 then an "e" entry for credits whose bucket expired while held. The held amount comes back to the
 limits' budget, if the hold counted in the running period.

@@ -1,12 +1,12 @@
 --[[ reserve.lua: hold credits for a charge whose size is known later (capture or release).
-KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
+KEYS  1-11 the user's keys (see _ledger.lua); 12 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount | 4 ttl_ms
       5 fingerprint | 6 idempotency_ttl_ms | 7 idempotency_key ('' = none)
       8 metadata_json ('' = none) | 9 default_limits (the client's; '' = none)
 Reply hold_reply + {transaction_id (of the "r" entry)} | {'IDEM_CONFLICT'}
       | {'INSUFFICIENT', available} | {'BUDGET', remaining, resets_at, retry_after_ms, budget}
       | {'RATE', retry_after_ms, rate}
-      | PERIOD | SCHEDULE | CATCHUP | INCONSISTENT
+      | PERIOD | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: renewals, holds released by their ttl, expired buckets, then one "r" entry (-amount).
 Credits are taken from the available balance in burn order; a hold never uses the credit limit.
 The held amount counts against the limits' rate and budget now (what is not captured comes back

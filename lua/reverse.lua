@@ -1,5 +1,5 @@
 --[[ reverse.lua: undo a subtract, a capture or an add, once.
-KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
+KEYS  1-11 the user's keys (see _ledger.lua); 12 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 entry_id (the
       history entry to reverse) | 4 fingerprint | 5 idempotency_ttl_ms
       6 idempotency_key ('' = none)
@@ -8,7 +8,7 @@ Reply {'OK', id, kind 'v', amount, balance_after, expire_at '', idempotency_key,
       | {'IDEM_CONFLICT'} | {'NO_TX'} | {'ARCHIVED', trim mark} (moved to PostgreSQL)
       | {'NOT_REVERSIBLE', kind} | {'REVERSED', reversal id}
       | {'BALANCE_LIMIT', balance} (what would come back does not fit under 2^53-1)
-      | SCHEDULE | CATCHUP | INCONSISTENT
+      | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: renewals, holds released by their ttl, expired buckets, then one "v" entry linked (o) to
 the entry it reverses.
 - subtract / capture: the charged credits go back to the buckets they came from, except those of

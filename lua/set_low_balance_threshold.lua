@@ -1,8 +1,8 @@
 --[[ set_low_balance_threshold.lua: ask for events when the balance falls below a threshold.
-KEYS  1-9 the user's keys (see _ledger.lua)
+KEYS  1-11 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries)
       3 threshold ('' = no events)
-Reply {'OK', balance} | SCHEDULE | CATCHUP | INCONSISTENT
+Reply {'OK', balance} | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: renewals, holds released by their ttl, expired buckets (events for them use the old
 threshold). The threshold itself is not a change of the balance.
 ]]

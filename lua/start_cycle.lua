@@ -1,12 +1,12 @@
 --[[ start_cycle.lua: start a cycle granting `amount` until its end; ends the running one first.
-KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
+KEYS  1-11 the user's keys (see _ledger.lua); 12 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries, for the running cycle)
       3 amount (0 allowed) | 4 duration_ms (a fixed period; '' for a calendar period)
       5 first_ends (calendar boundaries of the new cycle "B1,B2,...", calendar only)
       6 period (as given) | 7 tz | 8 renew (0|1) | 9 rollover ('' = all) | 10 fingerprint
       11 idempotency_ttl_ms | 12 idempotency_key ('' = none)
 Reply cycle_reply (see _ledger.lua) | {'IDEM_CONFLICT'} | {'BALANCE_LIMIT', balance}
-      | SCHEDULE | CATCHUP | INCONSISTENT
+      | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: renewals, holds released by their ttl, expired buckets; the running cycle's grant minus what rolls over, as an "e"
 entry; then one "c" entry for the new grant (rollover moves credits, it is not a new grant).
 ]]

@@ -1,5 +1,5 @@
 --[[ subtract.lua: take credits out, soonest-expiring buckets first, all or nothing.
-KEYS  1-9 the user's keys (see _ledger.lua); 10 the idempotency record, when a key was given
+KEYS  1-11 the user's keys (see _ledger.lua); 12 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount | 4 fingerprint
       5 idempotency_ttl_ms | 6 idempotency_key ('' = none) | 7 metadata_json ('' = none)
       8 default_limits (the client's, for a user without its own; '' = none)
@@ -7,7 +7,7 @@ Reply {'OK', id, kind 's', amount (-amount), balance_after, expire_at '', idempo
       | {'IDEM_CONFLICT'} | {'INSUFFICIENT', balance, credit_limit}
       | {'BUDGET', remaining, resets_at, retry_after_ms, budget}
       | {'RATE', retry_after_ms, rate} (the user's limits)
-      | PERIOD | SCHEDULE | CATCHUP | INCONSISTENT
+      | PERIOD | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets, then one "s" entry (none when refused).
 Counts as `used` in the cycle, and against the limits' rate and budget.
 ]]

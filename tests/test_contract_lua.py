@@ -88,7 +88,7 @@ def reply_names(head: str, ledger: str = LEDGER) -> list[str]:
 def reply_codes(head: str) -> set[str]:
     reply = _section(head, "Reply")
     codes = set(re.findall(r"\{'([A-Z_]+)'", reply)) - {"OK"}
-    return codes | set(re.findall(r"\b(SCHEDULE|PERIOD|CATCHUP|INCONSISTENT)\b", reply))
+    return codes | set(re.findall(r"\b(SCHEDULE|PERIOD|ZONE|CATCHUP|INCONSISTENT)\b", reply))
 
 
 def ledger_reply_sizes(ledger: str = LEDGER) -> dict[str, tuple[int, int]]:
@@ -155,7 +155,7 @@ ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount
 Reply {'OK', id, kind 's', amount (-amount), balance_after, expire_at '', idempotency_key, metadata}
       | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available (balance + credit limit)}
       | {'BUDGET', remaining, resets_at} | {'RATE', retry_after_ms}
-      | PERIOD | SCHEDULE | CATCHUP | INCONSISTENT
+      | PERIOD | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: one "s" entry.
 ]]"""
 

@@ -12,7 +12,18 @@ from typing import TYPE_CHECKING, Any
 
 from credici_redis._clients.base import AddItem, ClientBase, Clock, SubtractItem, UserId
 from credici_redis._core import requests as check
-from credici_redis._ops import account, audit, charge, cycles, history, holds, limits, reverse
+from credici_redis._ops import (
+    account,
+    audit,
+    charge,
+    cycles,
+    history,
+    holds,
+    limits,
+    retention,
+    reverse,
+    usage,
+)
 from credici_redis._storages.connect import DEFAULT_TIMEOUT, open_async_storage
 from credici_redis.errors import CrediciError, InconsistentStateError
 from credici_redis.models import (
@@ -23,10 +34,13 @@ from credici_redis.models import (
     CalendarPeriod,
     Cycle,
     Decision,
+    Granularity,
     Hold,
     Limits,
     RateLimit,
     Transaction,
+    TrimReport,
+    UsagePoint,
 )
 from credici_redis.storage import (
     DEFAULT_IDEMPOTENCY_TTL,
@@ -74,6 +88,8 @@ class AsyncCrediciClient(ClientBase):
         archive_url: str | None = None,
         allow_eviction: bool = False,
         default_limits: Limits | None = None,
+        usage_tz: str = "UTC",
+        history_retention: timedelta | None = None,
         **redis_options: Any,
     ) -> AsyncCrediciClient:
         """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``memory://`` (embedded).
@@ -88,6 +104,8 @@ class AsyncCrediciClient(ClientBase):
         The first call reads the Redis's maxmemory-policy and raises EvictionPolicyError unless
         it is noeviction (keys evicted = credits lost); allow_eviction=True skips that check.
         default_limits: the rate and budget of users without limits of their own.
+        usage_tz: the time zone of the usage days and months that `get_usage` reports.
+        history_retention: history older than this is removed by `trim_history` (Redis only).
         Other keyword arguments go to redis-py; one it does not take raises InvalidOptionError.
         The URL is required: ``memory://`` keeps credits in this process only.
         """
@@ -106,6 +124,8 @@ class AsyncCrediciClient(ClientBase):
             cluster=cluster,
             durability=durability,
             allow_eviction=allow_eviction,
+            usage_tz=usage_tz,
+            history_retention=history_retention,
             **redis_options,
         )
         return cls(storage, clock=clock, archive=archive, default_limits=default_limits)
@@ -334,6 +354,36 @@ class AsyncCrediciClient(ClientBase):
         what was spent of the budget in the running period and when that period ends."""
         req = limits.build_get_limits(user_id, self._now(), self._limits)
         return await self.storage.execute(limits.GET_LIMITS, req)
+
+    async def get_usage(
+        self,
+        user_id: UserId,
+        from_: datetime,
+        to_: datetime,
+        *,
+        granularity: Granularity = "day",
+        tz: str | None = None,
+    ) -> list[UsagePoint]:
+        """The user's usage per hour, day or month: one point per period that overlaps
+        [from_, to_) (naive = UTC), each counting its whole period, oldest first. Hours are UTC
+        hours (kept 7 days); days and months are those of the storage's usage_tz (days kept 400
+        days), which `tz` (default: usage_tz) must name; points start in `tz`. Exact against
+        the history: every change updates them in the same script. UsageUnavailableError for
+        periods before the records begin; UsageZoneError for days in another zone."""
+        req = usage.build_usage(
+            user_id, from_, to_, granularity, tz or self._usage_tz(), self._now()
+        )
+        return await self.storage.execute(usage.USAGE, req)
+
+    async def trim_history(self, user_id: UserId) -> TrimReport:
+        """Remove the user's history entries older than the storage's history_retention, in
+        bounded steps, each after a checkpoint of what they add up to (the audit replays from
+        the newest one). Entries whose replay finds a problem stay (see `problems`). A user
+        whose history the archiver moves to PostgreSQL is left to it (`archived`)."""
+        req = retention.build_trim(
+            user_id, self._retention_ms(), self._now(), retention.DEFAULT_STEP
+        )
+        return await self.storage.execute(retention.TRIM, req)
 
     async def get_balance_details(self, user_id: UserId) -> BalanceDetails:
         """Balance, debt, credit limit and the buckets in burn order."""

@@ -9,7 +9,9 @@ bucket; capture and release give a hold's parts back to their buckets as of the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from credici_redis._core.time import NEVER_MS
 from credici_redis.models import AuditReport
@@ -46,6 +48,40 @@ class Replay:
         self.count = 0
         self.last = "0-0"
         self.problems: list[str] = []
+
+    # -- checkpoints (retention: `credici_redis._ops.retention`) --------------------------------
+
+    def checkpoint(self, originals: Mapping[str, Mapping[str, str]]) -> str:
+        """What the history fed so far adds up to, as a checkpoint's JSON: balance, buckets
+        (credits and priority), active holds (their parts), entries counted, and `originals`:
+        the entries (up to here) that a later reversal reverses, which the replay will need
+        once they are trimmed."""
+        return json.dumps(
+            {
+                "balance": self.running,
+                "entries": self.count,
+                "buckets": self.model,
+                "rank": {b: r for b, r in self.rank.items() if r and b in self.model},
+                "holds": {h: [[b, c] for b, c in parts] for h, parts in self.holds.items()},
+                "originals": {i: dict(f) for i, f in originals.items()},
+            },
+            separators=(",", ":"),
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_checkpoint(cls, user_id: str, entry_id: str, data: str) -> tuple[Replay, Any]:
+        """A replay that starts where a checkpoint (`checkpoint`) left off, at entry `entry_id`;
+        and the checkpoint's originals (entry id -> fields)."""
+        state = json.loads(data)
+        run = cls(user_id)
+        run.running, run.count, run.last = int(state["balance"]), int(state["entries"]), entry_id
+        run.model = {str(b): int(c) for b, c in state["buckets"].items()}
+        run.rank = {str(b): int(r) for b, r in state["rank"].items()}
+        run.holds = {str(h): [(str(b), int(c)) for b, c in p] for h, p in state["holds"].items()}
+        originals = {str(i): {str(k): str(v) for k, v in f.items()}
+                     for i, f in state["originals"].items()}  # fmt: skip
+        return run, originals
 
     @staticmethod
     def reversed_id(f: Mapping[str, str]) -> str | None:

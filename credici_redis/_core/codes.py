@@ -92,8 +92,9 @@ REFUSALS: dict[str, Callable[[Any, list[str]], CrediciError]] = {
     ),
 }
 
-PROGRESS = frozenset({"SCHEDULE", "CATCHUP", "INCONSISTENT"})
-"""Replies every script may give, answered by the ledger itself (`credici_redis._core.protocol`)."""
+PROGRESS = frozenset({"SCHEDULE", "ZONE", "CATCHUP", "INCONSISTENT"})
+"""Replies every script may give, answered by the ledger itself (`credici_redis._core.protocol`):
+SCHEDULE asks for a calendar cycle's boundaries, ZONE for the UTC offsets of the usage zone."""
 LIMITS_PROGRESS = frozenset({"PERIOD"})
 """... and those the scripts that read limits (ARGV default_limits) may give too: PERIOD asks for
 the calendar period of a budget, answered by the ledger like SCHEDULE."""

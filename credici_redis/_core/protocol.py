@@ -106,21 +106,32 @@ def _still_catching_up() -> StorageError:
 
 
 def answer(reply: Any, extension: str) -> str | None:
-    """For a reply asking for calendar boundaries, the extension (ARGV 2) to send the call again
-    with; None for any other reply. SCHEDULE asks for a cycle's boundaries (the part before '|'),
-    PERIOD for the budget period containing the server's now (the part after '|')."""
+    """For a reply asking for calendar facts, the extension (ARGV 2, "<cycle>|<period>|<zone>")
+    to send the call again with; None for any other reply. SCHEDULE asks for a cycle's
+    boundaries, PERIOD for the budget period containing the server's now, ZONE for the UTC
+    offsets of the usage zone (lua/_ledger.lua says what each part holds)."""
     if not (isinstance(reply, list) and reply):
         return None
     code = text(reply[0])
-    cycle, _, period = extension.partition("|")
+    cycle, _, rest = extension.partition("|")
+    period, _, usage_zone = rest.partition("|")
     if code == "SCHEDULE":
         now, anchor, index, every, tz = (text(v) for v in reply[1:6])
         found = _schedule.boundaries_from(int(anchor), every, tz, int(index), int(now))
         cycle = f"{index}:" + ",".join(map(str, found))
     elif code == "PERIOD" and len(reply) == 4:
         period = _schedule.period_extension([text(v) for v in reply])
+    elif code == "ZONE" and len(reply) == 4:
+        usage_zone = _schedule.zone_extension([text(v) for v in reply])
     else:
         return None
+    return extension_of(cycle, period, usage_zone)
+
+
+def extension_of(cycle: str, period: str, usage_zone: str) -> str:
+    """ARGV 2 from its parts, trailing empty parts left out."""
+    if usage_zone:
+        return f"{cycle}|{period}|{usage_zone}"
     return f"{cycle}|{period}" if period else cycle
 
 
@@ -136,9 +147,13 @@ def encode(value: Any) -> str | int:
 class Ledger:
     """Builds the calls of every operation for one namespace and parses their replies."""
 
-    def __init__(self, namespace: str, idempotency_ttl_ms: int) -> None:
+    def __init__(self, namespace: str, idempotency_ttl_ms: int, usage_tz: str = "UTC") -> None:
         self.namespace = _keys.check_namespace(namespace)
         self.idempotency_ttl_ms = idempotency_ttl_ms
+        self.usage_tz = usage_tz
+        self.extension = "" if usage_tz == "UTC" else extension_of("", "", usage_tz)
+        """ARGV 2 of a first call: the usage zone (lua/_ledger.lua, "Usage rollups"), if not
+        UTC."""
         self.functions = True
         """Calls go as FCALL of the Functions library (`credici_redis._core.scripts.LIBRARY`);
         False: as EVALSHA of each script (a storage sets it where the library cannot be
@@ -160,14 +175,14 @@ class Ledger:
         """Many requests of one operation in one round trip; each result, or its error."""
         return (yield from self._many([self._item(op, req) for req in reqs]))
 
-    def call(self, op: Operation[Any, Any], req: Any, extension: str = "") -> Call:
+    def call(self, op: Operation[Any, Any], req: Any, extension: str | None = None) -> Call:
         """The FCALL (or EVALSHA) of `op`'s script for `req`: the user's keys (and the
         idempotency record, under a key), then ARGV by the operation's names."""
         keys: list[str] = list(_keys.user_keys(self.namespace, req.user_id))
         key = getattr(req, "idempotency_key", None)
         if key is not None:
             keys.append(_keys.idempotency_key(self.namespace, req.user_id, key))
-        argv = [encode(req.now_ms), extension]
+        argv = [encode(req.now_ms), self.extension if extension is None else extension]
         for name in op.argv:
             argv.append(self.idempotency_ttl_ms if name == "idempotency_ttl_ms" else encode(
                 getattr(req, name)
@@ -213,7 +228,7 @@ class Ledger:
         """Send `batch(extension)`; when its first script asks for calendar boundaries (SCHEDULE),
         compute them and send it again with them. Nothing was written by a SCHEDULE reply. While
         it replies CATCHUP (a step of a long catch-up was applied), send it again as it was."""
-        extension = ""
+        extension = self.extension
         schedules = 0
         for _ in range(CATCHUP_STEPS):
             replies = yield from sent(batch(extension))
@@ -239,7 +254,7 @@ class Ledger:
             item if isinstance(item, CrediciError) else StorageError("not sent") for item in items
         ]
         pending = [i for i, item in enumerate(items) if not isinstance(item, CrediciError)]
-        extensions = dict.fromkeys(pending, "")
+        extensions = dict.fromkeys(pending, self.extension)
         schedules = dict.fromkeys(pending, 0)
         for _ in range(CATCHUP_STEPS):
             if not pending:

@@ -97,3 +97,45 @@ def period_extension(reply: list[str]) -> str:
     """The answer to a PERIOD reply {'PERIOD', now, period, tz}: "<start>,<end>"."""
     start, end = calendar_period(int(reply[1]), reply[2], reply[3])
     return f"{start},{end}"
+
+
+# -- usage days (lua/_ledger.lua "Usage rollups") ---------------------------------------------
+
+ZONE_VALID_MS = 7 * 86_400_000
+"""How long past the asked span a zone's offsets are sent for: a user asks again a week later."""
+_DAY_MS = 86_400_000
+
+
+def utc_offset_ms(ms: int, tz: str) -> int:
+    offset = from_ms(ms).astimezone(zone(tz)).utcoffset()
+    assert offset is not None
+    return offset // timedelta(milliseconds=1)
+
+
+def zone_offsets(tz: str, from_ms: int, to_ms: int) -> tuple[int, list[tuple[int, int]]]:
+    """The UTC offsets of zone `tz` from `from_ms` until `to_ms` + ZONE_VALID_MS: (valid until,
+    [(from ms, offset ms), ...]), the first from `from_ms`, then each change of offset. Found by
+    day steps (a zone changes its offset at most once a day), each change to the millisecond."""
+    until = to_ms + ZONE_VALID_MS
+    found = [(from_ms, utc_offset_ms(from_ms, tz))]
+    t = from_ms
+    while t < until:
+        step = min(t + _DAY_MS, until)
+        if utc_offset_ms(step, tz) != found[-1][1]:
+            low, high = t, step  # the offset changes in (low, high]
+            while high - low > 1:
+                mid = (low + high) // 2
+                if utc_offset_ms(mid, tz) == found[-1][1]:
+                    low = mid
+                else:
+                    high = mid
+            found.append((high, utc_offset_ms(high, tz)))
+        t = step
+    return until, found
+
+
+def zone_extension(reply: list[str]) -> str:
+    """The answer to a ZONE reply {'ZONE', tz, from, to}: "<tz>=<until>;<from>:<offset>;..."."""
+    tz, start, end = reply[1], int(reply[2]), int(reply[3])
+    until, offsets = zone_offsets(tz, start, end)
+    return f"{tz}={until};" + ";".join(f"{t}:{o}" for t, o in offsets)

@@ -15,6 +15,8 @@ reply becomes a model, and which errors it raises (codes in `credici_redis._core
     limits      check                      check.lua                     Decision
                 set_limits, get_limits     set_limits.lua, get_limits.lua  Limits
                 (enforced by subtract.lua and reserve.lua; the wire form of limits)
+    usage       get_usage                  usage.lua                     list[UsagePoint]
+    retention   trim_history               trim.lua + XRANGE pages       TrimReport
     history     history                    balance.lua + XREVRANGE pages list[Transaction]
     audit       audit                      audit.lua + XRANGE pages      AuditSnapshot
 
@@ -25,7 +27,18 @@ generated). tests/test_contract_lua.py checks the Operation against the script's
 """
 
 from credici_redis._core.operation import OPERATIONS, Operation
-from credici_redis._ops import account, audit, charge, cycles, history, holds, limits, reverse
+from credici_redis._ops import (
+    account,
+    audit,
+    charge,
+    cycles,
+    history,
+    holds,
+    limits,
+    retention,
+    reverse,
+    usage,
+)
 
 __all__ = [
     "OPERATIONS",
@@ -37,5 +50,7 @@ __all__ = [
     "history",
     "holds",
     "limits",
+    "retention",
     "reverse",
+    "usage",
 ]

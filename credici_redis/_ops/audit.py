@@ -25,6 +25,7 @@ from credici_redis._core.protocol import (
 )
 from credici_redis._core.requests import UserRequest
 from credici_redis._core.scripts import load
+from credici_redis.errors import StorageError
 from credici_redis.models import AuditReport
 
 
@@ -47,6 +48,9 @@ class AuditSnapshot:
     last: str
     stream_last: str
     trimmed: str
+    checkpoint: str = ""
+    """'' or "<entry id>\n<JSON>": what the history up to that entry added up to, written
+    before those entries were trimmed (`credici_redis._ops.retention`); the replay starts there."""
     replayed: Replay | None = None
 
     def report(self, archived: Sequence[tuple[str, dict[str, str]]]) -> AuditReport:
@@ -68,7 +72,7 @@ class AuditSnapshot:
             newest = entries[-1][0] if entries else "0-0"
             report = _audit.replay(self.user_id, entries, self.balance, self.buckets, self.held)
         problems = list(report.problems)
-        if self.trimmed and not archived:
+        if self.trimmed and not archived and not self.checkpoint:
             problems.insert(
                 0,
                 f"the history before {self.trimmed} was archived to PostgreSQL: audit with the "
@@ -88,19 +92,44 @@ def _state(req: UserRequest, r: Reply) -> AuditSnapshot:
     rest = r.tail()
     return AuditSnapshot(
         req.user_id, int(r["balance"]), {rest[i]: int(rest[i + 1]) for i in range(0, len(rest), 2)},
-        int(r["held"]), [], r["last"], r["stream_last"], r["trimmed"],
+        int(r["held"]), [], r["last"], r["stream_last"], r["trimmed"], r["checkpoint"],
     )  # fmt: skip
+
+
+CHECKPOINT_ATTEMPTS = 5
+"""How often the audit starts again when a trim moved the checkpoint while it read."""
 
 
 def _audit_snapshot(
     ledger: Ledger, op: Operation[Any, Any], req: UserRequest
 ) -> Flow[AuditSnapshot]:
     """The snapshot, then the history up to it, oldest first, in pages: replayed as it comes
-    (each reversal's original read by id), or kept when part of it is in the archive."""
+    (each reversal's original read by id) from the newest checkpoint, or kept when part of it is
+    in the archive. If a trim moved the checkpoint meanwhile, it starts again."""
+    keys = _keys.user_keys(ledger.namespace, req.user_id)
+    for _ in range(CHECKPOINT_ATTEMPTS):
+        snapshot = yield from _read_history(ledger, op, req, keys.history)
+        if not snapshot.checkpoint:
+            return snapshot
+        (now,) = yield from sent([Call(("GET", keys.checkpoint))])
+        if now is not None and text(now) == snapshot.checkpoint:
+            return snapshot
+    raise StorageError("the history kept being trimmed while the audit read it: try again")
+
+
+def _read_history(
+    ledger: Ledger, op: Operation[Any, Any], req: UserRequest, stream: str
+) -> Flow[AuditSnapshot]:
     snapshot: AuditSnapshot = yield from ledger.script_flow(op, req)
-    stream = _keys.user_keys(ledger.namespace, req.user_id).history
-    replay = None if snapshot.trimmed else Replay(req.user_id)
     start = "-"
+    checkpointed: dict[str, dict[str, str]] = {}
+    replay: Replay | None = None
+    if snapshot.checkpoint:
+        at, _, data = snapshot.checkpoint.partition("\n")
+        replay, checkpointed = Replay.from_checkpoint(req.user_id, at, data)
+        start = "(" + at
+    elif not snapshot.trimmed:
+        replay = Replay(req.user_id)
     while snapshot.last != "0-0":
         (page,) = yield from sent(
             [Call(("XRANGE", stream, start, snapshot.last, "COUNT", HISTORY_PAGE))]
@@ -110,6 +139,7 @@ def _audit_snapshot(
             snapshot.entries.extend(entries)
         else:
             originals = yield from _originals(stream, entries)
+            originals = {**checkpointed, **originals}
             for entry_id, f in entries:
                 reversed_id = Replay.reversed_id(f)
                 replay.feed(entry_id, f, originals.get(reversed_id) if reversed_id else None)
@@ -141,7 +171,7 @@ AUDIT: Operation[UserRequest, AuditSnapshot] = Operation(
     UserRequest,
     load("audit", effect=False, write=False),
     argv=(),
-    reply=("OK", "balance", "last", "stream_last", "held", "trimmed", "*buckets"),
+    reply=("OK", "balance", "last", "stream_last", "held", "trimmed", "checkpoint", "*buckets"),
     parse=_state,
     flow=_audit_snapshot,
 )

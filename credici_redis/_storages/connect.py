@@ -64,6 +64,8 @@ FROM_URL_OPTIONS = (
     "archive_url",
     "max_connections",
     "allow_eviction",
+    "usage_tz",
+    "history_retention",
 )
 """What ``from_url`` itself takes: a typo of one of these is named in the error."""
 
@@ -243,6 +245,8 @@ def _open(
     cluster: bool = False,
     durability: Durability = "primary",
     allow_eviction: bool = False,
+    usage_tz: str = "UTC",
+    history_retention: timedelta | None = None,
     **options: Any,
 ) -> Storage | AsyncStorage:
     """Both kinds of storage, opened the same way: check everything, then connect. `options`
@@ -251,8 +255,18 @@ def _open(
     scheme = check_url(url)
     check_options(scheme, options, cluster=cluster, asyncio=asyncio)
     waiting = _durability(scheme, durability, timeout)
-    common: dict[str, Any] = {"idempotency_ttl": idempotency_ttl, "retries": retries}
+    common: dict[str, Any] = {
+        "idempotency_ttl": idempotency_ttl,
+        "retries": retries,
+        "usage_tz": usage_tz,
+    }
     if scheme in {"postgres", "postgresql"} and not cluster:
+        if history_retention is not None:
+            raise InvalidOptionError(
+                "history_retention trims Redis history; PostgreSQL storage keeps its history in"
+                " PostgreSQL",
+                option="history_retention",
+            )
         from credici_redis._storages.postgres_async import AsyncPostgresStorage
         from credici_redis._storages.postgres_sync import PostgresStorage
 
@@ -268,7 +282,12 @@ def _open(
         client = connect()
     except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
         raise StorageUnavailableError(f"no node of the Redis Cluster answered: {exc}") from exc
-    common |= {"owns_connection": True, "allow_eviction": allow_eviction, **waiting}
+    common |= {
+        "owns_connection": True,
+        "allow_eviction": allow_eviction,
+        "history_retention": history_retention,
+        **waiting,
+    }
     if asyncio:
         return AsyncRedisStorage(client, namespace, batching=batching, connect=connect, **common)
     return RedisStorage(client, namespace, **common)

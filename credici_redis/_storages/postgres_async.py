@@ -99,6 +99,7 @@ class AsyncPostgresStorage(AsyncRedisStorage):
         timeout: float = 5.0,
         max_connections: int = DEFAULT_POOL_SIZE,
         batching: bool = False,  # async only
+        usage_tz: str = "UTC",
         **connect_options: Any,
     ) -> None:
         _need_psycopg()
@@ -109,6 +110,7 @@ class AsyncPostgresStorage(AsyncRedisStorage):
             retries=retries,
             retry_backoff=retry_backoff,
             owns_connection=True,
+            usage_tz=usage_tz,
         )
         self.postgres = PostgresLedger(namespace, self.ledger.idempotency_ttl_ms)
         self.ledger.functions = False  # each call runs as a script on a connection's own Redis

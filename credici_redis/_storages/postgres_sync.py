@@ -95,6 +95,7 @@ class PostgresStorage(RedisStorage):
         retry_backoff: float = 0.05,
         timeout: float = 5.0,
         max_connections: int = DEFAULT_POOL_SIZE,
+        usage_tz: str = "UTC",
         **connect_options: Any,
     ) -> None:
         _need_psycopg()
@@ -105,6 +106,7 @@ class PostgresStorage(RedisStorage):
             retries=retries,
             retry_backoff=retry_backoff,
             owns_connection=True,
+            usage_tz=usage_tz,
         )
         self.postgres = PostgresLedger(namespace, self.ledger.idempotency_ttl_ms)
         self.ledger.functions = False  # each call runs as a script on a connection's own Redis

@@ -104,6 +104,9 @@ class AsyncRedisStorage(_RedisStorageBase):
     Before its first command, the storage reads the eviction policy of the Redis (of every
     primary of a cluster) and raises EvictionPolicyError unless it is ``noeviction``;
     ``allow_eviction=True`` skips that.
+    usage_tz: the time zone of the usage days and months (`get_usage`); UTC hours regardless.
+    history_retention: history entries older than this are removed by `trim_history` (after a
+    checkpoint the audit replays from); None keeps them until the archiver moves them.
     An asyncio connection serves one event loop: with `connect` (what ``from_url`` passes: makes
     a client like `redis`) the storage makes a client for each loop it runs in; without, a call
     under another loop than the first raises EventLoopError before sending anything.
@@ -123,6 +126,8 @@ class AsyncRedisStorage(_RedisStorageBase):
         replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
         allow_eviction: bool = False,
         connect: Callable[[], Any] | None = None,  # async only
+        usage_tz: str = "UTC",
+        history_retention: timedelta | None = None,
     ) -> None:
         super().__init__(
             namespace,
@@ -132,6 +137,8 @@ class AsyncRedisStorage(_RedisStorageBase):
             owns_connection=owns_connection,
             durability=durability,
             replica_timeout=replica_timeout,
+            usage_tz=usage_tz,
+            history_retention=history_retention,
         )
         check_retry_policy(redis)
         if not isinstance(allow_eviction, bool):

@@ -17,6 +17,7 @@ from redis.backoff import EqualJitterBackoff
 from credici_redis._core.operation import Operation
 from credici_redis._core.protocol import Call, Ledger
 from credici_redis._core.requests import generated_key
+from credici_redis._core.schedule import zone
 from credici_redis._core.time import duration_ms
 from credici_redis._storages.interface import Batch as Batch
 from credici_redis._storages.interface import R as R
@@ -27,6 +28,8 @@ from credici_redis._storages.outcomes import storage_error as storage_error
 from credici_redis.errors import (
     CrediciError,
     EvictionPolicyError,
+    InvalidOptionError,
+    InvalidTimeZoneError,
     UnsafeClientError,
 )
 
@@ -141,6 +144,27 @@ class AsyncArchiveSource(Protocol):
     ) -> list[tuple[str, dict[str, str]]]: ...
 
 
+def check_usage_tz(usage_tz: object) -> str:
+    """The zone of the usage days (`get_usage`): an IANA name; InvalidTimeZoneError otherwise."""
+    if not isinstance(usage_tz, str) or "|" in usage_tz or "=" in usage_tz:
+        raise InvalidTimeZoneError(f"usage_tz must be an IANA time zone name, got {usage_tz!r}")
+    zone(usage_tz)
+    return "UTC" if usage_tz in ("UTC", "Etc/UTC") else usage_tz
+
+
+def check_retention(retention: object) -> int | None:
+    """history_retention in ms (None: none); InvalidOptionError unless a timedelta of at least
+    a minute."""
+    if retention is None:
+        return None
+    if not isinstance(retention, timedelta) or retention < timedelta(minutes=1):
+        raise InvalidOptionError(
+            f"history_retention must be a timedelta of at least a minute, got {retention!r}",
+            option="history_retention",
+        )
+    return duration_ms(retention)
+
+
 class _RedisStorageBase:
     def __init__(
         self,
@@ -152,6 +176,8 @@ class _RedisStorageBase:
         owns_connection: bool = False,
         durability: Durability = "primary",
         replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+        usage_tz: str = "UTC",
+        history_retention: timedelta | None = None,
     ) -> None:
         if idempotency_ttl < timedelta(seconds=1):
             raise ValueError("idempotency_ttl must be at least one second")
@@ -161,9 +187,12 @@ class _RedisStorageBase:
             raise ValueError(f"durability must be one of {get_args(Durability)}")
         if not isinstance(replica_timeout, int | float) or not 0.001 <= replica_timeout < 3600:
             raise ValueError("replica_timeout must be seconds, at least 0.001")
+        self.history_retention_ms = check_retention(history_retention)
+        """History entries older than this go (`trim_history`, after a checkpoint); None: kept
+        until the archiver moves them to PostgreSQL."""
         self.durability = durability
         self.replica_timeout = float(replica_timeout)
-        self.ledger = Ledger(namespace, duration_ms(idempotency_ttl))
+        self.ledger = Ledger(namespace, duration_ms(idempotency_ttl), check_usage_tz(usage_tz))
         self.namespace = namespace
         if not isinstance(retry_backoff, int | float) or not 0 <= retry_backoff <= 60:
             raise ValueError("retry_backoff must be seconds, 0 to 60")

@@ -612,6 +612,31 @@ class UserLedger:
         self.catch_up(now)
         return self.history[::-1]
 
+    # Usage rollups.
+
+    def rollups(self, now: int, periods: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+        """(spent, granted, expired, charges) of the entries whose stream id's ms is in each
+        period [start, end): spent is what charges took net of what came back (subtract,
+        reserve, capture, release, and reversals that give credits back), granted what came
+        in (add, cycle_start, and reversals that take credits back), expired what expired;
+        charges counts subtract and reserve entries."""
+        self.catch_up(now)
+        out = []
+        for start, end in periods:
+            total = [0, 0, 0, 0]
+            for e in self.history:
+                if not start <= e.id[0] < end:
+                    continue
+                if e.kind == "expire":
+                    total[2] -= e.amount
+                elif e.kind in ("add", "cycle_start") or (e.kind == "reverse" and e.amount < 0):
+                    total[1] += e.amount
+                else:
+                    total[0] -= e.amount
+                    total[3] += e.kind in ("subtract", "reserve")
+            out.append((total[0], total[1], total[2], total[3]))
+        return out
+
     # Limits.
 
     def set_limits(self, limits: LimitSpec | None, now: int) -> LimitsView:

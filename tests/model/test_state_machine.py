@@ -43,8 +43,9 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, time, timedelta, timezone
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import Phase, settings
@@ -129,6 +130,7 @@ NEVER_ID = "999999999999999"  # the expiry part of a never-expiring bucket's id
 
 # Ids with the characters a key scheme could trip on (':', '{', '}', '%', spaces, non-ASCII).
 USER_IDS = ("alice", "b{o}b:1", "çarol 100%")
+USAGE_TZ = "Asia/Kolkata"
 IDEMPOTENCY_KEYS = ("k1", "k2", "k3")  # a small pool, shared by the users: keys are per user
 
 
@@ -162,7 +164,9 @@ class Driver:
     ) -> None:
         self.loop = None if api == "sync" else asyncio.new_event_loop()
         self.client: Any
-        options: dict[str, Any] = {"namespace": namespace, "clock": clock}
+        # Usage days in a zone 5:30 off UTC: its midnights fall within hours, and every
+        # operation may have to ask for the zone's offsets first (ZONE).
+        options: dict[str, Any] = {"namespace": namespace, "clock": clock, "usage_tz": USAGE_TZ}
         if limits is not None:
             options["default_limits"] = limits
         if self.loop is None:
@@ -960,8 +964,35 @@ class LedgerMachine(RuleBasedStateMachine):
             cycle = self.call("get_cycle", user)
             assert self.cycle_view(user, cycle) == ledger.get_cycle(self.now)
         self.check_usage(user)
+        self.check_rollups(user)
         self.check_buckets(user, exact=True)
         return history
+
+    def check_rollups(self, user: str) -> None:
+        """get_usage per hour, day and month against the model's sums of its own history, over
+        windows that end at the newest entry (within what the records keep)."""
+        ledger = self.ledger(user)
+        latest = ledger.history[-1].id[0] if ledger.history else self.now
+        zone = ZoneInfo(USAGE_TZ)
+        for granularity, back in (("hour", timedelta(hours=72)), ("day", timedelta(days=45)),
+                                  ("month", timedelta(days=45))):  # fmt: skip
+            start, end = at_ms(latest) - back, at_ms(latest) + timedelta(hours=1)
+            points = self.call("get_usage", user, start, end, granularity=granularity)
+            periods = []
+            for p in points:
+                local = p.start.astimezone(zone)
+                if granularity == "hour":
+                    after = p.start + timedelta(hours=1)
+                elif granularity == "day":
+                    after = datetime.combine(local.date() + timedelta(days=1), time(0), zone)
+                else:
+                    month = (local.date().replace(day=28) + timedelta(days=4)).replace(day=1)
+                    after = datetime.combine(month, time(0), zone)
+                periods.append((ms(p.start), ms(after)))
+            for (s, e), (p_s, p_e) in zip(periods, periods[1:], strict=False):
+                assert e == p_s, (granularity, s, e, p_s)  # the points tile the span
+            got = [(p.spent, p.granted, p.expired, p.charges) for p in points]
+            assert got == ledger.rollups(self.now, periods), granularity
 
     def check_usage(self, user: str) -> None:
         """What the user used of its limits, read raw from its state hash, against the model's:
