@@ -29,7 +29,7 @@
     ├── HoldNotFoundError             no such hold (or it ended more than a day ago)
     ├── HoldFinishedError             the hold was already captured, released or expired
     ├── TransactionNotFoundError      reverse of an unknown transaction
-    │   └── TransactionArchivedError  ... or of one the archiver moved to PostgreSQL
+    │   └── TransactionArchivedError  ... or of one trimmed from Redis (archive, retention)
     ├── NotReversibleError            reverse of an entry that is not a subtract, capture or add
     ├── AlreadyReversedError          a transaction is reversed once
     ├── UsageUnavailableError         usage asked for before its records begin (.available_from)
@@ -302,14 +302,15 @@ class TransactionNotFoundError(CrediciError):
 
 
 class TransactionArchivedError(TransactionNotFoundError):
-    """The transaction was archived to PostgreSQL and trimmed from Redis (after the archiver's
-    ``keep`` time): it can no longer be reversed."""
+    """The transaction is older than what Redis keeps of the history: archived to PostgreSQL and
+    trimmed (after the archiver's ``keep`` time), or past the storage's history_retention
+    (`trim_history`). It can no longer be reversed."""
 
     def __init__(self, transaction_id: str) -> None:
         CrediciError.__init__(
             self,
-            f"transaction {transaction_id!r} was archived to PostgreSQL and is no longer kept "
-            "in Redis: it cannot be reversed",
+            f"transaction {transaction_id!r} is older than the history Redis keeps (archived to"
+            " PostgreSQL, or past the history retention): it cannot be reversed",
         )
         self.transaction_id = transaction_id
 

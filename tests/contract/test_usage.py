@@ -238,7 +238,7 @@ async def test_usage_of_a_user_without_history_is_zeros_and_writes_nothing(
         (
             {"granularity": "hour", "from_": datetime(2026, 1, 1, tzinfo=timezone.utc)},
             InvalidPeriodError,
-        ),  # fmt: skip
+        ),
     ],
 )
 async def test_bad_usage_queries_are_typed_errors(

@@ -42,6 +42,7 @@ from credici_redis.errors import (
     InvalidExpiryError,
     NotReversibleError,
     RateLimitedError,
+    TransactionArchivedError,
     TransactionNotFoundError,
 )
 
@@ -322,6 +323,7 @@ class UserLedger:
         self.holds: list[Hold] = []  # by number - 1
         self.cycle: Cycle | None = None
         self.reversals: dict[int, int] = {}  # entry position -> its reversal's position
+        self.trimmed = 0  # the first entries, gone from the store's history after a checkpoint
 
     # Views.
 
@@ -506,8 +508,10 @@ class UserLedger:
             assert isinstance(prior, Entry)
             return prior
         self.catch_up(now)
-        if position is None:
-            raise Refused(TransactionNotFoundError)
+        if position is None:  # an id older than any: after a trim, it may have been trimmed
+            raise Refused(TransactionArchivedError if self.trimmed else TransactionNotFoundError)
+        if position < self.trimmed:
+            raise Refused(TransactionArchivedError)
         target = self.history[position]
         if target.kind not in ("add", "subtract", "capture"):
             raise Refused(NotReversibleError, entry=position, kind=target.kind)
@@ -608,9 +612,20 @@ class UserLedger:
         return self.balance
 
     def read_history(self, now: int) -> list[Entry]:
-        """Newest first."""
+        """Newest first: what the store still has (after `trim`)."""
         self.catch_up(now)
-        return self.history[::-1]
+        return self.history[self.trimmed :][::-1]
+
+    def trim(self, now: int, retention: int) -> int:
+        """History retention: every entry dated before now - retention goes (the store first
+        records a checkpoint of what they add up to). Returns how many went now. The state, and
+        the usage rollups, are not history: they stay."""
+        self.catch_up(now)
+        kept = self.trimmed
+        while kept < len(self.history) and self.history[kept].id[0] < now - retention:
+            kept += 1
+        gone, self.trimmed = kept - self.trimmed, kept
+        return gone
 
     # Usage rollups.
 
