@@ -85,6 +85,49 @@ local function fmt(n)
   return string.format('%.0f', n)
 end
 
+-- Usage counters (see "Usage rollups") add up amounts past 2^53-1 (a day's grants may): a
+-- counter is a Lua number while it is exact (|value| < 2^52), else a pair {hi, lo}, value =
+-- hi * 10^12 + lo with 0 <= lo < 10^12, and is written in decimal either way.
+local LIMB, EXACT = 1e12, 4503599627370496
+
+local function limbs(x)
+  if type(x) == 'table' then return x end
+  local hi = math.floor(x / LIMB)
+  return { hi, x - hi * LIMB }
+end
+
+local function plus(x, a)
+  if type(x) == 'number' and type(a) == 'number' and math.abs(x) < EXACT and math.abs(a) < EXACT
+  then
+    return x + a
+  end
+  local p, q = limbs(x), limbs(a)
+  local lo = p[2] + q[2]
+  local carry = math.floor(lo / LIMB)
+  local hi = p[1] + q[1] + carry
+  lo = lo - carry * LIMB
+  if math.abs(hi) < 4000 then return hi * LIMB + lo end  -- below 4 * 10^15: exact again
+  return { hi, lo }
+end
+
+local function counter_text(x)
+  if type(x) == 'number' then return fmt(x) end
+  local hi, lo = x[1], x[2]
+  if hi >= 0 then return fmt(hi) .. string.format('%012.0f', lo) end
+  if lo > 0 then hi, lo = hi + 1, LIMB - lo end  -- -(|hi| - 1) * 10^12 - (10^12 - lo)
+  return '-' .. fmt(-hi) .. string.format('%012.0f', lo)
+end
+
+local function counter_of(text)
+  if not text then return 0 end
+  local sign, digits = string.match(text, '^(%-?)(%d+)$')
+  if #digits <= 15 then return tonumber(text) end
+  local x = { tonumber(string.sub(digits, 1, #digits - 12)), tonumber(string.sub(digits, -12)) }
+  if sign == '' then return x end
+  if x[2] == 0 then return { -x[1], 0 } end
+  return { -x[1] - 1, LIMB - x[2] }
+end
+
 -- Stream ids "<ms>-<seq>" as numbers, to compare them.
 local function id_parts(id)
   local ms, sq = string.match(id, '^(%d+)-(%d+)$')
@@ -127,8 +170,8 @@ local function load_state()
     ce = tonumber(v[4]), cst = v[5] or nil, nx = tonumber(v[6]), limit = tonumber(v[7]) or 0,
     held = tonumber(v[8]) or 0, hx = tonumber(v[9]), holds_dirty = false, low = tonumber(v[10]),
     lim = v[11] or nil, pn = tonumber(v[12]) or 0,
-    ux = tonumber(v[13]), u1 = tonumber(v[14]) or 0, u2 = tonumber(v[15]) or 0,
-    u3 = tonumber(v[16]) or 0, u4 = tonumber(v[17]) or 0,
+    ux = tonumber(v[13]), u1 = counter_of(v[14]), u2 = counter_of(v[15]),
+    u3 = counter_of(v[16]), u4 = counter_of(v[17]),
   }
 end
 
@@ -143,7 +186,8 @@ local function save_state(st)
       'bal', fmt(st.bal), 'ms', fmt(st.ms), 'sq', fmt(st.sq), 'nx', fmt(st.nx or 0)
     if st.ux then
       args[11], args[12], args[13], args[14], args[15], args[16], args[17], args[18] =
-        'u1', fmt(st.u1), 'u2', fmt(st.u2), 'u3', fmt(st.u3), 'u4', fmt(st.u4)
+        'u1', counter_text(st.u1), 'u2', counter_text(st.u2), 'u3', counter_text(st.u3),
+        'u4', counter_text(st.u4)
     end
     st.dirty = false  -- saved: a second save_state writes nothing again
   end
@@ -268,10 +312,11 @@ local function add_record(values, i, s)
   local old = values[i]
   if old then
     local o = {}
-    for n in string.gmatch(old, '[^:]+') do o[#o + 1] = tonumber(n) end
-    s = { s[1] + o[1], s[2] + o[2], s[3] + o[3], s[4] + o[4] }
+    for n in string.gmatch(old, '[^:]+') do o[#o + 1] = counter_of(n) end
+    s = { plus(o[1], s[1]), plus(o[2], s[2]), plus(o[3], s[3]), plus(o[4], s[4]) }
   end
-  return fmt(s[1]) .. ':' .. fmt(s[2]) .. ':' .. fmt(s[3]) .. ':' .. fmt(s[4])
+  return counter_text(s[1]) .. ':' .. counter_text(s[2]) .. ':' .. counter_text(s[3]) .. ':'
+    .. counter_text(s[4])
 end
 
 -- Drops the records of `prefix` numbered from `low` to `upto` (at most KEEP_DAYS of them).
@@ -324,12 +369,12 @@ end
 local function count(st, kind, amount, ms)
   if not st.ux or ms >= st.ux then fold(st, ms) end
   if kind == 'e' then
-    st.u3 = st.u3 - amount
+    st.u3 = plus(st.u3, -amount)
   elseif kind == 'a' or kind == 'c' or (kind == 'v' and amount < 0) then
-    st.u2 = st.u2 + amount
+    st.u2 = plus(st.u2, amount)
   else
-    st.u1 = st.u1 - amount
-    if kind == 's' or kind == 'r' then st.u4 = st.u4 + 1 end
+    st.u1 = plus(st.u1, -amount)
+    if kind == 's' or kind == 'r' then st.u4 = plus(st.u4, 1) end
   end
 end
 

@@ -284,3 +284,27 @@ def test_the_day_numbers_are_local_dates() -> None:
     assert before_change.utcoffset() != at_change.utcoffset()
     assert after == at_change.utcoffset() // timedelta(milliseconds=1)
     assert at_change.date() == date(2026, 4, 5)
+
+
+async def test_usage_past_2_53_credits_is_exact(client: Any, clock: FakeClock, user: str) -> None:
+    """A period's sums may pass 2**53 - 1 (the most a balance holds) where the amounts come and
+    go: counted exactly all the same (found by the reference model)."""
+    most = 2**53 - 1
+    clock.now = datetime(2026, 6, 1, 10, 0, tzinfo=timezone.utc)
+    for _ in range(3):
+        await client.add(user, most)
+        await client.subtract(user, most)
+        clock.advance(timedelta(minutes=5))
+    await client.add(user, 7)
+    hours = await client.get_usage(user, clock.now - HOUR, clock.now + HOUR, granularity="hour")
+    days = await client.get_usage(user, clock.now - DAY, clock.now + HOUR, granularity="day")
+    for points in (hours, days):
+        assert sum(p.granted for p in points) == 3 * most + 7
+        assert sum(p.spent for p in points) == 3 * most
+        assert sum(p.charges for p in points) == 3
+    clock.advance(2 * HOUR)
+    await client.subtract(user, 1)  # the hour closes: its record holds the big sums
+    hours = await client.get_usage(user, clock.now - 3 * HOUR, clock.now + HOUR, granularity="hour")
+    assert [(p.spent, p.granted) for p in hours if p.granted] == [(3 * most, 3 * most + 7)]
+    month = await client.get_usage(user, clock.now - DAY, clock.now, granularity="month")
+    assert (month[-1].spent, month[-1].granted) == (3 * most + 1, 3 * most + 7)
