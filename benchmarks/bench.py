@@ -927,7 +927,7 @@ def bare_charges(raw: redis.Redis, stream: str, ids: list[str]) -> None:
     pipe.execute()
 
 
-def memory(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) -> list[Row]:
+def memory(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings, url: str) -> list[Row]:
     progress("5. memory")
     # Per user: uuid4 ids (realistic key lengths), one never-expiring grant each.
     users = [str(uuid.uuid4()) for _ in range(s.memory_users)]
@@ -997,6 +997,25 @@ def memory(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) -> lis
     rollup_bytes, roll_stream = memory_usage(raw, [roll_keys.usage, roll_keys.history])
     hour_records = raw.hlen(roll_keys.usage)
 
+    # History retention (issue 21): a user charged every 5 minutes for 10,000 charges (35 days),
+    # all its keys; then trim_history with a 7-day retention (a checkpoint, then the trim).
+    kept_user = f"{ns}-memory-retention"
+    kept_keys = _keys.user_keys(ns, kept_user)
+    charges, every = 10_000, 5 * 60_000
+    kept_start = server_ms(raw) - 60_000 - charges * every
+    send(raw, add_call(client, kept_user, PLENTY, None, kept_start - every))
+    make_kept = partial(subtract_call, client, kept_user, 1)
+    fill(raw, charge.SUBTRACT.script, clocked(make_kept, kept_start, charges, every))
+    private = [k for name, k in zip(kept_keys._fields, kept_keys, strict=True)
+               if name not in ("events", "outbox")]  # fmt: skip
+    untrimmed = sum(memory_usage(raw, private))
+    with CrediciClient.from_url(url, namespace=ns, history_retention=timedelta(days=7)) as trimming:
+        report = trimming.trim_history(kept_user)
+        while report.more:
+            report = trimming.trim_history(kept_user)
+    trimmed = sum(memory_usage(raw, private))
+    kept_entries = raw.xlen(kept_keys.history)
+
     section = (
         f"5. memory, MEMORY USAGE ... SAMPLES 0: {s.memory_users:,} users (uuid4 ids) with one "
         f"never-expiring bucket; {n:,} history entries"
@@ -1043,6 +1062,22 @@ def memory(client: CrediciClient, raw: redis.Redis, ns: str, s: Settings) -> lis
             rollup_bytes / days,
             roll_stream / days,
             f"the history stream of those days ({roll_n // days} charges a day, 30 days)",
+        ),
+        Row(
+            section,
+            f"per user after {charges:,} charges (35 days), no retention",
+            "bytes",
+            untrimmed,
+            untrimmed,
+            "itself",
+        ),
+        Row(
+            section,
+            f"the same, 7-day retention ({kept_entries:,} entries kept)",
+            "bytes",
+            trimmed,
+            untrimmed,
+            "no retention",
         ),
         Row(
             section,
@@ -1880,7 +1915,7 @@ def run(
             rows += server_side(trivial, settings)
             rows += operation_cpu(settings)
             rows += process_throughput(settings)
-            rows += memory(client, raw, ns, settings)
+            rows += memory(client, raw, ns, settings, url)
             rows += bucket_growth(client, raw, trivial, ns, settings)
             rows += balance_growth(client, raw, trivial, ns, settings)
             rows += period_growth(client, raw, trivial, ns, settings)

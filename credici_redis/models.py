@@ -120,6 +120,11 @@ class BalanceDetails(BaseModel):
     debt: int
     credit_limit: int
     buckets: list[Bucket]
+    history_from: AwareDatetime | None = Field(
+        default=None,
+        description="where the history Redis keeps begins: older entries were trimmed (archived"
+        " to PostgreSQL, or past the history retention); None: Redis has all of it",
+    )
 
 
 class Decision(BaseModel):

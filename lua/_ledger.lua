@@ -120,6 +120,7 @@ end
 
 local function counter_of(text)
   if not text then return 0 end
+  if #text < 16 then return tonumber(text) end
   local sign, digits = string.match(text, '^(%-?)(%d+)$')
   if #digits <= 15 then return tonumber(text) end
   local x = { tonumber(string.sub(digits, 1, #digits - 12)), tonumber(string.sub(digits, -12)) }
@@ -360,8 +361,9 @@ local function fold(st, ms)
   end
   fields[#fields + 1] = 'ul'; fields[#fields + 1] = fmt(low_hour)
   fields[#fields + 1] = 'ql'; fields[#fields + 1] = fmt(low_day)
-  redis.call(unpack(fields))
   st.ux = math.min((nh + 1) * HOUR, day_ends)
+  fields[#fields + 1] = 'ux'; fields[#fields + 1] = fmt(st.ux)
+  redis.call(unpack(fields))
   st.u1, st.u2, st.u3, st.u4 = 0, 0, 0, 0
 end
 

@@ -50,6 +50,7 @@ def _details(req: UserRequest, r: Reply) -> BalanceDetails:
         debt=max(-balance, 0),
         credit_limit=limit,
         buckets=buckets,
+        history_from=from_ms(int(trim.partition("-")[0])) if (trim := r["history_from"]) else None,
     )
 
 
@@ -72,7 +73,7 @@ DETAILS: Operation[UserRequest, BalanceDetails] = Operation(
     UserRequest,
     load("details", effect=False, write=False),
     argv=(),
-    reply=("OK", "balance", "credit_limit", "held", "*buckets"),
+    reply=("OK", "balance", "credit_limit", "held", "history_from", "*buckets"),
     parse=_details,
 )
 

@@ -68,9 +68,12 @@ async def test_trim_removes_only_what_is_older_than_the_retention(
     cutoff = clock.now - RETENTION
     old = [t for t in before if t.created_at < cutoff]
     assert old and len(old) < len(before)
+    assert (await client.get_balance_details(user)).history_from is None
     report = await client.trim_history(user)
     assert report.trimmed == len(old) and report.problems == [] and not report.more
     assert report.checkpoint_at == max(t.created_at for t in old)
+    # The reads say where the history Redis keeps begins.
+    assert (await client.get_balance_details(user)).history_from == report.checkpoint_at
     after = await history(client, user)
     assert after == [t for t in before if t.created_at >= cutoff]  # the rest untouched
     assert (await client.audit(user)).ok  # replayed from the checkpoint

@@ -308,3 +308,37 @@ async def test_usage_past_2_53_credits_is_exact(client: Any, clock: FakeClock, u
     assert [(p.spent, p.granted) for p in hours if p.granted] == [(3 * most, 3 * most + 7)]
     month = await client.get_usage(user, clock.now - DAY, clock.now, granularity="month")
     assert (month[-1].spent, month[-1].granted) == (3 * most + 1, 3 * most + 7)
+
+
+@pytest.mark.parametrize("backend", ["redis", "memory"])
+async def test_an_hour_is_closed_into_its_records_once(
+    client: Any, clock: FakeClock, user: str, backend: str, namespace: str
+) -> None:
+    """The running hour is counted in the state hash: the usage hash gets its hour and day
+    records once the hour is over, not a write per charge."""
+    import redis as redis_py
+
+    from credici_redis import CrediciClient
+    from credici_redis._core import keys as _keys
+    from tests.conftest import REDIS_URL
+
+    raw: Any = (
+        redis_py.Redis.from_url(REDIS_URL)
+        if backend == "redis"
+        else CrediciClient.from_url(f"memory://{namespace}").storage.redis  # type: ignore[attr-defined]
+    )
+    usage_key = _keys.user_keys(namespace, user).usage
+    clock.now = datetime(2026, 6, 1, 10, 0, tzinfo=timezone.utc)
+    await client.add(user, 100)
+    for _ in range(5):
+        clock.advance(timedelta(minutes=5))
+        await client.subtract(user, 1)
+    assert raw.hgetall(usage_key) == {}  # all in the running hour, in the state hash
+    clock.advance(HOUR)
+    await client.subtract(user, 1)
+    hour = int(datetime(2026, 6, 1, 10, tzinfo=timezone.utc).timestamp()) // 3600
+    day = (date(2026, 6, 1) - date(1970, 1, 1)).days
+    assert raw.hgetall(usage_key) == {
+        f"H{hour}".encode(): b"5:100:0:5",
+        f"D{day}".encode(): b"5:100:0:5",
+    }
