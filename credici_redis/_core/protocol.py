@@ -15,6 +15,7 @@ The namespace-wide flows (users, event streams) are here too: they run no user s
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar, cast
@@ -144,6 +145,11 @@ def encode(value: Any) -> str | int:
     return cast(str | int, value)
 
 
+ZONE_BACK_MS = 2 * 86_400_000
+"""How far back the usage zone's offsets sent with every call reach (the client's clock may be
+behind the server's, and a user's last entry a little older)."""
+
+
 class Ledger:
     """Builds the calls of every operation for one namespace and parses their replies."""
 
@@ -151,13 +157,28 @@ class Ledger:
         self.namespace = _keys.check_namespace(namespace)
         self.idempotency_ttl_ms = idempotency_ttl_ms
         self.usage_tz = usage_tz
-        self.extension = "" if usage_tz == "UTC" else extension_of("", "", usage_tz)
-        """ARGV 2 of a first call: the usage zone (lua/_ledger.lua, "Usage rollups"), if not
-        UTC."""
+        self._zone: tuple[float, str] = (float("inf"), "")  # (renew after, extension)
+        if usage_tz != "UTC":
+            self._zone = (0.0, "")
         self.functions = True
         """Calls go as FCALL of the Functions library (`credici_redis._core.scripts.LIBRARY`);
         False: as EVALSHA of each script (a storage sets it where the library cannot be
         loaded)."""
+
+    @property
+    def extension(self) -> str:
+        """ARGV 2 of a first call: '' for UTC usage days; else the usage zone with its UTC
+        offsets from two days ago on (lua/_ledger.lua, "Usage rollups"), made once a day, so
+        that a script asks for them (ZONE) only for a user idle since before that."""
+        renew, extension = self._zone
+        if time.time() < renew:
+            return extension
+        now = int(time.time() * 1000)
+        until, offsets = _schedule.zone_offsets(self.usage_tz, now - ZONE_BACK_MS, now)
+        table = ";".join(f"{t}:{o}" for t, o in offsets)
+        extension = extension_of("", "", f"{self.usage_tz}={until};{table}")
+        self._zone = (time.time() + 86_400, extension)
+        return extension
 
     # -- any operation ---------------------------------------------------------------------------
 

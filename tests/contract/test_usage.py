@@ -342,3 +342,22 @@ async def test_an_hour_is_closed_into_its_records_once(
         f"H{hour}".encode(): b"5:100:0:5",
         f"D{day}".encode(): b"5:100:0:5",
     }
+
+
+async def test_a_new_user_in_a_zone_costs_no_extra_round_trip(
+    make_client: MakeClient, user: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client sends the usage zone's offsets (from two days back) with its calls: a user's
+    first charge does not have to ask for them (ZONE); an idle user's does (tested above)."""
+    from credici_redis._core import schedule
+
+    asked: list[Any] = []
+    real = schedule.zone_extension
+    monkeypatch.setattr(schedule, "zone_extension", lambda r: asked.append(r) or real(r))
+    client = make_client(usage_tz="Asia/Kolkata")  # the store's own clock
+    await client.add(user, 10)
+    await client.subtract(user, 1)
+    now = datetime.now(timezone.utc)
+    days = await client.get_usage(user, now - DAY, now + HOUR)
+    assert sum(p.spent for p in days) == 1 and sum(p.granted for p in days) == 10
+    assert asked == []
