@@ -53,6 +53,14 @@ class AuditSnapshot:
     before those entries were trimmed (`credici_redis._ops.retention`); the replay starts there."""
     replayed: Replay | None = None
 
+    def _from_checkpoint(self) -> bool:
+        """Whether Redis keeps every entry after the checkpoint (nothing trimmed past it)."""
+        at = self.checkpoint.partition("\n")[0]
+        if not at:
+            return False
+        ms, seq = entry_key(at)
+        return not self.trimmed or entry_key(self.trimmed) <= (ms, seq + 1)
+
     def report(self, archived: Sequence[tuple[str, dict[str, str]]]) -> AuditReport:
         """The audit, with the archived entries (any order, duplicates of kept ones allowed)."""
         if self.replayed is not None:
@@ -60,19 +68,29 @@ class AuditSnapshot:
             report = self.replayed.report(self.balance, self.buckets, self.held)
         else:
             kept = {entry_id for entry_id, _ in self.entries}
+            at, _, data = self.checkpoint.partition("\n")  # the archiver trimmed past it
+            since = entry_key(at) if at else (-1, -1)
             older = sorted(
                 (
                     (i, f)
                     for i, f in archived
-                    if i not in kept and entry_key(i) <= entry_key(self.last)
+                    if i not in kept and since < entry_key(i) <= entry_key(self.last)
                 ),
                 key=lambda e: entry_key(e[0]),
             )
             entries = [*older, *self.entries]
             newest = entries[-1][0] if entries else "0-0"
-            report = _audit.replay(self.user_id, entries, self.balance, self.buckets, self.held)
+            if at:
+                run, seen = Replay.from_checkpoint(self.user_id, at, data)
+                for entry_id, f in entries:
+                    seen[entry_id] = f
+                    reversed_id = Replay.reversed_id(f)
+                    run.feed(entry_id, f, seen.get(reversed_id) if reversed_id else None)
+                report = run.report(self.balance, self.buckets, self.held)
+            else:
+                report = _audit.replay(self.user_id, entries, self.balance, self.buckets, self.held)
         problems = list(report.problems)
-        if self.trimmed and not archived and not self.checkpoint:
+        if self.trimmed and not archived and not self._from_checkpoint():
             problems.insert(
                 0,
                 f"the history before {self.trimmed} was archived to PostgreSQL: audit with the "
@@ -124,7 +142,7 @@ def _read_history(
     start = "-"
     checkpointed: dict[str, dict[str, str]] = {}
     replay: Replay | None = None
-    if snapshot.checkpoint:
+    if snapshot._from_checkpoint():
         at, _, data = snapshot.checkpoint.partition("\n")
         replay, checkpointed = Replay.from_checkpoint(req.user_id, at, data)
         start = "(" + at

@@ -297,3 +297,40 @@ def test_cli_archive(
     assert main([*common, "audit", "e"]) == 0
     assert main([*common, "archive", "--keep", "soon"]) == 2
     client.close()
+
+
+def test_an_archive_that_starts_after_retention_trims_audits_from_the_checkpoint(
+    url: str, namespace: str, pg: psycopg.Connection, postgres_url: str, raw: Any
+) -> None:
+    """A team trims by retention (a checkpoint), then starts archiving: the archiver trims past
+    the checkpoint, and the audit replays from the checkpoint with what PostgreSQL holds."""
+    clock = FakeClock()
+    clock.now -= timedelta(days=40)
+    past = CrediciClient.from_url(
+        url, namespace=namespace, clock=clock, history_retention=timedelta(days=30)
+    )
+    first = past.add("alice", 500)
+    for _ in range(5):
+        clock.advance(timedelta(hours=1))
+        past.subtract("alice", 7)
+    clock.now += timedelta(days=40) - timedelta(hours=5)  # today
+    charged = past.subtract("alice", 11)
+    past.reverse(charged.transaction_id)
+    report = past.trim_history("alice")
+    assert report.trimmed == 6 and report.problems == []
+    past.close()
+    with archiver(url, namespace, postgres_url, keep=timedelta(0)) as job:
+        job.run_once()
+    keys = _keys.user_keys(namespace, "alice")
+    assert raw.xlen(keys.history) == 0 and raw.get(keys.checkpoint) is not None
+    with CrediciClient.from_url(url, namespace=namespace) as plain:
+        assert not plain.audit("alice").ok  # the archived part is needed
+    with CrediciClient.from_url(url, namespace=namespace, archive_url=postgres_url) as client:
+        audit = client.audit("alice")
+        assert audit.ok, audit.problems
+        assert audit.balance == 500 - 35
+        kinds = [t.kind for t in client.get_all_user_transactions("alice")]
+        assert kinds == ["reverse", "subtract"]  # what PostgreSQL got: after the retention
+        assert first.transaction_id not in {
+            t.transaction_id for t in client.get_all_user_transactions("alice")
+        }
