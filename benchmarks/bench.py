@@ -428,6 +428,21 @@ def interleaved(
     return samples
 
 
+async def interleaved_rounds(
+    variants: dict[str, list[Callable[[], Awaitable[object]]]], s: Settings
+) -> dict[str, list[float]]:
+    """name -> [calls, elapsed s] of each variant over `async_rounds` rounds that take turns
+    (a machine whose load drifts favours none of them)."""
+    totals = {name: [0.0, 0.0] for name in variants}
+    gc.collect()
+    for _ in range(s.async_rounds):
+        for name, fns in variants.items():
+            calls, elapsed = await throughput(fns, s.async_seconds)
+            totals[name][0] += calls
+            totals[name][1] += elapsed
+    return totals
+
+
 async def throughput(
     fns: list[Callable[[], Awaitable[object]]], seconds: float
 ) -> tuple[int, float]:
@@ -578,13 +593,7 @@ async def async_throughput(
         }
         for fns in variants.values():  # opens the connections of each pool
             await throughput(fns, 0.3)
-        totals = {name: [0, 0.0] for name in variants}
-        gc.collect()
-        for _ in range(s.async_rounds):
-            for name, fns in variants.items():
-                calls, elapsed = await throughput(fns, s.async_seconds)
-                totals[name][0] += calls
-                totals[name][1] += elapsed
+        totals = await interleaved_rounds(variants, s)
     finally:
         await aclient.aclose()
         await bclient.aclose()
@@ -1848,14 +1857,9 @@ async def limits_async(url: str, ns: str, s: Settings) -> list[Row]:
         for name, fns in variants.items():  # opens the connections, asks the budget periods
             made[name] += (await throughput(fns, 0.3))[0]
         period = (await aclient.get_limits(users["own"][0])).budget_resets_at
-        totals = {name: [0, 0.0] for name in variants}
-        gc.collect()
-        for _ in range(s.async_rounds):
-            for name, fns in variants.items():
-                calls, elapsed = await throughput(fns, s.async_seconds)
-                totals[name][0] += calls
-                totals[name][1] += elapsed
-                made[name] += calls
+        totals = await interleaved_rounds(variants, s)
+        for name, (calls, _) in totals.items():
+            made[name] += int(calls)
         after = {
             name: [await client.get_limits(user) for user in users[name]]
             for name, client in (("own", aclient), ("default", dclient))

@@ -23,7 +23,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -146,25 +146,17 @@ def _parser() -> argparse.ArgumentParser:
         parents=[store],
         help="rebuild balances and buckets from history and report differences",
     )
-    who = audit.add_mutually_exclusive_group(required=True)
-    who.add_argument("user", metavar="USER", nargs="?")
-    who.add_argument("--all", action="store_true", help="every user of the namespace (SCAN)")
-    audit.add_argument("--batch", type=_positive_int, default=500, metavar="N", help="SCAN batch")
-    audit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _one_or_all(audit)
 
     trim = commands.add_parser(
         "trim",
         parents=[store],
         help="remove history older than --retention (after a checkpoint the audit replays from)",
     )
-    whom = trim.add_mutually_exclusive_group(required=True)
-    whom.add_argument("user", metavar="USER", nargs="?")
-    whom.add_argument("--all", action="store_true", help="every user of the namespace (SCAN)")
+    _one_or_all(trim)
     trim.add_argument(
         "--retention", type=_duration, required=True, metavar="DURATION", help="e.g. 30d"
     )
-    trim.add_argument("--batch", type=_positive_int, default=500, metavar="N", help="SCAN batch")
-    trim.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     history = commands.add_parser("history", parents=[store], help="a user's transactions")
     history.add_argument("user", metavar="USER")
@@ -216,6 +208,25 @@ def _parser() -> argparse.ArgumentParser:
     archive.add_argument("--cluster", action="store_true", help="the URL names a cluster node")
     archive.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _one_or_all(parser: argparse.ArgumentParser) -> None:
+    """USER, or --all users in SCAN batches (`_each_user`)."""
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("user", metavar="USER", nargs="?")
+    who.add_argument("--all", action="store_true", help="every user of the namespace (SCAN)")
+    parser.add_argument("--batch", type=_positive_int, default=500, metavar="N", help="SCAN batch")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _each_user(client: CrediciClient, args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
+    """The user of a `_one_or_all` command, or every user in SCAN batches, each with the progress
+    bar (to write a line under it)."""
+    with tqdm(desc=args.command, unit=" users", disable=args.no_progress, file=sys.stderr) as bar:
+        for users in [[args.user]] if not args.all else client.scan_users(args.batch):
+            for user in users:
+                yield user, bar
+                bar.update()
 
 
 def _store_options(parser: argparse.ArgumentParser, default: str | None) -> None:
@@ -406,17 +417,14 @@ def _audit(client: CrediciClient, args: argparse.Namespace) -> int:
             print(f"  {problem}")
         return 0 if report.ok else 1
     audited = failed = 0
-    with tqdm(desc="audit", unit=" users", disable=args.no_progress, file=sys.stderr) as bar:
-        for users in client.scan_users(args.batch):
-            for user in users:
-                report = client.audit(user)
-                audited += 1
-                if not report.ok:
-                    failed += 1
-                    bar.write(f"{user}: FAILED")
-                    for problem in report.problems:
-                        bar.write(f"  {problem}")
-                bar.update()
+    for user, bar in _each_user(client, args):
+        report = client.audit(user)
+        audited += 1
+        if not report.ok:
+            failed += 1
+            bar.write(f"{user}: FAILED")
+            for problem in report.problems:
+                bar.write(f"  {problem}")
     print(f"audited {audited} users: {audited - failed} ok, {failed} failed")
     return 0 if failed == 0 else 1
 
@@ -425,23 +433,19 @@ def _trim(client: CrediciClient, args: argparse.Namespace) -> int:
     """Trim one user's history, or every user's in SCAN batches; exit 1 if a replay found a
     problem (that user's history stays: audit it)."""
     users_seen = trimmed = failed = archived = 0
-    with tqdm(desc="trim", unit=" users", disable=args.no_progress, file=sys.stderr) as bar:
-        batches = [[args.user]] if not args.all else client.scan_users(args.batch)
-        for users in batches:
-            for user in users:
-                report = client.trim_history(user)
-                while report.more and not report.problems:
-                    more = client.trim_history(user)
-                    report = more.model_copy(update={"trimmed": report.trimmed + more.trimmed})
-                users_seen += 1
-                trimmed += report.trimmed
-                archived += report.archived
-                if report.problems:
-                    failed += 1
-                    bar.write(f"{user}: NOT TRIMMED, its history does not add up")
-                    for problem in report.problems:
-                        bar.write(f"  {problem}")
-                bar.update()
+    for user, bar in _each_user(client, args):
+        report = client.trim_history(user)
+        while report.more and not report.problems:
+            more = client.trim_history(user)
+            report = more.model_copy(update={"trimmed": report.trimmed + more.trimmed})
+        users_seen += 1
+        trimmed += report.trimmed
+        archived += report.archived
+        if report.problems:
+            failed += 1
+            bar.write(f"{user}: NOT TRIMMED, its history does not add up")
+            for problem in report.problems:
+                bar.write(f"  {problem}")
     print(
         f"trimmed {trimmed} entries of {users_seen} users; {failed} not trimmed (problems), "
         f"{archived} left to the archiver"

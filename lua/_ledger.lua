@@ -33,7 +33,8 @@ ARGV[2] is always "<cycle>|<budget>|<zone>", every part optional ('' = none of t
   cycle   a schedule extension for a calendar cycle: "<index>:<ms>,<ms>,..." (the boundaries
           from that period index on, computed by the client after a SCHEDULE reply)
   budget  the budget period the client computed after a PERIOD reply: "<start ms>,<end ms>"
-  zone    the time zone of the usage days ('' = UTC), and after a ZONE reply its UTC offsets:
+  zone    the time zone of the usage days ('' = UTC) and its UTC offsets (with every call, and
+          after a ZONE reply for a span further back):
           "<tz>=<valid until ms>;<from ms>:<offset ms>;..." (see "Usage rollups")
 
 The cycle lives in the state hash:
@@ -238,9 +239,11 @@ end
 -- Records are kept KEEP_HOURS hours and KEEP_DAYS days from the newest: each fold drops those
 -- that fell out (state: ul/ql the lowest hour/day that may have a record, up/uq the last dropped,
 -- u0 where counting began: 0 when the user had no history before it).
--- A zone's days come from its UTC offsets, which Lua cannot know: the client sends them after a
--- ZONE reply ({'ZONE', tz, from ms, to ms}: nothing written before it), valid until a given time
--- (state: uz zone, uv valid until, uo "<from>:<offset>;..."). A UTC day needs none.
+-- A zone's days come from its UTC offsets, which Lua cannot know: the client sends them with its
+-- calls (from two days back), and for a user whose entries reach further back after a ZONE reply
+-- ({'ZONE', tz, from ms, to ms}: nothing written before it); valid until a given time (state: uz
+-- zone, uv valid until, uo "<from>:<offset>;..."). A UTC day needs none. The table holds about
+-- two changes a year of the span asked, so it grows only with a user's idle years.
 local HOUR, DAY = 3600000, 86400000
 local KEEP_HOURS, KEEP_DAYS = 168, 400
 

@@ -213,6 +213,22 @@ def url(backend: str, namespace: str) -> str:
 
 
 @pytest.fixture
+def local_zone_not_utc() -> Iterator[None]:
+    """The machine's local zone pinned to one no code can mistake for UTC (Pacific/Chatham,
+    +12:45/+13:45): time zone handling that leans on the local zone fails there. Modules that
+    handle zones use it for every test (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "Pacific/Chatham"
+    time.tzset()
+    yield
+    if before is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+@pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
 

@@ -21,6 +21,7 @@ from credici_redis._core.protocol import (
     sent,
     stream_fields,
     text,
+    time_ms,
 )
 from credici_redis._core.scripts import Script, load
 from credici_redis._core.time import from_ms
@@ -101,7 +102,7 @@ class _Pending:
 
 def _server_ms() -> Flow[int]:
     (reply,) = yield from sent([Call(("TIME",))])
-    return int(text(reply[0])) * 1000 + int(text(reply[1])) // 1000
+    return time_ms(reply)
 
 
 def _script_call(

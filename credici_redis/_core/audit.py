@@ -23,11 +23,15 @@ def replay(
     balance: int,
     buckets: Mapping[str, int],
     held: int = 0,
+    *,
+    start: Replay | None = None,
+    originals: Mapping[str, Mapping[str, str]] | None = None,
 ) -> AuditReport:
     """entries: (entry id, fields), oldest first. balance, buckets, held: what Redis holds now.
-    Keeps every entry for reversals; `Replay` fed page by page with the originals keeps none."""
-    run = Replay(user_id)
-    seen: dict[str, Mapping[str, str]] = {}
+    `start`: a replay to go on from (a checkpoint's, with the `originals` it keeps). Keeps every
+    entry for reversals; `Replay` fed page by page with the originals keeps none."""
+    run = start or Replay(user_id)
+    seen: dict[str, Mapping[str, str]] = dict(originals or {})
     for entry_id, f in entries:
         seen[entry_id] = f
         run.feed(entry_id, f, seen.get(f.get("o", "")) if f.get("k") == "v" else None)

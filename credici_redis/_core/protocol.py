@@ -235,7 +235,7 @@ class Ledger:
     def server_ms(self) -> Flow[int]:
         """The Redis server's clock (TIME), in ms."""
         (reply,) = yield from sent([Call(("TIME",))])
-        return int(text(reply[0])) * 1000 + int(text(reply[1])) // 1000
+        return time_ms(reply)
 
     def _item(self, op: Operation[Req, Res], req: Req | CrediciError) -> Item[Res] | CrediciError:
         if isinstance(req, CrediciError):
@@ -377,6 +377,11 @@ class Ledger:
             if _keys.user_keys(self.namespace, user).state == key:
                 users.append(user)
         return int(text(next_cursor)), users
+
+
+def time_ms(reply: Any) -> int:
+    """A TIME reply (seconds, microseconds) in ms."""
+    return int(text(reply[0])) * 1000 + int(text(reply[1])) // 1000
 
 
 def entry_key(entry_id: str) -> tuple[int, int]:

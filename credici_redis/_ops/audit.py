@@ -80,15 +80,11 @@ class AuditSnapshot:
             )
             entries = [*older, *self.entries]
             newest = entries[-1][0] if entries else "0-0"
-            if at:
-                run, seen = Replay.from_checkpoint(self.user_id, at, data)
-                for entry_id, f in entries:
-                    seen[entry_id] = f
-                    reversed_id = Replay.reversed_id(f)
-                    run.feed(entry_id, f, seen.get(reversed_id) if reversed_id else None)
-                report = run.report(self.balance, self.buckets, self.held)
-            else:
-                report = _audit.replay(self.user_id, entries, self.balance, self.buckets, self.held)
+            start, originals = Replay.from_checkpoint(self.user_id, at, data) if at else (None, {})
+            report = _audit.replay(
+                self.user_id, entries, self.balance, self.buckets, self.held,
+                start=start, originals=originals,
+            )  # fmt: skip
         problems = list(report.problems)
         if self.trimmed and not archived and not self._from_checkpoint():
             problems.insert(
@@ -156,7 +152,7 @@ def _read_history(
         if replay is None:
             snapshot.entries.extend(entries)
         else:
-            originals = yield from _originals(stream, entries)
+            originals = yield from read_originals(stream, entries)
             originals = {**checkpointed, **originals}
             for entry_id, f in entries:
                 reversed_id = Replay.reversed_id(f)
@@ -171,7 +167,7 @@ def _read_history(
 ENTRY_ID = re.compile(r"\d+-\d+")
 
 
-def _originals(
+def read_originals(
     stream: str, entries: list[tuple[str, dict[str, str]]]
 ) -> Flow[dict[str, dict[str, str]]]:
     """The entries the reversals of a page reverse, read by id in one round trip."""

@@ -31,10 +31,12 @@ from credici_redis._core.protocol import (
     sent,
     stream_fields,
     text,
+    time_ms,
 )
 from credici_redis._core.requests import user_id as check_user_id
 from credici_redis._core.scripts import load
 from credici_redis._core.time import from_ms
+from credici_redis._ops.audit import read_originals
 from credici_redis.models import TrimReport
 
 DEFAULT_STEP = 10_000
@@ -68,14 +70,10 @@ def build_trim(user: object, retention_ms: int, now_ms: int | None, step: int) -
     return TrimRequest(check_user_id(user), now_ms, retention_ms, step)
 
 
-def _server_ms(reply: Any) -> int:
-    return int(text(reply[0])) * 1000 + int(text(reply[1])) // 1000
-
-
 def _trim(ledger: Ledger, op: Operation[Any, Any], req: TrimRequest) -> Flow[TrimReport]:
     """Steps until nothing older than the retention is left (or MAX_STEPS)."""
     keys = _keys.user_keys(ledger.namespace, req.user_id)
-    trimmed, stale = 0, 0
+    trimmed, stale, base = 0, 0, ""
     for _ in range(MAX_STEPS):
         got = yield from sent(
             [Call(("GET", keys.checkpoint)), Call(("HEXISTS", keys.state, "ar")), Call(("TIME",))]
@@ -83,7 +81,7 @@ def _trim(ledger: Ledger, op: Operation[Any, Any], req: TrimRequest) -> Flow[Tri
         raw_checkpoint, archived, now_reply = got
         if int(archived):
             return TrimReport(user_id=req.user_id, trimmed=trimmed, archived=True)
-        now = req.now_ms if req.now_ms is not None else _server_ms(now_reply)
+        now = req.now_ms if req.now_ms is not None else time_ms(now_reply)
         cutoff = now - req.retention_ms  # entries dated before this may go
         base, replay = "", Replay(req.user_id)
         originals: dict[str, dict[str, str]] = {}
@@ -118,7 +116,7 @@ def _trim(ledger: Ledger, op: Operation[Any, Any], req: TrimRequest) -> Flow[Tri
         if result.code == "TOO_NEW":  # the server's clock is behind the client's
             return _report(req, trimmed, base)
         trimmed += result.trimmed
-    return _report(req, trimmed, "", more=True)
+    return _report(req, trimmed, base, more=True)
 
 
 def _report(
@@ -150,18 +148,14 @@ def _replay_step(
     while fed < most:
         count = min(HISTORY_PAGE, most - fed)
         (page,) = yield from sent([Call(("XRANGE", keys.history, start, end, "COUNT", count))])
-        for raw_id, raw_fields in page:
-            entry_id, f = text(raw_id), stream_fields(raw_fields)
+        entries = [(text(raw_id), stream_fields(raw_fields)) for raw_id, raw_fields in page]
+        # The originals of the page's reversals: in the checkpoint, or read in one round trip
+        # (the audit's way), the page's own included.
+        older = [(i, f) for i, f in entries if Replay.reversed_id(f) not in originals]
+        found = {**originals, **(yield from read_originals(keys.history, older))}
+        for entry_id, f in entries:
             reversed_id = Replay.reversed_id(f)
-            original = None
-            if reversed_id:
-                original = seen.get(reversed_id) or originals.get(reversed_id)
-                if original is None:  # before this step's pages: read it by id
-                    (found,) = yield from sent(
-                        [Call(("XRANGE", keys.history, reversed_id, reversed_id))]
-                    )
-                    original = stream_fields(found[0][1]) if found else None
-            replay.feed(entry_id, f, original)
+            replay.feed(entry_id, f, found.get(reversed_id) if reversed_id else None)
             if f.get("k") in REVERSIBLE:
                 seen[entry_id] = f
         fed += len(page)

@@ -3,9 +3,6 @@ script. Every backend, both clients; the clock is injected (tests/conftest.py Fa
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -30,18 +27,8 @@ from tests.conftest import FakeClock, MakeClient
 MINUTE = timedelta(minutes=1)
 
 
-@pytest.fixture(autouse=True)
-def local_zone_not_utc() -> Iterator[None]:
-    """Budgets are in their own zone, never the machine's: a non-UTC local zone must not matter."""
-    before = os.environ.get("TZ")
-    os.environ["TZ"] = "Pacific/Chatham"  # +12:45/+13:45: no code can mistake it for UTC
-    time.tzset()
-    yield
-    if before is None:
-        del os.environ["TZ"]
-    else:
-        os.environ["TZ"] = before
-    time.tzset()
+# Budgets are in their own zone, never the machine's: a non-UTC local zone must not matter.
+pytestmark = pytest.mark.usefixtures("local_zone_not_utc")
 
 
 async def history(client: Any, user: str) -> list[Any]:

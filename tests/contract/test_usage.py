@@ -4,10 +4,7 @@ backend, both clients; the clock is injected (tests/conftest.py FakeClock)."""
 
 from __future__ import annotations
 
-import os
-import time
 from collections import defaultdict
-from collections.abc import Iterator
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -28,18 +25,8 @@ HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 
 
-@pytest.fixture(autouse=True)
-def local_zone_not_utc() -> Iterator[None]:
-    """Usage days are in the storage's usage_tz, never the machine's zone."""
-    before = os.environ.get("TZ")
-    os.environ["TZ"] = "Pacific/Chatham"  # +12:45/+13:45: no code can mistake it for UTC
-    time.tzset()
-    yield
-    if before is None:
-        del os.environ["TZ"]
-    else:
-        os.environ["TZ"] = before
-    time.tzset()
+# Usage days are in the storage's usage_tz, never the machine's zone.
+pytestmark = pytest.mark.usefixtures("local_zone_not_utc")
 
 
 def counted(tx: Transaction) -> tuple[int, int, int, int]:
