@@ -860,6 +860,90 @@ def operation_cpu(s: Settings) -> list[Row]:
     return rows
 
 
+CHARGE_STEPS = (
+    ("FCALL and its 12 keys, 8 arguments", "local function run_subtract()"),
+    ("server clock (TIME)", "local now, amount = clock"),
+    ("idempotency look-up (no key given)", "if prior then return prior end"),
+    ("load the user, consistency check, due events", "if ask then return ask end"),
+    ("limits (none set)", "if refused then return refused end"),
+    ("take the credits from the bucket", "local parts = burn(st, amount)"),
+)
+"""Where section 4d cuts subtract.lua: each step ends after the line starting with the text given;
+the last step (history entry, usage counts, state write, reply) is the whole script minus them."""
+
+
+def cut_after(source: str, line_start: str) -> str:
+    """The library `source` with run_subtract returning right after the line `line_start`."""
+    body = source.index("local function run_subtract()")
+    line = source.index(line_start, body)
+    end = source.index("\n", line) + 1
+    return source[:end] + "if true then return {'OK'} end\n" + source[end:]
+
+
+def charge_profile(s: Settings) -> list[Row]:
+    """Where the Redis CPU of one subtract goes: the library loaded with subtract.lua cut short
+    after each step (one variant loaded at a time), pipelined on one user holding one bucket;
+    a step's cost is the difference between the cuts around it (medians of interleaved rounds)."""
+    if not shutil.which("redis-server"):
+        progress("4d. charge profile skipped: redis-server not on PATH")
+        return []
+    n, rounds = (2_000, 9) if s is FULL else (1_000, 3)
+    progress(f"4d. a subtract's Redis CPU by step: {len(CHARGE_STEPS) + 1} cuts, {rounds} rounds")
+    cuts = [cut_after(LIBRARY.source, line) for _, line in CHARGE_STEPS] + [LIBRARY.source]
+    with private_redis() as port:
+        r = redis.Redis(port=port)
+        sha = r.script_load(HAND_WRITTEN)
+        r.set("hand:{u}:b", PLENTY)
+        hand_args = ("EVALSHA", sha, 2, "hand:{u}:b", "hand:{u}:h", 1)
+        with CrediciClient.from_url(f"redis://127.0.0.1:{port}/0", namespace="profile") as c:
+            c.add("u", PLENTY)
+            c.subtract("u", 1)
+            args = subtract_call(c, "u", 1).args
+        medians: list[list[float]] = [[] for _ in cuts]
+        hand: list[float] = []
+
+        def pipelined(call: tuple[Any, ...], count: int) -> float:
+            r.config_resetstat()
+            pipe = r.pipeline(transaction=False)
+            for _ in range(count):
+                pipe.execute_command(*call)
+            replies = pipe.execute(raise_on_error=False)
+            if not (isinstance(replies[-1], list) and replies[-1][0] == b"OK"):
+                raise RuntimeError(f"charge profile: the call failed: {replies[-1]!r}")
+            usec, calls = script_cpu(r)
+            return usec / calls
+
+        for i in range(rounds):
+            hand.append(pipelined(hand_args, n))
+            order = range(len(cuts)) if i % 2 == 0 else reversed(range(len(cuts)))
+            for k in order:
+                for lib in r.function_list():
+                    r.function_delete(lib[1])
+                name = f"credici_cut{k}"
+                r.function_load(cuts[k].replace(LIBRARY.name, name))
+                call = (args[0], f"{name}_subtract", *args[2:])
+                pipelined(call, n // 4)  # warm-up: the garbage of the library replaced
+                medians[k].append(pipelined(call, n))
+        r.close()
+    at = [sorted(m)[len(m) // 2] for m in medians]
+    hand_us = sorted(hand)[len(hand) // 2]
+    section = (
+        "4d. where one subtract's Redis CPU goes (INFO commandstats): subtract.lua cut short after "
+        f"each step, pipelined on one user with one bucket, medians of {rounds} rounds"
+    )
+    names = [name for name, _ in CHARGE_STEPS]
+    names.append("history entry (XADD), usage counts, state write, reply")
+    rows = [Row(section, names[0], "µs/call", at[0], hand_us, "hand-written ledger script, whole")]
+    rows += [
+        Row(section, names[k], "µs/call", max(at[k] - at[k - 1], 0.0), hand_us,
+            "hand-written ledger script, whole")
+        for k in range(1, len(at))
+    ]  # fmt: skip
+    rows.append(Row(section, "subtract, whole", "µs/call", at[-1], hand_us,
+                    "hand-written ledger script, whole"))  # fmt: skip
+    return rows
+
+
 def _charge_loop(url: str, ns: str, worker: int, seconds: float, start: Any, out: Any) -> None:
     """One process of section 4c: sync subtracts on users of its own until `seconds` pass."""
     users = [f"proc{worker}-{i}" for i in range(64)]
@@ -1918,6 +2002,7 @@ def run(
 
             rows += server_side(trivial, settings)
             rows += operation_cpu(settings)
+            rows += charge_profile(settings)
             rows += process_throughput(settings)
             rows += memory(client, raw, ns, settings, url)
             rows += bucket_growth(client, raw, trivial, ns, settings)

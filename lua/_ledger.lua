@@ -59,8 +59,10 @@ Overdraft: with a credit limit, the balance may go down to -limit. The buckets a
 max(balance, 0): a charge that takes the balance below 0 empties them, and a grant repays the debt
 before it fills a bucket.
 
-Numbers are Lua doubles (exact up to 2^53-1, the library's limit); they are always written with
-fmt(), because tostring() switches to exponent notation past 14 digits.
+Numbers are Lua doubles (exact up to 2^53-1, the library's limit). Made into text, they are
+written with fmt(), because tostring() and '..' switch to exponent notation past 14 digits; given
+to redis.call as they are, Redis writes them itself ("%.17g": every integer up to 2^53 exactly,
+and cheaper than fmt), which the hot path does for the fields it saves.
 ]]
 
 local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_OUTBOX, K_USAGE
@@ -173,34 +175,52 @@ local function load_state()
     held = tonumber(v[8]) or 0, hx = tonumber(v[9]), holds_dirty = false, low = tonumber(v[10]),
     lim = v[11] or nil, pn = tonumber(v[12]) or 0,
     ux = tonumber(v[13]), u1 = counter_of(v[14]), u2 = counter_of(v[15]),
-    u3 = counter_of(v[16]), u4 = counter_of(v[17]),
+    u3 = counter_of(v[16]), u4 = counter_of(v[17]), saved_nx = tonumber(v[6]),
+    -- which usage counters changed since the load (save_state writes only those)
+    c1 = false, c2 = false, c3 = false, c4 = false,
   }
 end
 
--- One HSET for whatever changed: the balance and history position (with the usage of the running
--- slot), the holds' total and next timer, and pn (entries not yet archived: this script's appends
--- counted in).
+-- A counter as redis.call takes it: a number while it is exact, else its decimal text.
+local function counter_arg(x)
+  if type(x) == 'number' then return x end
+  return counter_text(x)
+end
+
+-- One HSET for whatever changed: the balance and history position (with the usage counters of
+-- the running slot that changed, and nx if it moved), the holds' total and next timer, and pn
+-- (entries not yet archived: this script's appends counted in). Numbers go to redis.call as they
+-- are (see the header): no fmt on the hot path.
+local function put(args, field, value)
+  args[#args + 1] = field
+  args[#args + 1] = value
+end
+
 local function save_state(st)
   if not (st.dirty or st.holds_dirty) then return end
   local args = { 'HSET', K_STATE }
   if st.dirty then
-    args[3], args[4], args[5], args[6], args[7], args[8], args[9], args[10] =
-      'bal', fmt(st.bal), 'ms', fmt(st.ms), 'sq', fmt(st.sq), 'nx', fmt(st.nx or 0)
+    put(args, 'bal', st.bal); put(args, 'ms', st.ms); put(args, 'sq', st.sq)
+    if st.nx ~= st.saved_nx then
+      put(args, 'nx', st.nx or 0)
+      st.saved_nx = st.nx
+    end
     if st.ux then
-      args[11], args[12], args[13], args[14], args[15], args[16], args[17], args[18] =
-        'u1', counter_text(st.u1), 'u2', counter_text(st.u2), 'u3', counter_text(st.u3),
-        'u4', counter_text(st.u4)
+      if st.c1 then put(args, 'u1', counter_arg(st.u1)) end
+      if st.c2 then put(args, 'u2', counter_arg(st.u2)) end
+      if st.c3 then put(args, 'u3', counter_arg(st.u3)) end
+      if st.c4 then put(args, 'u4', counter_arg(st.u4)) end
+      st.c1, st.c2, st.c3, st.c4 = false, false, false, false
     end
     st.dirty = false  -- saved: a second save_state writes nothing again
   end
   if st.holds_dirty then
-    args[#args + 1] = 'hd'; args[#args + 1] = fmt(st.held)
-    args[#args + 1] = 'hx'; args[#args + 1] = fmt(st.hx or 0)
+    put(args, 'hd', st.held); put(args, 'hx', st.hx or 0)
     st.holds_dirty = false
   end
   if st.appended then
     st.pn = st.pn + st.appended
-    args[#args + 1] = 'pn'; args[#args + 1] = fmt(st.pn)
+    put(args, 'pn', st.pn)
     st.appended = nil
   end
   redis.call(unpack(args))
@@ -368,18 +388,19 @@ local function fold(st, ms)
   fields[#fields + 1] = 'ux'; fields[#fields + 1] = fmt(st.ux)
   redis.call(unpack(fields))
   st.u1, st.u2, st.u3, st.u4 = 0, 0, 0, 0
+  st.c1, st.c2, st.c3, st.c4 = true, true, true, true
 end
 
 -- Counts entry (kind, amount) at `ms` into the running slot (saved by save_state).
 local function count(st, kind, amount, ms)
   if not st.ux or ms >= st.ux then fold(st, ms) end
   if kind == 'e' then
-    st.u3 = plus(st.u3, -amount)
+    st.u3, st.c3 = plus(st.u3, -amount), true
   elseif kind == 'a' or kind == 'c' or (kind == 'v' and amount < 0) then
-    st.u2 = plus(st.u2, amount)
+    st.u2, st.c2 = plus(st.u2, amount), true
   else
-    st.u1 = plus(st.u1, -amount)
-    if kind == 's' or kind == 'r' then st.u4 = plus(st.u4, 1) end
+    st.u1, st.c1 = plus(st.u1, -amount), true
+    if kind == 's' or kind == 'r' then st.u4, st.c4 = plus(st.u4, 1), true end
   end
 end
 
@@ -395,7 +416,7 @@ local function append(st, kind, amount, at, extra)
   local ms, sq = at, 0
   if ms <= st.ms then ms, sq = st.ms, st.sq + 1 end
   local id = fmt(ms) .. '-' .. fmt(sq)
-  local args = { 'XADD', K_HISTORY, id, 'k', kind, 'n', fmt(amount), 'b', fmt(st.bal) }
+  local args = { 'XADD', K_HISTORY, id, 'k', kind, 'n', amount, 'b', st.bal }
   for i = 1, #extra do args[#args + 1] = extra[i] end
   redis.call(unpack(args))
   count(st, kind, amount, ms)
@@ -456,10 +477,18 @@ end
 -- Takes `need` credits out of the buckets in burn order; with `parts`, notes where each came
 -- from ("bucket:credits:priority"). The caller knows the buckets hold at least `need`.
 local function take(need, parts)
-  local batch = 1  -- usually the first bucket is enough
+  if need <= 0 then return end
+  -- Usually the first bucket is enough: one HINCRBY takes the credits and says what is left.
+  local first = redis.call('ZRANGE', K_ORDER, 0, 0, 'WITHSCORES')
+  local after = redis.call('HINCRBY', K_AMOUNTS, first[1], -need)
+  if parts then
+    parts[#parts + 1] = first[1] .. ':' .. fmt(math.min(after + need, need)) .. ':' .. first[2]
+  end
+  if after > 0 then return end
+  drop_bucket(first[1])
+  need = -after  -- what the first bucket lacked
   while need > 0 do
-    local got = redis.call('ZRANGE', K_ORDER, 0, batch - 1, 'WITHSCORES')
-    batch = 32
+    local got = redis.call('ZRANGE', K_ORDER, 0, 31, 'WITHSCORES')
     local ids = {}
     for i = 1, #got, 2 do ids[#ids + 1] = got[i] end
     local lefts = redis.call('HMGET', K_AMOUNTS, unpack(ids))
@@ -469,7 +498,7 @@ local function take(need, parts)
         parts[#parts + 1] = ids[i] .. ':' .. fmt(math.min(left, need)) .. ':' .. got[2 * i]
       end
       if left > need then
-        redis.call('HSET', K_AMOUNTS, ids[i], fmt(left - need))
+        redis.call('HSET', K_AMOUNTS, ids[i], left - need)
         return
       end
       drop_bucket(ids[i])
@@ -764,6 +793,7 @@ end
 -- Refusals: {'BUDGET', remaining, resets_at ms, retry_after ms, budget spec}
 --         | {'RATE', retry_after ms ('' = never), rate spec}
 local function gate(st, now, n, default)
+  if not st.lim and (not default or default == '') then return nil, nil end  -- no limits
   local lim = limits_of(st, default)
   if not lim then return nil, nil end
   local u = load_usage()
