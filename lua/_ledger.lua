@@ -27,7 +27,9 @@ Keys, built by credici_redis/_core/keys.py, in the same order for every script; 
                            (see "Usage rollups" below)
   KEYS[11] checkpoint string  "<entry id>\n<JSON>": what the history up to that entry added up to,
                            written by trim.lua before it trims those entries (retention)
-  KEYS[12] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
+  KEYS[12] scratch  stream  the history's compact copy, made and renamed onto KEYS[5] by one
+                           script (compact_history): never there between calls
+  KEYS[13] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
 ARGV[1] is always the clock: '' means the server's TIME; tests inject milliseconds.
 ARGV[2] is always "<cycle>|<budget>|<zone>", every part optional ('' = none of them):
   cycle   a schedule extension for a calendar cycle: "<index>:<ms>,<ms>,..." (the boundaries
@@ -66,14 +68,14 @@ and cheaper than fmt), which the hot path does for the fields it saves.
 ]]
 
 local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_OUTBOX, K_USAGE
-local K_CHECKPOINT, K_IDEM
+local K_CHECKPOINT, K_SCRATCH, K_IDEM
 
 -- The keys of this call: once per call (run as a script, here; in the Functions library, first
 -- thing in every function, which is why this is a function).
 local function bind(keys)
   K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_OUTBOX, K_USAGE =
     keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7], keys[8], keys[9], keys[10]
-  K_CHECKPOINT, K_IDEM = keys[11], keys[12]
+  K_CHECKPOINT, K_SCRATCH, K_IDEM = keys[11], keys[12], keys[13]
 end
 bind(KEYS)  --!script-only
 local RETAIN = 86400000  -- a finished hold is remembered a day: a late second capture gets its answer
@@ -410,6 +412,28 @@ local function next_id(st, at)
   return fmt(at) .. '-0'
 end
 
+-- A stream's first node: Redis allocates it whole up front (stream-node-max-bytes, 4 KB by
+-- default), so a user with a few history entries would cost 4 KB of them. COPY makes the node
+-- exactly as big as its entries, and later entries grow it as they come (a node that fills up is
+-- shrunk by Redis itself, so only the first, or the first after the history was trimmed away,
+-- needs this). Made by the first append of a call that finds the stream holding only its entry.
+-- Optional: an ACL without XLEN, COPY or RENAME (docs/security.md) only forgoes it (pcall; and
+-- RENAME of the missing scratch key answers "no such key" only where the ACL allows RENAME, so
+-- no copy is made that could not be renamed back).
+local function compact_history()
+  if redis.pcall('XLEN', K_HISTORY) ~= 1 then return end
+  local probe = redis.pcall('RENAME', K_SCRATCH, K_SCRATCH)
+  if type(probe) ~= 'table' or not probe.err
+    or not string.find(tostring(probe.err), 'no such key', 1, true)
+  then
+    return
+  end
+  if redis.pcall('COPY', K_HISTORY, K_SCRATCH, 'REPLACE') == 1 then
+    local renamed = redis.pcall('RENAME', K_SCRATCH, K_HISTORY)
+    if type(renamed) == 'table' and renamed.err then redis.pcall('DEL', K_SCRATCH) end
+  end
+end
+
 -- Appends a history entry dated `at` and returns its id. Ids only grow: an entry dated before
 -- the last one (a clock step back) is dated at the last one's millisecond, with the next seq.
 local function append(st, kind, amount, at, extra)
@@ -426,6 +450,7 @@ local function append(st, kind, amount, at, extra)
   -- (pn > 0) the user is in it: archive_done.lua drops a user only once none is pending.
   if not st.appended then
     if st.pn <= 0 then redis.call('ZADD', K_OUTBOX, 'NX', ms, K_HISTORY) end
+    compact_history()
     st.appended = 0
   end
   st.appended = st.appended + 1

@@ -1,5 +1,5 @@
 --[[ capture.lua: charge what a hold was for (all of it, or less) and give back the rest.
-KEYS  1-11 the user's keys (see _ledger.lua); 12 the idempotency record, when a key was given
+KEYS  1-12 the user's keys (see _ledger.lua); 13 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 local_id (hold id
       within the user) | 4 amount ('' = all) | 5 fingerprint | 6 idempotency_ttl_ms
       7 idempotency_key ('' = none)

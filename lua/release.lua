@@ -1,5 +1,5 @@
 --[[ release.lua: end a hold without charging: every held credit goes back.
-KEYS  1-11 the user's keys (see _ledger.lua)
+KEYS  1-12 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 local_id (hold id
       within the user)
 Reply hold_reply (status 'released') | {'NO_HOLD'} | {'HOLD_DONE', status}

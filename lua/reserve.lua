@@ -1,5 +1,5 @@
 --[[ reserve.lua: hold credits for a charge whose size is known later (capture or release).
-KEYS  1-11 the user's keys (see _ledger.lua); 12 the idempotency record, when a key was given
+KEYS  1-12 the user's keys (see _ledger.lua); 13 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount | 4 ttl_ms
       5 fingerprint | 6 idempotency_ttl_ms | 7 idempotency_key ('' = none)
       8 metadata_json ('' = none) | 9 default_limits (the client's; '' = none)

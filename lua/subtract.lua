@@ -1,5 +1,5 @@
 --[[ subtract.lua: take credits out, soonest-expiring buckets first, all or nothing.
-KEYS  1-11 the user's keys (see _ledger.lua); 12 the idempotency record, when a key was given
+KEYS  1-12 the user's keys (see _ledger.lua); 13 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount | 4 fingerprint
       5 idempotency_ttl_ms | 6 idempotency_key ('' = none) | 7 metadata_json ('' = none)
       8 default_limits (the client's, for a user without its own; '' = none)

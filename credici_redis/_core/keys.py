@@ -13,6 +13,7 @@ ids never share keys) and leaves no '{' or '}' that could end the tag early.
     <ns>:{<user>}:t        zset    hold timers (release by ttl, forget when done)
     <ns>:{<user>}:u        hash    usage rollups per hour and day
     <ns>:{<user>}:k        string  checkpoint: the state the trimmed history added up to
+    <ns>:{<user>}:c        stream  scratch: the history's compact copy, only while a script runs
     <ns>:{%S<x>}:ev        stream  low-balance events of every user in the slot of tag %S<x>
     <ns>:{%S<x>}:ob        zset    archive outbox of the slot: history key -> oldest unarchived ms
     <ns>:{%S<x>}:tq        zset    trim queue of the slot: history key -> when kept entries may go
@@ -41,7 +42,7 @@ _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
 
 
 class UserKeys(NamedTuple):
-    """The keys every ledger script receives, in the order the scripts expect (KEYS[1..11])."""
+    """The keys every ledger script receives, in the order the scripts expect (KEYS[1..12])."""
 
     state: str
     order: str
@@ -54,6 +55,7 @@ class UserKeys(NamedTuple):
     outbox: str
     usage: str
     checkpoint: str
+    scratch: str
 
 
 def check_namespace(namespace: str) -> str:
@@ -76,7 +78,7 @@ def user_keys(namespace: str, user_id: str) -> UserKeys:
     slot = f"{namespace}:{{{slot_tag(key_slot(user_tag(user_id).encode()))}}}:"
     return UserKeys(
         base + "s", base + "o", base + "x", base + "a", base + "h", base + "d", base + "t",
-        slot + "ev", slot + "ob", base + "u", base + "k",
+        slot + "ev", slot + "ob", base + "u", base + "k", base + "c",
     )  # fmt: skip
 
 

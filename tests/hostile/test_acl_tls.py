@@ -33,6 +33,7 @@ import pytest
 import redis
 
 from credici_redis import AsyncCrediciClient, CrediciClient, StorageError
+from credici_redis._core import keys as _keys
 from credici_redis.errors import EvictionPolicyError, StorageUnavailableError
 from tests.conftest import FakeClock, SyncAsAsync, free_port
 from tests.hostile.test_hostile_input import look
@@ -68,7 +69,7 @@ def test_the_documented_users_differ_only_where_the_docs_say() -> None:
     assert worker[:2] == ["reset", "on"] and f"~{NAMESPACE}:*" in worker
     events = {"+xgroup|create", "+xreadgroup", "+xautoclaim", "+xack"}  # reading events
     assert grants(ops) - grants(worker) == {"+scan", "+xtrim"} | events  # + trim_history
-    tests_only = {"+scan", "+ping", "+unlink", "+hkeys", "+xtrim", "+xdel", "+xlen"}
+    tests_only = {"+scan", "+ping", "+unlink", "+hkeys", "+xtrim", "+xdel"}
     assert grants(tests) - grants(worker) == tests_only | events
     assert not grants(worker) - grants(ops) and not grants(worker) - grants(tests)
     assert [r for r in worker + ops + tests if r.startswith(("~", "%", "&", "allkeys", "+@"))] == [
@@ -264,7 +265,44 @@ async def test_the_acl_user_can_do_everything_the_library_does(
         await close(realtime)
 
 
-WORKER_GRANTS = sorted(grants(acl_rules("credici")))
+OPTIONAL_GRANTS = ("+copy", "+rename", "+xlen")
+"""Grants only the compaction of a new history stream uses (docs/security.md): without them
+nothing fails, a user's first history node keeps Redis's 4 KB."""
+WORKER_GRANTS = sorted(grants(acl_rules("credici")) - set(OPTIONAL_GRANTS))
+
+
+@pytest.mark.parametrize("grant", OPTIONAL_GRANTS)
+async def test_an_optional_grant_missing_only_forgoes_the_compaction(
+    acl_server: Server, grant: str, clock: FakeClock
+) -> None:
+    user = f"without-optional-{OPTIONAL_GRANTS.index(grant)}"
+    acl_server.set_user(user, [rule for rule in acl_rules("credici") if rule != grant])
+    url = acl_server.url(user)
+    clocked = make_client("sync", url, namespace=NAMESPACE, clock=clock)
+    realtime = make_client("sync", url, namespace=NAMESPACE)
+    try:
+        await workload(clocked, realtime, clock, acl_server.admin, f"opt-{grant}")
+        fresh = f"opt-{grant}-fresh"
+        await realtime.add(fresh, 1)
+        keys = _keys.user_keys(NAMESPACE, fresh)
+        assert acl_server.admin.xlen(keys.history) == 1
+        assert (acl_server.admin.memory_usage(keys.history, samples=0) or 0) > 4096  # uncompacted
+        assert not acl_server.admin.keys(f"{NAMESPACE}:*:c")  # no copy left behind
+    finally:
+        await close(clocked)
+        await close(realtime)
+        acl_server.admin.execute_command("ACL", "DELUSER", user)
+
+
+async def test_the_documented_user_compacts_a_new_history(acl_server: Server) -> None:
+    client = make_client("sync", acl_server.url("credici"), namespace=NAMESPACE)
+    try:
+        await client.add("compacted", 1)
+    finally:
+        await close(client)
+    keys = _keys.user_keys(NAMESPACE, "compacted")
+    assert (acl_server.admin.memory_usage(keys.history, samples=0) or 0) < 1024
+    assert not acl_server.admin.exists(keys.scratch)
 
 
 @pytest.mark.parametrize("grant", WORKER_GRANTS)
