@@ -133,6 +133,10 @@ class InvalidMetadataError(InvalidInputError):
     """metadata is not a small dict[str, str]."""
 
 
+class InvalidMemberError(InvalidInputError):
+    """A pool member's id that is not a non-empty str (at most 256 UTF-8 bytes) or a UUID."""
+
+
 class InvalidOptionError(InvalidInputError):
     """A keyword option nobody takes (a typo), or a value an option cannot have."""
 
@@ -229,7 +233,8 @@ class RateLimitedError(LimitExceededError):
 
 
 class BudgetExceededError(LimitExceededError):
-    """The charge would pass the user's Budget for the period: `remaining` credits may still be
+    """The charge would pass the user's Budget for the period, or its member's cap (`member`
+    set: a pool's member charging beyond `set_member_cap`): `remaining` credits may still be
     spent until `resets_at`."""
 
     def __init__(
@@ -241,13 +246,17 @@ class BudgetExceededError(LimitExceededError):
         *,
         retry_after: timedelta | None = None,
         limit: Budget | None = None,
+        member: str | None = None,
     ) -> None:
+        who = f"user {user_id!r}" if member is None else f"member {member!r} of {user_id!r}"
         super().__init__(
-            f"user {user_id!r} may spend {remaining} more credits until {resets_at.isoformat()},"
+            f"{who} may spend {remaining} more credits until {resets_at.isoformat()},"
             f" {requested} were requested",
             user_id=user_id,
             requested=requested,
         )
+        self.member = member
+        """The member whose cap refused (None: the user's own budget)."""
         self.remaining = remaining
         self.resets_at = resets_at
         self.retry_after = retry_after

@@ -47,6 +47,10 @@ class Transaction(BaseModel):
             "unseen (granting 0), one every period from created_at on; None: one period"
         ),
     )
+    member: str | None = Field(
+        default=None,
+        description="a pool's member who spent it (subtract, reserve...); None: the account itself",
+    )
 
 
 class Cycle(BaseModel):
@@ -262,6 +266,21 @@ class Limits(BaseModel):
     )
     default: bool = Field(
         default=False, description="the client's default_limits (the user has none of its own)"
+    )
+
+
+class MemberUsage(BaseModel):
+    """A pool member's cap (`set_member_cap`) and what the member spent of it in the running
+    period. A member without a cap is not counted: `cap` None, `used` 0."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    user_id: str = Field(description="the pool")
+    member: str
+    cap: Budget | None = None
+    used: int = Field(default=0, description="spent in the running period of the cap")
+    resets_at: AwareDatetime | None = Field(
+        default=None, description="when the running period ends (None: no cap)"
     )
 
 

@@ -14,9 +14,11 @@ Keys, built by credici_redis/_core/keys.py, in the same order for every script; 
                            made or an expiry hit, r credits rolled over from bucket f, u the
                            buckets a charge took from ("bucket:credits:priority;..."), holds: h
                            the hold, q captured, t the time a hold's parts came back; reversals:
-                           o the entry reversed, w credits not restored (their bucket expired)
-  KEYS[6] holds    hash    hold id -> "a|amount|expires|created|parts" while active, then
-                           "<c(aptured) r(eleased) x (expired)>|amount|expires|created|captured"
+                           o the entry reversed, w credits not restored (their bucket expired);
+                           members: mb the member who charged (see "Members")
+  KEYS[6] holds    hash    hold id -> "a|amount|expires|created|parts[|member]" while active,
+                           then "<c(aptured) r(eleased) x (expired)>|amount|expires|created|
+                           captured[|member]"
                            created: the id of the hold's "r" entry (older holds: its ms)
                            parts: "bucket:credits:priority;..." (where the held credits came from)
   KEYS[7] timers   zset    hold id -> when it is released by itself (active) or forgotten (done)
@@ -29,12 +31,15 @@ Keys, built by credici_redis/_core/keys.py, in the same order for every script; 
                            written by trim.lua before it trims those entries (retention)
   KEYS[12] scratch  stream  the history's compact copy, made and renamed onto KEYS[5] by one
                            script (compact_history): never there between calls
-  KEYS[13] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
+  KEYS[13] members  hash    a pool's members: member -> "<cap>|<used>|<start>|<end>|<since>"
+                           (see "Members" below)
+  KEYS[14] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
 ARGV[1] is always the clock: '' means the server's TIME; tests inject milliseconds.
 ARGV[2] is always "<cycle>|<budget>|<zone>", every part optional ('' = none of them):
   cycle   a schedule extension for a calendar cycle: "<index>:<ms>,<ms>,..." (the boundaries
           from that period index on, computed by the client after a SCHEDULE reply)
-  budget  the budget period the client computed after a PERIOD reply: "<start ms>,<end ms>"
+  budget  the budget periods the client computed after PERIOD replies (a user's budget, a
+          member's cap): "<period>:<tz>=<start ms>,<end ms>;..."
   zone    the time zone of the usage days ('' = UTC) and its UTC offsets (with every call, and
           after a ZONE reply for a span further back):
           "<tz>=<valid until ms>;<from ms>:<offset ms>;..." (see "Usage rollups")
@@ -68,14 +73,14 @@ and cheaper than fmt), which the hot path does for the fields it saves.
 ]]
 
 local K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_OUTBOX, K_USAGE
-local K_CHECKPOINT, K_SCRATCH, K_IDEM
+local K_CHECKPOINT, K_SCRATCH, K_MEMBERS, K_IDEM
 
 -- The keys of this call: once per call (run as a script, here; in the Functions library, first
 -- thing in every function, which is why this is a function).
 local function bind(keys)
   K_STATE, K_ORDER, K_EXPIRY, K_AMOUNTS, K_HISTORY, K_HOLDS, K_TIMERS, K_EVENTS, K_OUTBOX, K_USAGE =
     keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7], keys[8], keys[9], keys[10]
-  K_CHECKPOINT, K_SCRATCH, K_IDEM = keys[11], keys[12], keys[13]
+  K_CHECKPOINT, K_SCRATCH, K_MEMBERS, K_IDEM = keys[11], keys[12], keys[13], keys[14]
 end
 bind(KEYS)  --!script-only
 local RETAIN = 86400000  -- a finished hold is remembered a day: a late second capture gets its answer
@@ -795,21 +800,35 @@ local function rate_after(lim, u, now, n)
   return true, after
 end
 
--- The budget period containing `now`: start, end, whether it is a new one (nothing spent yet);
+-- A calendar period of ARGV[2]'s budget part (the client's answers to PERIOD replies) for budget
+-- `tag` ("<period>:<tz>") that contains `now`: start, end; or nil.
+local function asked_period(tag, now)
+  local part = string.match(ARGV[2], '^[^|]*|([^|]*)') or ''
+  for t, s, e in string.gmatch(part, '([^;=]+)=(%d+),(%d+)') do
+    if t == tag and tonumber(s) <= now and now < tonumber(e) then return tonumber(s), tonumber(e) end
+  end
+  return nil
+end
+
+-- The period of budget `lim` (a user's budget, a member's cap) containing `now`, given the one
+-- counted so far (its tag, start, end): start, end, whether it is a new one (nothing spent yet);
 -- or nil and the reply asking the client for a calendar period (after a save: nothing else was
--- written). The client's answer is the part of ARGV[2] after '|': "<start ms>,<end ms>".
-local function budget_period(st, lim, u, now)
-  if u.bk == lim.bk and u.be and now < u.be then return u.bs, u.be, false end
+-- written). The client's answer comes in ARGV[2]'s budget part (asked_period).
+local function period_at(st, lim, tag, s, e, now)
+  if tag == lim.bk and e and now < e then return s, e, false end
   local dur = tonumber(lim.bp)
   if dur then
     local start = now - now % dur
     return start, start + dur, true
   end
-  local s, e = string.match(ARGV[2], '^[^|]*|(%d+),(%d+)')
-  s, e = tonumber(s), tonumber(e)
-  if s and s <= now and now < e then return s, e, true end
+  local ps, pe = asked_period(lim.bk, now)
+  if ps then return ps, pe, true end
   save_state(st)
   return nil, { 'PERIOD', fmt(now), lim.bp, lim.bz }
+end
+
+local function budget_period(st, lim, u, now)
+  return period_at(st, lim, u.bk, u.bs, u.be, now)
 end
 
 -- May a charge of n go ahead at `now` under the limits in effect? Returns the plan of what it
@@ -882,6 +901,60 @@ local function budget_back(amount, charged, at)
 end
 
 -- ---------------------------------------------------------------------------------------------
+-- Members: a pool is an ordinary user whose credits its members spend (subtract and reserve with
+-- a member; their history entries say who: field mb). A member may have a cap, a budget of its
+-- own per calendar period or fixed window, checked and counted by the script that charges, in the
+-- pool's slot (K_MEMBERS: member -> "<cap>|<used>|<start>|<end>|<since>"):
+--   cap    the budget's spec, "B<amount>:<period>:<tz>" (as the limits')
+--   used   credits the member charged in the period [start, end) from history entry <since> on
+-- A period that ended counts from 0 again. A refused charge changes nothing. Credits that come
+-- back (a hold's rest, release or ttl, a reversal) come back to the cap if counted in the period
+-- still running, as budget does (budget_back). A member without a cap is not counted here.
+
+local function load_member(member)
+  if not member or member == '' then return nil end
+  local raw = redis.call('HGET', K_MEMBERS, member)
+  if not raw then return nil end
+  local cap, used, s, e, since = string.match(raw, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  return { cap = cap, lim = parse_limits(cap), used = tonumber(used) or 0, s = tonumber(s),
+           e = tonumber(e), since = since }
+end
+
+local function member_record(cap, used, s, e, since)
+  return cap .. '|' .. fmt(used) .. '|' .. fmt(s) .. '|' .. fmt(e) .. '|' .. since
+end
+
+-- May `member` charge n more at `now`? Returns the write that counts it (nil: no member, or no
+-- cap), or nil and the refusal (or PERIOD ask) to reply:
+--   {'BUDGET', remaining, resets_at ms, retry_after ms, cap spec, member}
+local function member_gate(st, member, now, n)
+  local m = load_member(member)
+  if not m or not m.lim or not m.lim.ba then return nil, nil end
+  local start, ends, fresh = period_at(st, m.lim, m.lim.bk, m.s, m.e, now)
+  if not start then return nil, ends end
+  local used = (fresh and 0) or m.used
+  if n > m.lim.ba - used then
+    save_state(st)
+    return nil, { 'BUDGET', fmt(math.max(m.lim.ba - used, 0)), fmt(ends), fmt(ends - now), m.cap,
+                  member }
+  end
+  local since = (not fresh and m.since ~= '' and m.since) or next_id(st, now)
+  return { 'HSET', K_MEMBERS, member, member_record(m.cap, used + n, start, ends, since) }, nil
+end
+
+-- Credits `amount` charged (or held) by history entry `charged` come back to `member`'s cap, if
+-- they counted in its period still running at `at`.
+local function member_back(member, amount, charged, at)
+  if amount <= 0 or not charged then return end
+  local m = load_member(member)
+  if not m or not m.e or at >= m.e or m.since == '' then return end
+  if not string.find(charged, '-', 1, true) then charged = charged .. '-0' end
+  if id_less(charged, m.since) then return end
+  redis.call('HSET', K_MEMBERS, member,
+    member_record(m.cap, math.max(m.used - amount, 0), m.s, m.e, m.since))
+end
+
+-- ---------------------------------------------------------------------------------------------
 -- Holds
 
 local HOLD_STATUS = { a = 'active', c = 'captured', r = 'released', x = 'expired' }
@@ -947,12 +1020,20 @@ local function hold_timer(st, hold_id, at)
   st.holds_dirty = true
 end
 
--- Finishes a hold: status c/r/x, remembered (for a late second call) until RETAIN has passed.
+-- Finishes a hold: status c/r/x, remembered (for a late second call) until RETAIN has passed;
+-- a member's hold keeps its member (field 6, as while active).
 local function finish_hold(st, hold_id, rec, status, captured, now)
   st.held = st.held - tonumber(rec[2])
-  redis.call('HSET', K_HOLDS, hold_id,
-    status .. '|' .. rec[2] .. '|' .. rec[3] .. '|' .. rec[4] .. '|' .. fmt(captured))
+  local done = status .. '|' .. rec[2] .. '|' .. rec[3] .. '|' .. rec[4] .. '|' .. fmt(captured)
+  if rec[6] then done = done .. '|' .. rec[6] end
+  redis.call('HSET', K_HOLDS, hold_id, done)
   hold_timer(st, hold_id, now + RETAIN)
+end
+
+-- The history fields naming a member (none for the account itself).
+local function member_fields(member)
+  if member and member ~= '' then return { 'mb', member } end
+  return {}
 end
 
 -- A hold timer is due at `at`: an active hold's ttl has passed (its credits come back, dated at
@@ -961,8 +1042,9 @@ local function hold_timer_due(st, hold_id, at)
   local rec = split(redis.call('HGET', K_HOLDS, hold_id) or 'x', '|')
   redis.call('ZREM', K_TIMERS, hold_id)
   if rec[1] == 'a' then
-    give_back(st, hold_id, rec[5] or '', at, 'l', {})
+    give_back(st, hold_id, rec[5] or '', at, 'l', member_fields(rec[6]))
     budget_back(tonumber(rec[2]), rec[4], at)
+    member_back(rec[6], tonumber(rec[2]), rec[4], at)
     finish_hold(st, hold_id, rec, 'x', 0, at)
   else
     redis.call('HDEL', K_HOLDS, hold_id)

@@ -1,5 +1,5 @@
 --[[ add.lua: grant credits in a new bucket.
-KEYS  1-12 the user's keys (see _ledger.lua); 13 the idempotency record, when a key was given
+KEYS  1-13 the user's keys (see _ledger.lua); 14 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount
       4 expire_at_ms ('' = none) | 5 ttl_ms ('' = none) | 6 fingerprint | 7 idempotency_ttl_ms
       8 idempotency_key ('' = none) | 9 metadata_json ('' = none) | 10 priority

@@ -1,6 +1,6 @@
 --[[ archive_done.lua: PostgreSQL has committed a user's history up to an id; let Redis forget
 what it may.
-KEYS  1-12 the user's keys (see _ledger.lua); 13 the trim queue of the user's slot (zset:
+KEYS  1-13 the user's keys (see _ledger.lua); 14 the trim queue of the user's slot (zset:
       history key -> ms of its oldest archived entry still kept; due once older than keep)
 ARGV  1 clock ('' = server TIME) | 2 the archived-up-to id the archiver read ('' = none)
       3 the last id now committed to PostgreSQL | 4 how many entries that was
@@ -14,7 +14,7 @@ History: none (the history stream loses its archived entries once older than kee
 ]]
 --!include _ledger.lua
 
-local K_TRIMQ = KEYS[13]
+local K_TRIMQ = KEYS[14]
 local now = clock(ARGV[1])
 local before, upto, count, keep = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 

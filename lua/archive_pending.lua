@@ -1,5 +1,5 @@
 --[[ archive_pending.lua: what the archiver has still to copy of one user's history.
-KEYS  1-12 the user's keys (see _ledger.lua)
+KEYS  1-13 the user's keys (see _ledger.lua)
 ARGV  1 most entries to return
 Reply {archived up to ('' = nothing yet), entries pending, id, {field, value, ...}, id, {...}, ...}
       the entries after the archived-up-to id, oldest first

@@ -1,5 +1,5 @@
 --[[ audit.lua: bring the user up to now, then return what the audit compares with its history.
-KEYS  1-12 the user's keys (see _ledger.lua)
+KEYS  1-13 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries)
 Reply {'OK', balance, last (history id as the state knows it), stream_last (last id in the
        stream), held, trimmed (entries before it were trimmed: archived to PostgreSQL, or

@@ -1,5 +1,5 @@
 --[[ cancel_cycle.lua: stop the cycle from renewing; with forfeit, its grant expires now.
-KEYS  1-12 the user's keys (see _ledger.lua)
+KEYS  1-13 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 forfeit (0|1)
 Reply cycle_reply (see _ledger.lua) | {'NO_CYCLE'} | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets; with forfeit, an "e" entry for what the grant had left.

@@ -1,10 +1,10 @@
 --[[ capture.lua: charge what a hold was for (all of it, or less) and give back the rest.
-KEYS  1-12 the user's keys (see _ledger.lua); 13 the idempotency record, when a key was given
+KEYS  1-13 the user's keys (see _ledger.lua); 14 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 local_id (hold id
       within the user) | 4 amount ('' = all) | 5 fingerprint | 6 idempotency_ttl_ms
       7 idempotency_key ('' = none)
 Reply {'OK', id, kind 'p', amount (+returned), balance_after (of the "p" entry), expire_at '',
-       idempotency_key, metadata '', hold_id, captured}
+       idempotency_key, metadata '', hold_id, captured, member ('' = none)}
       | {'IDEM_CONFLICT'} | {'NO_HOLD'} | {'HOLD_DONE', status} | {'HOLD_EXCEEDED', held}
       | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: renewals, holds released by their ttl, expired buckets, then one "p" entry for what came
@@ -45,14 +45,17 @@ end
 local fields = { 'q', fmt(charge) }
 if #charged > 0 then fields[#fields + 1] = 'u'; fields[#fields + 1] = table.concat(charged, ';') end
 if ikey ~= '' then fields[#fields + 1] = 'i'; fields[#fields + 1] = ikey end
+if rec[6] then fields[#fields + 1] = 'mb'; fields[#fields + 1] = rec[6] end
 local id, back, after = give_back(st, hold_id, table.concat(rest, ';'), now, 'p', fields)
 count_usage(st, now, 'cu', charge)
 budget_back(held - charge, rec[4], now)
+member_back(rec[6], held - charge, rec[4], now)
 finish_hold(st, hold_id, rec, 'c', charge, now)
 save_state(st)
 -- The reply is the "p" entry as history has it: its balance_after is before any "e" entry.
 local reply = tx_reply(id, 'p', back, after, nil, ikey, '')
 reply[#reply + 1] = hold_id
 reply[#reply + 1] = fmt(charge)
+reply[#reply + 1] = rec[6] or ''
 remember(fingerprint, ARGV[6], reply)
 return reply

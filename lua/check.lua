@@ -1,6 +1,6 @@
 --[[ check.lua: would a charge of `amount` pass now? A dry run of subtract: nothing is charged,
 no rate and no budget is used.
-KEYS  1-12 the user's keys (see _ledger.lua)
+KEYS  1-13 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount
       4 default_limits (the client's, for a user without its own; '' = none)
 Reply {'OK', allowed (1|0), reason ('' | 'credits' | 'budget' | 'rate'), balance, credit_limit,

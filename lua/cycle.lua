@@ -1,5 +1,5 @@
 --[[ cycle.lua: bring the user up to now, then read the current (or last) cycle.
-KEYS  1-12 the user's keys (see _ledger.lua)
+KEYS  1-13 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries)
 Reply cycle_reply (see _ledger.lua) | {'NONE'} | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets.

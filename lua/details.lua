@@ -1,5 +1,5 @@
 --[[ details.lua: bring the user up to now, then read the balance in detail.
-KEYS  1-12 the user's keys (see _ledger.lua)
+KEYS  1-13 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries)
 Reply {'OK', balance, credit_limit, held, history_from (entries before this id were trimmed from
        Redis: archived, or past the retention; '' = none), *buckets (bucket id, credits left,

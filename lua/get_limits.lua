@@ -1,6 +1,6 @@
 --[[ get_limits.lua: the user's limits in effect (its own, else the client's default) and what
 was spent of the budget in the running period.
-KEYS  1-12 the user's keys (see _ledger.lua)
+KEYS  1-13 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries)
       3 default_limits (the client's; '' = none)
 Reply {'OK', own (1|0), limits (spec in effect, '' = none), budget_used, budget_resets_at ('' =

@@ -1,5 +1,5 @@
 --[[ hold.lua: bring the user up to now (a hold whose ttl passed is released), then read a hold.
-KEYS  1-12 the user's keys (see _ledger.lua)
+KEYS  1-13 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 local_id (hold id
       within the user)
 Reply hold_reply | {'NO_HOLD'} (never made, or forgotten a day after it ended)

@@ -1,10 +1,10 @@
 --[[ reverse.lua: undo a subtract, a capture or an add, once.
-KEYS  1-12 the user's keys (see _ledger.lua); 13 the idempotency record, when a key was given
+KEYS  1-13 the user's keys (see _ledger.lua); 14 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 entry_id (the
       history entry to reverse) | 4 fingerprint | 5 idempotency_ttl_ms
       6 idempotency_key ('' = none)
 Reply {'OK', id, kind 'v', amount, balance_after, expire_at '', idempotency_key, metadata '',
-       reversed_id (the entry reversed), unrestored}
+       reversed_id (the entry reversed), unrestored, member (the reversed charge's; '' = none)}
       | {'IDEM_CONFLICT'} | {'NO_TX'} | {'ARCHIVED', trim mark} (moved to PostgreSQL)
       | {'NOT_REVERSIBLE', kind} | {'REVERSED', reversal id}
       | {'BALANCE_LIMIT', balance} (what would come back does not fit under 2^53-1)
@@ -16,7 +16,8 @@ the entry it reverses.
   never-expiring bucket. As any grant, what comes back repays a debt first.
 - add: what is left of that grant is removed (nothing, if it was spent or expired).
 - The charge comes back to the limits' budget if it counted in the running period (a capture:
-  if its hold is still remembered, a day after it ended, and counted; else nothing comes back).
+  if its hold is still remembered, a day after it ended, and counted; else nothing comes back);
+  a member's charge (mb) to the member's cap the same way, and the "v" entry names the member.
 ]]
 --!include _ledger.lua
 
@@ -88,6 +89,8 @@ else
     charged_by = split(redis.call('HGET', K_HOLDS, f.h or '') or '', '|')[4]
   end
   budget_back(charged, charged_by, now)
+  member_back(f.mb, charged, charged_by, now)
+  if f.mb then fields[#fields + 1] = 'mb'; fields[#fields + 1] = f.mb end
   fields[#fields + 1] = 't'
   fields[#fields + 1] = fmt(now)
   if expired > 0 then fields[#fields + 1] = 'w'; fields[#fields + 1] = fmt(expired) end
@@ -100,5 +103,6 @@ save_state(st)
 local reply = tx_reply(id, 'v', amount, st.bal, nil, ikey, '')
 reply[#reply + 1] = target
 reply[#reply + 1] = fmt(unrestored)
+reply[#reply + 1] = f.mb or ''
 remember(fingerprint, ARGV[5], reply)
 return reply

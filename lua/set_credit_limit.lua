@@ -1,5 +1,5 @@
 --[[ set_credit_limit.lua: let the balance go down to -limit (0: no overdraft).
-KEYS  1-12 the user's keys (see _ledger.lua)
+KEYS  1-13 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 limit
 Reply {'OK', balance} | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets; the limit itself is not a change of the balance.

@@ -1,6 +1,6 @@
 --[[ set_limits.lua: set the user's own limits (rate, budget), or clear them ('': the client's
 default applies again). Reply: the limits in effect, as get_limits.lua.
-KEYS  1-12 the user's keys (see _ledger.lua)
+KEYS  1-13 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 limits (spec, see
       _ledger.lua; '' = clear) | 4 default_limits (the client's; '' = none)
 Reply {'OK', own (1|0), limits (spec in effect, '' = none), budget_used, budget_resets_at ('' =

@@ -1,5 +1,5 @@
 --[[ set_low_balance_threshold.lua: ask for events when the balance falls below a threshold.
-KEYS  1-12 the user's keys (see _ledger.lua)
+KEYS  1-13 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries)
       3 threshold ('' = no events)
 Reply {'OK', balance} | SCHEDULE | ZONE | CATCHUP | INCONSISTENT

@@ -1,5 +1,5 @@
 --[[ start_cycle.lua: start a cycle granting `amount` until its end; ends the running one first.
-KEYS  1-12 the user's keys (see _ledger.lua); 13 the idempotency record, when a key was given
+KEYS  1-13 the user's keys (see _ledger.lua); 14 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries, for the running cycle)
       3 amount (0 allowed) | 4 duration_ms (a fixed period; '' for a calendar period)
       5 first_ends (calendar boundaries of the new cycle "B1,B2,...", calendar only)

@@ -1,5 +1,5 @@
 --[[ trim.lua: one bounded step of history retention: record a checkpoint, trim what it covers.
-KEYS  1-12 the user's keys (see _ledger.lua)
+KEYS  1-13 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries, usage zone)
       3 base (the checkpoint id the client replayed from; '' = none) | 4 upto (the last entry the
       new checkpoint covers) | 5 checkpoint (its JSON, from credici_redis._core.audit.Replay)

@@ -1,5 +1,5 @@
 --[[ usage.lua: bring the user up to now (as any read), then read its usage rollups.
-KEYS  1-12 the user's keys (see _ledger.lua)
+KEYS  1-13 the user's keys (see _ledger.lua)
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries, usage zone)
       3 fields (the records to read, ' '-separated: H<hour> or D<day>; at most 1,000)
 Reply {'OK', zone (of the days), hour (of the running slot, '' = none), day, spent, granted,

@@ -268,13 +268,14 @@ LIMITED_WORKER = textwrap.dedent(
     from credici_redis import CrediciClient, InsufficientCreditsError, LimitExceededError
     url, namespace, user, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     until_refused = sys.argv[5] == "1"
+    member = sys.argv[6] if len(sys.argv) > 6 else None
     ok = limited = 0
     with CrediciClient.from_url(url, namespace=namespace) as client:
         sys.stdout.write("ready\\n"); sys.stdout.flush(); sys.stdin.readline()  # start together
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             try:
-                client.subtract(user, 1)
+                client.subtract(user, 1, member=member)
                 ok += 1
             except LimitExceededError:
                 limited += 1
@@ -311,12 +312,18 @@ def _run_workers(worker: str, *argv: str) -> list[dict[str, int]]:
 
 
 def _hammer(
-    url: str, namespace: str, user: str, seconds: float, until_refused: bool = False
+    url: str,
+    namespace: str,
+    user: str,
+    seconds: float,
+    until_refused: bool = False,
+    member: str | None = None,
 ) -> tuple[int, int]:
     """8 processes charge 1 credit as fast as they can for `seconds` (or, `until_refused`, each
-    until its first refusal): (accepted, refused)."""
+    until its first refusal), as `member` of the pool `user` if given: (accepted, refused)."""
     flag = "1" if until_refused else "0"
-    results = _run_workers(LIMITED_WORKER, url, namespace, user, str(seconds), flag)
+    who = () if member is None else (member,)
+    results = _run_workers(LIMITED_WORKER, url, namespace, user, str(seconds), flag, *who)
     return sum(r["ok"] for r in results), sum(r["limited"] for r in results)
 
 
@@ -360,3 +367,22 @@ def test_eight_processes_never_pass_the_budget(backend: str, namespace: str, use
         assert (accepted, client.get_limits(user).budget_used) == (300, 300)
         assert refused == 8  # each process went on until the budget refused it
         assert _subtract_entries(client.get_all_user_transactions(user)) == accepted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+def test_eight_processes_never_pass_a_members_cap(backend: str, namespace: str, user: str) -> None:
+    """Issue 19: 8 processes charging one member of a pool with a cap of 100 get exactly 100
+    credits through; the pool's other credits stay."""
+    from credici_redis import Budget
+
+    url = REDIS_URL if backend == "redis" else POSTGRES_URL
+    with CrediciClient.from_url(url, namespace=namespace) as client:
+        client.add(user, 100_000)
+        client.set_member_cap(user, "alice", Budget(100, timedelta(days=365)))
+        accepted, refused = _hammer(url, namespace, user, 90.0, until_refused=True, member="alice")
+        assert (accepted, client.get_member_usage(user, "alice").used) == (100, 100)
+        assert refused == 8  # each process went on until the cap refused it
+        history = client.get_all_user_transactions(user)
+        assert [t.member for t in history if t.kind == "subtract"] == ["alice"] * 100
+        assert client.get_balance(user) == 100_000 - 100

@@ -126,7 +126,8 @@ def problems(
 
 
 def expected_codes(op: Operation[object, object]) -> set[str]:
-    asks = LIMITS_PROGRESS if "default_limits" in op.argv else frozenset()
+    budgets = {"default_limits", "member"}  # a budget or a member's cap: may ask for a period
+    asks = LIMITS_PROGRESS if budgets & set(op.argv) else frozenset()
     return set(op.refusals) | set(op.outcomes) | PROGRESS | asks
 
 
@@ -151,7 +152,7 @@ SUBTRACT = """--[[ subtract.lua: take credits out.
 KEYS  1-9 the user's keys
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 amount | 4 fingerprint
       5 idempotency_ttl_ms | 6 idempotency_key ('' = none) | 7 metadata_json ('' = none)
-      8 default_limits
+      8 default_limits | 9 member
 Reply {'OK', id, kind 's', amount (-amount), balance_after, expire_at '', idempotency_key, metadata}
       | {'IDEM_CONFLICT'} | {'INSUFFICIENT', available (balance + credit limit)}
       | {'BUDGET', remaining, resets_at} | {'RATE', retry_after_ms}

@@ -31,6 +31,7 @@ from credici_redis._storages.pg_history import (
     INSERT_HISTORY,
     Entry,
     from_pg_fields,
+    pg_text,
 )
 from credici_redis._storages.redis_base import DEFAULT_KEEP as DEFAULT_KEEP
 from credici_redis.errors import (
@@ -218,6 +219,7 @@ SELECT (extract(epoch FROM created_at) * 1000)::bigint, entry_seq, fields
 FROM credici_history
 WHERE namespace = %s AND user_id = %s AND created_at >= %s AND created_at < %s
   AND (created_at, entry_seq) < (%s, %s)
+  AND (%s::text IS NULL OR fields->>'mb' = %s)
 ORDER BY created_at DESC, entry_seq DESC
 LIMIT %s
 """
@@ -233,15 +235,19 @@ _MIN_TIME = from_ms(0)
 _MAX_TIME = from_ms(253402300799999)  # 9999-12-31
 
 
-def _period(req: HistoryRequest) -> tuple[datetime, datetime, datetime, int, int | None]:
-    """The parameters of `_SELECT` after the user: the period, the `before` entry, the limit
-    (LIMIT NULL is no limit)."""
+def _period(
+    req: HistoryRequest,
+) -> tuple[datetime, datetime, datetime, int, str | None, str | None, int | None]:
+    """The parameters of `_SELECT` after the user: the period, the `before` entry, the member
+    (twice; None: every entry), the limit (LIMIT NULL is no limit)."""
     low = _MIN_TIME if req.from_ms is None else from_ms(max(req.from_ms, 0))
     high = _MAX_TIME if req.to_ms is None else from_ms(max(min(req.to_ms + 1, 253402300799999), 0))
     before_ms, before_seq = (
         (253402300799999, 2**63 - 1) if req.before is None else entry_key(req.before)
     )
-    return low, high, from_ms(min(before_ms, 253402300799999)), before_seq, req.limit
+    member = None if req.member is None else pg_text(req.member)
+    before = from_ms(min(before_ms, 253402300799999))
+    return low, high, before, before_seq, member, member, req.limit
 
 
 def _entries(rows: Iterable[tuple[Any, ...]]) -> list[Entry]:

@@ -23,6 +23,7 @@ from credici_redis._ops import (
     history,
     holds,
     limits,
+    members,
     retention,
     reverse,
     usage,
@@ -40,6 +41,7 @@ from credici_redis.models import (
     Granularity,
     Hold,
     Limits,
+    MemberUsage,
     RateLimit,
     Transaction,
     TrimReport,
@@ -159,13 +161,16 @@ class CrediciClient(ClientBase):
         *,
         idempotency_key: str | None = None,
         metadata: dict[str, str] | None = None,
+        member: str | None = None,
     ) -> Transaction:
         """Take `amount` credits, soonest-expiring first; all or nothing. With limits (see
         `set_limits`), the same atomic step also checks and uses the rate and the budget:
         InsufficientCreditsError, BudgetExceededError, RateLimitedError (in that order), and
-        nothing changed."""
+        nothing changed. `member`: a member of the pool `user_id` charging on their behalf
+        (the entry names them; their cap, `set_member_cap`, is checked after the credits:
+        BudgetExceededError with `member` set)."""
         req = charge.build_subtract(
-            user_id, amount, idempotency_key, metadata, self._now(), self._limits
+            user_id, amount, idempotency_key, metadata, self._now(), self._limits, member
         )
         return self.storage.execute(charge.SUBTRACT, req)
 
@@ -241,12 +246,15 @@ class CrediciClient(ClientBase):
         *,
         limit: int | None = None,
         before: str | None = None,
+        member: str | None = None,
     ) -> list[Transaction]:
         """History entries with from_ <= created_at <= to_ (naive = UTC), newest first; `limit`
-        and `before` as for get_all_user_transactions."""
+        and `before` as for get_all_user_transactions; `member`: only the entries of a pool
+        naming that member (who spent what)."""
         req = history.build_history(
-            user_id, from_, to_, self._now(), period=True, limit=limit, before=before
-        )
+            user_id, from_, to_, self._now(), period=True, limit=limit, before=before,
+            member=member,
+        )  # fmt: skip
         return self._history(req)
 
     def iter_user_transactions(
@@ -291,13 +299,15 @@ class CrediciClient(ClientBase):
         ttl: timedelta = holds.DEFAULT_HOLD_TTL,
         idempotency_key: str | None = None,
         metadata: dict[str, str] | None = None,
+        member: str | None = None,
     ) -> Hold:
         """Hold `amount` credits (out of the available balance, in burn order) until capture,
         release, or `ttl`, after which the next operation on the user releases them. The held
         amount counts against the user's rate and budget now, as a subtract would (a capture
-        below it, a release or the ttl give the rest back to the budget)."""
+        below it, a release or the ttl give the rest back to the budget). `member`: as for
+        subtract; the member's cap counts the held amount the same way."""
         req = holds.build_reserve(
-            user_id, amount, ttl, idempotency_key, metadata, self._now(), self._limits
+            user_id, amount, ttl, idempotency_key, metadata, self._now(), self._limits, member
         )
         return self.storage.execute(holds.RESERVE, req)
 
@@ -351,6 +361,20 @@ class CrediciClient(ClientBase):
         what was spent of the budget in the running period and when that period ends."""
         req = limits.build_get_limits(user_id, self._now(), self._limits)
         return self.storage.execute(limits.GET_LIMITS, req)
+
+    def set_member_cap(self, user_id: UserId, member: str, budget: Budget | None) -> MemberUsage:
+        """Cap what `member` may spend of the pool `user_id` per calendar period (in a time
+        zone) or fixed window: checked by every charge made with `member=` in the same atomic
+        step. None removes the cap. What the member spent under a cap of the same period and
+        zone still counts; charges made before a new cap never come back to it."""
+        req = members.build_set_member_cap(user_id, member, budget, self._now())
+        return self.storage.execute(members.SET_MEMBER_CAP, req)
+
+    def get_member_usage(self, user_id: UserId, member: str) -> MemberUsage:
+        """A member's cap on the pool `user_id`, what it spent in the running period, and when
+        that period ends (cap None: the member is not capped, and not counted)."""
+        req = members.build_member(user_id, member, self._now())
+        return self.storage.execute(members.GET_MEMBER_USAGE, req)
 
     def get_usage(
         self,

@@ -65,6 +65,7 @@ REFUSALS: dict[str, Callable[[Any, list[str]], CrediciError]] = {
         from_ms(int(f[2])),
         retry_after=timedelta(milliseconds=int(f[3])),
         limit=decode(f[4])[1],
+        member=f[5] if len(f) > 5 and f[5] else None,
     ),
     "RATE": lambda req, f: RateLimitedError(
         req.user_id,

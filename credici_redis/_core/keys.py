@@ -14,6 +14,7 @@ ids never share keys) and leaves no '{' or '}' that could end the tag early.
     <ns>:{<user>}:u        hash    usage rollups per hour and day
     <ns>:{<user>}:k        string  checkpoint: the state the trimmed history added up to
     <ns>:{<user>}:c        stream  scratch: the history's compact copy, only while a script runs
+    <ns>:{<user>}:m        hash    members of a pool: member -> cap and what it used this period
     <ns>:{%S<x>}:ev        stream  low-balance events of every user in the slot of tag %S<x>
     <ns>:{%S<x>}:ob        zset    archive outbox of the slot: history key -> oldest unarchived ms
     <ns>:{%S<x>}:tq        zset    trim queue of the slot: history key -> when kept entries may go
@@ -42,7 +43,7 @@ _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
 
 
 class UserKeys(NamedTuple):
-    """The keys every ledger script receives, in the order the scripts expect (KEYS[1..12])."""
+    """The keys every ledger script receives, in the order the scripts expect (KEYS[1..13])."""
 
     state: str
     order: str
@@ -56,6 +57,7 @@ class UserKeys(NamedTuple):
     usage: str
     checkpoint: str
     scratch: str
+    members: str
 
 
 def check_namespace(namespace: str) -> str:
@@ -79,6 +81,7 @@ def user_keys(namespace: str, user_id: str) -> UserKeys:
     return UserKeys(
         base + "s", base + "o", base + "x", base + "a", base + "h", base + "d", base + "t",
         slot + "ev", slot + "ob", base + "u", base + "k", base + "c",
+        base + "m",
     )  # fmt: skip
 
 

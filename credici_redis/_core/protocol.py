@@ -121,7 +121,7 @@ def answer(reply: Any, extension: str) -> str | None:
         found = _schedule.boundaries_from(int(anchor), every, tz, int(index), int(now))
         cycle = f"{index}:" + ",".join(map(str, found))
     elif code == "PERIOD" and len(reply) == 4:
-        period = _schedule.period_extension([text(v) for v in reply])
+        period = _schedule.period_extension([text(v) for v in reply], period)
     elif code == "ZONE" and len(reply) == 4:
         usage_zone = _schedule.zone_extension([text(v) for v in reply])
     else:
@@ -419,6 +419,8 @@ def parse_entry(user_id: str, entry: Any) -> Transaction:
         update["unrestored"] = int(f.get("w", "0"))
     if "v" in f:
         update["periods"] = int(f["v"])
+    if "mb" in f:
+        update["member"] = f["mb"]
     return tx.model_copy(update=update) if update else tx
 
 

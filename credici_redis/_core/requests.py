@@ -27,6 +27,7 @@ from credici_redis.errors import (
     InvalidExpiryError,
     InvalidIdempotencyKeyError,
     InvalidInputError,
+    InvalidMemberError,
     InvalidMetadataError,
     InvalidPriorityError,
     InvalidUserIdError,
@@ -82,6 +83,23 @@ def user_id(value: object) -> str:
             f"user_id is {size} UTF-8 bytes, at most {MAX_USER_ID_BYTES} are allowed",
             user_id=value,
         )
+    return value
+
+
+def member(value: object) -> str:
+    """A pool member's id ('' for None: the account itself), with a user id's rules."""
+    if value is None:
+        return ""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise InvalidMemberError(f"member must be a non-empty str, a UUID or None, not {value!r}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidMemberError("member is not valid Unicode text") from exc
+    if size > MAX_USER_ID_BYTES:
+        raise InvalidMemberError(f"member is {size} UTF-8 bytes, at most {MAX_USER_ID_BYTES}")
     return value
 
 

@@ -93,10 +93,14 @@ def calendar_period(now_ms: int, period: str, tz: str) -> tuple[int, int]:
     return midnight(day), midnight(after)
 
 
-def period_extension(reply: list[str]) -> str:
-    """The answer to a PERIOD reply {'PERIOD', now, period, tz}: "<start>,<end>"."""
+def period_extension(reply: list[str], asked: str = "") -> str:
+    """The answer to a PERIOD reply {'PERIOD', now, period, tz}, added to the periods `asked`
+    before (a user's budget and a member's cap may both ask): "<period>:<tz>=<start>,<end>;..."
+    (lua/_ledger.lua, asked_period)."""
     start, end = calendar_period(int(reply[1]), reply[2], reply[3])
-    return f"{start},{end}"
+    tag = f"{reply[2]}:{reply[3]}"
+    kept = [p for p in asked.split(";") if p and not p.startswith(tag + "=")]
+    return ";".join([*kept, f"{tag}={start},{end}"])
 
 
 # -- usage days (lua/_ledger.lua "Usage rollups") ---------------------------------------------

@@ -15,6 +15,9 @@ reply becomes a model, and which errors it raises (codes in `credici_redis._core
     limits      check                      check.lua                     Decision
                 set_limits, get_limits     set_limits.lua, get_limits.lua  Limits
                 (enforced by subtract.lua and reserve.lua; the wire form of limits)
+    members     set_member_cap,            set_member_cap.lua,           MemberUsage
+                get_member_usage           member_usage.lua
+                (caps enforced by subtract.lua and reserve.lua with a member)
     usage       get_usage                  usage.lua                     list[UsagePoint]
     retention   trim_history               trim.lua + XRANGE pages       TrimReport
     history     history                    balance.lua + XREVRANGE pages list[Transaction]
@@ -35,6 +38,7 @@ from credici_redis._ops import (
     history,
     holds,
     limits,
+    members,
     retention,
     reverse,
     usage,
@@ -50,6 +54,7 @@ __all__ = [
     "history",
     "holds",
     "limits",
+    "members",
     "retention",
     "reverse",
     "usage",

@@ -38,10 +38,14 @@ class SubtractRequest:
     now_ms: int | None
     default_limits: str = ""
     """The client's default limits (a spec, `_ops.limits`), for a user without its own."""
+    member: str = ""
+    """Who charges the user (a pool) on their behalf; '' = the account itself."""
 
 
 def _transaction(req: AddRequest | SubtractRequest, r: Reply) -> Transaction:
-    return parse_tx(req.user_id, r)
+    tx = parse_tx(req.user_id, r)
+    member = getattr(req, "member", "")
+    return tx.model_copy(update={"member": member}) if member else tx
 
 
 ADD: Operation[AddRequest, Transaction] = Operation(
@@ -75,11 +79,12 @@ SUBTRACT: Operation[SubtractRequest, Transaction] = Operation(
         "idempotency_key",
         "metadata_json",
         "default_limits",
+        "member",
     ),
     reply=TX_REPLY,
     parse=_transaction,
     refusals=frozenset({"IDEM_CONFLICT", "INSUFFICIENT", "BUDGET", "RATE"}),
-    fingerprint=("amount", "metadata_json"),
+    fingerprint=("amount", "metadata_json", "member"),
 )
 
 
@@ -101,14 +106,21 @@ def build_add(
 
 
 def build_subtract(
-    user: object, credits: object, key: object, meta: object, now_ms: int | None, limits: str = ""
+    user: object,
+    credits: object,
+    key: object,
+    meta: object,
+    now_ms: int | None,
+    limits: str = "",
+    member: object = None,
 ) -> SubtractRequest:
     uid, n = check.user_id(user), check.amount(credits)
     ikey, meta_json = check.idempotency_key(key), check.metadata(meta)
-    return SUBTRACT.with_key(SubtractRequest(uid, n, None, "", meta_json, now_ms, limits), ikey)
+    req = SubtractRequest(uid, n, None, "", meta_json, now_ms, limits, check.member(member))
+    return SUBTRACT.with_key(req, ikey)
 
 
-SUBTRACT_ITEM_KEYS = frozenset({"user_id", "amount", "idempotency_key", "metadata"})
+SUBTRACT_ITEM_KEYS = frozenset({"user_id", "amount", "idempotency_key", "metadata", "member"})
 ADD_ITEM_KEYS = frozenset(
     {"user_id", "amount", "expire_at", "ttl", "idempotency_key", "metadata", "priority"}
 )
@@ -131,7 +143,7 @@ def build_subtract_item(item: object, now_ms: int | None, limits: str = "") -> S
     f = _item_fields(item, SUBTRACT_ITEM_KEYS, 2)
     return build_subtract(
         f.get("user_id"), f.get("amount"), f.get("idempotency_key"), f.get("metadata"), now_ms,
-        limits,
+        limits, f.get("member"),
     )  # fmt: skip
 
 

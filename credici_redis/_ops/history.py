@@ -30,7 +30,8 @@ from credici_redis.models import Transaction
 @dataclass(frozen=True, slots=True)
 class HistoryRequest:
     """A history read, newest first: entries with from_ms <= time <= to_ms, older than the
-    entry `before` (a history entry id, exclusive), at most `limit` of them (None: all)."""
+    entry `before` (a history entry id, exclusive), of `member` (None: every entry; else a
+    pool's entries naming that member), at most `limit` of them (None: all)."""
 
     user_id: str
     from_ms: int | None
@@ -38,6 +39,7 @@ class HistoryRequest:
     now_ms: int | None
     limit: int | None = None
     before: str | None = None
+    member: str | None = None
 
 
 def _history(
@@ -59,7 +61,8 @@ def _history(
     ])  # fmt: skip
     found: list[Transaction] = []
     while True:
-        found.extend(parse_entry(req.user_id, entry) for entry in page)
+        parsed = (parse_entry(req.user_id, entry) for entry in page)
+        found.extend(t for t in parsed if req.member is None or t.member == req.member)
         if len(page) < count or len(found) >= wanted:
             return found
         count = int(min(wanted - len(found), HISTORY_PAGE))
@@ -90,8 +93,9 @@ def build_history(
     period: bool,
     limit: object = None,
     before: object = None,
+    member: object = None,
 ) -> HistoryRequest:
-    uid = check.user_id(user)
+    uid, who = check.user_id(user), check.member(member) or None
     if limit is not None and (type(limit) is not int or not 1 <= limit <= MAX_HISTORY_LIMIT):
         raise InvalidInputError(f"limit must be an int from 1 to {MAX_HISTORY_LIMIT}, or None")
     entry = None
@@ -102,13 +106,13 @@ def build_history(
         if owner != uid:
             raise InvalidInputError(f"before={before!r} is a transaction of another user")
     if not period:
-        return HistoryRequest(uid, None, None, now_ms, limit, entry)
+        return HistoryRequest(uid, None, None, now_ms, limit, entry, who)
     for name, value in (("from_", from_), ("to_", to_)):
         if not isinstance(value, datetime):
             raise InvalidPeriodError(f"{name} must be a datetime, not {type(value).__name__}")
     assert isinstance(from_, datetime) and isinstance(to_, datetime)
     try:
-        return HistoryRequest(uid, to_ms_ceil(from_), to_ms(to_), now_ms, limit, entry)
+        return HistoryRequest(uid, to_ms_ceil(from_), to_ms(to_), now_ms, limit, entry, who)
     except OverflowError as exc:  # an aware time whose UTC is outside datetime's range
         raise InvalidPeriodError(f"from_ {from_} or to_ {to_} is out of range") from exc
 

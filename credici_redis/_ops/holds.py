@@ -31,6 +31,8 @@ class ReserveRequest:
     now_ms: int | None
     default_limits: str = ""
     """The client's default limits (a spec, `_ops.limits`), for a user without its own."""
+    member: str = ""
+    """Who holds the user's (a pool's) credits; '' = the account itself."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +86,10 @@ def parse_hold(req: Any, r: Reply) -> Hold:
 
 def _captured(req: CaptureRequest, r: Reply) -> Transaction:
     tx = parse_tx(req.user_id, r)
-    return tx.model_copy(update={"hold_id": req.hold_id, "captured": int(r["captured"])})
+    update: dict[str, object] = {"hold_id": req.hold_id, "captured": int(r["captured"])}
+    if r.has("member") and r["member"]:  # a record kept before members came has none
+        update["member"] = r["member"]
+    return tx.model_copy(update=update)
 
 
 RESERVE: Operation[ReserveRequest, Hold] = Operation(
@@ -99,11 +104,12 @@ RESERVE: Operation[ReserveRequest, Hold] = Operation(
         "idempotency_key",
         "metadata_json",
         "default_limits",
+        "member",
     ),
     reply=(*HOLD_REPLY, "transaction_id"),
     parse=parse_hold,
     refusals=frozenset({"IDEM_CONFLICT", "INSUFFICIENT", "BUDGET", "RATE"}),
-    fingerprint=("amount", "ttl_ms", "metadata_json"),
+    fingerprint=("amount", "ttl_ms", "metadata_json", "member"),
 )
 
 CAPTURE: Operation[CaptureRequest, Transaction] = Operation(
@@ -111,7 +117,7 @@ CAPTURE: Operation[CaptureRequest, Transaction] = Operation(
     CaptureRequest,
     load("capture", effect=True),
     argv=("local_id", "amount", "fingerprint", "idempotency_ttl_ms", "idempotency_key"),
-    reply=(*TX_REPLY, "hold_id", "captured"),
+    reply=(*TX_REPLY, "hold_id", "captured", "member"),
     parse=_captured,
     refusals=frozenset({"IDEM_CONFLICT", "NO_HOLD", "HOLD_DONE", "HOLD_EXCEEDED"}),
     fingerprint=("local_id", "amount"),
@@ -146,6 +152,7 @@ def build_reserve(
     meta: object,
     now_ms: int | None,
     limits: str = "",
+    member: object = None,
 ) -> ReserveRequest:
     uid, n = check.user_id(user), check.amount(credits)
     if not isinstance(ttl, timedelta):
@@ -153,9 +160,8 @@ def build_reserve(
     _, ttl_ms = check.expiry(None, ttl)
     assert ttl_ms is not None
     ikey, meta_json = check.idempotency_key(key), check.metadata(meta)
-    return RESERVE.with_key(
-        ReserveRequest(uid, n, ttl_ms, None, "", meta_json, now_ms, limits), ikey
-    )
+    req = ReserveRequest(uid, n, ttl_ms, None, "", meta_json, now_ms, limits, check.member(member))
+    return RESERVE.with_key(req, ikey)
 
 
 def build_capture(hold: object, credits: object, key: object, now_ms: int | None) -> CaptureRequest:

@@ -24,9 +24,13 @@ class ReverseRequest:
 
 
 def _reversal(req: ReverseRequest, r: Reply) -> Transaction:
-    return parse_tx(req.user_id, r).model_copy(
-        update={"related_id": req.transaction_id, "unrestored": int(r["unrestored"])}
-    )
+    update: dict[str, object] = {
+        "related_id": req.transaction_id,
+        "unrestored": int(r["unrestored"]),
+    }
+    if r.has("member") and r["member"]:  # a record kept before members came has none
+        update["member"] = r["member"]
+    return parse_tx(req.user_id, r).model_copy(update=update)
 
 
 REVERSE: Operation[ReverseRequest, Transaction] = Operation(
@@ -34,7 +38,7 @@ REVERSE: Operation[ReverseRequest, Transaction] = Operation(
     ReverseRequest,
     load("reverse", effect=True),
     argv=("entry_id", "fingerprint", "idempotency_ttl_ms", "idempotency_key"),
-    reply=(*TX_REPLY, "reversed_id", "unrestored"),
+    reply=(*TX_REPLY, "reversed_id", "unrestored", "member"),
     parse=_reversal,
     refusals=frozenset(
         {"IDEM_CONFLICT", "NO_TX", "ARCHIVED", "NOT_REVERSIBLE", "REVERSED", "BALANCE_LIMIT"}

@@ -334,3 +334,33 @@ def test_an_archive_that_starts_after_retention_trims_audits_from_the_checkpoint
         assert first.transaction_id not in {
             t.transaction_id for t in client.get_all_user_transactions("alice")
         }
+
+
+def test_a_members_period_query_crosses_the_seam(
+    url: str, namespace: str, postgres_url: str
+) -> None:
+    """Issue 19: a pool's entries per member, from PostgreSQL and Redis alike."""
+    clock = FakeClock()
+    clock.now = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=10)
+    start = clock.now
+    with CrediciClient.from_url(url, namespace=namespace, clock=clock) as sync:
+        sync.add("pool", 1000)
+        for i, member in enumerate(["alice", "bob", "alice", None]):  # archived and trimmed
+            clock.advance(timedelta(hours=1))
+            sync.subtract("pool", 1 + i, member=member)
+        with archiver(url, namespace, postgres_url, keep=timedelta(0)) as job:
+            assert job.run_once().trimmed == 5
+        for i, member in enumerate(["bob", "alice"]):  # in Redis only
+            clock.advance(timedelta(hours=1))
+            sync.subtract("pool", 10 + i, member=member)
+    with CrediciClient.from_url(
+        url, namespace=namespace, archive_url=postgres_url, clock=clock
+    ) as client:
+        alice = client.get_user_transactions_for_period("pool", start, clock.now, member="alice")
+        assert [(t.amount, t.member) for t in alice] == [
+            (-11, "alice"),
+            (-3, "alice"),
+            (-1, "alice"),
+        ]
+        bob = client.get_user_transactions_for_period("pool", start, clock.now, member="bob")
+        assert [t.amount for t in bob] == [-10, -2]

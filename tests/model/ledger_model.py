@@ -103,6 +103,7 @@ class Entry:
     related: int | None = None
     unrestored: int | None = None
     periods: int | None = None
+    member: str | None = None  # a pool's member who charged
     # Not part of a Transaction:
     parts: Parts = field(default=(), compare=False)  # subtract / capture: buckets charged
     bucket: int | None = field(default=None, compare=False)  # add: the bucket it made
@@ -121,6 +122,7 @@ class Hold:
     captured: int = 0
     ended_at: int | None = None
     forgotten: bool = False  # a day after it ended, seen by an operation: unknown from then on
+    member: str | None = None  # the pool's member who holds it
 
     def snapshot(self) -> HoldView:
         return HoldView(
@@ -254,6 +256,27 @@ class Usage:
     entry, so a charge made without that budget never gives budget back."""
 
 
+@dataclass
+class MemberCap:
+    """A pool member's cap and what the member spent of it in the period [`start`, `end`),
+    counting charges from the history entry `since` on (issue 19)."""
+
+    budget: Budget
+    used: int
+    start: int
+    end: int
+    since: EntryId
+
+
+@dataclass(frozen=True)
+class MemberView:
+    """`get_member_usage`'s answer (`resets_at` in ms; None: no cap)."""
+
+    budget: Budget | None
+    used: int
+    resets_at: int | None
+
+
 @dataclass(frozen=True)
 class LimitsView:
     """`get_limits`' answer (`resets_at` in ms; None: no budget)."""
@@ -314,6 +337,7 @@ class UserLedger:
         self.default_limits = default_limits  # the client's, for a user without its own
         self.own_limits: LimitSpec | None = None
         self.usage = Usage()
+        self.members: dict[str, MemberCap] = {}  # a pool's members with a cap
         self.all_buckets: list[Bucket] = []  # by seq - 1; emptied ones stay (a return refills)
         self.balance = 0  # negative: debt
         self.held = 0
@@ -388,10 +412,11 @@ class UserLedger:
         *,
         key: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        member: str | None = None,
     ) -> Entry:
         assert 1 <= amount <= MAX_CREDITS
         meta = dict(metadata or {})
-        fingerprint = ("subtract", amount, tuple(sorted(meta.items())))
+        fingerprint = ("subtract", amount, tuple(sorted(meta.items())), member)
         prior = self._replay(key, fingerprint)
         if prior is not None:
             assert isinstance(prior, Entry)
@@ -404,14 +429,18 @@ class UserLedger:
                 requested=amount,
                 available=self.balance + self.limit,
             )
+        capped = self._member_gate(member, amount, now)  # the member's cap, then the limits
         self.usage = self._gate(amount, now)
+        if capped is not None:
+            assert member is not None
+            self.members[member] = capped
         # Out of the buckets as far as there are credits; past that, it is debt.
         parts = self._take(min(amount, max(self.balance, 0)))
         self.balance -= amount
         if self.cycle is not None and self.cycle.running(now):
             self.cycle.used += amount
         entry = self._append(
-            Entry("subtract", -amount, now, 0, None, key, meta, parts=parts), at=now
+            Entry("subtract", -amount, now, 0, None, key, meta, member=member, parts=parts), at=now
         )
         self._remember(key, fingerprint, entry)
         return entry
@@ -428,10 +457,11 @@ class UserLedger:
         *,
         key: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        member: str | None = None,
     ) -> tuple[HoldView, int]:
         """The hold, and the position of its "reserve" entry."""
         meta = dict(metadata or {})
-        fingerprint = ("reserve", amount, ttl, tuple(sorted(meta.items())))
+        fingerprint = ("reserve", amount, ttl, tuple(sorted(meta.items())), member)
         prior = self._replay(key, fingerprint)
         if prior is not None:
             assert isinstance(prior, tuple)
@@ -445,13 +475,22 @@ class UserLedger:
                 requested=amount,
                 available=available,
             )
-        self.usage = self._gate(amount, now)  # the held amount counts now
+        capped = self._member_gate(member, amount, now)  # the held amount counts now
+        self.usage = self._gate(amount, now)
+        if capped is not None:
+            assert member is not None
+            self.members[member] = capped
         parts = self._take(amount)
         self.balance -= amount
         self.held += amount
         number = len(self.holds) + 1
-        entry = self._append(Entry("reserve", -amount, now, 0, None, key, meta, hold=number), now)
-        hold = Hold(number, amount, entry.created_at, now + ttl, parts, len(self.history) - 1)
+        entry = self._append(
+            Entry("reserve", -amount, now, 0, None, key, meta, hold=number, member=member), now
+        )
+        hold = Hold(
+            number, amount, entry.created_at, now + ttl, parts, len(self.history) - 1,
+            member=member,
+        )  # fmt: skip
         self.holds.append(hold)
         result = (hold.snapshot(), hold.entry)
         self._remember(key, fingerprint, result)
@@ -486,8 +525,9 @@ class UserLedger:
         )
         if self.cycle is not None and self.cycle.running(now):
             self.cycle.used += charge
-        # What was not captured comes back to the budget.
+        # What was not captured comes back to the budget, and to the member's cap.
         self._budget_back(hold.amount - charge, self._charged_by(hold), now)
+        self._member_back(hold.member, hold.amount - charge, self._charged_by(hold), now)
         self._finish(hold, "captured", now, captured=charge)
         self._remember(key, fingerprint, entry)
         return entry
@@ -497,6 +537,7 @@ class UserLedger:
         hold = self._active_hold(number, now)
         self._give_back(hold, hold.parts, now, "release")
         self._budget_back(hold.amount, self._charged_by(hold), now)
+        self._member_back(hold.member, hold.amount, self._charged_by(hold), now)
         self._finish(hold, "released", now)
         return hold.snapshot()
 
@@ -545,6 +586,7 @@ class UserLedger:
                 hold = self.hold(target.hold)
                 charged_by = None if hold.forgotten else self._charged_by(hold)
             self._budget_back(charged, charged_by, now)
+            self._member_back(target.member, charged, charged_by, now)
         self.balance += amount
         entry = self._append(
             Entry(
@@ -555,6 +597,7 @@ class UserLedger:
                 idempotency_key=key,
                 related=position,
                 unrestored=unrestored,
+                member=target.member if target.kind != "add" else None,
             ),
             now,
         )
@@ -816,6 +859,73 @@ class UserLedger:
             return
         usage.used = max(usage.used - amount, 0)
 
+    # Members of a pool (issue 19).
+
+    def set_member_cap(self, member: str, budget: Budget | None, now: int) -> MemberView:
+        """A member's cap; None removes it. A cap of the same period and zone keeps what was
+        spent in the running period; another starts afresh, counting from the next entry."""
+        self.catch_up(now)
+        if budget is None:
+            self.members.pop(member, None)
+            return MemberView(None, 0, None)
+        old = self.members.get(member)
+        if old is not None and old.budget.counted == budget.counted and now < old.end:
+            cap = MemberCap(budget, old.used, old.start, old.end, old.since)
+        else:
+            start, end = self._period(budget, now)
+            cap = MemberCap(budget, 0, start, end, self._next_id(now))
+        self.members[member] = cap
+        return MemberView(budget, cap.used, cap.end)
+
+    def get_member_usage(self, member: str, now: int) -> MemberView:
+        self.catch_up(now)
+        cap = self.members.get(member)
+        if cap is None:
+            return MemberView(None, 0, None)
+        if now < cap.end:
+            return MemberView(cap.budget, cap.used, cap.end)
+        return MemberView(cap.budget, 0, self._period(cap.budget, now)[1])
+
+    def _period(self, budget: Budget, now: int) -> tuple[int, int]:
+        if isinstance(budget.period, int):
+            start = now - now % budget.period
+            return start, start + budget.period
+        return calendar_period(now, budget.period, budget.tz)
+
+    def _member_gate(self, member: str | None, amount: int, now: int) -> MemberCap | None:
+        """What a member's charge of `amount` makes of its cap (None: no member or no cap),
+        or Refused."""
+        cap = None if member is None else self.members.get(member)
+        if cap is None:
+            return None
+        if now < cap.end:
+            start, end, used, since = cap.start, cap.end, cap.used, cap.since
+        else:
+            (start, end), used, since = self._period(cap.budget, now), 0, self._next_id(now)
+        if amount > cap.budget.amount - used:
+            raise Refused(
+                BudgetExceededError,
+                user_id=self.user_id,
+                requested=amount,
+                remaining=max(cap.budget.amount - used, 0),
+                resets_at=end,
+                retry_after=end - now,
+                limit=cap.budget,
+                member=member,
+            )
+        return MemberCap(cap.budget, used + amount, start, end, since)
+
+    def _member_back(
+        self, member: str | None, amount: int, charged_by: EntryId | None, at: int
+    ) -> None:
+        """As `_budget_back`, for the cap of the member who charged."""
+        cap = None if member is None else self.members.get(member)
+        if cap is None or amount <= 0 or charged_by is None:
+            return
+        if charged_by < cap.since or at >= cap.end:
+            return
+        cap.used = max(cap.used - amount, 0)
+
     # Time.
 
     def catch_up(self, now: int) -> None:
@@ -838,6 +948,7 @@ class UserLedger:
                 hold = self.hold(which)
                 self._give_back(hold, hold.parts, at, "release")
                 self._budget_back(hold.amount, self._charged_by(hold), at)
+                self._member_back(hold.member, hold.amount, self._charged_by(hold), at)
                 self._finish(hold, "expired", at)
             else:
                 self._expire(self.bucket(which), at)
@@ -962,6 +1073,7 @@ class UserLedger:
                 idempotency_key=key,
                 hold=hold.number,
                 captured=captured,
+                member=hold.member,
                 parts=charged,
             ),
             at,

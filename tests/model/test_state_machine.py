@@ -67,7 +67,16 @@ from credici_redis._core.keys import user_keys, user_tag
 from credici_redis.errors import (
     TransactionNotFoundError,
 )
-from credici_redis.models import Budget, Cycle, Decision, Hold, Limits, RateLimit, Transaction
+from credici_redis.models import (
+    Budget,
+    Cycle,
+    Decision,
+    Hold,
+    Limits,
+    MemberUsage,
+    RateLimit,
+    Transaction,
+)
 from tests.conftest import REDIS_URL, FakeClock, delete_namespace
 from tests.model import ledger_model as model
 from tests.model.ledger_model import (
@@ -80,6 +89,7 @@ from tests.model.ledger_model import (
     LedgerModel,
     LimitSpec,
     LimitsView,
+    MemberView,
     Refused,
     Usage,
     UserLedger,
@@ -207,6 +217,7 @@ class Call:
     key: str | None = None
     metadata: dict[str, str] | None = None
     priority: int = 0
+    member: str | None = None  # subtract: a pool's member charging
 
 
 # How an add expires: ("never",), ("ttl", ms), ("at", ms from now; <= 0 is invalid),
@@ -293,6 +304,8 @@ budget_periods = st.sampled_from(
     ]
 )
 budget_amounts = st.one_of(st.integers(1, 60), st.sampled_from([1, 5, 100, 1000]))
+# Who charges (issue 19): mostly the account itself, else one of two members of the pool.
+members = st.sampled_from([None, None, None, "alice", "bob"])
 budgets = st.builds(lambda n, p: Budget(n, p[0], p[1]), budget_amounts, budget_periods)
 # The client's default limits, for the users without their own: none in half the runs.
 default_limits = st.one_of(
@@ -335,6 +348,11 @@ def limit_spec(limits: Limits | None) -> LimitSpec | None:
     if limits is None or (limits.rate is None and limits.budget is None):
         return None
     return LimitSpec(rate_spec(limits.rate), budget_spec(limits.budget))
+
+
+def member_view(usage: MemberUsage) -> MemberView:
+    resets = usage.resets_at
+    return MemberView(budget_spec(usage.cap), usage.used, None if resets is None else ms(resets))
 
 
 def limits_view(limits: Limits) -> LimitsView:
@@ -504,17 +522,18 @@ class LedgerMachine(RuleBasedStateMachine):
         return int(min(max(n, 1), MAX_CREDITS))
 
     @precondition(lambda self: any(self.can_charge(u) for u in self.model.users.values()))
-    @rule(user=users, amount=charge_amounts, key=keys, metadata=metadatas)
+    @rule(user=users, amount=charge_amounts, key=keys, metadata=metadatas, member=members)
     def subtract(
         self,
         user: str,
         amount: tuple[Any, ...],
         key: str | None,
         metadata: dict[str, str] | None,
+        member: str | None,
     ) -> None:
         user = self.prefer(user, self.can_charge)
         n = self.charge_amount(user, amount, overdraft=True)
-        self.perform(Call(user, "subtract", n, key=key, metadata=metadata))
+        self.perform(Call(user, "subtract", n, key=key, metadata=metadata, member=member))
 
     @precondition(lambda self: self.keyed_calls)
     @rule(
@@ -594,10 +613,25 @@ class LedgerMachine(RuleBasedStateMachine):
         got = self.send("check", user, n)
         self.compare(user, expected, got)
 
+    # Rules: members of a pool (issue 19).
+
+    @rule(
+        user=users,
+        member=st.sampled_from(["alice", "bob"]),
+        cap=st.one_of(st.none(), budgets, budgets),
+    )
+    def set_member_cap(self, user: str, member: str, cap: Budget | None) -> None:
+        expected = self.ledger(user).set_member_cap(member, budget_spec(cap), self.now)
+        got = self.send("set_member_cap", user, member, cap)
+        self.compare(user, expected, got)
+
     # Rules: holds and reversals.
 
     @precondition(lambda self: any(u.live_buckets(self.now) for u in self.model.users.values()))
-    @rule(user=users, amount=charge_amounts, ttl=hold_ttls, key=keys, metadata=metadatas)
+    @rule(
+        user=users, amount=charge_amounts, ttl=hold_ttls, key=keys, metadata=metadatas,
+        member=members,
+    )  # fmt: skip
     def reserve(
         self,
         user: str,
@@ -605,13 +639,19 @@ class LedgerMachine(RuleBasedStateMachine):
         ttl: int,
         key: str | None,
         metadata: dict[str, str] | None,
+        member: str | None,
     ) -> None:
         user = self.prefer(user, lambda ledger: ledger.live_buckets(self.now))
         n = self.charge_amount(user, amount, overdraft=False)
         expected = self.expect(
-            lambda: self.ledger(user).reserve(n, ttl, self.now, key=key, metadata=metadata)
+            lambda: self.ledger(user).reserve(
+                n, ttl, self.now, key=key, metadata=metadata, member=member
+            )
         )
-        got = self.send("reserve", user, n, ttl=ttl * MS, idempotency_key=key, metadata=metadata)
+        got = self.send(
+            "reserve", user, n, ttl=ttl * MS, idempotency_key=key, metadata=metadata,
+            member=member,
+        )  # fmt: skip
         if isinstance(expected, tuple) and isinstance(got, Hold):
             view, _ = expected
             if view.number > len(self.hold_ids[user]):
@@ -759,11 +799,18 @@ class LedgerMachine(RuleBasedStateMachine):
         if future:
             self.clock.now = at_ms(future[step[1] % len(future)] + step[2])
 
-    @rule(user=users, read=st.sampled_from(["balance", "history", "cycle", "limits", "limits"]))
+    @rule(
+        user=users,
+        read=st.sampled_from(["balance", "history", "cycle", "limits", "limits", "alice", "bob"]),
+    )
     def read(self, user: str, read: str) -> None:
         """A read is an operation too: it must first record what fell due."""
         ledger = self.ledger(user)
-        if read == "limits":
+        if read in ("alice", "bob"):  # a member's usage
+            expected_usage = ledger.get_member_usage(read, self.now)
+            got_usage = self.send("get_member_usage", user, read)
+            self.compare(user, expected_usage, got_usage)
+        elif read == "limits":
             expected_limits = ledger.get_limits(self.now)
             got_limits = self.send("get_limits", user)
             self.compare(user, expected_limits, got_limits)
@@ -820,9 +867,11 @@ class LedgerMachine(RuleBasedStateMachine):
             }
         else:
             expected = self.expect(
-                lambda: ledger.subtract(call.amount, self.now, key=call.key, metadata=call.metadata)
+                lambda: ledger.subtract(
+                    call.amount, self.now, key=call.key, metadata=call.metadata, member=call.member
+                )
             )
-            options = {}
+            options = {"member": call.member} if call.member is not None else {}
         recorded = call.key is not None and call.key in ledger.records
         got = self.send(
             call.method,
@@ -897,6 +946,9 @@ class LedgerMachine(RuleBasedStateMachine):
         elif isinstance(expected, DecisionView):
             assert isinstance(got, Decision)
             assert decision_view(got) == expected
+        elif isinstance(expected, MemberView):
+            assert isinstance(got, MemberUsage)
+            assert member_view(got) == expected
         else:
             assert got == expected
 
@@ -916,6 +968,7 @@ class LedgerMachine(RuleBasedStateMachine):
             None if tx.related_id is None else self.tx_ids[user].index(tx.related_id),
             tx.unrestored,
             tx.periods,
+            tx.member,
         )
 
     def hold_view(self, user: str, hold: Hold) -> HoldView:
