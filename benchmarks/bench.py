@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench.py [--redis-url URL] [--quick] [--json PATH]
         [--postgres-url URL] [--no-postgres | --only-postgres | --only-limits]
 
-Eight sections, printed as one table; each figure of the library beside a raw baseline measured in
+Nine sections, printed as one table; each figure of the library beside a raw baseline measured in
 the same run, their ratio (library / raw), and the issue's target where it sets one (PASS/MISS):
 
 1. sync latency p50/p99, one connection, sequential calls: subtract, add and get_balance against
@@ -14,7 +14,9 @@ the same run, their ratio (library / raw), and the issue's target where it sets 
 3. asyncio throughput, 64 tasks on 64 users: ``AsyncCrediciClient`` without and with
    ``batching=True``, against 64 tasks sending ``EVALSHA 'return 1'`` with redis.asyncio.
 4. server side: subtract.lua under ``redis-benchmark`` (50 clients, one user) against
-   ``return 1``, on a ``redis-server`` of the benchmark's own (skipped when it is not installed).
+   ``return 1``, on a ``redis-server`` of the benchmark's own (skipped when it is not installed);
+   4b Redis CPU per call of each operation; 4c charges/s with 1, 2, 4 processes; 4d where one
+   subtract's Redis CPU goes (subtract.lua cut short after each step).
 5. memory (MEMORY USAGE): bytes per user holding one bucket, and bytes per history entry, against
    a string counter per user and a stream of bare charges.
 6. cost growth: subtract p50 with 1, 100 and 1,000 buckets; get_balance p50 with 10 and 100,000
@@ -28,6 +30,8 @@ the same run, their ratio (library / raw), and the issue's target where it sets 
    ``default_limits``) against a plain subtract, and against the ``limits`` library's moving
    window hit (and fixed window, for the budget) before a plain subtract: sync p50/p99, asyncio
    ops/s (64 tasks), Redis CPU per charge (``--only-limits``: this section alone).
+9. members (issue 19): a pool's member charging it (without and with a cap) against a plain
+   subtract: sync p50/p99, Redis CPU per charge.
 
 Every key lives under a fresh namespace ``bench-<random>``, deleted at exit (also on error).
 """
@@ -1969,6 +1973,77 @@ async def limits_async(url: str, ns: str, s: Settings) -> list[Row]:
     return limit_rows(section, {"ops/s": rate_of})
 
 
+def member_variants(client: CrediciClient, ns: str) -> dict[str, Callable[[], object]]:
+    """Section 9's calls, on a pool of their own each: a plain subtract, a member's charge
+    without a cap, and one under a cap (a calendar day in a zone that is not UTC)."""
+    pools = {name: f"{ns}-pool-{name}" for name in ("plain", "member", "capped")}
+    client.add_many([(pool, PLENTY) for pool in pools.values()])
+    client.set_member_cap(pools["capped"], "alice", Budget(PLENTY, "day", "Asia/Kolkata"))
+    return {
+        "plain": partial(client.subtract, pools["plain"], 1),
+        "member": partial(client.subtract, pools["member"], 1, member="alice"),
+        "capped": partial(client.subtract, pools["capped"], 1, member="alice"),
+    }
+
+
+MEMBER_ROWS = {
+    "member": "subtract as a member (no cap)",
+    "capped": "subtract as a member with a cap",
+}
+
+
+def members(client: CrediciClient, s: Settings) -> list[Row]:
+    """Issue 19: what a member's charge (and its cap) costs against a plain subtract: sync
+    latency in alternating blocks on the shared Redis, and Redis CPU per charge on our own."""
+    progress("9. members: sync latency")
+    ops = member_variants(client, client.storage.ledger.namespace)
+    samples = interleaved(ops, s.calls, s.warmup, s.rounds)
+    rows: list[Row] = []
+    section = (
+        f"9. members (issue 19): a pool's member charging it, against a plain subtract; sync, "
+        f"one connection, {s.calls:,} calls per variant"
+    )
+    for p in (50, 99):
+        rows += [
+            Row(section, label, f"p{p} µs", percentile(samples[name], p),
+                percentile(samples["plain"], p), "subtract(u, 1) on an account of its own")
+            for name, label in MEMBER_ROWS.items()
+        ]  # fmt: skip
+    if not shutil.which("redis-server"):
+        return rows
+    progress("9. members: Redis CPU per charge, on a redis-server of our own")
+    calls = max(1, s.growth_calls // s.rounds)
+    with (
+        private_redis() as port,
+        CrediciClient.from_url(f"redis://127.0.0.1:{port}/0", namespace="bench") as own,
+    ):
+        r = redis.Redis(port=port)
+        variants = member_variants(own, "bench")
+        for fn in variants.values():
+            timed(fn, s.warmup, [])
+        cpu = {name: [0, 0] for name in variants}
+        for _ in range(s.rounds):
+            for name, fn in variants.items():
+                r.config_resetstat()
+                for _ in range(calls):
+                    fn()
+                usec, made = script_cpu(r)
+                cpu[name][0] += usec
+                cpu[name][1] += made
+        r.close()
+    section = (
+        f"9. members (issue 19): Redis CPU per charge (INFO commandstats), {s.rounds} x "
+        f"{calls:,} charges per variant, on a redis-server of our own"
+    )
+    plain = cpu["plain"][0] / cpu["plain"][1]
+    rows += [
+        Row(section, label, "µs/call", cpu[name][0] / cpu[name][1], plain,
+            "subtract(u, 1) on an account of its own")
+        for name, label in MEMBER_ROWS.items()
+    ]  # fmt: skip
+    return rows
+
+
 def run(
     url: str,
     settings: Settings,
@@ -2010,6 +2085,7 @@ def run(
             rows += period_growth(client, raw, trivial, ns, settings)
             rows += history_read(client, raw, ns, settings)
             rows += pathological(settings)
+            rows += members(client, settings)
         if postgres_url and not only_limits:
             rows += postgres_side_by_side(url, postgres_url, ns, settings)
         if not only_postgres:

@@ -86,10 +86,18 @@ bind(KEYS)  --!script-only
 local RETAIN = 86400000  -- a finished hold is remembered a day: a late second capture gets its answer
 local MAX_CREDITS = 9007199254740991
 local NEVER = 999999999999999
--- At most this many events (expiries, hold ttls, renewals) are applied by one script: more, and
--- the script saves its progress and replies CATCHUP; the client sends it again. Each step is
--- atomic and in time order, and the operation itself runs only once the user is up to now.
+-- At most this many events (expiries, hold ttls, renewals) are applied by one script, and for at
+-- most CATCHUP_US of the server's time (read every CHECK_EVERY events: a slow or busy server
+-- takes fewer per step): more, and the script saves its progress and replies CATCHUP; the client
+-- sends it again. Each step is atomic and in time order, and the operation itself runs only once
+-- the user is up to now.
 local MAX_EVENTS = 64
+local CATCHUP_US, CHECK_EVERY = 2000, 8
+
+local function micros()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 
 local function fmt(n)
   return string.format('%.0f', n)
@@ -1090,7 +1098,7 @@ local function up_to_now(now, extension)
       if ask then return nil, ask end
     end
   end
-  local budget = MAX_EVENTS
+  local budget, started = MAX_EVENTS, nil
   while true do
     local at, what, which = nil, nil, nil
     if c and c.crn == '1' and c.cst == 'a' and now >= tonumber(c.ce) then
@@ -1112,6 +1120,11 @@ local function up_to_now(now, extension)
       if id and (not at or t < at) then at, what, which = t, 'bucket', id end
     end
     if not what then break end
+    if not started then
+      started = micros()
+    elseif budget % CHECK_EVERY == 0 and micros() - started > CATCHUP_US then
+      budget = 0  -- this step took its time
+    end
     if budget == 0 then  -- more is due: save this step, the client calls again
       if c then save_cycle(c, st) end
       save_state(st)

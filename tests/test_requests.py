@@ -86,6 +86,11 @@ def test_fingerprints_are_those_stored_records_were_made_with() -> None:
     assert added.fingerprint == "7ad2acbc7d42fe0a26f2a88f2a3d508c"
     reserved = holds.build_reserve("u", 5, timedelta(seconds=9), "k", None, None)
     assert reserved.fingerprint == "a3c5600e85bf6449c7b75dd653e32123"
+    # A member (issue 19) makes another request; without one, the fingerprint stays.
+    as_member = charge.build_subtract("u", 5, "k", {"x": "y"}, None, member="alice")
+    assert as_member.fingerprint not in ("", "190fd10668ef3ecbecdfea9b325a7305")
+    held = holds.build_reserve("u", 5, timedelta(seconds=9), "k", None, None, member="alice")
+    assert held.fingerprint not in ("", "a3c5600e85bf6449c7b75dd653e32123")
     assert holds.build_capture("h3@u", 2, "k", None).fingerprint == (
         "fd9c1cced89b6474c9c0c5ec3fbbbc8f"
     )

@@ -83,6 +83,10 @@ class Operation(Generic[Req, Res]):
     """Coded replies other than OK that are results (cycle.lua's NONE: no cycle)."""
     fingerprint: tuple[str, ...] | None = None
     """Request fields that make two keyed requests the same; None: the operation takes no key."""
+    fingerprint_if_set: tuple[str, ...] = ()
+    """Fields that make requests differ only when set (not ''): fields added later, so that a
+    request without them keeps the fingerprint stored records were made with (a keyed retry
+    across an upgrade is not refused as a conflict)."""
     reads_entry: str | None = None
     """A request field naming a history entry the script reads besides the newest (PostgreSQL
     storage loads it)."""
@@ -97,7 +101,9 @@ class Operation(Generic[Req, Res]):
         object.__setattr__(self, "reply_index", index)
         names = {f.name for f in fields(self.request)}  # type: ignore[arg-type]
         unknown = [a for a in self.argv if a not in names and a not in LEDGER_ARGS]
-        unknown += [f for f in self.fingerprint or () if f not in names]
+        unknown += [
+            f for f in (*(self.fingerprint or ()), *self.fingerprint_if_set) if f not in names
+        ]
         if unknown or not {"user_id", "now_ms"} <= names:
             raise TypeError(f"operation {self.name}: {self.request.__name__} lacks {unknown}")
         if self.name in OPERATIONS:
@@ -117,7 +123,8 @@ class Operation(Generic[Req, Res]):
             ):
                 return req  # built without one: the usual case, no copy
             return replace(req, idempotency_key=None, fingerprint="")  # type: ignore[type-var]
-        parts = (getattr(req, name) for name in self.fingerprint or ())
+        parts = [getattr(req, name) for name in self.fingerprint or ()]
+        parts += [value for name in self.fingerprint_if_set if (value := getattr(req, name))]
         fp = fingerprint(self.name, *parts)
         return replace(req, idempotency_key=key, fingerprint=fp)  # type: ignore[type-var]
 

@@ -84,7 +84,8 @@ SUBTRACT: Operation[SubtractRequest, Transaction] = Operation(
     reply=TX_REPLY,
     parse=_transaction,
     refusals=frozenset({"IDEM_CONFLICT", "INSUFFICIENT", "BUDGET", "RATE"}),
-    fingerprint=("amount", "metadata_json", "member"),
+    fingerprint=("amount", "metadata_json"),
+    fingerprint_if_set=("member",),
 )
 
 

@@ -109,7 +109,8 @@ RESERVE: Operation[ReserveRequest, Hold] = Operation(
     reply=(*HOLD_REPLY, "transaction_id"),
     parse=parse_hold,
     refusals=frozenset({"IDEM_CONFLICT", "INSUFFICIENT", "BUDGET", "RATE"}),
-    fingerprint=("amount", "ttl_ms", "metadata_json", "member"),
+    fingerprint=("amount", "ttl_ms", "metadata_json"),
+    fingerprint_if_set=("member",),
 )
 
 CAPTURE: Operation[CaptureRequest, Transaction] = Operation(

@@ -107,7 +107,23 @@ def wait_ok(ports: list[int], deadline: float) -> None:
         time.sleep(0.05)
 
 
+class NodeDidNotStart(RuntimeError):
+    """A node's redis-server exited while starting: its port (or bus port, +10000) was taken
+    between free_ports and its bind (an outgoing connection's ephemeral port, say)."""
+
+
 def start_cluster(nodes: int = NODES, replicas: int = 1) -> LocalCluster:
+    """A local cluster on free ports; started again on other ports if a node could not bind."""
+    for attempt in range(3):
+        try:
+            return _start_cluster(nodes, replicas)
+        except NodeDidNotStart:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_cluster(nodes: int, replicas: int) -> LocalCluster:
     directory = Path(tempfile.mkdtemp(prefix="credici-cluster-"))
     ports = free_ports(nodes)
     processes: dict[int, subprocess.Popen[bytes]] = {}
@@ -132,6 +148,8 @@ def start_cluster(nodes: int = NODES, replicas: int = 1) -> LocalCluster:
                         r.ping()
                     break
                 except redis.RedisError:
+                    if processes[port].poll() is not None:
+                        raise NodeDidNotStart(f"redis-server on port {port} exited") from None
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.02)
