@@ -5,6 +5,10 @@ hit, each rollover what it carried from which bucket (r, f). Charges and reserve
 with the scripts' burn order (priority, then bucket id); a grant repays a debt before it fills a
 bucket; capture and release give a hold's parts back to their buckets as of the time they name
 (t), except the parts of buckets whose expiry had come. Any difference is a problem in the report.
+
+A pool's capped members (issue 19) are recounted too: what each spent in its cap's running period,
+from the entries naming it (mb) since the first one the cap counts, less what came back in that
+period (a hold's rest, release or ttl; a reversal), as the scripts count it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,25 @@ from typing import Any
 from credici_redis._core.time import NEVER_MS
 from credici_redis.models import AuditReport
 
+HOLD_MEMORY_MS = 86_400_000
+"""A finished hold is remembered a day (lua/_ledger.lua RETAIN): a reversal of its capture
+within that day gives back to the budgets and caps that counted its reserve."""
+
+
+def _key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class _Cap:
+    """A capped member's counter as its record says (`stored`, period `end`, first entry
+    counted `since`), and as the history recounts it (`count`)."""
+
+    __slots__ = ("count", "end", "since", "stored")
+
+    def __init__(self, stored: int, end: int, since: tuple[int, int]) -> None:
+        self.stored, self.end, self.since, self.count = stored, end, since, 0
+
 
 def replay(
     user_id: str,
@@ -26,11 +49,13 @@ def replay(
     *,
     start: Replay | None = None,
     originals: Mapping[str, Mapping[str, str]] | None = None,
+    members: Mapping[str, str] | None = None,
 ) -> AuditReport:
     """entries: (entry id, fields), oldest first. balance, buckets, held: what Redis holds now.
     `start`: a replay to go on from (a checkpoint's, with the `originals` it keeps). Keeps every
     entry for reversals; `Replay` fed page by page with the originals keeps none."""
     run = start or Replay(user_id)
+    run.count_members(members or {})
     seen: dict[str, Mapping[str, str]] = dict(originals or {})
     for entry_id, f in entries:
         seen[entry_id] = f
@@ -52,6 +77,42 @@ class Replay:
         self.count = 0
         self.last = "0-0"
         self.problems: list[str] = []
+        self.caps: dict[str, _Cap] = {}  # capped members recounted (count_members)
+        self.reserved: dict[str, str] = {}  # their holds: hold id -> its "r" entry
+
+    def count_members(self, records: Mapping[str, str]) -> None:
+        """Recount the capped members of these records (member -> "<cap>|<used>|<start>|<end>|
+        <since>", lua/_ledger.lua "Members") from the entries fed from now on: those whose
+        first counted entry is still to come (after a checkpoint, an earlier one is not)."""
+        for member, record in records.items():
+            _, used, _, end, since = record.split("|", 4)
+            if since and end and _key(since) > _key(self.last):
+                self.caps[member] = _Cap(int(used), int(end), _key(since))
+
+    def _count_member(
+        self, entry_id: str, f: Mapping[str, str], original: Mapping[str, str] | None
+    ) -> None:
+        cap = self.caps.get(f.get("mb", ""))
+        if cap is None:
+            return
+        kind, at = f.get("k"), int(f.get("t", "0"))
+        if kind in ("s", "r"):
+            if kind == "r":
+                self.reserved[f.get("h", "?")] = entry_id
+            if _key(entry_id) >= cap.since:
+                cap.count -= int(f.get("n", "0"))
+            return
+        back, by = 0, None
+        if kind in ("p", "l"):  # a hold's rest or all of it came back at t
+            back, by = int(f.get("n", "0")), self.reserved.get(f.get("h", "?"))
+        elif kind == "v" and original is not None and original.get("k") == "s":
+            back, by = -int(original.get("n", "0")), f.get("o")
+        elif kind == "v" and original is not None and original.get("k") == "p":
+            back = int(original.get("q", "0"))
+            if at < int(original.get("t", "0")) + HOLD_MEMORY_MS:  # the hold still remembered
+                by = self.reserved.get(original.get("h", "?"))
+        if by is not None and _key(by) >= cap.since and at < cap.end:
+            cap.count = max(cap.count - back, 0)
 
     # -- checkpoints (retention: `credici_redis._ops.retention`) --------------------------------
 
@@ -141,6 +202,8 @@ class Replay:
     ) -> None:
         """The next entry; for a reversal, `original` is the entry it reverses (None: missing)."""
         model, problems = self.model, self.problems
+        if self.caps:
+            self._count_member(entry_id, f, original)
         self.count += 1
         self.last = entry_id
         kind, amount = f.get("k", "?"), int(f.get("n", "0"))
@@ -215,6 +278,12 @@ class Replay:
                 problems.append(
                     f"bucket {bucket}: Redis holds {buckets.get(bucket)}, "
                     f"history gives {self.model.get(bucket)}"
+                )
+        for member, cap in sorted(self.caps.items()):
+            if cap.count != cap.stored:
+                problems.append(
+                    f"member {member!r}: its cap counts {cap.stored} spent this period, "
+                    f"history gives {cap.count}"
                 )
         return AuditReport(
             user_id=self.user_id,

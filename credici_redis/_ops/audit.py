@@ -4,9 +4,10 @@ history up to that snapshot, oldest first, in pages; `AuditSnapshot.report` repl
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from credici_redis._core import audit as _audit
@@ -52,6 +53,8 @@ class AuditSnapshot:
     """'' or "<entry id>\n<JSON>": what the history up to that entry added up to, written
     before those entries were trimmed (`credici_redis._ops.retention`); the replay starts there."""
     replayed: Replay | None = None
+    members: dict[str, str] = field(default_factory=dict)
+    """A pool's capped members: member -> its cap's record (recounted by the replay)."""
 
     def _from_checkpoint(self) -> bool:
         """Whether Redis keeps every entry after the checkpoint (nothing trimmed past it)."""
@@ -83,7 +86,7 @@ class AuditSnapshot:
             start, originals = Replay.from_checkpoint(self.user_id, at, data) if at else (None, {})
             report = _audit.replay(
                 self.user_id, entries, self.balance, self.buckets, self.held,
-                start=start, originals=originals,
+                start=start, originals=originals, members=self.members,
             )  # fmt: skip
         problems = list(report.problems)
         if self.trimmed and not archived and not self._from_checkpoint():
@@ -104,9 +107,11 @@ class AuditSnapshot:
 def _state(req: UserRequest, r: Reply) -> AuditSnapshot:
     """The script's snapshot, without the history yet."""
     rest = r.tail()
+    pairs = json.loads(r["members"]) or []  # Lua's cjson writes an empty table as {}
     return AuditSnapshot(
         req.user_id, int(r["balance"]), {rest[i]: int(rest[i + 1]) for i in range(0, len(rest), 2)},
         int(r["held"]), [], r["last"], r["stream_last"], r["trimmed"], r["checkpoint"],
+        members={str(pairs[i]): str(pairs[i + 1]) for i in range(0, len(pairs), 2)},
     )  # fmt: skip
 
 
@@ -144,6 +149,8 @@ def _read_history(
         start = "(" + at
     elif not snapshot.trimmed:
         replay = Replay(req.user_id)
+    if replay is not None:
+        replay.count_members(snapshot.members)
     while snapshot.last != "0-0":
         (page,) = yield from sent(
             [Call(("XRANGE", stream, start, snapshot.last, "COUNT", HISTORY_PAGE))]
@@ -185,7 +192,17 @@ AUDIT: Operation[UserRequest, AuditSnapshot] = Operation(
     UserRequest,
     load("audit", effect=False, write=False),
     argv=(),
-    reply=("OK", "balance", "last", "stream_last", "held", "trimmed", "checkpoint", "*buckets"),
+    reply=(
+        "OK",
+        "balance",
+        "last",
+        "stream_last",
+        "held",
+        "trimmed",
+        "checkpoint",
+        "members",
+        "*buckets",
+    ),
     parse=_state,
     flow=_audit_snapshot,
 )

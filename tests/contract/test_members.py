@@ -233,3 +233,58 @@ async def test_a_cap_must_be_a_budget(client: Any, user: str, cap: object) -> No
     with pytest.raises(InvalidLimitError):
         await client.set_member_cap(user, "alice", cap)
     assert (await client.get_member_usage(user, "alice")).cap is None
+
+
+async def test_the_audit_recounts_every_capped_member(
+    client: Any, user: str, clock: FakeClock
+) -> None:
+    """Charges, holds (captured, released, expired), reversals (of a charge, of a capture a
+    day later: nothing back then) and a new period: the audit's recount of each cap agrees."""
+    await client.add(user, 10_000)
+    await client.set_member_cap(user, "alice", Budget(500, "day", "Asia/Kolkata"))
+    await client.set_member_cap(user, "bob", Budget(300, timedelta(hours=6)))
+    spent = await client.subtract(user, 40, member="alice")
+    await client.subtract(user, 7, member="bob")
+    hold = await client.reserve(user, 30, member="alice")
+    captured = await client.capture(hold.hold_id, 12)
+    released = await client.reserve(user, 9, member="bob")
+    await client.release(released.hold_id)
+    await client.reserve(user, 5, member="alice", ttl=timedelta(minutes=1))
+    await client.reverse(spent.transaction_id)
+    clock.advance(timedelta(hours=2))  # the 5 come back by their ttl
+    await client.subtract(user, 3, member="alice")
+    assert (await client.get_member_usage(user, "alice")).used == 40 + 30 - 18 + 5 - 40 - 5 + 3
+    report = await client.audit(user)
+    assert report.ok, report.problems
+    clock.advance(timedelta(days=1, hours=1))  # the capture's hold is forgotten; new periods
+    await client.reverse(captured.transaction_id)
+    await client.subtract(user, 11, member="alice")
+    await client.subtract(user, 2)
+    report = await client.audit(user)
+    assert report.ok, report.problems
+    assert (await client.get_member_usage(user, "alice")).used == 11
+
+
+@pytest.mark.parametrize("backend", ["redis"])
+async def test_the_audit_reports_a_member_counter_that_disagrees(
+    client: Any, user: str, namespace: str
+) -> None:
+    import redis
+
+    from credici_redis._core import keys as _keys
+    from tests.conftest import REDIS_URL
+
+    await client.add(user, 100)
+    await client.set_member_cap(user, "alice", Budget(50, timedelta(hours=1)))
+    await client.subtract(user, 20, member="alice")
+    assert (await client.audit(user)).ok
+    members = _keys.user_keys(namespace, user).members
+    raw = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    cap, used, rest = raw.hget(members, "alice").split("|", 2)
+    raw.hset(members, "alice", f"{cap}|{int(used) - 15}|{rest}")  # 15 credits forgotten
+    raw.close()
+    report = await client.audit(user)
+    assert not report.ok
+    assert report.problems == [
+        "member 'alice': its cap counts 5 spent this period, history gives 20"
+    ]
