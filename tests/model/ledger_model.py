@@ -872,8 +872,11 @@ class UserLedger:
         if old is not None and old.budget.counted == budget.counted and now < old.end:
             cap = MemberCap(budget, old.used, old.start, old.end, old.since)
         else:
+            # From the entry after the last one: every later charge comes after it, also one
+            # dated earlier by a clock that stepped back.
+            last = self.history[-1].id if self.history else (0, 0)
             start, end = self._period(budget, now)
-            cap = MemberCap(budget, 0, start, end, self._next_id(now))
+            cap = MemberCap(budget, 0, start, end, (last[0], last[1] + 1))
         self.members[member] = cap
         return MemberView(budget, cap.used, cap.end)
 
