@@ -78,7 +78,10 @@ class Replay:
         self.last = "0-0"
         self.problems: list[str] = []
         self.caps: dict[str, _Cap] = {}  # capped members recounted (count_members)
-        self.reserved: dict[str, str] = {}  # their holds: hold id -> its "r" entry
+        # Their holds: active ones (hold id -> its "r" entry), and captured ones for the day a
+        # reversal of the capture may still give back (hold id -> ("r" entry, capture time)).
+        self.reserved: dict[str, str] = {}
+        self.captured: dict[str, tuple[str, int]] = {}
 
     def count_members(self, records: Mapping[str, str]) -> None:
         """Recount the capped members of these records (member -> "<cap>|<used>|<start>|<end>|
@@ -104,15 +107,26 @@ class Replay:
             return
         back, by = 0, None
         if kind in ("p", "l"):  # a hold's rest or all of it came back at t
-            back, by = int(f.get("n", "0")), self.reserved.get(f.get("h", "?"))
+            back, by = int(f.get("n", "0")), self.reserved.pop(f.get("h", "?"), None)
+            if kind == "p" and by is not None:
+                self._forget_captures(at)
+                self.captured[f.get("h", "?")] = (by, at)
         elif kind == "v" and original is not None and original.get("k") == "s":
             back, by = -int(original.get("n", "0")), f.get("o")
         elif kind == "v" and original is not None and original.get("k") == "p":
             back = int(original.get("q", "0"))
-            if at < int(original.get("t", "0")) + HOLD_MEMORY_MS:  # the hold still remembered
-                by = self.reserved.get(original.get("h", "?"))
+            reserve, captured_at = self.captured.get(original.get("h", "?"), (None, 0))
+            if at < captured_at + HOLD_MEMORY_MS:  # the hold still remembered
+                by = reserve
         if by is not None and _key(by) >= cap.since and at < cap.end:
             cap.count = max(cap.count - back, 0)
+
+    def _forget_captures(self, now: int) -> None:
+        """Captures over a day old can no longer give back: not kept (bounded memory)."""
+        if len(self.captured) >= 1024:
+            old = [h for h, (_, at) in self.captured.items() if at + HOLD_MEMORY_MS <= now]
+            for hold in old:
+                del self.captured[hold]
 
     # -- checkpoints (retention: `credici_redis._ops.retention`) --------------------------------
 

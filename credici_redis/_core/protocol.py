@@ -398,11 +398,14 @@ def stream_fields(raw: Any) -> dict[str, str]:
 
 
 def parse_tx(user_id: str, r: Reply) -> Transaction:
-    """A tx_reply (`TX_REPLY` names) as a Transaction."""
-    return _build(
+    """A tx_reply (`TX_REPLY` names) as a Transaction; with a "member" field (capture, reverse:
+    absent from records kept before members came), the member who charged."""
+    tx = _build(
         user_id, r["id"], r["kind"], r["amount"], r["balance_after"], r["expire_at"] or None,
         r["idempotency_key"] or None, r["metadata"] or None,
     )  # fmt: skip
+    member = r["member"] if r.has("member") else ""
+    return tx.model_copy(update={"member": member}) if member else tx
 
 
 def parse_entry(user_id: str, entry: Any) -> Transaction:

@@ -86,10 +86,7 @@ def parse_hold(req: Any, r: Reply) -> Hold:
 
 def _captured(req: CaptureRequest, r: Reply) -> Transaction:
     tx = parse_tx(req.user_id, r)
-    update: dict[str, object] = {"hold_id": req.hold_id, "captured": int(r["captured"])}
-    if r.has("member") and r["member"]:  # a record kept before members came has none
-        update["member"] = r["member"]
-    return tx.model_copy(update=update)
+    return tx.model_copy(update={"hold_id": req.hold_id, "captured": int(r["captured"])})
 
 
 RESERVE: Operation[ReserveRequest, Hold] = Operation(

@@ -24,13 +24,9 @@ class ReverseRequest:
 
 
 def _reversal(req: ReverseRequest, r: Reply) -> Transaction:
-    update: dict[str, object] = {
-        "related_id": req.transaction_id,
-        "unrestored": int(r["unrestored"]),
-    }
-    if r.has("member") and r["member"]:  # a record kept before members came has none
-        update["member"] = r["member"]
-    return parse_tx(req.user_id, r).model_copy(update=update)
+    return parse_tx(req.user_id, r).model_copy(
+        update={"related_id": req.transaction_id, "unrestored": int(r["unrestored"])}
+    )
 
 
 REVERSE: Operation[ReverseRequest, Transaction] = Operation(

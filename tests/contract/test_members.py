@@ -288,3 +288,29 @@ async def test_the_audit_reports_a_member_counter_that_disagrees(
     assert report.problems == [
         "member 'alice': its cap counts 5 spent this period, history gives 20"
     ]
+
+
+@pytest.mark.parametrize("backend", ["redis"])
+@pytest.mark.parametrize("api", ["sync"])
+async def test_a_pool_with_more_capped_members_than_the_audit_reads_is_not_recounted(
+    client: Any, user: str, namespace: str
+) -> None:
+    """The audit reads at most 1,000 member records (audit.lua MAX_MEMBERS): past that, none."""
+    import redis
+
+    from credici_redis._core import keys as _keys
+    from tests.conftest import REDIS_URL
+
+    await client.add(user, 100)
+    await client.set_member_cap(user, "alice", Budget(50, timedelta(hours=1)))
+    await client.subtract(user, 20, member="alice")
+    members = _keys.user_keys(namespace, user).members
+    raw = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    cap, used, rest = raw.hget(members, "alice").split("|", 2)
+    raw.hset(members, "alice", f"{cap}|{int(used) - 15}|{rest}")  # 15 credits forgotten
+    assert not (await client.audit(user)).ok  # recounted: the difference is found
+    record = raw.hget(members, "alice")
+    raw.hset(members, mapping={f"m{i}": record for i in range(1000)})  # 1,001 capped members
+    raw.close()
+    report = await client.audit(user)
+    assert report.ok and report.problems == []  # not recounted; the rest is audited as ever
