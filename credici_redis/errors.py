@@ -33,6 +33,9 @@
     ├── NotReversibleError            reverse of an entry that is not a subtract, capture or add
     ├── AlreadyReversedError          a transaction is reversed once
     ├── UsageUnavailableError         usage asked for before its records begin (.available_from)
+    ├── TransferRefusedError          the destination refused a transfer: its credits went back
+    ├── TransferUnresolvedError       a transfer unsettled past what any script can prove
+    ├── NotSupportedError             an operation this storage cannot do (transfers on PostgreSQL)
     └── StorageError                  Redis answered something the library cannot use (a bug)
         ├── InconsistentStateError    a user's keys were changed or removed outside credici-redis
         └── StorageUnavailableError   connection failure or timeout; chained to the driver error
@@ -340,6 +343,39 @@ class AlreadyReversedError(CrediciError):
         super().__init__(f"transaction {transaction_id!r} was reversed by {reversal_id!r}")
         self.transaction_id = transaction_id
         self.reversal_id = reversal_id
+
+
+class TransferRefusedError(CrediciError):
+    """The destination refused the transfer's credits (`reason` BALANCE_LIMIT: they would pass
+    2^53-1), or it was not completed within a day of its start (`reason` STALE: a process died
+    and nothing recovered it in time): the credits went back to the source, by the reverse entry
+    `refund_id` (None when another call gave them back). A retry under the same idempotency key
+    raises this again."""
+
+    def __init__(self, transfer_id: str, reason: str, refund_id: str | None) -> None:
+        why = {
+            "BALANCE_LIMIT": "the destination's balance would pass 2**53-1",
+            "STALE": "it was not completed within a day",
+        }.get(reason, reason)
+        super().__init__(f"transfer {transfer_id!r} was refused ({why}): the credits went back")
+        self.transfer_id = transfer_id
+        self.reason = reason
+        self.refund_id = refund_id
+
+
+class TransferUnresolvedError(CrediciError):
+    """A transfer was left unsettled for longer than the destination's marker is kept (7 days):
+    no script can prove whether the destination took it, so nothing is done; an operator decides
+    (the histories of both accounts say it, `transfer_id` in their entries)."""
+
+    def __init__(self, transfer_id: str) -> None:
+        super().__init__(f"transfer {transfer_id!r} is unsettled past 7 days: decide by hand")
+        self.transfer_id = transfer_id
+
+
+class NotSupportedError(CrediciError):
+    """This storage cannot carry out the operation (transfers need Redis: PostgresStorage
+    keeps one user per transaction)."""
 
 
 class UsageUnavailableError(CrediciError):

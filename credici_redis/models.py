@@ -11,7 +11,16 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from credici_redis.errors import InvalidCycleError, InvalidLimitError
 
 TransactionKind = Literal[
-    "add", "subtract", "expire", "cycle_start", "reserve", "capture", "release", "reverse"
+    "add",
+    "subtract",
+    "expire",
+    "cycle_start",
+    "reserve",
+    "capture",
+    "release",
+    "reverse",
+    "transfer_out",
+    "transfer_in",
 ]
 HoldStatus = Literal["active", "captured", "released", "expired"]
 CycleStatus = Literal["active", "canceled", "ended"]
@@ -50,6 +59,13 @@ class Transaction(BaseModel):
     member: str | None = Field(
         default=None,
         description="a pool's member who spent it (subtract, reserve...); None: the account itself",
+    )
+    transfer_id: str | None = Field(
+        default=None,
+        description="transfer_out, transfer_in, the reverse of a refused transfer: its transfer",
+    )
+    counterparty: str | None = Field(
+        default=None, description="transfer_out: the destination; transfer_in: the source"
     )
 
 
@@ -174,6 +190,9 @@ __all__ = [
     "RateLimit",
     "Transaction",
     "TransactionKind",
+    "Transfer",
+    "TransferRecovery",
+    "TransferStatus",
     "TrimReport",
     "UsagePoint",
 ]
@@ -324,3 +343,47 @@ class TrimReport(BaseModel):
         description="what the replay of the entries to trim found wrong: nothing was trimmed",
     )
     more: bool = Field(default=False, description="more is due: call again")
+
+
+TransferStatus = Literal["completed"]
+
+
+class Transfer(BaseModel):
+    """Credits moved from one account to another (`transfer`): taken out of `from_user` by
+    the `transfer_out` entry `from_transaction_id`, given to `to_user` by the `transfer_in`
+    entry `to_transaction_id`, exactly once."""
+
+    model_config = ConfigDict(frozen=True)
+
+    transfer_id: str
+    from_user: str
+    to_user: str
+    amount: int
+    status: TransferStatus
+    created_at: AwareDatetime
+    from_transaction_id: str
+    to_transaction_id: str
+    expire_at: AwareDatetime | None = Field(
+        default=None, description="as given; None: the credits kept their source buckets' expiry"
+    )
+    idempotency_key: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class TransferRecovery(BaseModel):
+    """What `recover_transfers` did with the transfers left unsettled (a process died between
+    their steps) that began before `older_than` ago."""
+
+    model_config = ConfigDict(frozen=True)
+
+    completed: int = Field(default=0, description="finished: the destination has the credits")
+    refunded: int = Field(
+        default=0, description="the destination refused them (or the window passed): back home"
+    )
+    unresolved: list[str] = Field(
+        default_factory=list,
+        description=(
+            "transfer ids left alone: unsettled past the marker's keep time (7 days), where "
+            "no script can prove what happened; an operator decides"
+        ),
+    )

@@ -15,7 +15,9 @@ Keys, built by credici_redis/_core/keys.py, in the same order for every script; 
                            buckets a charge took from ("bucket:credits:priority;..."), holds: h
                            the hold, q captured, t the time a hold's parts came back; reversals:
                            o the entry reversed, w credits not restored (their bucket expired);
-                           members: mb the member who charged (see "Members")
+                           members: mb the member who charged (see "Members"); transfers
+                           (see "Transfers"): tf the transfer, to / fr the other account, gs
+                           the buckets a transfer in made ("bucket:credits:priority;...")
   KEYS[6] holds    hash    hold id -> "a|amount|expires|created|parts[|member]" while active,
                            then "<c(aptured) r(eleased) x (expired)>|amount|expires|created|
                            captured[|member]"
@@ -34,6 +36,7 @@ Keys, built by credici_redis/_core/keys.py, in the same order for every script; 
   KEYS[13] members  hash    a pool's members: member -> "<cap>|<used>|<start>|<end>|<since>"
                            (see "Members" below)
   KEYS[14] idempotency record (string "<fingerprint>:<reply JSON>"), only when a key was given
+           (the transfer scripts take more keys first: see "Transfers")
 ARGV[1] is always the clock: '' means the server's TIME; tests inject milliseconds.
 ARGV[2] is always "<cycle>|<budget>|<zone>", every part optional ('' = none of them):
   cycle   a schedule extension for a calendar cycle: "<index>:<ms>,<ms>,..." (the boundaries
@@ -411,7 +414,7 @@ local function count(st, kind, amount, ms)
   if not st.ux or ms >= st.ux then fold(st, ms) end
   if kind == 'e' then
     st.u3, st.c3 = plus(st.u3, -amount), true
-  elseif kind == 'a' or kind == 'c' or (kind == 'v' and amount < 0) then
+  elseif kind == 'a' or kind == 'c' or kind == 'i' or (kind == 'v' and amount < 0) then
     st.u2, st.c2 = plus(st.u2, amount), true
   else
     st.u1, st.c1 = plus(st.u1, -amount), true
@@ -558,6 +561,25 @@ end
 -- Reply {'OK', id, kind, amount, balance_after, expire_at, idempotency_key, metadata}
 local function tx_reply(id, kind, amount, bal, expire_at, ikey, meta)
   return { 'OK', id, kind, fmt(amount), fmt(bal), expire_at and fmt(expire_at) or '', ikey, meta }
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- Transfers: credits move from one account to another, in whatever slots they are, in three
+-- scripts (credici_redis/_ops/transfers.py drives them): transfer_out.lua takes them out of the
+-- source ("o" entry) and writes the transfer's record (string, JSON: see transfer_reply) in the
+-- source's slot, queued in the slot's transfer queue; transfer_in.lua gives them to the
+-- destination ("i" entry), once: its marker (string "<entry id>|<balance after>", kept
+-- MARKER_MS) answers any second call; transfer_settle.lua ends the record: done, or the credits
+-- go back to the source ("v" entry reversing the "o" one) when the destination refused them.
+-- The destination takes a transfer only until WINDOW_MS after it began; past that, a call that
+-- finds no marker proves it never took it (until MARKER_MS - WINDOW_MS: a marker outlives any
+-- take), so the source may have its credits back.
+local WINDOW_MS, MARKER_MS = 86400000, 7 * 86400000
+
+-- Reply {'OK', transfer_id, status, from_user, to_user, amount, created_at, out_id, in_id,
+--        expire_at, idempotency_key, metadata, parts}
+local function transfer_reply(r, status, in_id)
+  return { 'OK', r.id, status, r.from, r.to, r.n, r.t, r.o, in_id, r.x, r.i, r.m, r.u }
 end
 
 -- With an idempotency record: the stored reply if the request is the same, a conflict if not.

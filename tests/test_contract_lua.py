@@ -143,7 +143,7 @@ def test_each_refusal_has_its_exception(op: Operation[object, object]) -> None:
 
 def test_the_shared_replies_return_the_fields_their_comment_names() -> None:
     sizes = ledger_reply_sizes()
-    assert set(sizes) == {"tx_reply", "cycle_reply", "hold_reply", "limits_reply"}
+    assert set(sizes) == {"tx_reply", "cycle_reply", "hold_reply", "limits_reply", "transfer_reply"}
     for name, (named, returned) in sizes.items():
         assert named == returned, name
 

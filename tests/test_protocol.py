@@ -28,6 +28,7 @@ from credici_redis.errors import (
     StorageError,
     TransactionArchivedError,
     TransactionNotFoundError,
+    TransferRefusedError,
 )
 from credici_redis.storage import to_resend
 
@@ -104,6 +105,7 @@ EXPECTED = {
     "REVERSED": AlreadyReversedError,
     "BUDGET": BudgetExceededError,
     "RATE": RateLimitedError,
+    "REFUNDED": TransferRefusedError,
 }
 
 
@@ -117,6 +119,7 @@ def test_each_code_becomes_its_error_with_the_requests_facts(code: str) -> None:
     fields = {
         "BUDGET": ["5", "1795551726366", "1000", "B10:day:UTC"],
         "RATE": ["5", "R10:60000:10"],
+        "REFUNDED": ["BALANCE_LIMIT", "t1", "17-1"],
     }.get(code, ["5"])
     error = refusal(req, [code, *fields])
     assert type(error) is EXPECTED[code]

@@ -23,10 +23,16 @@ from credici_redis._ops import (
     members,
     retention,
     reverse,
+    transfers,
     usage,
 )
 from credici_redis._storages.connect import DEFAULT_TIMEOUT, open_async_storage
-from credici_redis.errors import CrediciError, InconsistentStateError
+from credici_redis.errors import (
+    CrediciError,
+    InconsistentStateError,
+    OutcomeUnknownError,
+    StorageUnavailableError,
+)
 from credici_redis.models import (
     AuditReport,
     BalanceDetails,
@@ -41,6 +47,8 @@ from credici_redis.models import (
     MemberUsage,
     RateLimit,
     Transaction,
+    Transfer,
+    TransferRecovery,
     TrimReport,
     UsagePoint,
 )
@@ -380,6 +388,49 @@ class AsyncCrediciClient(ClientBase):
         that period ends (cap None: the member is not capped, and not counted)."""
         req = members.build_member(user_id, member, self._now())
         return await self.storage.execute(members.GET_MEMBER_USAGE, req)
+
+    async def transfer(
+        self,
+        from_user: UserId,
+        to_user: UserId,
+        amount: int,
+        *,
+        idempotency_key: str | None = None,
+        expire_at: datetime | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Transfer:
+        """Move `amount` credits from `from_user` to `to_user` (any two accounts, in any cluster
+        slots), exactly once: a `transfer_out` entry on the source and a `transfer_in` entry on
+        the destination, linked by `transfer_id`. Only credits the source holds move (never its
+        credit limit); they keep their buckets' expiry unless `expire_at` is given, and repay
+        the destination's debt first. InsufficientCreditsError: nothing changed. A retry under
+        the same `idempotency_key` returns the same Transfer, finishing it if a process died
+        midway; so does `recover_transfers`. TransferRefusedError: the destination refused (its
+        balance would pass 2**53-1), the credits went back. An outage raises
+        OutcomeUnknownError: the transfer may have begun; the retry or recovery finishes it."""
+        req = transfers.build_transfer(
+            from_user, to_user, amount, expire_at, idempotency_key, metadata, self._now()
+        )
+        try:
+            return await self.storage.execute(transfers.TRANSFER, req)
+        except StorageUnavailableError as exc:
+            if isinstance(exc, OutcomeUnknownError):
+                raise
+            raise OutcomeUnknownError(
+                f"transfer from {req.user_id!r} to {req.to_user!r} may have begun ({exc}):"
+                " retry it with the same idempotency key, or recover_transfers() finishes it"
+            ) from exc
+
+    async def recover_transfers(
+        self, *, older_than: timedelta = timedelta(seconds=30)
+    ) -> TransferRecovery:
+        """Finish every transfer a process left unsettled (its credits out of the source, not
+        yet settled) that began `older_than` ago or earlier: the destination gets the credits
+        once, or, if it refuses them or a day has passed, the source gets them back. Safe
+        beside running transfers and other recoveries; run it every minute or so (the archiver's
+        schedule is a good place). Reads each slot's transfer queue (16384 small reads)."""
+        older_ms = transfers.build_recover(older_than)
+        return await self.storage.recover_transfers(self._now(), older_ms)
 
     async def get_usage(
         self,

@@ -231,12 +231,21 @@ class Replay:
             if "g" in f:
                 model[f["g"]] = amount - repaid
                 self.rank[f["g"]] = int(f.get("p", "0"))
-        elif kind == "s":
+        elif kind in ("s", "o"):  # a charge; a transfer out (from the buckets only)
             taken = self._take(min(-amount, max(before, 0)), entry_id)  # past the buckets: debt
             if sorted(taken) != sorted(self._parts_of(f)):
                 problems.append(f"{entry_id}: took {taken}, history says {self._parts_of(f)}")
             if running < 0 and model:
                 problems.append(f"{entry_id}: in debt while buckets hold credits")
+        elif kind == "i":  # a transfer in: repays a debt first, the rest in its buckets
+            made = [(part.split(":")[0], part.split(":")) for part in f.get("gs", "").split(";")]
+            into = 0
+            for bucket, part in (m for m in made if m[0]):
+                model[bucket] = int(part[1])
+                self.rank[bucket] = int(part[2])
+                into += int(part[1])
+            if into != amount - repaid:
+                problems.append(f"{entry_id}: puts {into} in buckets, of {amount - repaid}")
         elif kind == "e":
             if "h" not in f:  # a hold's expired parts had already left the buckets
                 self._drop(f.get("g", "?"), -amount, entry_id)
@@ -271,7 +280,7 @@ class Replay:
             else:
                 charged = self._parts_of(original)
                 overdraft = (
-                    -int(original["n"]) if original.get("k") == "s" else int(original["q"])
+                    -int(original["n"]) if original.get("k") in ("s", "o") else int(original["q"])
                 ) - sum(credits for _, credits in charged)
                 if overdraft > 0 and "g" in f:
                     model[f["g"]] = overdraft

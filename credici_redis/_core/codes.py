@@ -32,6 +32,7 @@ from credici_redis.errors import (
     StorageError,
     TransactionArchivedError,
     TransactionNotFoundError,
+    TransferRefusedError,
 )
 from credici_redis.models import TransactionKind
 
@@ -44,6 +45,8 @@ KINDS: dict[str, TransactionKind] = {
     "p": "capture",
     "l": "release",
     "v": "reverse",
+    "o": "transfer_out",
+    "i": "transfer_in",
 }
 """History entry kinds as the scripts write them."""
 
@@ -88,6 +91,7 @@ REFUSALS: dict[str, Callable[[Any, list[str]], CrediciError]] = {
     "NO_TX": lambda req, f: TransactionNotFoundError(req.transaction_id),
     "ARCHIVED": lambda req, f: TransactionArchivedError(req.transaction_id),
     "NOT_REVERSIBLE": lambda req, f: NotReversibleError(req.transaction_id, KINDS.get(f[1], "?")),
+    "REFUNDED": lambda req, f: TransferRefusedError(f[2], f[1], f[3] or None),
     "REVERSED": lambda req, f: AlreadyReversedError(
         req.transaction_id, _keys.transaction_id(req.user_id, f[1])
     ),

@@ -18,12 +18,15 @@ ids never share keys) and leaves no '{' or '}' that could end the tag early.
     <ns>:{%S<x>}:ev        stream  low-balance events of every user in the slot of tag %S<x>
     <ns>:{%S<x>}:ob        zset    archive outbox of the slot: history key -> oldest unarchived ms
     <ns>:{%S<x>}:tq        zset    trim queue of the slot: history key -> when kept entries may go
+    <ns>:{%S<x>}:xq        zset    transfer queue of the slot: record key -> when it began (ms)
 
 Events cannot go to one namespace-wide stream: the script that notices a low balance may only
 touch its user's slot. So each Redis Cluster slot has its own event stream, named by a tag that
 hashes to that slot ("%S" never occurs in a percent-encoded user id). The archive outbox is per
 slot for the same reason: the archiver visits the 16384 slot outboxes, never the users.
     <ns>:{<user>}:i:<key>  string  idempotency record, expires after the retention time
+    <ns>:{<user>}:xo:<id>  string  a transfer from the user, until it is settled (JSON)
+    <ns>:{<user>}:xi:<id>  string  a transfer to the user was taken: "<entry id>|<balance>"
 """
 
 from __future__ import annotations
@@ -116,6 +119,21 @@ def outbox(namespace: str, slot: int) -> str:
 def trim_queue(namespace: str, slot: int) -> str:
     """Users of one slot whose archived entries wait for the archiver's keep time to pass."""
     return f"{namespace}:{{{slot_tag(slot)}}}:tq"
+
+
+def transfer_queue(namespace: str, slot: int) -> str:
+    """The transfers from users of one slot that are not settled yet."""
+    return f"{namespace}:{{{slot_tag(slot)}}}:xq"
+
+
+def transfer_record(namespace: str, user_id: str, transfer_id: str) -> str:
+    """A transfer from `user_id`, while it is not settled."""
+    return f"{namespace}:{{{user_tag(user_id)}}}:xo:{transfer_id}"
+
+
+def transfer_marker(namespace: str, user_id: str, transfer_id: str) -> str:
+    """Says that `user_id` took the credits of a transfer (and in which entry)."""
+    return f"{namespace}:{{{user_tag(user_id)}}}:xi:{transfer_id}"
 
 
 def user_slot(user_id: str) -> int:

@@ -87,6 +87,9 @@ class Operation(Generic[Req, Res]):
     """Fields that make requests differ only when set (not ''): fields added later, so that a
     request without them keeps the fingerprint stored records were made with (a keyed retry
     across an upgrade is not refused as a conflict)."""
+    more_keys: Callable[[str, Any], tuple[str, ...]] | None = None
+    """Keys the script takes after the user's 13 (KEYS 14...) and before the idempotency record:
+    (namespace, request) -> keys in the user's slot (a transfer's record and its slot's queue)."""
     reads_entry: str | None = None
     """A request field naming a history entry the script reads besides the newest (PostgreSQL
     storage loads it)."""

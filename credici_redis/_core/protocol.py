@@ -200,6 +200,8 @@ class Ledger:
         """The FCALL (or EVALSHA) of `op`'s script for `req`: the user's keys (and the
         idempotency record, under a key), then ARGV by the operation's names."""
         keys: list[str] = list(_keys.user_keys(self.namespace, req.user_id))
+        if op.more_keys is not None:
+            keys += op.more_keys(self.namespace, req)
         key = getattr(req, "idempotency_key", None)
         if key is not None:
             keys.append(_keys.idempotency_key(self.namespace, req.user_id, key))
@@ -424,6 +426,9 @@ def parse_entry(user_id: str, entry: Any) -> Transaction:
         update["periods"] = int(f["v"])
     if "mb" in f:
         update["member"] = f["mb"]
+    if "tf" in f:
+        update["transfer_id"] = f["tf"]
+        update["counterparty"] = f.get("to", f.get("fr"))
     return tx.model_copy(update=update) if update else tx
 
 

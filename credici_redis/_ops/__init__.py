@@ -18,6 +18,8 @@ reply becomes a model, and which errors it raises (codes in `credici_redis._core
     members     set_member_cap,            set_member_cap.lua,           MemberUsage
                 get_member_usage           member_usage.lua
                 (caps enforced by subtract.lua and reserve.lua with a member)
+    transfers   transfer (3 scripts: out,   transfer_out.lua,             Transfer
+                in, settle; recover_transfers) transfer_in.lua, transfer_settle.lua
     usage       get_usage                  usage.lua                     list[UsagePoint]
     retention   trim_history               trim.lua + XRANGE pages       TrimReport
     history     history                    balance.lua + XREVRANGE pages list[Transaction]
@@ -41,6 +43,7 @@ from credici_redis._ops import (
     members,
     retention,
     reverse,
+    transfers,
     usage,
 )
 
@@ -57,5 +60,6 @@ __all__ = [
     "members",
     "retention",
     "reverse",
+    "transfers",
     "usage",
 ]

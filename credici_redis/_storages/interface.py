@@ -1,7 +1,8 @@
 """The storage interface: what a client needs from a storage (`credici_redis.storage` exports it).
 
 A storage carries out any operation (`credici_redis._ops`) on a validated request, one or many,
-and walks the namespace (users, events). Adding an operation never widens it.
+and walks the namespace (users, events, unsettled transfers). Adding an operation never widens
+it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Protocol, TypeVar
 from credici_redis._core.operation import Operation
 from credici_redis._core.requests import EventReading
 from credici_redis.errors import CrediciError
-from credici_redis.models import BalanceEvent
+from credici_redis.models import BalanceEvent, TransferRecovery
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -31,6 +32,7 @@ class Storage(Protocol):
     def events(
         self, group: str, consumer: str, reading: EventReading
     ) -> Iterator[BalanceEvent]: ...
+    def recover_transfers(self, now_ms: int | None, older_than_ms: int) -> TransferRecovery: ...
     def close(self) -> None: ...
 
 
@@ -43,4 +45,7 @@ class AsyncStorage(Protocol):
     def events(
         self, group: str, consumer: str, reading: EventReading
     ) -> AsyncIterator[BalanceEvent]: ...
+    async def recover_transfers(
+        self, now_ms: int | None, older_than_ms: int
+    ) -> TransferRecovery: ...
     async def aclose(self) -> None: ...

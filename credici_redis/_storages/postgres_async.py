@@ -21,6 +21,7 @@ from credici_redis._core.protocol import Call, Flow
 from credici_redis._core.requests import EventReading
 from credici_redis._storages.postgres_base import (
     DEFAULT_POOL_SIZE,
+    TRANSFERS_NEED_REDIS,
     PostgresLedger,
     Rows,
     SqlBatch,
@@ -41,8 +42,8 @@ from credici_redis._storages.redis_base import (
     DEFAULT_NAMESPACE,
     _RedisStorageBase,
 )
-from credici_redis.errors import StorageError, StorageUnavailableError
-from credici_redis.models import BalanceEvent
+from credici_redis.errors import NotSupportedError, StorageError, StorageUnavailableError
+from credici_redis.models import BalanceEvent, TransferRecovery
 
 try:
     import psycopg
@@ -192,6 +193,9 @@ class AsyncPostgresStorage(AsyncRedisStorage):
                     raise
                 await asyncio.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
+
+    async def recover_transfers(self, now_ms: int | None, older_than_ms: int) -> TransferRecovery:
+        raise NotSupportedError(TRANSFERS_NEED_REDIS)
 
     async def scan_users(self, batch: int) -> AsyncIterator[list[str]]:
         """Every user of the namespace, in batches, in id order."""

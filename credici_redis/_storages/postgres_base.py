@@ -39,6 +39,7 @@ from credici_redis._storages.pg_history import (
 from credici_redis._storages.redis_sync import RedisStorage
 from credici_redis.errors import (
     CrediciError,
+    NotSupportedError,
     OutcomeUnknownError,
     StorageError,
     StorageUnavailableError,
@@ -46,6 +47,11 @@ from credici_redis.errors import (
 from credici_redis.models import BalanceEvent
 
 T = TypeVar("T")
+
+TRANSFERS_NEED_REDIS = (
+    "transfers need Redis: PostgresStorage runs each script on one user's row, and a transfer"
+    " changes two users"
+)
 
 DEFAULT_POOL_SIZE = 20
 """Connections per storage at most (opened when needed). Operations on one user are serialized
@@ -143,6 +149,8 @@ class PostgresLedger:
     def answer(self, lua: RedisStorage, call: Call) -> SqlFlow[Any]:
         """The reply a Redis server would give to `call`."""
         command = text(call.args[0]).upper()
+        if call.script is not None and call.script.name.startswith("transfer_"):
+            return NotSupportedError(TRANSFERS_NEED_REDIS)
         if command == "EVALSHA" and call.script is not None:
             return (yield from self._script(lua, call))
         if command in ("XRANGE", "XREVRANGE"):

@@ -18,6 +18,7 @@ from credici_redis._core.protocol import Call, Flow
 from credici_redis._core.requests import EventReading
 from credici_redis._storages.postgres_base import (
     DEFAULT_POOL_SIZE,
+    TRANSFERS_NEED_REDIS,
     PostgresLedger,
     Rows,
     SqlBatch,
@@ -38,8 +39,8 @@ from credici_redis._storages.redis_base import (
     _RedisStorageBase,
 )
 from credici_redis._storages.redis_sync import RedisStorage, poll_events
-from credici_redis.errors import StorageError, StorageUnavailableError
-from credici_redis.models import BalanceEvent
+from credici_redis.errors import NotSupportedError, StorageError, StorageUnavailableError
+from credici_redis.models import BalanceEvent, TransferRecovery
 
 try:
     import psycopg
@@ -187,6 +188,9 @@ class PostgresStorage(RedisStorage):
                     raise
                 time.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
+
+    def recover_transfers(self, now_ms: int | None, older_than_ms: int) -> TransferRecovery:
+        raise NotSupportedError(TRANSFERS_NEED_REDIS)
 
     def scan_users(self, batch: int) -> Iterator[list[str]]:
         """Every user of the namespace, in batches, in id order."""

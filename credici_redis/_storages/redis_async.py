@@ -20,6 +20,7 @@ from credici_redis._core.operation import Operation
 from credici_redis._core.protocol import Call, Flow
 from credici_redis._core.requests import EventReading
 from credici_redis._core.scripts import LIBRARY
+from credici_redis._ops import transfers
 from credici_redis._storages import cluster as _cluster
 from credici_redis._storages.batcher import _Batcher  # async only
 from credici_redis._storages.loops import LoopClients  # async only
@@ -49,7 +50,7 @@ from credici_redis._storages.redis_base import (
     to_resend,
 )
 from credici_redis.errors import CrediciError, StorageError, StorageUnavailableError
-from credici_redis.models import BalanceEvent
+from credici_redis.models import BalanceEvent, TransferRecovery
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -232,6 +233,10 @@ class AsyncRedisStorage(_RedisStorageBase):
         return poll_events(
             read, lambda done: self.run(self.ledger.ack_events(done, group)), reading
         )
+
+    async def recover_transfers(self, now_ms: int | None, older_than_ms: int) -> TransferRecovery:
+        """Finish the transfers left unsettled (`credici_redis._ops.transfers.recover`)."""
+        return await self.retrying(partial(transfers.recover, self.ledger, now_ms, older_than_ms))
 
     async def aclose(self) -> None:
         if self._owns_connection:
