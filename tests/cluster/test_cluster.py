@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import threading
 import time
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -32,6 +34,7 @@ from credici_redis import (
     EvictionPolicyError,
     InsufficientCreditsError,
     RedisStorage,
+    TransferRecovery,
     UnsafeClientError,
 )
 from credici_redis._core.keys import user_keys
@@ -47,6 +50,7 @@ from tests.contract import (
     test_ledger,
     test_limits_priority,
     test_reverse,
+    test_transfers,
 )
 
 NOT_ON_CLUSTER = {
@@ -60,6 +64,24 @@ def _runs_on_any_backend(test: Any) -> bool:
     marks = getattr(test, "pytestmark", [])
     return not any(m.name == "parametrize" and "backend" in str(m.args[0]) for m in marks)
 
+
+def _on_the_cluster(test: Any) -> Any:
+    """A test pinned to the Redis backends (transfers: not on PostgreSQL), unpinned: here it
+    runs once, on the cluster."""
+
+    @functools.wraps(test)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        return await test(*args, **kwargs)
+
+    run.pytestmark = [  # type: ignore[attr-defined]
+        m for m in getattr(test, "pytestmark", []) if m.name != "parametrize"
+    ]
+    return run
+
+
+for _name, _test in list(vars(test_transfers).items()):
+    if _name.startswith("test_") and test_transfers.ON_REDIS.mark in _test.pytestmark:
+        globals()[f"test_transfers__{_name[5:]}"] = _on_the_cluster(_test)
 
 for _module in (
     test_audit,
@@ -414,3 +436,44 @@ def test_a_master_killed_under_load_fails_over_sync_threads() -> None:
         client.close()
     finally:
         local.stop()
+
+
+async def test_transfers_across_masters_move_each_credit_once(
+    cluster: LocalCluster, namespace: str, cluster_redis: Any
+) -> None:
+    """Concurrent transfers between users on every master (no script crosses a slot: three
+    scripts per transfer), some cut short after their first step and then recovered: the sum of
+    balances never changes and every history adds up."""
+    from credici_redis._ops import transfers
+    from tests.test_transfer_recovery import cut
+
+    users = _users_on_every_master(cluster_redis, namespace, 12)
+    nodes = {_node_of(cluster_redis, namespace, u) for u in users}
+    assert len(nodes) == 3
+    client = AsyncCrediciClient.from_url(cluster.url, namespace=namespace, cluster=True)
+    try:
+        await client.add_many(users_of(users, 100))
+
+        async def move(seed: int) -> None:
+            rng = random.Random(seed)
+            for _ in range(15):
+                source, dest = rng.sample(users, 2)
+                with contextlib.suppress(InsufficientCreditsError):
+                    await client.transfer(source, dest, rng.randint(1, 30))
+
+        await asyncio.gather(*(move(seed) for seed in range(16)))
+        storage: Any = client.storage
+        await client.add_many(users_of(users[:3], 1))
+        for source, dest in zip(users[:3], users[-3:], strict=True):  # cut after step 1
+            req = transfers.build_transfer(source, dest, 1, None, None, None, None)
+            await storage.run(cut(storage.ledger.execute(transfers.TRANSFER, req), 1))
+        assert sum([await client.get_balance(u) for u in users]) == 1200  # 3 in flight
+        recovered = await client.recover_transfers(older_than=timedelta(0))
+        assert recovered == TransferRecovery(completed=3)
+        assert sum([await client.get_balance(u) for u in users]) == 1203
+        for user in users:
+            history = await client.get_all_user_transactions(user)
+            assert sum(t.amount for t in history) == await client.get_balance(user)
+            assert (await client.audit(user)).ok
+    finally:
+        await client.aclose()

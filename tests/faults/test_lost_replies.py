@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -137,3 +138,33 @@ async def test_slow_redis_times_out_and_never_hangs(
     await asyncio.sleep(2.1)  # let the delayed replies drain
     assert (await client.subtract(user, 1, idempotency_key="slow")).balance_after == 9
     assert await client.get_balance(user) == 9
+
+
+async def test_a_transfer_whose_replies_are_lost_moves_its_credits_once(
+    via_proxy: Any, proxy: FaultyProxy, user: str
+) -> None:
+    """A lost reply at any step of a transfer: the automatic retry (the transfer gets a key, so
+    the retry finds it) finishes it, once. Without retries the caller hears OutcomeUnknownError
+    and `recover_transfers` (or its own keyed retry) finishes it."""
+    dest = user + "-to"
+    client = via_proxy(timeout=2.0, retries=3)
+    await client.add(user, 100)
+    for n, lost in enumerate((1, 2, 3), start=1):
+        proxy.lose_replies(lost)  # the first `lost` script calls apply, then lose their reply
+        done = await client.transfer(user, dest, 10)
+        assert done.status == "completed"
+        assert [await client.get_balance(user), await client.get_balance(dest)] == [
+            100 - 10 * n,
+            10 * n,
+        ]
+    one_shot = via_proxy(timeout=2.0)
+    await one_shot.get_balance(user)  # connected and checked: the next reply lost is step 1's
+    proxy.lose_replies(1)
+    with pytest.raises(OutcomeUnknownError):
+        await one_shot.transfer(user, dest, 5)
+    assert await client.get_balance(user) == 65  # the first step applied
+    recovered = await one_shot.recover_transfers(older_than=timedelta(0))
+    assert recovered.completed == 1
+    assert [await client.get_balance(user), await client.get_balance(dest)] == [65, 35]
+    kinds = [t.kind for t in await client.get_all_user_transactions(dest)]
+    assert kinds == ["transfer_in"] * 4
