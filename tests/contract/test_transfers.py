@@ -70,16 +70,18 @@ async def test_the_credits_keep_their_expiry_unless_one_is_given(
     await client.add(user, 10, soon)
     await client.add(user, 20, later)
     await client.add(user, 30)
-    await client.transfer(user, other, 45)  # 10 (soon) + 20 (later) + 15 (never)
+    await client.add(user, 30)
+    await client.transfer(user, other, 75)  # 10 (soon) + 20 (later) + 30 + 15 (never)
     buckets = (await client.get_balance_details(other)).buckets
-    assert [(b.amount, b.expire_at) for b in buckets] == [(10, soon), (20, later), (15, None)]
+    # One bucket per expiry: the two never-expiring ones it came from are one here.
+    assert [(b.amount, b.expire_at) for b in buckets] == [(10, soon), (20, later), (45, None)]
     given = clock.now + 3 * DAY
     t = await client.transfer(user, third, 15, expire_at=given)
     assert t.expire_at == given
     buckets = (await client.get_balance_details(third)).buckets
     assert [(b.amount, b.expire_at) for b in buckets] == [(15, given)]
     clock.now = soon  # the first bucket expires where it went
-    assert await client.get_balance(other) == 35
+    assert await client.get_balance(other) == 65
     assert (await history(client, other))[0].kind == "expire"
     for who in (user, other, third):
         assert (await client.audit(who)).ok

@@ -35,7 +35,7 @@ def counted(tx: Transaction) -> tuple[int, int, int, int]:
     n = tx.amount
     if tx.kind == "expire":
         return (0, 0, -n, 0)
-    if tx.kind in ("add", "cycle_start") or (tx.kind == "reverse" and n < 0):
+    if tx.kind in ("add", "cycle_start", "transfer_in") or (tx.kind == "reverse" and n < 0):
         return (0, n, 0, 0)
     return (-n, 0, 0, 1 if tx.kind in ("subtract", "reserve") else 0)
 

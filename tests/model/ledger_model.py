@@ -44,6 +44,7 @@ from credici_redis.errors import (
     RateLimitedError,
     TransactionArchivedError,
     TransactionNotFoundError,
+    TransferRefusedError,
 )
 
 MAX_CREDITS = 2**53 - 1
@@ -104,6 +105,8 @@ class Entry:
     unrestored: int | None = None
     periods: int | None = None
     member: str | None = None  # a pool's member who charged
+    transfer: int | None = None  # transfer_out, transfer_in, a refused one's reverse: its number
+    counterparty: str | None = None  # transfer_out: the destination; transfer_in: the source
     # Not part of a Transaction:
     parts: Parts = field(default=(), compare=False)  # subtract / capture: buckets charged
     bucket: int | None = field(default=None, compare=False)  # add: the bucket it made
@@ -675,9 +678,9 @@ class UserLedger:
     def rollups(self, now: int, periods: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
         """(spent, granted, expired, charges) of the entries whose stream id's ms is in each
         period [start, end): spent is what charges took net of what came back (subtract,
-        reserve, capture, release, and reversals that give credits back), granted what came
-        in (add, cycle_start, and reversals that take credits back), expired what expired;
-        charges counts subtract and reserve entries."""
+        reserve, capture, release, transfer_out, and reversals that give credits back),
+        granted what came in (add, cycle_start, transfer_in, and reversals that take credits
+        back), expired what expired; charges counts subtract and reserve entries."""
         self.catch_up(now)
         out = []
         for start, end in periods:
@@ -687,7 +690,9 @@ class UserLedger:
                     continue
                 if e.kind == "expire":
                     total[2] -= e.amount
-                elif e.kind in ("add", "cycle_start") or (e.kind == "reverse" and e.amount < 0):
+                elif e.kind in ("add", "cycle_start", "transfer_in") or (
+                    e.kind == "reverse" and e.amount < 0
+                ):
                     total[1] += e.amount
                 else:
                     total[0] -= e.amount
@@ -1161,12 +1166,116 @@ class UserLedger:
             self.records[key] = (fingerprint, result)
 
 
+@dataclass(frozen=True)
+class TransferView:
+    """A completed transfer as `Transfer` reports it: its number (in the order transfers began),
+    the positions of its two entries in their users' histories, times in ms."""
+
+    number: int
+    from_user: str
+    to_user: str
+    amount: int
+    created_at: int
+    out_entry: int
+    in_entry: int
+    expire_at: int | None
+    idempotency_key: str | None
+    metadata: Mapping[str, str]
+
+
 class LedgerModel:
     """Every user's ledger; users exist implicitly, as in the store."""
 
     def __init__(self, default_limits: LimitSpec | None = None) -> None:
         self.users: dict[str, UserLedger] = {}
         self.default_limits = default_limits  # the client's, for users without their own
+        self.transfers = 0  # how many began (took their credits out of a source)
+
+    def transfer(
+        self,
+        source: str,
+        dest: str,
+        amount: int,
+        now: int,
+        *,
+        key: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        expire_at: int | None = None,
+    ) -> TransferView:
+        """Credits from `source` to `dest`, all at `now`: out of the source's buckets (never
+        its credit limit), into the destination's, each keeping its bucket's expiry (or
+        `expire_at`), a debt repaid first; a destination with no room gives them back (a
+        reverse of the transfer_out entry) and the transfer is refused. A keyed retry answers
+        the same, once."""
+        assert source != dest and 1 <= amount <= MAX_CREDITS
+        out, into = self.user(source), self.user(dest)
+        meta = dict(metadata or {})
+        fingerprint = ("transfer", dest, amount, expire_at, tuple(sorted(meta.items())))
+        prior = out._replay(key, fingerprint)
+        if isinstance(prior, Refused):
+            raise prior
+        if prior is not None:
+            assert isinstance(prior, TransferView)
+            return prior
+        if expire_at is not None and expire_at <= now:
+            raise Refused(InvalidExpiryError)
+        out.catch_up(now)
+        if amount > out.balance:
+            raise Refused(
+                InsufficientCreditsError, user_id=source, requested=amount, available=out.balance
+            )
+        self.transfers += 1
+        number = self.transfers
+        parts = out._take(amount)
+        out.balance -= amount
+        sent = out._append(
+            Entry("transfer_out", -amount, now, 0, None, key, meta, transfer=number,
+                  counterparty=dest, parts=parts),
+            now,
+        )  # fmt: skip
+        out_position = len(out.history) - 1
+        into.catch_up(now)
+        if amount > into._room():
+            restored, expired = out._restore(parts, now)
+            assert not expired  # taken at now, from buckets usable at now
+            out.balance += restored
+            out._append(
+                Entry("reverse", restored, now, 0, related=out_position, unrestored=0,
+                      transfer=number),
+                now,
+            )  # fmt: skip
+            out.reversals[out_position] = len(out.history) - 1
+            refused = Refused(TransferRefusedError, reason="BALANCE_LIMIT")
+            out._remember(key, fingerprint, refused)
+            raise refused
+        skip = into._repay(amount)
+        pieces: list[list[Any]] = []
+        if expire_at is not None:
+            pieces = [[expire_at, amount - skip]] if amount > skip else []
+        else:
+            for seq, credits in parts:
+                used = min(credits, skip)
+                skip, credits = skip - used, credits - used
+                expiry = out.bucket(seq).expire_at
+                if credits and pieces and pieces[-1][0] == expiry:
+                    pieces[-1][1] += credits
+                elif credits:
+                    pieces.append([expiry, credits])
+        for expiry, credits in pieces:
+            into._new_bucket(credits, expiry, 0)
+        into.balance += amount
+        into._append(
+            Entry("transfer_in", amount, now, 0, expire_at, None, meta, transfer=number,
+                  counterparty=source),
+            now,
+        )  # fmt: skip
+        view = TransferView(
+            number, source, dest, amount, now, out_position, len(into.history) - 1, expire_at,
+            key, meta,
+        )  # fmt: skip
+        out._remember(key, fingerprint, view)
+        assert sent is out.history[out_position]
+        return view
 
     def user(self, user_id: str) -> UserLedger:
         if user_id not in self.users:

@@ -66,6 +66,7 @@ from credici_redis import AsyncCrediciClient, CrediciClient, CrediciError
 from credici_redis._core.keys import user_keys, user_tag
 from credici_redis.errors import (
     TransactionNotFoundError,
+    TransferRefusedError,
 )
 from credici_redis.models import (
     Budget,
@@ -76,6 +77,7 @@ from credici_redis.models import (
     MemberUsage,
     RateLimit,
     Transaction,
+    Transfer,
 )
 from tests.conftest import REDIS_URL, FakeClock, delete_namespace
 from tests.model import ledger_model as model
@@ -91,6 +93,7 @@ from tests.model.ledger_model import (
     LimitsView,
     MemberView,
     Refused,
+    TransferView,
     Usage,
     UserLedger,
 )
@@ -421,6 +424,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.tx_ids: dict[str, list[str]] = {}
         self.hold_ids: dict[str, list[str]] = {}
         self.bucket_ids: dict[tuple[str, int], str] = {}
+        self.transfer_ids: list[str] = []  # by the model's transfer number - 1
         # The inspector reads buckets raw; it shares the driver's store but never runs a script.
         self.inspector = CrediciClient.from_url(url, namespace=self.namespace)
         self.store: Driver | None = None  # made by create_users, with the run's default limits
@@ -624,6 +628,66 @@ class LedgerMachine(RuleBasedStateMachine):
         expected = self.ledger(user).set_member_cap(member, budget_spec(cap), self.now)
         got = self.send("set_member_cap", user, member, cap)
         self.compare(user, expected, got)
+
+    # Rules: transfers between accounts (issue 19).
+
+    @precondition(lambda self: any(u.live_buckets(self.now) for u in self.model.users.values()))
+    @rule(
+        source=users, dest=users, amount=charge_amounts, key=keys, metadata=metadatas,
+        expiry=st.one_of(st.just(None), st.integers(-SECOND, 10 * DAY)),
+    )  # fmt: skip
+    def transfer(
+        self,
+        source: str,
+        dest: str,
+        amount: tuple[Any, ...],
+        key: str | None,
+        metadata: dict[str, str] | None,
+        expiry: int | None,
+    ) -> None:
+        """Credits from one user to another (to an account that exists nowhere else, now and
+        then): both histories, both users' buckets, the Transfer, or the refusal."""
+        source = self.prefer(source, lambda ledger: ledger.live_buckets(self.now))
+        if dest == source:
+            dest = next((u for u in self.user_ids if u != source), source + "-x")
+        if dest not in self.tx_ids:
+            self.tx_ids[dest], self.hold_ids[dest] = [], []
+            self.user_ids.append(dest)
+        n = self.charge_amount(source, amount, overdraft=False)
+        expire_at = None if expiry is None else self.clock.now + expiry * MS
+        expected = self.expect(
+            lambda: self.model.transfer(
+                source, dest, n, self.now, key=key, metadata=metadata,
+                expire_at=None if expire_at is None else ms(expire_at),
+            )
+        )  # fmt: skip
+        got = self.send(
+            "transfer", source, dest, n, idempotency_key=key, metadata=metadata,
+            expire_at=expire_at,
+        )  # fmt: skip
+        if isinstance(got, (Transfer, TransferRefusedError)) and got.transfer_id not in (
+            self.transfer_ids
+        ):
+            self.transfer_ids.append(got.transfer_id)
+        self.check_user(dest)
+        self.compare(source, expected, got, method="transfer")
+        if isinstance(expected, TransferView):
+            assert isinstance(got, Transfer)
+            assert self.transfer_view(got) == expected
+
+    def transfer_view(self, t: Transfer) -> TransferView:
+        return TransferView(
+            self.transfer_ids.index(t.transfer_id) + 1,
+            t.from_user,
+            t.to_user,
+            t.amount,
+            ms(t.created_at),
+            self.tx_ids[t.from_user].index(t.from_transaction_id),
+            self.tx_ids[t.to_user].index(t.to_transaction_id),
+            None if t.expire_at is None else ms(t.expire_at),
+            t.idempotency_key,
+            t.metadata,
+        )
 
     # Rules: holds and reversals.
 
@@ -946,6 +1010,8 @@ class LedgerMachine(RuleBasedStateMachine):
         elif isinstance(expected, DecisionView):
             assert isinstance(got, Decision)
             assert decision_view(got) == expected
+        elif isinstance(expected, TransferView):
+            assert isinstance(got, Transfer)  # compared by the transfer rule (both users)
         elif isinstance(expected, MemberView):
             assert isinstance(got, MemberUsage)
             assert member_view(got) == expected
@@ -969,6 +1035,8 @@ class LedgerMachine(RuleBasedStateMachine):
             tx.unrestored,
             tx.periods,
             tx.member,
+            None if tx.transfer_id is None else self.transfer_ids.index(tx.transfer_id) + 1,
+            tx.counterparty,
         )
 
     def hold_view(self, user: str, hold: Hold) -> HoldView:
