@@ -1,7 +1,7 @@
 """credici-redis against raw redis-py, measured in the same run on the same Redis.
 
     .venv/bin/python benchmarks/bench.py [--redis-url URL] [--quick] [--json PATH]
-        [--postgres-url URL] [--no-postgres | --only-postgres | --only-limits]
+        [--postgres-url URL] [--no-postgres | --only-postgres | --only-limits | --only-members]
 
 Nine sections, printed as one table; each figure of the library beside a raw baseline measured in
 the same run, their ratio (library / raw), and the issue's target where it sets one (PASS/MISS):
@@ -30,8 +30,9 @@ the same run, their ratio (library / raw), and the issue's target where it sets 
    ``default_limits``) against a plain subtract, and against the ``limits`` library's moving
    window hit (and fixed window, for the budget) before a plain subtract: sync p50/p99, asyncio
    ops/s (64 tasks), Redis CPU per charge (``--only-limits``: this section alone).
-9. members (issue 19): a pool's member charging it (without and with a cap) against a plain
-   subtract: sync p50/p99, Redis CPU per charge.
+9. members and transfers (issue 19): a pool's member charging it (without and with a cap), and
+   a transfer between two accounts in different slots, against a plain subtract: sync p50/p99,
+   Redis CPU per operation.
 
 Every key lives under a fresh namespace ``bench-<random>``, deleted at exit (also on error).
 """
@@ -1976,19 +1977,23 @@ async def limits_async(url: str, ns: str, s: Settings) -> list[Row]:
 def member_variants(client: CrediciClient, ns: str) -> dict[str, Callable[[], object]]:
     """Section 9's calls, on a pool of their own each: a plain subtract, a member's charge
     without a cap, and one under a cap (a calendar day in a zone that is not UTC)."""
-    pools = {name: f"{ns}-pool-{name}" for name in ("plain", "member", "capped")}
+    pools = {name: f"{ns}-pool-{name}" for name in ("plain", "member", "capped", "source")}
     client.add_many([(pool, PLENTY) for pool in pools.values()])
     client.set_member_cap(pools["capped"], "alice", Budget(PLENTY, "day", "Asia/Kolkata"))
+    destination = f"{ns}-destination"
+    assert _keys.user_slot(pools["source"]) != _keys.user_slot(destination)  # across slots
     return {
         "plain": partial(client.subtract, pools["plain"], 1),
         "member": partial(client.subtract, pools["member"], 1, member="alice"),
         "capped": partial(client.subtract, pools["capped"], 1, member="alice"),
+        "transfer": partial(client.transfer, pools["source"], destination, 1),
     }
 
 
 MEMBER_ROWS = {
     "member": "subtract as a member (no cap)",
     "capped": "subtract as a member with a cap",
+    "transfer": "transfer(a, b, 1) across slots",
 }
 
 
@@ -2000,7 +2005,7 @@ def members(client: CrediciClient, s: Settings) -> list[Row]:
     samples = interleaved(ops, s.calls, s.warmup, s.rounds)
     rows: list[Row] = []
     section = (
-        f"9. members (issue 19): a pool's member charging it, against a plain subtract; sync, "
+        f"9. members and transfers (issue 19): against a plain subtract; sync, "
         f"one connection, {s.calls:,} calls per variant"
     )
     for p in (50, 99):
@@ -2027,13 +2032,13 @@ def members(client: CrediciClient, s: Settings) -> list[Row]:
                 r.config_resetstat()
                 for _ in range(calls):
                     fn()
-                usec, made = script_cpu(r)
+                usec, _ = script_cpu(r)
                 cpu[name][0] += usec
-                cpu[name][1] += made
+                cpu[name][1] += calls  # per operation: a transfer runs three scripts
         r.close()
     section = (
-        f"9. members (issue 19): Redis CPU per charge (INFO commandstats), {s.rounds} x "
-        f"{calls:,} charges per variant, on a redis-server of our own"
+        f"9. members and transfers (issue 19): Redis CPU per operation (INFO commandstats), "
+        f"{s.rounds} x {calls:,} operations per variant, on a redis-server of our own"
     )
     plain = cpu["plain"][0] / cpu["plain"][1]
     rows += [
@@ -2053,6 +2058,7 @@ def run(
     *,
     only_postgres: bool = False,
     only_limits: bool = False,
+    only_members: bool = False,
 ) -> None:
     started = time.perf_counter()
     ns = f"bench-{secrets.token_hex(4)}"
@@ -2066,7 +2072,9 @@ def run(
                 raise RuntimeError(f"Redis hashed script {script} differently")
 
         rows: list[Row] = []
-        if not (only_postgres or only_limits):
+        if only_members:
+            rows += members(client, settings)
+        elif not (only_postgres or only_limits):
             rows += sync_latency(client, raw, trivial, ns, settings)
             rows += batch_throughput(client, raw, trivial, ns, settings)
 
@@ -2086,9 +2094,9 @@ def run(
             rows += history_read(client, raw, ns, settings)
             rows += pathological(settings)
             rows += members(client, settings)
-        if postgres_url and not only_limits:
+        if postgres_url and not (only_limits or only_members):
             rows += postgres_side_by_side(url, postgres_url, ns, settings)
-        if not only_postgres:
+        if not (only_postgres or only_members):
             rows += limits_sync(client, url, ns, settings)
             rows += asyncio.run(limits_async(url, ns, settings))
             rows += limits_server_cpu(settings)
@@ -2129,6 +2137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-postgres", action="store_true", help="skip section 7")
     parser.add_argument("--only-postgres", action="store_true", help="section 7 alone")
     parser.add_argument("--only-limits", action="store_true", help="section 8 alone")
+    parser.add_argument("--only-members", action="store_true", help="section 9 alone")
     args = parser.parse_args(argv)
     if args.no_postgres and args.only_postgres:
         parser.error("--no-postgres and --only-postgres exclude each other")
@@ -2138,7 +2147,8 @@ def main(argv: list[str] | None = None) -> int:
     postgres_url = None if args.no_postgres else args.postgres_url
     try:
         run(args.redis_url, QUICK if args.quick else FULL, mode, args.json, postgres_url,
-            only_postgres=args.only_postgres, only_limits=args.only_limits)  # fmt: skip
+            only_postgres=args.only_postgres, only_limits=args.only_limits,
+            only_members=args.only_members)  # fmt: skip
     except (redis.ConnectionError, StorageUnavailableError) as exc:
         print(f"bench: cannot reach Redis at {args.redis_url}: {exc}", file=sys.stderr)
         return 1
