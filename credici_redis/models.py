@@ -387,3 +387,10 @@ class TransferRecovery(BaseModel):
             "no script can prove what happened; an operator decides"
         ),
     )
+    failed: list[str] = Field(
+        default_factory=list,
+        description=(
+            "'<transfer id>: <error>' of those that could not finish now (a destination whose "
+            "keys are broken: InconsistentStateError); the next recovery tries them again"
+        ),
+    )

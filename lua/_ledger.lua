@@ -566,8 +566,8 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- Transfers: credits move from one account to another, in whatever slots they are, in three
 -- scripts (credici_redis/_ops/transfers.py drives them): transfer_out.lua takes them out of the
--- source ("o" entry) and writes the transfer's record (string, JSON: see transfer_reply) in the
--- source's slot, queued in the slot's transfer queue; transfer_in.lua gives them to the
+-- source ("o" entry) and writes the transfer's record (JSON, a field of the source's record hash:
+-- see transfer_reply), queued in the slot's transfer queue; transfer_in.lua gives them to the
 -- destination ("i" entry), once: its marker (string "<entry id>|<balance after>", kept
 -- MARKER_MS) answers any second call; transfer_settle.lua ends the record: done, or the credits
 -- go back to the source ("v" entry reversing the "o" one) when the destination refused them.
@@ -576,10 +576,10 @@ end
 -- take), so the source may have its credits back.
 local WINDOW_MS, MARKER_MS = 86400000, 7 * 86400000
 
--- Reply {'OK', transfer_id, status, from_user, to_user, amount, created_at, out_id, in_id,
---        expire_at, idempotency_key, metadata, parts}
+-- Reply {'OK', transfer_id, record_id, status, from_user, to_user, amount, created_at, out_id,
+--        in_id, expire_at, idempotency_key, metadata, parts}
 local function transfer_reply(r, status, in_id)
-  return { 'OK', r.id, status, r.from, r.to, r.n, r.t, r.o, in_id, r.x, r.i, r.m, r.u }
+  return { 'OK', r.id, r.rid, status, r.from, r.to, r.n, r.t, r.o, in_id, r.x, r.i, r.m, r.u }
 end
 
 -- With an idempotency record: the stored reply if the request is the same, a conflict if not.

@@ -1,11 +1,12 @@
 --[[ transfer_out.lua: a transfer's first step: take the credits out of the source and record the
 transfer as pending (see "Transfers" in _ledger.lua); a second call finds it (pending, or done).
-KEYS  1-13 the source's keys (see _ledger.lua); 14 the transfer's record; 15 the transfer queue
-      of the source's slot; 16 the idempotency record, when a key was given
+KEYS  1-13 the source's keys (see _ledger.lua); 14 the source's transfer records (hash); 15 the
+      transfer queue of the source's slot; 16 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 transfer_id
-      4 user_id (the source) | 5 to_user | 6 amount | 7 expire_at_ms ('' = the source buckets' own)
-      8 fingerprint | 9 idempotency_ttl_ms | 10 idempotency_key ('' = none)
-      11 metadata_json ('' = none)
+      4 record_id (its field in KEYS[14]: made from the idempotency key, so that a retry finds
+      it; the transfer id is new with every transfer) | 5 user_id (the source) | 6 to_user
+      7 amount | 8 expire_at_ms ('' = the source buckets' own) | 9 fingerprint
+      10 idempotency_ttl_ms | 11 idempotency_key ('' = none) | 12 metadata_json ('' = none)
 Reply transfer_reply (status 'pending', or 'completed' from the idempotency record)
       | {'IDEM_CONFLICT'} | {'EXPIRY_PAST', now} | {'INSUFFICIENT', balance, credit_limit '0'}
       | {'REFUNDED', reason, transfer_id, refund_id} (from the idempotency record)
@@ -18,13 +19,13 @@ the limits or a member's cap.
 --!include _ledger.lua
 
 K_IDEM = KEYS[16]
-local now, amount = clock(ARGV[1]), tonumber(ARGV[6])
-local expire_at = tonumber(ARGV[7])
-local fingerprint, ikey, meta = ARGV[8], ARGV[10], ARGV[11]
+local now, amount = clock(ARGV[1]), tonumber(ARGV[7])
+local expire_at = tonumber(ARGV[8])
+local fingerprint, ikey, meta = ARGV[9], ARGV[11], ARGV[12]
 
 local prior = replay(fingerprint)
 if prior then return prior end
-local pending = redis.call('GET', KEYS[14])
+local pending = redis.call('HGET', KEYS[14], ARGV[4])
 if pending then
   local r = cjson.decode(pending)
   if r.fp ~= fingerprint then return { 'IDEM_CONFLICT' } end
@@ -43,13 +44,13 @@ take(amount, parts)
 parts = table.concat(parts, ';')
 st.bal = st.bal - amount
 local fields = extras(nil, ikey, meta)
-for _, v in ipairs({ 'u', parts, 'tf', ARGV[3], 'to', ARGV[5] }) do fields[#fields + 1] = v end
+for _, v in ipairs({ 'u', parts, 'tf', ARGV[3], 'to', ARGV[6] }) do fields[#fields + 1] = v end
 local id = append(st, 'o', -amount, now, fields)
 save_state(st)
 local r = {
-  id = ARGV[3], fp = fingerprint, from = ARGV[4], to = ARGV[5], n = ARGV[6], u = parts,
-  x = ARGV[7], t = fmt(now), o = id, i = ikey, m = meta,
+  id = ARGV[3], rid = ARGV[4], fp = fingerprint, from = ARGV[5], to = ARGV[6], n = ARGV[7],
+  u = parts, x = ARGV[8], t = fmt(now), o = id, i = ikey, m = meta,
 }
-redis.call('SET', KEYS[14], cjson.encode(r))
-redis.call('ZADD', KEYS[15], now, KEYS[14])
+redis.call('HSET', KEYS[14], ARGV[4], cjson.encode(r))
+redis.call('ZADD', KEYS[15], now, KEYS[14] .. '#' .. ARGV[4])
 return transfer_reply(r, 'pending', '')

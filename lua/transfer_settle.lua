@@ -1,8 +1,8 @@
 --[[ transfer_settle.lua: a transfer's last step, on the source: it is done, or its credits come
 back (see "Transfers" in _ledger.lua). Once: a second call finds no record (GONE).
-KEYS  1-13 the source's keys (see _ledger.lua); 14 the transfer's record; 15 the transfer queue
-      of the source's slot; 16 the idempotency record, when the transfer had a key
-ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 transfer_id
+KEYS  1-13 the source's keys (see _ledger.lua); 14 the source's transfer records (hash); 15 the
+      transfer queue of the source's slot; 16 the idempotency record, when the transfer had a key
+ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 record_id
       4 outcome ('done', or why the destination refused: 'BALANCE_LIMIT', 'STALE')
       5 in_id (the destination's entry, when done) | 6 idempotency_ttl_ms
 Reply transfer_reply (status 'completed') | {'REFUNDED', reason, transfer_id, refund_id}
@@ -16,7 +16,7 @@ meanwhile do not come back: w), as reverse.lua gives a charge back.
 K_IDEM = KEYS[16]
 local now, outcome = clock(ARGV[1]), ARGV[4]
 
-local raw = redis.call('GET', KEYS[14])
+local raw = redis.call('HGET', KEYS[14], ARGV[3])
 if not raw then return { 'GONE' } end
 local r = cjson.decode(raw)
 local reply
@@ -36,7 +36,7 @@ else
   save_state(st)
   reply = { 'REFUNDED', outcome, r.id, id }
 end
-redis.call('DEL', KEYS[14])
-redis.call('ZREM', KEYS[15], KEYS[14])
+redis.call('HDEL', KEYS[14], ARGV[3])
+redis.call('ZREM', KEYS[15], KEYS[14] .. '#' .. ARGV[3])
 if r.i ~= '' then remember(r.fp, ARGV[6], reply) end
 return reply

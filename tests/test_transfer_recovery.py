@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from credici_redis import CrediciClient, Transfer, TransferRecovery, TransferRefusedError
+from credici_redis import (
+    CrediciClient,
+    InconsistentStateError,
+    OutcomeUnknownError,
+    Transfer,
+    TransferRecovery,
+    TransferRefusedError,
+)
 from credici_redis._core import keys as _keys
 from credici_redis._core.protocol import Flow
 from credici_redis._ops import transfers
@@ -123,7 +130,7 @@ def test_a_transfer_left_a_day_goes_back_and_a_late_finisher_cannot_give_it(
     client.add(user, 100)
     req = die_after(client, 1, user, dest, 30)
     storage: Any = client.storage
-    record = storage.redis.get(_keys.transfer_record(namespace, user, req.transfer_id))
+    record = storage.redis.hget(_keys.transfer_records(namespace, user), req.record_id)
     late = transfers.pending_of(record.decode())  # what a stalled process still holds
     clock.advance(timedelta(days=1, seconds=1))
     assert client.recover_transfers() == TransferRecovery(refunded=1)
@@ -174,3 +181,54 @@ def test_recovery_runs_on_the_asyncio_client_too(user: str, namespace: str) -> N
             return got
 
     assert asyncio.run(main()) == TransferRecovery(completed=1)
+
+
+def test_a_key_used_again_after_its_record_expired_is_a_new_transfer(
+    client: CrediciClient, user: str, namespace: str
+) -> None:
+    """The idempotency record expires (here: deleted, as its ttl would): the same key then
+    makes a new transfer, which the destination takes too; the first transfer's marker, still
+    there, must not answer for it (the credits would leave the source and arrive nowhere)."""
+    dest = user + "-to"
+    client.add(user, 100)
+    first = client.transfer(user, dest, 30, idempotency_key="k")
+    storage: Any = client.storage
+    storage.redis.delete(_keys.idempotency_key(namespace, user, "k"))
+    second = client.transfer(user, dest, 30, idempotency_key="k")
+    assert second.transfer_id != first.transfer_id
+    assert balances(client, user, dest) == [40, 60]
+    assert kinds(client, dest) == ["transfer_in", "transfer_in"]
+
+
+def break_user(client: CrediciClient, namespace: str, user: str) -> None:
+    """A bucket amount without its place in the burn order: a state no script leaves."""
+    storage: Any = client.storage
+    storage.redis.hset(_keys.user_keys(namespace, user).amounts, "999999999999999000000000099", 5)
+
+
+def mend_user(client: CrediciClient, namespace: str, user: str) -> None:
+    storage: Any = client.storage
+    storage.redis.hdel(_keys.user_keys(namespace, user).amounts, "999999999999999000000000099")
+
+
+def test_a_destination_that_cannot_run_leaves_the_transfer_to_recovery(
+    client: CrediciClient, user: str, namespace: str
+) -> None:
+    """Its credits left the source: the caller hears OutcomeUnknownError, never a plain
+    failure; recovery reports the transfer and goes on with the others, and finishes it once
+    the destination is mended."""
+    broken, fine = user + "-broken", user + "-fine"
+    client.add(user, 100)
+    client.add(broken, 1)
+    break_user(client, namespace, broken)
+    with pytest.raises(OutcomeUnknownError) as info:
+        client.transfer(user, broken, 30)
+    assert isinstance(info.value.__cause__, InconsistentStateError)
+    die_after(client, 1, user, fine, 20)
+    recovered = client.recover_transfers(older_than=NOW)
+    assert (recovered.completed, len(recovered.failed)) == (1, 1)
+    assert "keys" in recovered.failed[0] or "bucket" in recovered.failed[0]
+    assert balances(client, user, fine) == [50, 20]
+    mend_user(client, namespace, broken)
+    assert client.recover_transfers(older_than=NOW) == TransferRecovery(completed=1)
+    assert balances(client, user, broken) == [50, 31]

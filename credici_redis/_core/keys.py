@@ -18,14 +18,15 @@ ids never share keys) and leaves no '{' or '}' that could end the tag early.
     <ns>:{%S<x>}:ev        stream  low-balance events of every user in the slot of tag %S<x>
     <ns>:{%S<x>}:ob        zset    archive outbox of the slot: history key -> oldest unarchived ms
     <ns>:{%S<x>}:tq        zset    trim queue of the slot: history key -> when kept entries may go
-    <ns>:{%S<x>}:xq        zset    transfer queue of the slot: record key -> when it began (ms)
+    <ns>:{%S<x>}:xq        zset    transfer queue of the slot: "<records key>#<record id>" -> when
+                                   the transfer began (ms)
 
 Events cannot go to one namespace-wide stream: the script that notices a low balance may only
 touch its user's slot. So each Redis Cluster slot has its own event stream, named by a tag that
 hashes to that slot ("%S" never occurs in a percent-encoded user id). The archive outbox is per
 slot for the same reason: the archiver visits the 16384 slot outboxes, never the users.
     <ns>:{<user>}:i:<key>  string  idempotency record, expires after the retention time
-    <ns>:{<user>}:xo:<id>  string  a transfer from the user, until it is settled (JSON)
+    <ns>:{<user>}:xo       hash    transfers from the user not settled yet: record id -> JSON
     <ns>:{<user>}:xi:<id>  string  a transfer to the user was taken: "<entry id>|<balance>"
 """
 
@@ -126,9 +127,9 @@ def transfer_queue(namespace: str, slot: int) -> str:
     return f"{namespace}:{{{slot_tag(slot)}}}:xq"
 
 
-def transfer_record(namespace: str, user_id: str, transfer_id: str) -> str:
-    """A transfer from `user_id`, while it is not settled."""
-    return f"{namespace}:{{{user_tag(user_id)}}}:xo:{transfer_id}"
+def transfer_records(namespace: str, user_id: str) -> str:
+    """The transfers from `user_id` not settled yet: record id -> the record (JSON)."""
+    return f"{namespace}:{{{user_tag(user_id)}}}:xo"
 
 
 def transfer_marker(namespace: str, user_id: str, transfer_id: str) -> str:

@@ -31,7 +31,10 @@ from credici_redis._core.protocol import Call, Flow, Ledger, sent, text
 from credici_redis._core.scripts import load
 from credici_redis._core.time import duration_ms, from_ms
 from credici_redis.errors import (
+    CrediciError,
     InvalidInputError,
+    OutcomeUnknownError,
+    StorageUnavailableError,
     TransferRefusedError,
     TransferUnresolvedError,
 )
@@ -51,7 +54,10 @@ class TransferRequest:
     amount: int
     expire_at_ms: int | None
     transfer_id: str
-    """Made from the idempotency key when there is one (a retry finds the same transfer)."""
+    """New with every transfer (a retry that finds its record goes on with the record's)."""
+    record_id: str
+    """The record's field: made from the idempotency key when there is one, so that a retry
+    finds the record; else the transfer id."""
     idempotency_key: str | None
     fingerprint: str
     metadata_json: str
@@ -76,7 +82,7 @@ class TransferInRequest:
 class SettleRequest:
     user_id: str
     """The source."""
-    transfer_id: str
+    record_id: str
     outcome: str
     in_id: str
     idempotency_key: str | None
@@ -88,6 +94,7 @@ class Pending:
     """A transfer whose credits left the source (step 1 done): what steps 2 and 3 need."""
 
     transfer_id: str
+    record_id: str
     from_user: str
     to_user: str
     amount: int
@@ -126,9 +133,9 @@ class Taken:
 def _pending(r: Reply) -> Pending:
     expire = r["expire_at"]
     return Pending(
-        r["transfer_id"], r["from_user"], r["to_user"], int(r["amount"]), int(r["created_at"]),
-        r["out_id"], int(expire) if expire else None, r["idempotency_key"] or None, r["metadata"],
-        r["parts"],
+        r["transfer_id"], r["record_id"], r["from_user"], r["to_user"], int(r["amount"]),
+        int(r["created_at"]), r["out_id"], int(expire) if expire else None,
+        r["idempotency_key"] or None, r["metadata"], r["parts"],
     )  # fmt: skip
 
 
@@ -138,15 +145,15 @@ def _started(req: TransferRequest, r: Reply) -> Pending | Transfer:
 
 
 TRANSFER_REPLY = (
-    "OK", "transfer_id", "status", "from_user", "to_user", "amount", "created_at", "out_id",
-    "in_id", "expire_at", "idempotency_key", "metadata", "parts",
+    "OK", "transfer_id", "record_id", "status", "from_user", "to_user", "amount", "created_at",
+    "out_id", "in_id", "expire_at", "idempotency_key", "metadata", "parts",
 )  # fmt: skip
 """transfer_reply (lua/_ledger.lua)."""
 
 
 def _record_keys(namespace: str, req: TransferRequest | SettleRequest) -> tuple[str, ...]:
     return (
-        _keys.transfer_record(namespace, req.user_id, req.transfer_id),
+        _keys.transfer_records(namespace, req.user_id),
         _keys.transfer_queue(namespace, _keys.user_slot(req.user_id)),
     )
 
@@ -156,12 +163,21 @@ def _marker_keys(namespace: str, req: TransferInRequest) -> tuple[str, ...]:
 
 
 def _transfer_flow(ledger: Ledger, op: Operation[Any, Any], req: TransferRequest) -> Flow[Any]:
-    if req.idempotency_key is not None:  # a retry (or the storage's own) finds the same transfer
-        req = replace(req, transfer_id=transfer_id_for(req.user_id, req.idempotency_key))
+    # Keyed (by the caller, or by the storage for its retries): a retry finds the same record.
+    key = req.idempotency_key
+    req = replace(req, record_id=req.transfer_id if key is None else record_id_for(key))
     started = yield from ledger.script_flow(op, req)
     if isinstance(started, Transfer):
         return started
-    return (yield from finish(ledger, started, req.now_ms))
+    try:
+        return (yield from finish(ledger, started, req.now_ms))
+    except (TransferRefusedError, TransferUnresolvedError):
+        raise
+    except CrediciError as exc:  # the credits left the source: never a plain failure
+        raise OutcomeUnknownError(
+            f"transfer {started.transfer_id} began (its credits left {started.from_user!r}) and"
+            f" could not finish: {exc}; recover_transfers() finishes it"
+        ) from exc
 
 
 TRANSFER: Operation[TransferRequest, Transfer] = Operation(
@@ -170,6 +186,7 @@ TRANSFER: Operation[TransferRequest, Transfer] = Operation(
     load("transfer_out", effect=True),
     argv=(
         "transfer_id",
+        "record_id",
         "user_id",
         "to_user",
         "amount",
@@ -216,7 +233,7 @@ TRANSFER_SETTLE: Operation[SettleRequest, Any] = Operation(
     "transfer_settle",
     SettleRequest,
     load("transfer_settle", effect=True),
-    argv=("transfer_id", "outcome", "in_id", "idempotency_ttl_ms"),
+    argv=("record_id", "outcome", "in_id", "idempotency_ttl_ms"),
     reply=TRANSFER_REPLY,
     parse=lambda req, r: _pending(r).completed(r["in_id"]),
     refusals=frozenset({"REFUNDED"}),
@@ -238,7 +255,7 @@ def finish(ledger: Ledger, p: Pending, now_ms: int | None) -> Flow[Transfer]:
     outcome = "done" if taken.outcome == "OK" else taken.outcome
     settled = yield from ledger.script_flow(
         TRANSFER_SETTLE,
-        SettleRequest(p.from_user, p.transfer_id, outcome, taken.in_id, p.idempotency_key, now_ms),
+        SettleRequest(p.from_user, p.record_id, outcome, taken.in_id, p.idempotency_key, now_ms),
     )
     if settled is GONE:  # settled by another call, which met the same marker
         if outcome == "done":
@@ -250,49 +267,55 @@ def finish(ledger: Ledger, p: Pending, now_ms: int | None) -> Flow[Transfer]:
 
 def recover(ledger: Ledger, now_ms: int | None, older_than_ms: int) -> Flow[TransferRecovery]:
     """Finish the transfers of every slot's queue that began `older_than_ms` ago or earlier
-    (younger ones are likely still on their way)."""
+    (younger ones are likely still on their way). A transfer that cannot finish (its
+    destination's keys are broken) is reported and the others go on; an outage stops it."""
     now = now_ms if now_ms is not None else (yield from ledger.server_ms())
-    completed, refunded, unresolved = 0, 0, []
+    done: dict[str, int] = {"completed": 0, "refunded": 0}
+    unresolved: list[str] = []
+    failed: list[str] = []
     for start in range(0, _keys.SLOTS, SLOTS_PER_ROUND):
-        queues = [
-            _keys.transfer_queue(ledger.namespace, slot)
-            for slot in range(start, min(start + SLOTS_PER_ROUND, _keys.SLOTS))
-        ]
+        slots = range(start, min(start + SLOTS_PER_ROUND, _keys.SLOTS))
+        queues = [_keys.transfer_queue(ledger.namespace, slot) for slot in slots]
         replies = yield from sent([
-            Call(("ZRANGEBYSCORE", q, "-inf", now - older_than_ms, "LIMIT", 0, RECOVER_PER_SLOT))
+            Call(("ZRANGE", q, "-inf", now - older_than_ms, "BYSCORE", "LIMIT", 0,
+                  RECOVER_PER_SLOT))
             for q in queues
         ])  # fmt: skip
-        records = [text(member) for reply in replies for member in reply]
-        if not records:
+        members = [text(member).rpartition("#") for reply in replies for member in reply]
+        if not members:
             continue
-        raws = yield from sent([Call(("GET", record)) for record in records])
+        raws = yield from sent([Call(("HGET", key, rid)) for key, _, rid in members])
         for raw in raws:
             if raw is None:  # settled meanwhile
                 continue
             p = pending_of(text(raw))
             try:
                 yield from finish(ledger, p, now_ms)
-                completed += 1
+                done["completed"] += 1
             except TransferRefusedError:
-                refunded += 1
+                done["refunded"] += 1
             except TransferUnresolvedError:
                 unresolved.append(p.transfer_id)
-    return TransferRecovery(completed=completed, refunded=refunded, unresolved=unresolved)
+            except StorageUnavailableError:
+                raise
+            except CrediciError as exc:
+                failed.append(f"{p.transfer_id}: {exc}")
+    return TransferRecovery(**done, unresolved=unresolved, failed=failed)
 
 
 def pending_of(raw: str) -> Pending:
     """A transfer's record (written by transfer_out.lua) as the steps that remain need it."""
     r = json.loads(raw)
     return Pending(
-        r["id"], r["from"], r["to"], int(r["n"]), int(r["t"]), r["o"],
+        r["id"], r["rid"], r["from"], r["to"], int(r["n"]), int(r["t"]), r["o"],
         int(r["x"]) if r["x"] else None, r["i"] or None, r["m"], r["u"],
     )  # fmt: skip
 
 
-def transfer_id_for(user_id: str, key: str) -> str:
-    """The transfer id of source `user_id`'s transfer under idempotency key `key`."""
-    digest = hashlib.sha256(f"{user_id}\0{key}".encode()).hexdigest()
-    return "t" + digest[:32]
+def record_id_for(key: str) -> str:
+    """The record id of a source's transfer under idempotency key `key` (the records are the
+    source's own: the key needs no user)."""
+    return "k" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def build_transfer(
@@ -309,9 +332,8 @@ def build_transfer(
         raise InvalidInputError("a transfer needs two different accounts")
     expire_ms, _ = check.expiry(expire_at, None)
     ikey, meta_json = check.idempotency_key(key), check.metadata(meta)
-    req = TransferRequest(
-        source, destination, n, expire_ms, "t" + uuid.uuid4().hex, None, "", meta_json, now_ms
-    )
+    tid = "t" + uuid.uuid4().hex
+    req = TransferRequest(source, destination, n, expire_ms, tid, tid, None, "", meta_json, now_ms)
     return TRANSFER.with_key(req, ikey)
 
 

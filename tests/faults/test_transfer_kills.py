@@ -47,10 +47,10 @@ STEP_KILLED = textwrap.dedent(
 
 
 def records(namespace: str) -> int:
-    """Transfers not settled: their records in Redis."""
+    """Transfers not settled: their records in Redis (fields of the sources' record hashes)."""
     raw = redis.Redis.from_url(REDIS_URL)
     try:
-        return sum(1 for _ in raw.scan_iter(match=f"{namespace}:*:xo:*", count=1000))
+        return sum(raw.hlen(key) for key in raw.scan_iter(match=f"{namespace}:*:xo", count=1000))
     finally:
         raw.close()
 
