@@ -158,6 +158,16 @@ def _parser() -> argparse.ArgumentParser:
         "--retention", type=_duration, required=True, metavar="DURATION", help="e.g. 30d"
     )
 
+    recover = commands.add_parser(
+        "recover-transfers",
+        parents=[store],
+        help="finish the transfers a process left unsettled (run it every minute, e.g. by cron)",
+    )
+    recover.add_argument(
+        "--older-than", type=_duration, default=timedelta(seconds=30), metavar="DURATION",
+        help="leave younger ones alone: they may still be on their way (default 30s)",
+    )  # fmt: skip
+
     history = commands.add_parser("history", parents=[store], help="a user's transactions")
     history.add_argument("user", metavar="USER")
     history.add_argument("--from", dest="from_", type=_instant, metavar="ISO8601")
@@ -400,6 +410,15 @@ def _operate(args: argparse.Namespace) -> int:
             return _audit(client, args)
         elif args.command == "trim":
             return _trim(client, args)
+        elif args.command == "recover-transfers":
+            done = client.recover_transfers(older_than=args.older_than)
+            print(
+                f"completed {done.completed}, refunded {done.refunded}, "
+                f"unresolved {len(done.unresolved)}, failed {len(done.failed)}"
+            )
+            for line in [*(f"unresolved {t}" for t in done.unresolved), *done.failed]:
+                print(f"  {line}")
+            return 0 if not (done.unresolved or done.failed) else 1
         else:
             _history(client, args)
     return 0

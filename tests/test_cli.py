@@ -287,3 +287,20 @@ def test_library_prints_the_source_and_loads_it_where_missing(
         proc.kill()
         proc.wait()
     assert main(["library", "--redis-url", "memory://"]) == 2
+
+
+def test_recover_transfers_finishes_one_cut_short(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from credici_redis._ops import transfers
+    from tests.test_transfer_recovery import cut
+
+    with CrediciClient.from_url(REDIS_URL, namespace=namespace) as client:
+        client.add("alice", 10)
+        req = transfers.build_transfer("alice", "bob", 4, None, None, None, None)
+        storage = client.storage
+        storage.run(cut(storage.ledger.execute(transfers.TRANSFER, req), 1))
+        assert run(namespace, "recover-transfers", "--older-than", "0s") == 0
+        assert "completed 1, refunded 0, unresolved 0, failed 0" in capsys.readouterr().out
+        assert (client.get_balance("alice"), client.get_balance("bob")) == (6, 4)
+    assert run(namespace, "recover-transfers") == 0  # nothing left
