@@ -8,7 +8,8 @@ ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 record
 Reply transfer_reply (status 'completed') | {'REFUNDED', reason, transfer_id, refund_id}
       | {'GONE'} (settled before) | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: nothing when done; when refunded: cycle renewals, holds released by their ttl, expired
-buckets, then one "v" entry reversing the "o" entry (o, tf; credits of buckets that expired
+buckets, then one "v" entry reversing the "o" entry (o, tf, and u: the parts given back, so that
+the audit needs no "o" entry a retention trim may have taken; credits of buckets that expired
 meanwhile do not come back: w), as reverse.lua gives a charge back.
 ]]
 --!include _ledger.lua
@@ -28,7 +29,7 @@ else
   local before = st.bal
   local restored, expired = restore(st, r.u, now)
   if before < 0 then take(math.min(restored, -before), nil) end
-  local fields = { 'o', r.o, 'tf', r.id, 't', fmt(now) }
+  local fields = { 'o', r.o, 'tf', r.id, 'u', r.u, 't', fmt(now) }
   if expired > 0 then fields[#fields + 1] = 'w'; fields[#fields + 1] = fmt(expired) end
   st.bal = st.bal + restored
   local id = append(st, 'v', restored, now, fields)

@@ -269,6 +269,8 @@ class Replay:
                 if credits > used:
                     rest.append((bucket, credits - used))
             self._give_back(rest, int(f.get("t", "0")), before, entry_id)
+        elif kind == "v" and "tf" in f:  # a refused transfer's credits back: its parts
+            self._give_back(self._parts_of(f), int(f.get("t", "0")), before, entry_id)
         elif kind == "v":
             if original is None:
                 problems.append(f"{entry_id}: reverses {f.get('o')}, not in the history")
