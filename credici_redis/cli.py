@@ -168,6 +168,24 @@ def _parser() -> argparse.ArgumentParser:
         help="leave younger ones alone: they may still be on their way (default 30s)",
     )  # fmt: skip
 
+    console = commands.add_parser(
+        "console",
+        parents=[store],
+        help="serve the operator console (a user's credits in a browser)",
+        description=(
+            "Serves credici_redis.console on --host:--port (127.0.0.1:8080) with uvicorn. Anyone "
+            "who reaches the port may act as operator: keep it local, or put it behind your "
+            "own authentication (or mount create_app in your service, with `authorize`)."
+        ),
+    )
+    console.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    console.add_argument("--port", type=int, default=8080, help="port (8080)")
+    console.add_argument("--read-only", action="store_true", help="no actions, only reading")
+    console.add_argument(
+        "--operator", default=None, metavar="NAME",
+        help="the name kept with each action's reason (default: the login name)",
+    )  # fmt: skip
+
     history = commands.add_parser("history", parents=[store], help="a user's transactions")
     history.add_argument("user", metavar="USER")
     history.add_argument("--from", dest="from_", type=_instant, metavar="ISO8601")
@@ -387,6 +405,8 @@ def _operate(args: argparse.Namespace) -> int:
     namespace = args.namespace or DEFAULT_NAMESPACE
     if args.command == "archive":
         return _archive(url, postgres, namespace, args)
+    if args.command == "console":
+        return _console(url, postgres, namespace, args)
     retention = args.retention if args.command == "trim" else None
     with CrediciClient.from_url(
         url, namespace=namespace, archive_url=postgres, history_retention=retention
@@ -470,6 +490,24 @@ def _trim(client: CrediciClient, args: argparse.Namespace) -> int:
         f"{archived} left to the archiver"
     )
     return 0 if failed == 0 else 1
+
+
+def _console(url: str, postgres: str | None, namespace: str, args: argparse.Namespace) -> int:
+    import getpass
+
+    from credici_redis._core import extras
+    from credici_redis.client import AsyncCrediciClient
+    from credici_redis.console import create_app
+
+    uvicorn = extras.need("uvicorn", feature="the console command", extra="console")
+    client = AsyncCrediciClient.from_url(url, namespace=namespace, archive_url=postgres)
+    name = args.operator or getpass.getuser()
+    app = create_app(
+        client, read_only=args.read_only, authorize=lambda request: name, close_client=True
+    )
+    print(f"credici console on http://{args.host}:{args.port}/ (namespace {namespace})")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def _archive(url: str, postgres: str | None, namespace: str, args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@
     embedded  fakeredis[lua]            ``memory://``, the demo, and PostgresStorage's scripts
     postgres  psycopg[binary] (+ fakeredis)  ``postgresql://`` storage, the archive
     web       starlette                 per-route prices of the ASGI middleware
+    console   starlette, jinja2, uvicorn  the operator console (`credici_redis.console`, and
+                                        the `credici-redis console` command that serves it)
 """
 
 from __future__ import annotations

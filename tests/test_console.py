@@ -1,0 +1,199 @@
+"""The operator console (issue 20), over HTTP: the figures of a user page against the client's,
+escaping of hostile user ids and metadata, actions through forms (a reason kept in the entry,
+the operator's name from `authorize`, a double submit applied once), read-only and refusals.
+Real Redis; the browser test is tests/test_console_browser.py."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from credici_redis import AsyncCrediciClient, CrediciClient
+from credici_redis.console import create_app
+from tests.conftest import REDIS_URL
+from tests.web.conftest import serve_asgi
+
+
+@pytest.fixture
+def ledger(namespace: str) -> Iterator[CrediciClient]:
+    with CrediciClient.from_url(REDIS_URL, namespace=namespace) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def console(namespace: str, **options: Any) -> Iterator[httpx.Client]:
+    """The console served by uvicorn (in a thread), and an HTTP client of it."""
+    client = AsyncCrediciClient.from_url(REDIS_URL, namespace=namespace)
+    app = create_app(client, close_client=True, **options)
+    with serve_asgi(app) as base, httpx.Client(base_url=base, timeout=10) as http:
+        yield http
+
+
+def figure(page: str, name: str) -> int:
+    found = re.search(rf'id="{name}">(-?\d+)<', page)
+    assert found, name
+    return int(found.group(1))
+
+
+def form_of(page: str, form_id: str) -> dict[str, str]:
+    """The hidden fields (key, token) of one form of the page."""
+    start = page.index(f'id="{form_id}"')
+    chunk = page[start : page.index("</form>", start)]
+    return dict(re.findall(r'name="(key|token)" value="([^"]+)"', chunk))
+
+
+def test_the_user_page_shows_the_clients_figures(
+    ledger: CrediciClient, namespace: str, user: str
+) -> None:
+    soon = datetime.now(timezone.utc) + timedelta(days=3)
+    ledger.add(user, 100, soon)
+    ledger.add(user, 50)
+    ledger.set_credit_limit(user, 20)
+    ledger.subtract(user, 30, metadata={"endpoint": "/v1/chat"})
+    hold = ledger.reserve(user, 5)
+    with console(namespace) as http:
+        page = http.get(f"/users/{quote(user)}").text
+    details = ledger.get_balance_details(user)
+    assert figure(page, "balance") == details.balance == 115
+    assert figure(page, "available") == details.available == 135
+    assert figure(page, "held") == details.held == 5
+    assert figure(page, "credit-limit") == 20
+    assert soon.strftime("%Y-%m-%d %H:%M:%S UTC") in page  # the bucket's expiry
+    assert "endpoint=/v1/chat" in page
+    assert hold.hold_id in page  # an active hold, with its release form
+    rows = re.findall(r'data-tx="([^"]+)"', page)
+    assert rows == [t.transaction_id for t in ledger.get_all_user_transactions(user)]
+
+
+def test_hostile_user_ids_and_metadata_stay_text(ledger: CrediciClient, namespace: str) -> None:
+    user = "<script>alert('u')</script>"
+    ledger.add(user, 10, metadata={"note": "<img src=x onerror=alert(1)>"})
+    with console(namespace) as http:
+        page = http.get(f"/users/{quote(user, safe='')}").text
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(&#39;u&#39;)&lt;/script&gt;" in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert figure(page, "balance") == 10
+
+
+def test_a_grant_through_the_form_applies_once_and_keeps_its_reason(
+    ledger: CrediciClient, namespace: str, user: str
+) -> None:
+    ledger.add(user, 1)
+    name = "ops-anna"
+    with console(namespace, authorize=lambda request: name) as http:
+        page = http.get(f"/users/{quote(user)}").text
+        hidden = form_of(page, "grant-form")
+        body = {**hidden, "amount": "25", "reason": "goodwill, ticket 4411"}
+        first = http.post(f"/users/{quote(user)}/grant", data=body)
+        second = http.post(f"/users/{quote(user)}/grant", data=body)  # a double click
+        assert first.status_code == second.status_code == 303
+        after = http.get(first.headers["location"]).text
+    assert ledger.get_balance(user) == 26
+    newest = ledger.get_all_user_transactions(user)[0]
+    assert (newest.kind, newest.amount) == ("add", 25)
+    assert newest.metadata == {"reason": "goodwill, ticket 4411", "operator": name}
+    assert "granted 25: balance 26" in after
+    assert figure(after, "balance") == 26
+
+
+def test_actions_need_a_reason_and_a_form_of_the_console(
+    ledger: CrediciClient, namespace: str, user: str
+) -> None:
+    ledger.add(user, 10)
+    with console(namespace) as http:
+        hidden = form_of(http.get(f"/users/{quote(user)}").text, "charge-form")
+        no_reason = http.post(f"/users/{quote(user)}/charge", data={**hidden, "amount": "3"})
+        forged = http.post(
+            f"/users/{quote(user)}/charge",
+            data={"key": "k", "token": "0" * 64, "amount": "3", "reason": "x"},
+        )
+        too_much = http.post(
+            f"/users/{quote(user)}/charge", data={**hidden, "amount": "11", "reason": "r"}
+        )
+    assert no_reason.status_code == 400 and forged.status_code == 403
+    assert too_much.status_code == 400 and "InsufficientCreditsError" in too_much.text
+    assert ledger.get_balance(user) == 10
+
+
+def test_read_only_shows_no_forms_and_refuses_posts(
+    ledger: CrediciClient, namespace: str, user: str
+) -> None:
+    ledger.add(user, 10)
+    with console(namespace, read_only=True) as http:
+        page = http.get(f"/users/{quote(user)}").text
+        refused = http.post(f"/users/{quote(user)}/grant", data={"amount": "5", "reason": "r"})
+    assert '<form method="post"' not in page
+    assert refused.status_code == 403
+    assert ledger.get_balance(user) == 10
+
+
+def test_authorize_refusing_is_a_403(namespace: str, user: str) -> None:
+    with console(namespace, authorize=lambda request: None) as http:
+        assert http.get(f"/users/{quote(user)}").status_code == 403
+        assert http.get("/").status_code == 403
+
+
+def test_search_by_transaction_id_opens_its_users_page(
+    ledger: CrediciClient, namespace: str, user: str
+) -> None:
+    tx = ledger.add(user, 7)
+    with console(namespace) as http:
+        found = http.get("/search", params={"q": tx.transaction_id})
+        assert found.status_code == 303
+        page = http.get(found.headers["location"]).text
+        by_user = http.get("/search", params={"q": user})
+    assert f'class="hl" data-tx="{tx.transaction_id}"' in page
+    assert by_user.headers["location"] == f"/users/{quote(user, safe='')}"
+
+
+def test_history_pages_and_filters(ledger: CrediciClient, namespace: str, user: str) -> None:
+    ledger.add_many([(user, 1)] * 60)
+    ledger.subtract(user, 2)
+    with console(namespace) as http:
+        first = http.get(f"/users/{quote(user)}").text
+        older = re.search(r'id="older" href="([^"]+)"', first)
+        assert older
+        second = http.get(f"/users/{quote(user)}" + older.group(1).replace("&amp;", "&")).text
+        charges = http.get(f"/users/{quote(user)}", params={"kind": "subtract"}).text
+    ids = [t.transaction_id for t in ledger.get_all_user_transactions(user)]
+    assert re.findall(r'data-tx="([^"]+)"', first) == ids[:50]
+    assert re.findall(r'data-tx="([^"]+)"', second) == ids[50:]
+    assert re.findall(r'data-tx="([^"]+)"', charges) == ids[:1]
+
+
+def test_reverse_and_credit_limit_through_their_forms(
+    ledger: CrediciClient, namespace: str, user: str
+) -> None:
+    ledger.add(user, 50)
+    charge = ledger.subtract(user, 20)
+    with console(namespace) as http:
+        page = http.get(f"/users/{quote(user)}").text
+        row = page[page.index(f'data-tx="{charge.transaction_id}"') :]
+        row = row[: row.index("</form>")]
+        hidden = dict(re.findall(r'name="(key|token|transaction_id)" value="([^"]+)"', row))
+        assert hidden["transaction_id"] == charge.transaction_id
+        done = http.post(f"/users/{quote(user)}/reverse", data={**hidden, "reason": "disputed"})
+        again = http.post(f"/users/{quote(user)}/reverse", data={**hidden, "reason": "disputed"})
+        assert done.status_code == again.status_code == 303  # the same key: applied once
+        start = page.index('action="/users/' + quote(user, safe="") + '/credit-limit"')
+        limit_form = page[start : page.index("</form>", start)]
+        limit_hidden = dict(re.findall(r'name="(key|token)" value="([^"]+)"', limit_form))
+        http.post(
+            f"/users/{quote(user)}/credit-limit",
+            data={**limit_hidden, "limit": "15", "reason": "trusted customer"},
+        )
+    assert ledger.get_balance(user) == 50
+    assert [t.kind for t in ledger.get_all_user_transactions(user)] == [
+        "reverse",
+        "subtract",
+        "add",
+    ]
+    assert ledger.get_balance_details(user).credit_limit == 15
