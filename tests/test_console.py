@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote
@@ -197,3 +197,33 @@ def test_reverse_and_credit_limit_through_their_forms(
         "add",
     ]
     assert ledger.get_balance_details(user).credit_limit == 15
+
+
+def test_mounted_under_a_prefix_its_links_and_redirects_keep_it(
+    ledger: CrediciClient, namespace: str, user: str
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    ledger.add(user, 5)
+    client = AsyncCrediciClient.from_url(REDIS_URL, namespace=namespace)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await client.aclose()  # a mounted app's own lifespan does not run: the service's does
+
+    app = Starlette(routes=[Mount("/credits", app=create_app(client))], lifespan=lifespan)
+    with serve_asgi(app) as base, httpx.Client(base_url=base, timeout=10) as http:
+        page = http.get(f"/credits/users/{quote(user)}").text
+        assert 'action="/credits/search"' in page
+        assert f'action="/credits/users/{quote(user, safe="")}/grant"' in page
+        hidden = form_of(page, "grant-form")
+        done = http.post(
+            f"/credits/users/{quote(user)}/grant", data={**hidden, "amount": "2", "reason": "r"}
+        )
+        assert done.headers["location"].startswith(f"/credits/users/{quote(user, safe='')}?")
+        assert http.get("/credits/search", params={"q": user}).headers["location"] == (
+            f"/credits/users/{quote(user, safe='')}"
+        )
+    assert ledger.get_balance(user) == 7

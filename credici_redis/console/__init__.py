@@ -101,13 +101,17 @@ def create_app(
             name = await name
         return name
 
-    def render(name: str, status: int = 200, **context: Any) -> Response:
-        page = env.get_template(name).render(read_only=read_only, **context)
+    def render(request: Request, name: str, status: int = 200, **context: Any) -> Response:
+        root = request.scope.get("root_path", "")  # where the app is mounted
+        page = env.get_template(name).render(read_only=read_only, root=root, **context)
         return HTMLResponse(page, status_code=status)
+
+    def go(request: Request, path: str) -> Response:
+        return RedirectResponse(request.scope.get("root_path", "") + path, status_code=303)
 
     async def index(request: Request) -> Response:
         if await operator(request) is None:
-            return render("error.html", 403, message="not allowed")
+            return render(request, "error.html", 403, message="not allowed")
         users = 0
         more = False
         async for batch in client.scan_users(batch=1000):
@@ -116,49 +120,50 @@ def create_app(
                 more = True
                 break
         namespace = getattr(getattr(client.storage, "ledger", None), "namespace", "")
-        return render("index.html", namespace=namespace, users=users, more=more)
+        return render(request, "index.html", namespace=namespace, users=users, more=more)
 
     async def search(request: Request) -> Response:
         q = request.query_params.get("q", "").strip()
         if not q:
-            return RedirectResponse("/", status_code=303)
+            return go(request, "/")
         try:
             user, _ = parse_transaction_id(q)
-            return RedirectResponse(f"/users/{quote(user, safe='')}?tx={quote(q)}", 303)
+            return go(request, f"/users/{quote(user, safe='')}?tx={quote(q)}")
         except InvalidInputError:
-            return RedirectResponse(f"/users/{quote(q, safe='')}", status_code=303)
+            return go(request, f"/users/{quote(q, safe='')}")
 
     async def user_page(request: Request) -> Response:
         who = await operator(request)
         if who is None:
-            return render("error.html", 403, message="not allowed")
+            return render(request, "error.html", 403, message="not allowed")
         user_id = request.path_params["user_id"]
         params = request.query_params
         try:
-            return render("user.html", **(await _user_context(client, user_id, params)),
+            return render(request, "user.html", **(await _user_context(client, user_id, params)),
                           form=form_key, notice=params.get("notice", ""))  # fmt: skip
         except CrediciError as exc:
-            return render("error.html", 400, message=f"{type(exc).__name__}: {exc}")
+            return render(request, "error.html", 400, message=f"{type(exc).__name__}: {exc}")
 
     async def act(request: Request) -> Response:
         who = await operator(request)
         if who is None or read_only:
-            return render("error.html", 403, message="read-only" if who else "not allowed")
+            return render(request, "error.html", 403, message="read-only" if who else "not allowed")
         user_id, action = request.path_params["user_id"], request.path_params["action"]
         form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
         key, reason = form.get("key", ""), form.get("reason", "").strip()
         if not key or not hmac.compare_digest(token(key), form.get("token", "")):
-            return render("error.html", 403, message="this form is not one the console made")
+            return render(request, "error.html", 403, message="this form is not the console's")
         if not reason:
-            return render("error.html", 400, message="a reason is required; nothing changed")
+            return render(
+                request, "error.html", 400, message="a reason is required; nothing changed"
+            )
         meta = {"reason": reason[:200], "operator": who[:100]}
         ikey = f"console:{key}"
         try:
             notice = await _do(client, action, user_id, form, meta, ikey)
         except CrediciError as exc:
-            return render("error.html", 400, message=f"{type(exc).__name__}: {exc}")
-        target = f"/users/{quote(user_id, safe='')}?notice={quote(notice)}"
-        return RedirectResponse(target, status_code=303)
+            return render(request, "error.html", 400, message=f"{type(exc).__name__}: {exc}")
+        return go(request, f"/users/{quote(user_id, safe='')}?notice={quote(notice)}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
