@@ -2,8 +2,8 @@
 KEYS  1-13 the user's keys (see _ledger.lua); 14 the idempotency record, when a key was given
 ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 entry_id (the
       history entry to reverse) | 4 fingerprint | 5 idempotency_ttl_ms
-      6 idempotency_key ('' = none)
-Reply {'OK', id, kind 'v', amount, balance_after, expire_at '', idempotency_key, metadata '',
+      6 idempotency_key ('' = none) | 7 metadata_json ('' = none: why, kept in the entry)
+Reply {'OK', id, kind 'v', amount, balance_after, expire_at '', idempotency_key, metadata,
        reversed_id (the entry reversed), unrestored, member (the reversed charge's; '' = none)}
       | {'IDEM_CONFLICT'} | {'NO_TX'} | {'ARCHIVED', trim mark} (moved to PostgreSQL)
       | {'NOT_REVERSIBLE', kind} | {'REVERSED', reversal id}
@@ -96,11 +96,13 @@ else
   if expired > 0 then fields[#fields + 1] = 'w'; fields[#fields + 1] = fmt(expired) end
 end
 if ikey ~= '' then fields[#fields + 1] = 'i'; fields[#fields + 1] = ikey end
+local meta = ARGV[7] or ''
+if meta ~= '' then fields[#fields + 1] = 'm'; fields[#fields + 1] = meta end
 st.bal = st.bal + amount
 local id = append(st, 'v', amount, now, fields)
 redis.call('HSET', K_STATE, 'v:' .. target, id)
 save_state(st)
-local reply = tx_reply(id, 'v', amount, st.bal, nil, ikey, '')
+local reply = tx_reply(id, 'v', amount, st.bal, nil, ikey, meta)
 reply[#reply + 1] = target
 reply[#reply + 1] = fmt(unrestored)
 reply[#reply + 1] = f.mb or ''

@@ -342,11 +342,16 @@ class AsyncCrediciClient(ClientBase):
         return await self.storage.execute(holds.GET_HOLD, req)
 
     async def reverse(
-        self, transaction_id: str, *, idempotency_key: str | None = None
+        self,
+        transaction_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> Transaction:
         """Undo a subtract or capture (credits back to their buckets, unless those expired:
-        see `unrestored`) or an add (what is left of it is removed). Once per transaction."""
-        req = reverse.build_reverse(transaction_id, idempotency_key, self._now())
+        see `unrestored`) or an add (what is left of it is removed). Once per transaction.
+        `metadata`: kept in the reverse entry (why it was reversed, by whom)."""
+        req = reverse.build_reverse(transaction_id, idempotency_key, self._now(), metadata)
         return await self.storage.execute(reverse.REVERSE, req)
 
     async def check(self, user_id: UserId, amount: int) -> Decision:

@@ -340,10 +340,17 @@ class CrediciClient(ClientBase):
         req = holds.build_hold(hold_id, self._now())
         return self.storage.execute(holds.GET_HOLD, req)
 
-    def reverse(self, transaction_id: str, *, idempotency_key: str | None = None) -> Transaction:
+    def reverse(
+        self,
+        transaction_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Transaction:
         """Undo a subtract or capture (credits back to their buckets, unless those expired:
-        see `unrestored`) or an add (what is left of it is removed). Once per transaction."""
-        req = reverse.build_reverse(transaction_id, idempotency_key, self._now())
+        see `unrestored`) or an add (what is left of it is removed). Once per transaction.
+        `metadata`: kept in the reverse entry (why it was reversed, by whom)."""
+        req = reverse.build_reverse(transaction_id, idempotency_key, self._now(), metadata)
         return self.storage.execute(reverse.REVERSE, req)
 
     def check(self, user_id: UserId, amount: int) -> Decision:

@@ -21,6 +21,8 @@ class ReverseRequest:
     idempotency_key: str | None
     fingerprint: str
     now_ms: int | None
+    metadata_json: str = ""
+    """Why (the console keeps an operator's reason here); '' = none."""
 
 
 def _reversal(req: ReverseRequest, r: Reply) -> Transaction:
@@ -33,21 +35,24 @@ REVERSE: Operation[ReverseRequest, Transaction] = Operation(
     "reverse",
     ReverseRequest,
     load("reverse", effect=True),
-    argv=("entry_id", "fingerprint", "idempotency_ttl_ms", "idempotency_key"),
+    argv=("entry_id", "fingerprint", "idempotency_ttl_ms", "idempotency_key", "metadata_json"),
     reply=(*TX_REPLY, "reversed_id", "unrestored", "member"),
     parse=_reversal,
     refusals=frozenset(
         {"IDEM_CONFLICT", "NO_TX", "ARCHIVED", "NOT_REVERSIBLE", "REVERSED", "BALANCE_LIMIT"}
     ),
     fingerprint=("entry_id",),
+    fingerprint_if_set=("metadata_json",),
     reads_entry="entry_id",
 )
 
 
-def build_reverse(transaction: object, key: object, now_ms: int | None) -> ReverseRequest:
+def build_reverse(
+    transaction: object, key: object, now_ms: int | None, meta: object = None
+) -> ReverseRequest:
     if not isinstance(transaction, str):
         raise InvalidInputError(f"transaction_id must be a str, not {type(transaction).__name__}")
     uid, entry = parse_transaction_id(transaction)
-    ikey = check.idempotency_key(key)
-    req = ReverseRequest(transaction, check.user_id(uid), entry, None, "", now_ms)
+    ikey, meta_json = check.idempotency_key(key), check.metadata(meta)
+    req = ReverseRequest(transaction, check.user_id(uid), entry, None, "", now_ms, meta_json)
     return REVERSE.with_key(req, ikey)

@@ -200,8 +200,10 @@ async def _do(
         )
         return f"charged {-tx.amount}: balance {tx.balance_after}"
     if action == "reverse":
-        tx = await client.reverse(form.get("transaction_id", ""), idempotency_key=ikey)
-        return f"reversed: {tx.amount:+d}, balance {tx.balance_after} ({meta['reason']})"
+        tx = await client.reverse(
+            form.get("transaction_id", ""), idempotency_key=ikey, metadata=meta
+        )
+        return f"reversed: {tx.amount:+d}, balance {tx.balance_after}"
     if action == "release":
         hold = await client.release(form.get("hold_id", ""))
         return f"hold released: {hold.amount} back ({meta['reason']})"

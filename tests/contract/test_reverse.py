@@ -116,3 +116,17 @@ async def test_reverse_idempotency_key(client: Any, user: str) -> None:
     with pytest.raises(IdempotencyConflictError):
         await client.reverse(b.transaction_id, idempotency_key="refund-1")
     assert await client.get_balance(user) == 80
+
+
+async def test_a_reversal_keeps_its_metadata_and_a_keyed_retry_must_match_it(
+    client: Any, user: str
+) -> None:
+    await client.add(user, 10)
+    charge = await client.subtract(user, 4)
+    why = {"reason": "disputed", "operator": "anna"}
+    back = await client.reverse(charge.transaction_id, idempotency_key="r1", metadata=why)
+    assert back.metadata == why
+    assert (await client.get_all_user_transactions(user))[0] == back
+    assert await client.reverse(charge.transaction_id, idempotency_key="r1", metadata=why) == back
+    with pytest.raises(IdempotencyConflictError):
+        await client.reverse(charge.transaction_id, idempotency_key="r1", metadata={"x": "y"})

@@ -544,9 +544,20 @@ class UserLedger:
         self._finish(hold, "released", now)
         return hold.snapshot()
 
-    def reverse(self, position: int | None, now: int, *, key: str | None = None) -> Entry:
-        """`position`: the entry's place in the history; None for an id the store never made."""
-        fingerprint = ("reverse", position)
+    def reverse(
+        self,
+        position: int | None,
+        now: int,
+        *,
+        key: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Entry:
+        """`position`: the entry's place in the history; None for an id the store never made.
+        `metadata`: kept in the reverse entry (a keyed retry must give the same)."""
+        meta = dict(metadata or {})
+        fingerprint: Fingerprint = ("reverse", position)
+        if meta:
+            fingerprint = ("reverse", position, tuple(sorted(meta.items())))
         prior = self._replay(key, fingerprint)
         if prior is not None:
             assert isinstance(prior, Entry)
@@ -598,6 +609,7 @@ class UserLedger:
                 now,
                 0,
                 idempotency_key=key,
+                metadata=meta,
                 related=position,
                 unrestored=unrestored,
                 member=target.member if target.kind != "add" else None,

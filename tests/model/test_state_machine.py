@@ -775,8 +775,10 @@ class LedgerMachine(RuleBasedStateMachine):
         self.compare(user, expected, got, asked=hold_id)
 
     @precondition(lambda self: any(u.history for u in self.model.users.values()))
-    @rule(user=users, pick=st.integers(0, 200), key=keys)
-    def reverse(self, user: str, pick: int, key: str | None) -> None:
+    @rule(user=users, pick=st.integers(0, 200), key=keys, metadata=metadatas)
+    def reverse(
+        self, user: str, pick: int, key: str | None, metadata: dict[str, str] | None
+    ) -> None:
         """Any entry of the history (most kinds cannot be reversed), or an unknown id."""
         user = self.prefer(user, lambda ledger: ledger.history)
         ids = self.tx_ids[user]
@@ -787,8 +789,10 @@ class LedgerMachine(RuleBasedStateMachine):
             # Mostly the newest entries: the reversible ones among them.
             position = len(ids) - 1 - position % min(len(ids), 6)
             tx_id = ids[position]
-        expected = self.expect(lambda: self.ledger(user).reverse(position, self.now, key=key))
-        got = self.send("reverse", tx_id, idempotency_key=key)
+        expected = self.expect(
+            lambda: self.ledger(user).reverse(position, self.now, key=key, metadata=metadata)
+        )
+        got = self.send("reverse", tx_id, idempotency_key=key, metadata=metadata)
         self.compare(user, expected, got, asked=tx_id)
 
     # Rules: history retention.
