@@ -227,3 +227,31 @@ def test_mounted_under_a_prefix_its_links_and_redirects_keep_it(
             f"/credits/users/{quote(user, safe='')}"
         )
     assert ledger.get_balance(user) == 7
+
+
+def test_the_console_command_serves_it(ledger: CrediciClient, namespace: str, user: str) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    ledger.add(user, 3)
+    port = free_port()
+    command = [sys.executable, "-m", "credici_redis", "console", "--redis-url", REDIS_URL,
+               "--namespace", namespace, "--port", str(port), "--read-only"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/users/{quote(user)}", timeout=5)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, "did not start"
+                time.sleep(0.1)
+        assert page.status_code == 200 and figure(page.text, "balance") == 3
+        assert "read-only" in page.text and '<form method="post"' not in page.text
+    finally:
+        server.terminate()
+        server.wait(10)
