@@ -6,6 +6,7 @@
     web       starlette                 per-route prices of the ASGI middleware
     console   starlette, jinja2, uvicorn  the operator console (`credici_redis.console`, and
                                         the `credici-redis console` command that serves it)
+    telemetry opentelemetry-api         metrics and spans (`credici_redis.telemetry.instrument`)
 """
 
 from __future__ import annotations
