@@ -330,9 +330,10 @@ class AsyncCrediciClient(ClientBase):
         req = holds.build_capture(hold_id, amount, idempotency_key, self._now())
         return await self.storage.execute(holds.CAPTURE, req)
 
-    async def release(self, hold_id: str) -> Hold:
-        """Give every held credit back; once per hold."""
-        req = holds.build_hold(hold_id, self._now())
+    async def release(self, hold_id: str, *, metadata: dict[str, str] | None = None) -> Hold:
+        """Give every held credit back; once per hold. `metadata`: kept in the release entry
+        (why, by whom)."""
+        req = holds.build_hold(hold_id, self._now(), metadata)
         return await self.storage.execute(holds.RELEASE, req)
 
     async def get_hold(self, hold_id: str) -> Hold:

@@ -54,6 +54,8 @@ class HoldRequest:
     user_id: str
     local_id: str
     now_ms: int | None
+    metadata_json: str = ""
+    """release: why, kept in its "l" entry ('' = none)."""
 
 
 HOLD_REPLY = ("OK", "hold_id", "amount", "status", "created_at", "expires_at", "captured")
@@ -125,7 +127,7 @@ RELEASE: Operation[HoldRequest, Hold] = Operation(
     "release",
     HoldRequest,
     load("release", effect=False),  # a second release has no effect: safe to repeat
-    argv=("local_id",),
+    argv=("local_id", "metadata_json"),
     reply=HOLD_REPLY,
     parse=parse_hold,
     refusals=frozenset({"NO_HOLD", "HOLD_DONE"}),
@@ -172,6 +174,6 @@ def build_capture(hold: object, credits: object, key: object, now_ms: int | None
     return CAPTURE.with_key(req, ikey)
 
 
-def build_hold(hold: object, now_ms: int | None) -> HoldRequest:
+def build_hold(hold: object, now_ms: int | None, meta: object = None) -> HoldRequest:
     uid, local = check.hold(hold)
-    return HoldRequest(str(hold), uid, local, now_ms)
+    return HoldRequest(str(hold), uid, local, now_ms, check.metadata(meta))

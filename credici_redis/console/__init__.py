@@ -205,8 +205,8 @@ async def _do(
         )
         return f"reversed: {tx.amount:+d}, balance {tx.balance_after}"
     if action == "release":
-        hold = await client.release(form.get("hold_id", ""))
-        return f"hold released: {hold.amount} back ({meta['reason']})"
+        hold = await client.release(form.get("hold_id", ""), metadata=meta)
+        return f"hold released: {hold.amount} back"
     if action == "credit-limit":
         await client.set_credit_limit(user_id, _int(form, "limit", low=0))
         return f"credit limit set to {form['limit']} ({meta['reason']})"

@@ -241,3 +241,13 @@ async def test_get_hold_reads_a_hold_as_it_is_now(client: Any, user: str, clock:
     with pytest.raises(InvalidInputError):
         await client.get_hold("not-a-hold")
     await clean(client, user)
+
+
+async def test_a_release_keeps_its_metadata_in_its_entry(client: Any, user: str) -> None:
+    await client.add(user, 10)
+    hold = await client.reserve(user, 4)
+    why = {"reason": "order cancelled", "operator": "anna"}
+    released = await client.release(hold.hold_id, metadata=why)
+    assert (released.status, await client.get_balance(user)) == ("released", 10)
+    entry = (await client.get_all_user_transactions(user))[0]
+    assert (entry.kind, entry.hold_id, entry.metadata) == ("release", hold.hold_id, why)

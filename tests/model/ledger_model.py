@@ -535,10 +535,12 @@ class UserLedger:
         self._remember(key, fingerprint, entry)
         return entry
 
-    def release(self, number: int, now: int) -> HoldView:
+    def release(
+        self, number: int, now: int, *, metadata: Mapping[str, str] | None = None
+    ) -> HoldView:
         self.catch_up(now)
         hold = self._active_hold(number, now)
-        self._give_back(hold, hold.parts, now, "release")
+        self._give_back(hold, hold.parts, now, "release", metadata=dict(metadata or {}))
         self._budget_back(hold.amount, self._charged_by(hold), now)
         self._member_back(hold.member, hold.amount, self._charged_by(hold), now)
         self._finish(hold, "released", now)
@@ -1077,6 +1079,7 @@ class UserLedger:
         captured: int | None = None,
         key: str | None = None,
         charged: Parts = (),
+        metadata: Mapping[str, str] | None = None,
     ) -> Entry:
         """Held credits come back at `at` to their buckets; those of buckets expired by then
         come back and expire at once. What comes back repays a debt first."""
@@ -1091,6 +1094,7 @@ class UserLedger:
                 at,
                 0,
                 idempotency_key=key,
+                metadata=dict(metadata or {}),
                 hold=hold.number,
                 captured=captured,
                 member=hold.member,

@@ -766,12 +766,14 @@ class LedgerMachine(RuleBasedStateMachine):
         self.compare(user, expected, got, asked=hold_id, method="capture")
 
     @precondition(lambda self: any(u.holds for u in self.model.users.values()))
-    @rule(user=users, pick=st.integers(0, 20))
-    def release(self, user: str, pick: int) -> None:
+    @rule(user=users, pick=st.integers(0, 20), metadata=metadatas)
+    def release(self, user: str, pick: int, metadata: dict[str, str] | None) -> None:
         user = self.prefer(user, lambda ledger: ledger.holds)
         number, hold_id = self.pick_hold(user, pick)
-        expected = self.expect(lambda: self.ledger(user).release(number, self.now))
-        got = self.send("release", hold_id)
+        expected = self.expect(
+            lambda: self.ledger(user).release(number, self.now, metadata=metadata)
+        )
+        got = self.send("release", hold_id, metadata=metadata)
         self.compare(user, expected, got, asked=hold_id)
 
     @precondition(lambda self: any(u.history for u in self.model.users.values()))
