@@ -103,6 +103,20 @@ class _Instruments:
             attributes["credici.items"] = items
         return self.tracer.start_as_current_span(f"credici {op.name}", attributes=attributes)
 
+    def one(self, span: Any, op: Operation[Any, Any], started: float, error: Any) -> None:
+        """A single call ended: with `error` (None: it succeeded)."""
+        self.done(span, op, started, [outcome_of(error)])
+
+    def many(
+        self, span: Any, op: Operation[Any, Any], started: float, items: int, results: Any
+    ) -> None:
+        """A batch ended: `results` (each item's result or error), or the error of all."""
+        if isinstance(results, BaseException):
+            outcomes = [outcome_of(results)] * max(items, 1)
+        else:
+            outcomes = [outcome_of(r if isinstance(r, CrediciError) else None) for r in results]
+        self.done(span, op, started, outcomes or ["ok"])
+
     def done(self, span: Any, op: Operation[Any, Any], started: float, outcomes: list[str]) -> None:
         elapsed = time.perf_counter() - started
         for outcome in outcomes:
@@ -113,7 +127,8 @@ class _Instruments:
 
 
 class InstrumentedStorage:
-    """A `Storage` that measures every call of the storage it wraps."""
+    """A `Storage` that measures every call of the storage it wraps. The measuring is
+    `_Instruments`' (shared with `AsyncInstrumentedStorage`); the two only await or not."""
 
     def __init__(self, inner: Storage, instruments: _Instruments) -> None:
         self.inner, self._i = inner, instruments
@@ -124,9 +139,9 @@ class InstrumentedStorage:
             try:
                 result = self.inner.execute(op, req)
             except BaseException as exc:
-                self._i.done(span, op, started, [outcome_of(exc)])
+                self._i.one(span, op, started, exc)
                 raise  # the span records it (OpenTelemetry's own handling)
-            self._i.done(span, op, started, ["ok"])
+            self._i.one(span, op, started, None)
             return result
 
     def execute_many(self, op: Operation[R, T], reqs: Batch[R]) -> list[T | CrediciError]:
@@ -135,10 +150,9 @@ class InstrumentedStorage:
             try:
                 results = self.inner.execute_many(op, reqs)
             except BaseException as exc:
-                self._i.done(span, op, started, [outcome_of(exc)] * max(len(reqs), 1))
+                self._i.many(span, op, started, len(reqs), exc)
                 raise
-            outcomes = [outcome_of(r if isinstance(r, CrediciError) else None) for r in results]
-            self._i.done(span, op, started, outcomes or ["ok"])
+            self._i.many(span, op, started, len(reqs), results)
             return results
 
     def scan_users(self, batch: int) -> Iterator[list[str]]:
@@ -169,9 +183,9 @@ class AsyncInstrumentedStorage:
             try:
                 result = await self.inner.execute(op, req)
             except BaseException as exc:
-                self._i.done(span, op, started, [outcome_of(exc)])
-                raise  # the span records it (OpenTelemetry's own handling)
-            self._i.done(span, op, started, ["ok"])
+                self._i.one(span, op, started, exc)
+                raise
+            self._i.one(span, op, started, None)
             return result
 
     async def execute_many(self, op: Operation[R, T], reqs: Batch[R]) -> list[T | CrediciError]:
@@ -180,10 +194,9 @@ class AsyncInstrumentedStorage:
             try:
                 results = await self.inner.execute_many(op, reqs)
             except BaseException as exc:
-                self._i.done(span, op, started, [outcome_of(exc)] * max(len(reqs), 1))
+                self._i.many(span, op, started, len(reqs), exc)
                 raise
-            outcomes = [outcome_of(r if isinstance(r, CrediciError) else None) for r in results]
-            self._i.done(span, op, started, outcomes or ["ok"])
+            self._i.many(span, op, started, len(reqs), results)
             return results
 
     def scan_users(self, batch: int) -> AsyncIterator[list[str]]:

@@ -40,8 +40,9 @@ from credici_redis.errors import (
 )
 from credici_redis.models import Transfer, TransferRecovery
 
-RECOVER_PER_SLOT = 1000
-"""Records read per slot by one `recover` pass (call it again while it finds some)."""
+RECOVER_PER_SLOT = 100
+"""Records read per slot by one `recover` pass, so that a round trip of 1,024 slots brings at
+most 102,400 (more wait for the next pass: run it again while it finds some)."""
 SLOTS_PER_ROUND = 1024
 """Slot queues read per round trip by `recover`."""
 
