@@ -5,9 +5,15 @@ in-memory readers; sync and asyncio clients on real Redis."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -22,7 +28,13 @@ from credici_redis import (
 )
 from credici_redis._core.keys import user_slot
 from credici_redis.telemetry import instrument, outcome_of
-from tests.conftest import REDIS_URL, SyncAsAsync
+from tests.conftest import (
+    POSTGRES_URL,
+    REDIS_URL,
+    FakeClock,
+    SyncAsAsync,
+    start_redis_server,
+)
 
 
 def counts(reader: InMemoryMetricReader) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
@@ -36,7 +48,8 @@ def counts(reader: InMemoryMetricReader) -> tuple[dict[tuple[str, str], int], di
             for metric in scope.metrics:
                 for point in metric.data.data_points:
                     attrs = dict(point.attributes or {})
-                    assert set(attrs) == {"operation", "outcome"}  # no user id, ever
+                    if metric.name.startswith("credici.operation"):
+                        assert set(attrs) == {"operation", "outcome"}  # no user id, ever
                     if metric.name == "credici.operations":
                         key = (str(attrs["operation"]), str(attrs["outcome"]))
                         calls[key] = calls.get(key, 0) + int(point.value)  # type: ignore[union-attr]
@@ -132,3 +145,157 @@ def test_nothing_of_opentelemetry_is_imported_when_off() -> None:
         "c.close()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def sums(reader: InMemoryMetricReader) -> dict[tuple[str, tuple[tuple[str, Any], ...]], float]:
+    """Every counter's and gauge's value, by (metric, its attributes); a histogram's count."""
+    found: dict[tuple[str, tuple[tuple[str, Any], ...]], float] = {}
+    data = reader.get_metrics_data()
+    assert data is not None
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    attrs = tuple(sorted(dict(point.attributes or {}).items()))
+                    value = getattr(point, "value", None)
+                    found[(metric.name, attrs)] = (
+                        getattr(point, "count", 0) if value is None else value
+                    )
+    return found
+
+
+def test_catch_up_steps_are_counted_by_operation_and_script(
+    namespace: str, clock: FakeClock
+) -> None:
+    """200 buckets expiring together: a read catches up in bounded steps (64 events at most
+    each), every step counted."""
+    reader = InMemoryMetricReader()
+    client = CrediciClient.from_url(REDIS_URL, namespace=namespace, clock=clock)
+    instrument(client, meter_provider=MeterProvider(metric_readers=[reader]))
+    with client:
+        client.add_many([("u", 1, clock.now + timedelta(hours=1)) for _ in range(200)])
+        clock.advance(timedelta(hours=2))
+        assert (
+            sums(reader).get(
+                ("credici.catchup.steps", (("operation", "balance"), ("script", "balance")))
+            )
+            is None
+        )
+        assert client.get_balance("u") == 0
+    steps = sums(reader)[
+        ("credici.catchup.steps", (("operation", "balance"), ("script", "balance")))
+    ]
+    assert 200 // 64 <= steps <= 200 // 8  # at most 64 events a step, at least 8
+
+
+@pytest.fixture
+def busy_port(tmp_path: Path) -> Iterator[int]:
+    port, process = start_redis_server(tmp_path, "--busy-reply-threshold", "20")
+    yield port
+    process.kill()
+    process.wait()
+
+
+def test_retries_after_an_outage_are_counted(busy_port: int) -> None:
+    """A call that meets BUSY (another client's long script) goes again with retries=N: each
+    retry is counted under the operation's name, and the call itself once, ok."""
+    reader = InMemoryMetricReader()
+    url = f"redis://127.0.0.1:{busy_port}/0"
+    client = CrediciClient.from_url(url, namespace="t", retries=50)
+    instrument(client, meter_provider=MeterProvider(metric_readers=[reader]))
+    with client:
+        client.add("u", 10)
+
+        def spin() -> None:
+            with redis.Redis(port=busy_port) as r:
+                r.eval(
+                    "local t0 = redis.call('TIME')[1] while redis.call('TIME')[1] - t0 < 1 do end",
+                    0,
+                )
+
+        spinning = threading.Thread(target=spin)
+        spinning.start()
+        time.sleep(0.2)  # the script runs, past the threshold: BUSY
+        try:
+            assert client.subtract("u", 3).balance_after == 7
+        finally:
+            spinning.join()
+    found = sums(reader)
+    assert found[("credici.retries", (("operation", "subtract"),))] >= 1
+    assert found[("credici.operations", (("operation", "subtract"), ("outcome", "ok")))] == 1
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+async def test_events_delivered_acknowledged_and_pending(api: str, namespace: str) -> None:
+    reader = InMemoryMetricReader()
+    made: Any = (
+        CrediciClient.from_url(REDIS_URL, namespace=namespace)
+        if api == "sync"
+        else AsyncCrediciClient.from_url(REDIS_URL, namespace=namespace)
+    )
+    instrument(made, meter_provider=MeterProvider(metric_readers=[reader]))
+    client = SyncAsAsync(made) if api == "sync" else made
+    try:
+        for user in ("a", "b"):
+            await client.add(user, 10)
+            await client.set_low_balance_threshold(user, 5)
+            await client.subtract(user, 6)  # below 5: low_balance
+        await client.subtract("b", 4)  # to 0: depleted
+        events = made.events(idle_timeout=0.5, poll=0.05)
+        seen = []
+        if api == "sync":
+            for event in events:
+                seen.append(event.kind)
+                if len(seen) == 1:  # handed over, not yet acknowledged
+                    assert sums(reader)[("credici.events.pending", ())] == 3
+        else:
+            async for event in events:
+                seen.append(event.kind)
+                if len(seen) == 1:
+                    assert sums(reader)[("credici.events.pending", ())] == 3
+    finally:
+        if api == "sync":
+            made.close()
+        else:
+            await made.aclose()
+    assert sorted(seen) == ["depleted", "low_balance", "low_balance"]
+    found = sums(reader)
+    assert found[("credici.events.delivered", (("kind", "low_balance"),))] == 2
+    assert found[("credici.events.delivered", (("kind", "depleted"),))] == 1
+    assert found[("credici.events.acknowledged", ())] == 3
+    assert found[("credici.events.pending", ())] == 0
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+async def test_archiver_passes_and_lag(api: str, namespace: str) -> None:
+    """Entries archived are counted, and the lag read after a pass (lag_every=0) is the
+    archiver's own: what waits before the pass, nothing after it."""
+    from credici_redis.archive import Archiver, AsyncArchiver
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    with CrediciClient.from_url(REDIS_URL, namespace=namespace) as client:
+        for user in ("a", "b", "c"):
+            client.add(user, 5)
+            client.subtract(user, 1)
+    if api == "sync":
+        with Archiver(REDIS_URL, POSTGRES_URL, namespace=namespace, keep=timedelta(0)) as job:
+            instrument(job, meter_provider=meters, lag_every=0)
+            assert job.lag().entries_pending == 6
+            assert sums(reader)[("credici.archive.pending.entries", ())] == 6
+            assert sums(reader)[("credici.archive.pending.users", ())] == 3
+            stats = job.run_once()
+    else:
+        async with AsyncArchiver(
+            REDIS_URL, POSTGRES_URL, namespace=namespace, keep=timedelta(0)
+        ) as ajob:
+            instrument(ajob, meter_provider=meters, lag_every=0)
+            assert (await ajob.lag()).entries_pending == 6
+            assert sums(reader)[("credici.archive.pending.entries", ())] == 6
+            stats = await ajob.run_once()
+    assert stats.entries == 6
+    found = sums(reader)
+    assert found[("credici.archive.entries", ())] == 6
+    assert found[("credici.archive.pass.duration", ())] == 1
+    assert found[("credici.archive.pending.entries", ())] == 0  # read again after the pass
+    assert found[("credici.archive.lag", ())] == 0

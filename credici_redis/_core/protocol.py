@@ -23,6 +23,7 @@ from typing import Any, Generic, Literal, TypeVar, cast
 from credici_redis._core import keys as _keys
 from credici_redis._core import schedule as _schedule
 from credici_redis._core.codes import KINDS, refusal
+from credici_redis._core.observe import QUIET, Observer
 from credici_redis._core.operation import Operation, Reply
 from credici_redis._core.scripts import Script
 from credici_redis._core.time import from_ms
@@ -102,6 +103,10 @@ def _schedule_kept_moving() -> StorageError:
     return StorageError("the cycle's calendar schedule kept moving; try again")
 
 
+def _script_name(call: Call) -> str:
+    return call.script.name if call.script is not None else str(call.args[0])
+
+
 def _still_catching_up() -> StorageError:
     return StorageError(f"the user was still catching up after {CATCHUP_STEPS:,} steps")
 
@@ -160,6 +165,8 @@ class Ledger:
         self._zone: tuple[float, str] = (float("inf"), "")  # (renew after, extension)
         if usage_tz != "UTC":
             self._zone = (0.0, "")
+        self.observer: Observer = QUIET
+        """Hears the catch-up steps, retries and events of the storage (telemetry)."""
         self.functions = True
         """Calls go as FCALL of the Functions library (`credici_redis._core.scripts.LIBRARY`);
         False: as EVALSHA of each script (a storage sets it where the library cannot be
@@ -254,8 +261,10 @@ class Ledger:
         extension = self.extension
         schedules = 0
         for _ in range(CATCHUP_STEPS):
-            replies = yield from sent(batch(extension))
+            calls = batch(extension)
+            replies = yield from sent(calls)
             if catching_up(replies[0]):
+                self.observer.catch_up_step(_script_name(calls[0]))
                 continue
             refused = inconsistent(replies[0])
             if refused is not None:
@@ -285,8 +294,9 @@ class Ledger:
             calls = [cast(Item[T], items[i]).call(extensions[i]) for i in pending]
             replies = yield calls
             again = []
-            for i, reply in zip(pending, replies, strict=True):
+            for i, call, reply in zip(pending, calls, replies, strict=True):
                 if catching_up(reply):
+                    self.observer.catch_up_step(_script_name(call))
                     again.append(i)
                     continue
                 refused = inconsistent(reply)

@@ -191,6 +191,7 @@ class AsyncPostgresStorage(AsyncRedisStorage):
             except StorageUnavailableError:
                 if attempt >= self.retries:
                     raise
+                self.ledger.observer.retry()
                 await asyncio.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
 
@@ -220,6 +221,7 @@ class AsyncPostgresStorage(AsyncRedisStorage):
             ),
             lambda done: self.sql(self.postgres.ack_events(done, group)),
             reading,
+            self.ledger.observer,
         )
 
     async def aclose(self) -> None:

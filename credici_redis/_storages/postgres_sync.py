@@ -186,6 +186,7 @@ class PostgresStorage(RedisStorage):
             except StorageUnavailableError:
                 if attempt >= self.retries:
                     raise
+                self.ledger.observer.retry()
                 time.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
 
@@ -213,6 +214,7 @@ class PostgresStorage(RedisStorage):
             ),
             lambda done: self.sql(self.postgres.ack_events(done, group)),
             reading,
+            self.ledger.observer,
         )
 
     def close(self) -> None:

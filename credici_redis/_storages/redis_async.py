@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as redis_errors
 
+from credici_redis._core.observe import QUIET, Observer
 from credici_redis._core.operation import Operation
 from credici_redis._core.protocol import Call, Flow
 from credici_redis._core.requests import EventReading
@@ -61,11 +62,12 @@ async def poll_events(
     read: Callable[[int | None], Awaitable[list[BalanceEvent]]],
     ack: Callable[[list[BalanceEvent]], Awaitable[Any]],
     reading: EventReading,
+    observer: Observer = QUIET,
 ) -> AsyncIterator[BalanceEvent]:
     """The polling loop of every storage's `events()`: `read(claim)` returns the next events
     (with `claim`, also those a dead consumer left unacknowledged for that many ms), `ack(events)`
     acknowledges them. What the caller has seen is acknowledged when it comes back for more, or
-    stops; with nothing new for `idle_timeout` seconds the loop ends."""
+    stops; with nothing new for `idle_timeout` seconds the loop ends. `observer` hears of both."""
     claimed = -float("inf")
     quiet_since = time.monotonic()
     done: list[BalanceEvent] = []
@@ -74,11 +76,14 @@ async def poll_events(
             claim = None
             if time.monotonic() - claimed >= reading.claim_after:
                 claim, claimed = int(reading.claim_after * 1000), time.monotonic()
-            for event in await read(claim):
+            events = await read(claim)
+            observer.events_read([event.kind for event in events])
+            for event in events:
                 yield event
                 done.append(event)
             if done:
                 await ack(done)
+                observer.events_acknowledged(len(done))
                 done = []
                 quiet_since = time.monotonic()
             elif (
@@ -91,6 +96,7 @@ async def poll_events(
     finally:
         if done:  # the caller stopped: what it has seen is handled
             await ack(done)
+            observer.events_acknowledged(len(done))
 
 
 class AsyncRedisStorage(_RedisStorageBase):
@@ -175,6 +181,7 @@ class AsyncRedisStorage(_RedisStorageBase):
             pending = [i for i in pending if isinstance(results[i], StorageUnavailableError)]
             if not pending or attempt >= self.retries:
                 return results
+            self.ledger.observer.retry()
             await asyncio.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
 
@@ -231,7 +238,10 @@ class AsyncRedisStorage(_RedisStorageBase):
             )
 
         return poll_events(
-            read, lambda done: self.run(self.ledger.ack_events(done, group)), reading
+            read,
+            lambda done: self.run(self.ledger.ack_events(done, group)),
+            reading,
+            self.ledger.observer,
         )
 
     async def recover_transfers(self, now_ms: int | None, older_than_ms: int) -> TransferRecovery:
@@ -257,6 +267,7 @@ class AsyncRedisStorage(_RedisStorageBase):
             except StorageUnavailableError:
                 if attempt >= self.retries:
                     raise
+                self.ledger.observer.retry()
                 await asyncio.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
 

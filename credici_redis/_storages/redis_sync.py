@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as redis_errors
 
+from credici_redis._core.observe import QUIET, Observer
 from credici_redis._core.operation import Operation
 from credici_redis._core.protocol import Call, Flow
 from credici_redis._core.requests import EventReading
@@ -57,11 +58,12 @@ def poll_events(
     read: Callable[[int | None], list[BalanceEvent]],
     ack: Callable[[list[BalanceEvent]], Any],
     reading: EventReading,
+    observer: Observer = QUIET,
 ) -> Iterator[BalanceEvent]:
     """The polling loop of every storage's `events()`: `read(claim)` returns the next events
     (with `claim`, also those a dead consumer left unacknowledged for that many ms), `ack(events)`
     acknowledges them. What the caller has seen is acknowledged when it comes back for more, or
-    stops; with nothing new for `idle_timeout` seconds the loop ends."""
+    stops; with nothing new for `idle_timeout` seconds the loop ends. `observer` hears of both."""
     claimed = -float("inf")
     quiet_since = time.monotonic()
     done: list[BalanceEvent] = []
@@ -70,11 +72,14 @@ def poll_events(
             claim = None
             if time.monotonic() - claimed >= reading.claim_after:
                 claim, claimed = int(reading.claim_after * 1000), time.monotonic()
-            for event in read(claim):
+            events = read(claim)
+            observer.events_read([event.kind for event in events])
+            for event in events:
                 yield event
                 done.append(event)
             if done:
                 ack(done)
+                observer.events_acknowledged(len(done))
                 done = []
                 quiet_since = time.monotonic()
             elif (
@@ -87,6 +92,7 @@ def poll_events(
     finally:
         if done:  # the caller stopped: what it has seen is handled
             ack(done)
+            observer.events_acknowledged(len(done))
 
 
 class RedisStorage(_RedisStorageBase):
@@ -167,6 +173,7 @@ class RedisStorage(_RedisStorageBase):
             pending = [i for i in pending if isinstance(results[i], StorageUnavailableError)]
             if not pending or attempt >= self.retries:
                 return results
+            self.ledger.observer.retry()
             time.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
 
@@ -218,7 +225,10 @@ class RedisStorage(_RedisStorageBase):
             )
 
         return poll_events(
-            read, lambda done: self.run(self.ledger.ack_events(done, group)), reading
+            read,
+            lambda done: self.run(self.ledger.ack_events(done, group)),
+            reading,
+            self.ledger.observer,
         )
 
     def recover_transfers(self, now_ms: int | None, older_than_ms: int) -> TransferRecovery:
@@ -237,6 +247,7 @@ class RedisStorage(_RedisStorageBase):
             except StorageUnavailableError:
                 if attempt >= self.retries:
                     raise
+                self.ledger.observer.retry()
                 time.sleep(self._pause(attempt))
         raise AssertionError("unreachable")
 
