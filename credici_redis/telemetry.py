@@ -236,6 +236,9 @@ class InstrumentedStorage:
     def recover_transfers(self, now_ms: int | None, older_than_ms: int) -> TransferRecovery:
         return self.inner.recover_transfers(now_ms, older_than_ms)
 
+    def recent_events(self, count: int) -> list[BalanceEvent]:
+        return self.inner.recent_events(count)
+
     def close(self) -> None:
         self.inner.close()
 
@@ -285,6 +288,9 @@ class AsyncInstrumentedStorage:
 
     async def recover_transfers(self, now_ms: int | None, older_than_ms: int) -> TransferRecovery:
         return await self.inner.recover_transfers(now_ms, older_than_ms)
+
+    async def recent_events(self, count: int) -> list[BalanceEvent]:
+        return await self.inner.recent_events(count)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

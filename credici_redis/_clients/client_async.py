@@ -502,6 +502,12 @@ class AsyncCrediciClient(ClientBase):
         reading = check.event_reading(batch, poll, claim_after, idle_timeout)
         return self.storage.events(*names, reading)
 
+    async def recent_events(self, limit: int = 20) -> list[BalanceEvent]:
+        """The namespace's newest low-balance and depleted events, newest first, for a look (an
+        operator's page): no consumer group is joined, nothing is acknowledged, `events()`
+        consumers are not affected. Reads every slot's event stream on Redis (found by SCAN)."""
+        return await self.storage.recent_events(check.event_count(limit))
+
     async def audit(self, user_id: UserId) -> AuditReport:
         """Rebuild the balance and every bucket from the history; report any difference."""
         req = account.build_user(user_id, self._now())

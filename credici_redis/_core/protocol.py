@@ -18,6 +18,7 @@ import json
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar, cast
 
 from credici_redis._core import keys as _keys
@@ -367,6 +368,19 @@ class Ledger:
             found.extend(parse_event(self.namespace, stream, e) for e in entries if e[1])
         return found
 
+    def last_events(self, streams: list[str], count: int) -> Flow[list[BalanceEvent]]:
+        """The newest `count` events of each stream (XREVRANGE: no group, nothing acknowledged),
+        one call per stream."""
+        replies = yield from sent(
+            [Call(("XREVRANGE", s, "+", "-", "COUNT", count)) for s in streams]
+        )
+        return [
+            parse_event(self.namespace, stream, entry)
+            for stream, reply in zip(streams, replies, strict=True)
+            for entry in reply or ()
+            if entry[1]
+        ]
+
     def ack_events(self, events: list[BalanceEvent], group: str) -> Flow[None]:
         calls = []
         for event in events:
@@ -446,6 +460,17 @@ EVENT_KINDS: dict[str, Literal["low_balance", "depleted"]] = {
     "low_balance": "low_balance",
     "depleted": "depleted",
 }
+
+
+def newest_first(events: list[BalanceEvent], count: int) -> list[BalanceEvent]:
+    """The `count` newest of `events` (from several slots' streams), newest first: by time,
+    then by the stream entry's sequence."""
+
+    def order(event: BalanceEvent) -> tuple[datetime, int]:
+        entry_id = event.event_id.partition("@")[0]
+        return event.created_at, int(entry_id.partition("-")[2] or 0)
+
+    return sorted(events, key=order, reverse=True)[:count]
 
 
 def parse_event(namespace: str, stream: str, entry: Any) -> BalanceEvent:

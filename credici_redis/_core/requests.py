@@ -270,6 +270,12 @@ def batch_size(value: object) -> int:
     return value
 
 
+def event_count(value: object) -> int:
+    if type(value) is not int or not 1 <= value <= 1000:
+        raise InvalidInputError(f"limit must be an int from 1 to 1000, got {value!r}")
+    return value
+
+
 def fingerprint(*parts: Any) -> str:
     """What makes two requests "the same" for an idempotency key."""
     text = "\x1f".join("" if part is None else str(part) for part in parts)

@@ -224,5 +224,8 @@ class AsyncPostgresStorage(AsyncRedisStorage):
             self.ledger.observer,
         )
 
+    async def recent_events(self, count: int) -> list[BalanceEvent]:
+        return await self.retrying_sql(partial(self.postgres.recent_events, count))
+
     async def aclose(self) -> None:
         await self._pool.close()

@@ -429,6 +429,17 @@ class PostgresLedger:
         found = rows[-2] if claim_idle_ms is None else rows[-3] + rows[-2]
         return [_event(row) for row in found]
 
+    def recent_events(self, count: int) -> SqlFlow[list[BalanceEvent]]:
+        """The namespace's `count` newest events, newest first (no group, nothing acknowledged)."""
+        rows = yield SqlBatch([
+            Statement(
+                f"SELECT {_EVENT} FROM credici_events e WHERE e.namespace = %s"
+                " ORDER BY e.created_at DESC, e.event_id DESC LIMIT %s",
+                (self.namespace, count),
+            )
+        ])  # fmt: skip
+        return [_event(row) for row in rows[0]]
+
     def ack_events(self, events: list[BalanceEvent], group: str) -> SqlFlow[None]:
         if events:
             yield SqlBatch([

@@ -217,5 +217,8 @@ class PostgresStorage(RedisStorage):
             self.ledger.observer,
         )
 
+    def recent_events(self, count: int) -> list[BalanceEvent]:
+        return self.retrying_sql(partial(self.postgres.recent_events, count))
+
     def close(self) -> None:
         self._pool.close()

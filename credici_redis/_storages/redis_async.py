@@ -18,7 +18,7 @@ from redis import exceptions as redis_errors
 
 from credici_redis._core.observe import QUIET, Observer
 from credici_redis._core.operation import Operation
-from credici_redis._core.protocol import Call, Flow
+from credici_redis._core.protocol import Call, Flow, newest_first
 from credici_redis._core.requests import EventReading
 from credici_redis._core.scripts import LIBRARY
 from credici_redis._ops import transfers
@@ -243,6 +243,15 @@ class AsyncRedisStorage(_RedisStorageBase):
             reading,
             self.ledger.observer,
         )
+
+    async def recent_events(self, count: int) -> list[BalanceEvent]:
+        """The namespace's `count` newest events, newest first, read from the end of every
+        slot's stream (found by SCAN): no group joins, nothing is acknowledged."""
+        newest: list[BalanceEvent] = []
+        async for streams in self._event_streams():
+            found = await self.retrying(partial(self.ledger.last_events, streams, count))
+            newest = newest_first([*newest, *found], count)
+        return newest
 
     async def recover_transfers(self, now_ms: int | None, older_than_ms: int) -> TransferRecovery:
         """Finish the transfers left unsettled (`credici_redis._ops.transfers.recover`)."""

@@ -124,3 +124,34 @@ async def test_bad_event_arguments(client: Any, user: str) -> None:
     ):
         with pytest.raises(InvalidInputError):
             await collect(client, **options)
+
+
+async def test_recent_events_newest_first_across_slots_without_consuming(
+    client: Any, user: str
+) -> None:
+    """An operator's look at the newest events: from every user's slot, newest first, at most
+    `limit`, and a consumer group still gets every one of them afterwards."""
+    import asyncio
+
+    made = []
+    for i in range(5):  # five users: five slots, five streams on Redis
+        who = f"{user}-{i}"
+        await client.add(who, 10)
+        await client.set_low_balance_threshold(who, 5)
+        await asyncio.sleep(0.002)  # events of different slots are ordered by the ms they got
+        made.append((await client.subtract(who, 6)).transaction_id)  # low_balance
+    await asyncio.sleep(0.002)
+    made.append((await client.subtract(f"{user}-2", 4)).transaction_id)  # depleted, the newest
+    recent = await client.recent_events(limit=3)
+    assert [e.transaction_id for e in recent] == made[::-1][:3]
+    assert recent[0].kind == "depleted" and recent[0].user_id == f"{user}-2"
+    everything = await client.recent_events(limit=1000)
+    assert [e.transaction_id for e in everything] == made[::-1]
+    assert [e.created_at for e in everything] == sorted(
+        (e.created_at for e in everything), reverse=True
+    )
+    assert sorted(e.transaction_id for e in await collect(client)) == sorted(made)
+    assert len(await client.recent_events()) == 6  # a look acknowledges nothing and keeps all
+    for bad in (0, 1001, 2.0, "5"):
+        with pytest.raises(InvalidInputError):
+            await client.recent_events(limit=bad)
