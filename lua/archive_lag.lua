@@ -1,15 +1,17 @@
---[[ archive_lag.lua: every user waiting in many slots' archive outboxes, in one call.
-Only on a single Redis (its keys span slots); on a cluster the archiver reads each outbox with
-ZRANGE instead.
+--[[ archive_lag.lua: the oldest member of many slots' archive outboxes, in one call.
+Only on a single Redis (its keys span slots); on a cluster the archiver sends ZRANGE 0 0 to each
+outbox instead. Bounded: two values per outbox, whatever the users waiting (the archiver then
+pages through the outboxes that hold any).
 KEYS  the outboxes of n slots
 ARGV  none
-Reply {history key, ms of its oldest entry not yet archived, history key, ms, ...}
+Reply {history key of the outbox's oldest waiting user or false, its ms or false, ...}
 History: none (reads only).
 ]]
 
 local reply = {}
 for i = 1, #KEYS do
-  local waiting = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
-  for j = 1, #waiting do reply[#reply + 1] = waiting[j] end
+  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  reply[#reply + 1] = first[1] or false
+  reply[#reply + 1] = first[2] or false
 end
 return reply

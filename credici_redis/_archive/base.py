@@ -170,34 +170,57 @@ def _done(namespace: str, batch: list[_Pending], keep_ms: int) -> Flow[int]:
     return trimmed
 
 
+LAG_PAGE = 500
+"""Users of one outbox read per call when counting the entries that wait (`_lag`)."""
+LAG_CALLS = 20
+"""Such pages per round trip: `_lag` holds at most LAG_PAGE * LAG_CALLS users at a time."""
+
+
 def _lag(namespace: str, cluster: bool) -> Flow[ArchiveLag]:
+    """How far the archive is behind, in bounded memory whatever the number of users waiting:
+    each outbox's oldest member first (ZRANGE 0 0), then the users of the outboxes that hold
+    any, page by page, for the entries each still has to archive (`pn`). The archiver's grants
+    suffice (ZRANGE, HGET: docs/security.md)."""
     now = yield from _server_ms()
     oldest: float | None = None
-    pending_users: list[str] = []
+    users = entries = 0
     for start in range(0, _keys.SLOTS, SLOTS_PER_ROUND):
         slots = range(start, min(start + SLOTS_PER_ROUND, _keys.SLOTS))
         outboxes = [_keys.outbox(namespace, s) for s in slots]
         if cluster:  # no call may cross a slot
-            calls = [Call(("ZRANGE", outbox, 0, -1, "WITHSCORES")) for outbox in outboxes]
+            calls = [Call(("ZRANGE", outbox, 0, 0, "WITHSCORES")) for outbox in outboxes]
+            firsts = [_pairs(reply) for reply in (yield from sent(calls))]
         else:  # one script call for all these slots
             script = ARCHIVE_LAG
-            calls = [Call(("EVALSHA", script.sha, len(outboxes), *outboxes), script)]
-        replies = yield from sent(calls)
-        for reply in replies:
-            pairs = _pairs(reply)
-            for member, score in pairs:
-                pending_users.append(_keys.user_from_key(namespace, member))
+            call = Call(("EVALSHA", script.sha, len(outboxes), *outboxes), script)
+            (reply,) = yield from sent([call])
+            firsts = [
+                _pairs(reply[2 * i : 2 * i + 2] if reply[2 * i] else [])
+                for i in range(len(outboxes))
+            ]
+        pages: list[tuple[str, int]] = []
+        for outbox, first in zip(outboxes, firsts, strict=True):
+            for _, score in first:
                 oldest = score if oldest is None else min(oldest, score)
-    entries = 0
-    for i in range(0, len(pending_users), 500):
-        chunk = pending_users[i : i + 500]
-        replies = yield from sent(
-            [Call(("HGET", _keys.user_keys(namespace, u).state, "pn")) for u in chunk]
-        )
-        entries += sum(max(int(text(r)), 0) for r in replies if r is not None)
+                pages.append((outbox, 0))
+        while pages:
+            now_pages, pages = pages[:LAG_CALLS], pages[LAG_CALLS:]
+            found = yield from sent(
+                [Call(("ZRANGE", box, at, at + LAG_PAGE - 1)) for box, at in now_pages]
+            )
+            waiting: list[str] = []
+            for (box, at), members in zip(now_pages, found, strict=True):
+                waiting += [_keys.user_from_key(namespace, text(m)) for m in members]
+                if len(members) == LAG_PAGE:  # there may be more
+                    pages.append((box, at + LAG_PAGE))
+            users += len(waiting)
+            counts = yield from sent(
+                [Call(("HGET", _keys.user_keys(namespace, u).state, "pn")) for u in waiting]
+            )
+            entries += sum(max(int(text(r)), 0) for r in counts if r is not None)
     return ArchiveLag(
         oldest_unarchived=None if oldest is None else from_ms(int(oldest)),
-        users_pending=len(pending_users),
+        users_pending=users,
         entries_pending=entries,
         checked_at=from_ms(now),
     )

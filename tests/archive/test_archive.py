@@ -55,6 +55,29 @@ def charge(client: CrediciClient, users: list[str], rounds: int) -> None:
             client.subtract(u, 3)
 
 
+def test_lag_reads_waiting_users_page_by_page(
+    url: str, namespace: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lag holds a bounded number of waiting users at a time: with pages of 2 users and 3
+    pages per round trip, seven users of one slot (one outbox) and five of others add up."""
+    from credici_redis._archive import base
+
+    monkeypatch.setattr(base, "LAG_PAGE", 2)
+    monkeypatch.setattr(base, "LAG_CALLS", 3)
+    slot = _keys.key_slot(_keys.user_tag("same-0").encode())
+    same = [u for u in (f"same-{i}" for i in range(400_000))
+            if _keys.key_slot(_keys.user_tag(u).encode()) == slot][:7]  # fmt: skip
+    assert len(same) == 7
+    users = [*same, *(f"other-{i}" for i in range(5))]
+    plain = CrediciClient.from_url(url, namespace=namespace)
+    for i, u in enumerate(users):
+        for _ in range(i + 1):
+            plain.add(u, 1)
+    with archiver(url, namespace, postgres_url, keep=timedelta(0)) as job:
+        lag = job.lag()
+    assert (lag.users_pending, lag.entries_pending) == (12, sum(range(1, 13)))
+
+
 def test_a_pass_moves_every_entry_once_and_redis_forgets_them(
     url: str, namespace: str, pg: psycopg.Connection, postgres_url: str, raw: Any
 ) -> None:
