@@ -265,6 +265,8 @@ def _store_options(parser: argparse.ArgumentParser, default: str | None) -> None
     )
     parser.add_argument(
         "--postgres-url",
+        "--archive-url",
+        dest="postgres_url",
         default=default,
         help=f"postgresql:// URL of the history archive (default: ${POSTGRES_ENV})",
     )

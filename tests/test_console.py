@@ -17,7 +17,7 @@ import pytest
 
 from credici_redis import AsyncCrediciClient, CrediciClient
 from credici_redis.console import create_app
-from tests.conftest import REDIS_URL
+from tests.conftest import POSTGRES_URL, REDIS_URL
 from tests.web.conftest import serve_asgi
 
 
@@ -28,9 +28,11 @@ def ledger(namespace: str) -> Iterator[CrediciClient]:
 
 
 @contextlib.contextmanager
-def console(namespace: str, **options: Any) -> Iterator[httpx.Client]:
+def console(
+    namespace: str, archive_url: str | None = None, **options: Any
+) -> Iterator[httpx.Client]:
     """The console served by uvicorn (in a thread), and an HTTP client of it."""
-    client = AsyncCrediciClient.from_url(REDIS_URL, namespace=namespace)
+    client = AsyncCrediciClient.from_url(REDIS_URL, namespace=namespace, archive_url=archive_url)
     app = create_app(client, close_client=True, **options)
     with serve_asgi(app) as base, httpx.Client(base_url=base, timeout=10) as http:
         yield http
@@ -229,6 +231,36 @@ def test_mounted_under_a_prefix_its_links_and_redirects_keep_it(
     assert ledger.get_balance(user) == 7
 
 
+def test_the_overview_shows_users_archive_lag_and_recent_events(
+    ledger: CrediciClient, namespace: str, user: str
+) -> None:
+    import time
+
+    hostile = f"<script>alert(1)</script>{user}"
+    for who in (user, hostile, f"{user}-quiet"):
+        ledger.add(who, 10)
+    for who in (user, hostile):
+        ledger.set_low_balance_threshold(who, 5)
+        time.sleep(0.002)  # two ms apart: the newest first
+        ledger.subtract(who, 6)
+    waiting = sum(
+        len(ledger.get_all_user_transactions(u)) for u in (user, hostile, f"{user}-quiet")
+    )
+    with console(namespace, archive_url=POSTGRES_URL) as http:
+        page = http.get("/").text
+    assert re.search(r'id="users">3<', page)
+    assert re.search(r'id="archive-users">3<', page)  # nothing was archived yet
+    assert re.search(rf'id="archive-entries">{waiting}<', page)
+    assert re.search(r'id="archive-lag">\d+\.\d s<', page)
+    events = page[page.index('id="events"') :]
+    assert events.index(quote(hostile)) < events.index(f"/users/{user}?")  # newest first
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
+    with console(namespace) as http:  # no archive given: no lag shown, the events are
+        page = http.get("/").text
+    assert 'id="archive-lag"' not in page and "--archive-url" in page
+    assert page.count("low_balance") == 2
+
+
 def test_the_console_command_serves_it(ledger: CrediciClient, namespace: str, user: str) -> None:
     import subprocess
     import sys
@@ -239,7 +271,8 @@ def test_the_console_command_serves_it(ledger: CrediciClient, namespace: str, us
     ledger.add(user, 3)
     port = free_port()
     command = [sys.executable, "-m", "credici_redis", "console", "--redis-url", REDIS_URL,
-               "--namespace", namespace, "--port", str(port), "--read-only"]  # fmt: skip
+               "--namespace", namespace, "--port", str(port), "--read-only",
+               "--archive-url", POSTGRES_URL]  # fmt: skip
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
@@ -252,6 +285,8 @@ def test_the_console_command_serves_it(ledger: CrediciClient, namespace: str, us
                 time.sleep(0.1)
         assert page.status_code == 200 and figure(page.text, "balance") == 3
         assert "read-only" in page.text and '<form method="post"' not in page.text
+        overview = httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text
+        assert 'id="archive-users">1<' in overview  # the archive it was given
     finally:
         server.terminate()
         server.wait(10)

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
+    from credici_redis._archive.base import ArchiveLag
     from credici_redis.client import AsyncCrediciClient
 
 Authorize = Callable[["Request"], "str | Awaitable[str | None] | None"]
@@ -56,6 +57,9 @@ Authorize = Callable[["Request"], "str | Awaitable[str | None] | None"]
 PAGE = 50
 """History entries per page: the page's reads stay bounded whatever the history's length."""
 BUCKETS_SHOWN = 200
+EVENTS_SHOWN = 20
+USERS_COUNTED = 100_000
+"""The overview's user count stops there (SCAN: 100 round trips of 1,000)."""
 CHART_DAYS = 30
 KINDS: tuple[str, ...] = get_args(TransactionKind)
 _TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -111,15 +115,14 @@ def create_app(
     async def index(request: Request) -> Response:
         if await operator(request) is None:
             return render(request, "error.html", 403, message="not allowed")
-        users = 0
-        more = False
-        async for batch in client.scan_users(batch=1000):
-            users += len(batch)
-            if users >= 100_000:
-                more = True
-                break
+        (users, more), lag, events = await asyncio.gather(
+            _count_users(client), _archive_lag(client), client.recent_events(EVENTS_SHOWN)
+        )
         namespace = getattr(getattr(client.storage, "ledger", None), "namespace", "")
-        return render(request, "index.html", namespace=namespace, users=users, more=more)
+        return render(
+            request, "index.html", namespace=namespace, users=users, more=more, lag=lag,
+            events=events, archived=client.archive is not None,
+        )  # fmt: skip
 
     async def search(request: Request) -> Response:
         q = request.query_params.get("q", "").strip()
@@ -179,6 +182,34 @@ def create_app(
             Route("/users/{user_id:path}", user_page),
         ],
     )
+
+
+async def _count_users(client: AsyncCrediciClient) -> tuple[int, bool]:
+    """Users of the namespace by SCAN, up to USERS_COUNTED (True: there are more)."""
+    users = 0
+    async for batch in client.scan_users(batch=1000):
+        users += len(batch)
+        if users >= USERS_COUNTED:
+            return users, True
+    return users, False
+
+
+async def _archive_lag(client: AsyncCrediciClient) -> ArchiveLag | None:
+    """The archiver's lag, where the console was given the archive (archive_url) and the
+    ledger is on Redis; None otherwise (without an archiver, every user would be waiting)."""
+    from credici_redis._storages.redis_async import AsyncRedisStorage
+
+    storage: Any = client.storage
+    if client.archive is None or not isinstance(
+        getattr(storage, "inner", storage), AsyncRedisStorage
+    ):
+        return None
+    from credici_redis._archive.archive_async import AsyncArchiver
+
+    archiver = AsyncArchiver(
+        storage=storage, postgres_url=client.archive.url, namespace=storage.ledger.namespace
+    )
+    return await archiver.lag()  # reads Redis only; the storage stays the client's
 
 
 async def _do(
