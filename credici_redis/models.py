@@ -21,6 +21,7 @@ TransactionKind = Literal[
     "reverse",
     "transfer_out",
     "transfer_in",
+    "credit_limit",
 ]
 HoldStatus = Literal["active", "captured", "released", "expired"]
 CycleStatus = Literal["active", "canceled", "ended"]
@@ -66,6 +67,9 @@ class Transaction(BaseModel):
     )
     counterparty: str | None = Field(
         default=None, description="transfer_out: the destination; transfer_in: the source"
+    )
+    credit_limit: int | None = Field(
+        default=None, description="credit_limit: the new limit (amount 0; metadata: who and why)"
     )
 
 

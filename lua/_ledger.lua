@@ -412,6 +412,7 @@ end
 -- Counts entry (kind, amount) at `ms` into the running slot (saved by save_state).
 local function count(st, kind, amount, ms)
   if not st.ux or ms >= st.ux then fold(st, ms) end
+  if kind == 'd' then return end  -- a credit limit's change moves no credits
   if kind == 'e' then
     st.u3, st.c3 = plus(st.u3, -amount), true
   elseif kind == 'a' or kind == 'c' or kind == 'i' or (kind == 'v' and amount < 0) then

@@ -193,12 +193,11 @@ def test_reverse_and_credit_limit_through_their_forms(
             data={**limit_hidden, "limit": "15", "reason": "trusted customer"},
         )
     assert ledger.get_balance(user) == 50
-    assert [t.kind for t in ledger.get_all_user_transactions(user)] == [
-        "reverse",
-        "subtract",
-        "add",
-    ]
-    assert ledger.get_balance_details(user).credit_limit == 15
+    history = ledger.get_all_user_transactions(user)
+    assert [t.kind for t in history] == ["credit_limit", "reverse", "subtract", "add"]
+    assert ledger.get_balance_details(user).credit_limit == 15 == history[0].credit_limit
+    assert history[0].metadata == {"reason": "trusted customer", "operator": "console"}
+    assert history[1].metadata == {"reason": "disputed", "operator": "console"}
 
 
 def test_mounted_under_a_prefix_its_links_and_redirects_keep_it(

@@ -470,9 +470,13 @@ class CrediciClient(ClientBase):
         req = account.build_user(user_id, self._now())
         return self.storage.execute(account.DETAILS, req)
 
-    def set_credit_limit(self, user_id: UserId, limit: int) -> None:
-        """Allow the balance down to -limit (0, the default: no overdraft)."""
-        req = account.build_credit_limit(user_id, limit, self._now())
+    def set_credit_limit(
+        self, user_id: UserId, limit: int, *, metadata: dict[str, str] | None = None
+    ) -> None:
+        """Allow the balance down to -limit (0, the default: no overdraft). A change is recorded
+        in the history as a "credit_limit" entry (amount 0) with `metadata` (who and why);
+        setting the limit the user already has records nothing."""
+        req = account.build_credit_limit(user_id, limit, self._now(), metadata)
         return self.storage.execute(account.SET_CREDIT_LIMIT, req)
 
     def set_low_balance_threshold(self, user_id: UserId, threshold: int | None) -> None:

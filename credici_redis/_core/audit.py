@@ -246,6 +246,9 @@ class Replay:
                 into += int(part[1])
             if into != amount - repaid:
                 problems.append(f"{entry_id}: puts {into} in buckets, of {amount - repaid}")
+        elif kind == "d":  # a credit limit's change: no credits move (amount 0, checked above)
+            if amount:
+                problems.append(f"{entry_id}: a credit limit's change moves {amount}")
         elif kind == "e":
             if "h" not in f:  # a hold's expired parts had already left the buckets
                 self._drop(f.get("g", "?"), -amount, entry_id)

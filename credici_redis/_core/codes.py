@@ -47,6 +47,7 @@ KINDS: dict[str, TransactionKind] = {
     "v": "reverse",
     "o": "transfer_out",
     "i": "transfer_in",
+    "d": "credit_limit",
 }
 """History entry kinds as the scripts write them."""
 

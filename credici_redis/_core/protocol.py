@@ -450,6 +450,8 @@ def parse_entry(user_id: str, entry: Any) -> Transaction:
         update["periods"] = int(f["v"])
     if "mb" in f:
         update["member"] = f["mb"]
+    if "cl" in f:
+        update["credit_limit"] = int(f["cl"])
     if "tf" in f:
         update["transfer_id"] = f["tf"]
         update["counterparty"] = f.get("to", f.get("fr"))

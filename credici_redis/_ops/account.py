@@ -21,6 +21,7 @@ class CreditLimitRequest:
     user_id: str
     limit: int
     now_ms: int | None
+    metadata_json: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,7 @@ SET_CREDIT_LIMIT: Operation[CreditLimitRequest, None] = Operation(
     "set_credit_limit",
     CreditLimitRequest,
     load("set_credit_limit", effect=False),  # setting it twice is setting it once
-    argv=("limit",),
+    argv=("limit", "metadata_json"),
     reply=("OK", "balance"),
     parse=_nothing,
 )
@@ -100,8 +101,12 @@ def build_user(user: object, now_ms: int | None) -> UserRequest:
     return UserRequest(check.user_id(user), now_ms)
 
 
-def build_credit_limit(user: object, limit: object, now_ms: int | None) -> CreditLimitRequest:
-    return CreditLimitRequest(check.user_id(user), check.credit_limit(limit), now_ms)
+def build_credit_limit(
+    user: object, limit: object, now_ms: int | None, meta: object = None
+) -> CreditLimitRequest:
+    return CreditLimitRequest(
+        check.user_id(user), check.credit_limit(limit), now_ms, check.metadata(meta)
+    )
 
 
 def build_threshold(user: object, threshold: object, now_ms: int | None) -> ThresholdRequest:

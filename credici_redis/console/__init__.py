@@ -238,8 +238,8 @@ async def _do(
         hold = await client.release(form.get("hold_id", ""), metadata=meta)
         return f"hold released: {hold.amount} back"
     if action == "credit-limit":
-        await client.set_credit_limit(user_id, _int(form, "limit"))
-        return f"credit limit set to {form['limit']} ({meta['reason']})"
+        await client.set_credit_limit(user_id, _int(form, "limit"), metadata=meta)
+        return f"credit limit set to {form['limit']}"
     raise InvalidInputError(f"no such action: {action!r}")
 
 

@@ -13,6 +13,7 @@ from credici_redis import (
     InsufficientCreditsError,
     InvalidAmountError,
     InvalidExpiryError,
+    InvalidMetadataError,
     Transaction,
 )
 from tests.conftest import FakeClock
@@ -407,3 +408,42 @@ async def test_clients_share_one_store(make_client: Any, clock: FakeClock, user:
     await a.add(user, 10)
     await b.subtract(user, 4)
     assert await a.get_balance(user) == 6
+
+
+async def test_a_credit_limit_change_is_recorded_with_who_and_why(
+    client: Any, user: str, clock: FakeClock
+) -> None:
+    """Spending power is money: each change of the credit limit is a history entry (amount 0,
+    the new limit, the metadata); setting the limit the user has writes nothing."""
+    from credici_redis import NotReversibleError
+
+    await client.add(user, 10)
+    await client.set_credit_limit(user, 0)  # the default already: nothing to record
+    await client.set_credit_limit(user, 50, metadata={"reason": "trusted", "operator": "ann"})
+    await client.set_credit_limit(user, 50)  # again: nothing
+    clock.advance(timedelta(seconds=1))
+    await client.set_credit_limit(user, 20)
+    spent = await client.subtract(user, 25)  # 10 from the bucket, 15 of overdraft
+    history = await client.get_all_user_transactions(user)
+    assert [(t.kind, t.amount, t.credit_limit) for t in history] == [
+        ("subtract", -25, None),
+        ("credit_limit", 0, 20),
+        ("credit_limit", 0, 50),
+        ("add", 10, None),
+    ]
+    assert history[2].metadata == {"reason": "trusted", "operator": "ann"}
+    assert history[1].metadata == {} and history[1].balance_after == 10
+    assert spent.balance_after == -15 == sum(t.amount for t in history)
+    assert (await client.get_balance_details(user)).credit_limit == 20
+    with pytest.raises(NotReversibleError):
+        await client.reverse(history[1].transaction_id)
+    usage = await client.get_usage(
+        user, clock.now - timedelta(hours=1), clock.now, granularity="hour"
+    )
+    assert (sum(p.spent for p in usage), sum(p.granted for p in usage)) == (25, 10)
+    report = await client.audit(user)
+    assert report.ok, report.problems
+    assert report.entries == 4
+    with pytest.raises(InvalidMetadataError):
+        await client.set_credit_limit(user, 30, metadata={"reason": 1})
+    assert (await client.get_balance_details(user)).credit_limit == 20

@@ -111,7 +111,7 @@ async def test_the_source_must_hold_the_credits_and_a_refusal_changes_nothing(
         await client.transfer(user, other, 11)
     assert (refused.value.requested, refused.value.available) == (11, 10)
     assert (await client.get_balance(user), await client.get_balance(other)) == (10, 0)
-    assert [t.kind for t in await history(client, user)] == ["add"]
+    assert [t.kind for t in await history(client, user)] == ["credit_limit", "add"]
     assert await history(client, other) == []
     assert await client.recover_transfers(older_than=timedelta(0)) == TransferRecovery()
 

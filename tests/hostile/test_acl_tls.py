@@ -231,9 +231,9 @@ async def workload(
     assert (details.balance, details.available, details.credit_limit) == (2, 7, 5)
     assert (await clocked.subtract(user, 4)).balance_after == -2  # overdraft
     assert (await clocked.add(user, 5)).balance_after == 3  # repays the debt first
-    assert [t.kind for t in (await clocked.get_all_user_transactions(user))[:9]] == [
-        "add", "subtract", "reverse", "subtract", "release", "reserve", "capture", "reserve",
-        "expire",
+    assert [t.kind for t in (await clocked.get_all_user_transactions(user))[:10]] == [
+        "add", "subtract", "credit_limit", "reverse", "subtract", "release", "reserve",
+        "capture", "reserve", "expire",
     ]  # fmt: skip
     report = await clocked.audit(user)  # HGETALL, XRANGE
     assert report.ok, report.problems

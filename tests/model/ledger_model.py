@@ -107,6 +107,7 @@ class Entry:
     member: str | None = None  # a pool's member who charged
     transfer: int | None = None  # transfer_out, transfer_in, a refused one's reverse: its number
     counterparty: str | None = None  # transfer_out: the destination; transfer_in: the source
+    credit_limit: int | None = None  # credit_limit: the new limit
     # Not part of a Transaction:
     parts: Parts = field(default=(), compare=False)  # subtract / capture: buckets charged
     bucket: int | None = field(default=None, compare=False)  # add: the bucket it made
@@ -448,8 +449,16 @@ class UserLedger:
         self._remember(key, fingerprint, entry)
         return entry
 
-    def set_credit_limit(self, limit: int, now: int) -> None:
+    def set_credit_limit(
+        self, limit: int, now: int, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        """A change is a "credit_limit" entry (amount 0); the same limit again writes none."""
         self.catch_up(now)
+        if limit != self.limit:
+            change = Entry(
+                "credit_limit", 0, now, 0, metadata=dict(metadata or {}), credit_limit=limit
+            )
+            self._append(change, at=now)
         self.limit = limit
 
     def reserve(

@@ -1043,6 +1043,7 @@ class LedgerMachine(RuleBasedStateMachine):
             tx.member,
             None if tx.transfer_id is None else self.transfer_ids.index(tx.transfer_id) + 1,
             tx.counterparty,
+            tx.credit_limit,
         )
 
     def hold_view(self, user: str, hold: Hold) -> HoldView:
