@@ -68,10 +68,32 @@ def test_the_user_page_shows_the_clients_figures(
     assert figure(page, "held") == details.held == 5
     assert figure(page, "credit-limit") == 20
     assert soon.strftime("%Y-%m-%d %H:%M:%S UTC") in page  # the bucket's expiry
+    timeline = page[page.index('id="timeline"') : page.index("</svg>", page.index('id="timeline"'))]
+    dated = [b for b in details.buckets if b.expire_at is not None]
+    assert re.findall(r"<title>(\d+) credits expire", timeline) == [str(b.amount) for b in dated]
+    assert "and 50 credits that never expire" in page
     assert "endpoint=/v1/chat" in page
     assert hold.hold_id in page  # an active hold, with its release form
     rows = re.findall(r'data-tx="([^"]+)"', page)
     assert rows == [t.transaction_id for t in ledger.get_all_user_transactions(user)]
+
+
+def test_a_pools_page_shows_the_caps_of_the_members_it_names(
+    ledger: CrediciClient, namespace: str, user: str
+) -> None:
+    from credici_redis import Budget
+
+    ledger.add(user, 100)
+    ledger.set_member_cap(user, "alice", Budget(30, "day"))
+    ledger.subtract(user, 7, member="alice")
+    ledger.subtract(user, 2, member="<b>bob</b>")  # no cap: not counted, not shown
+    with console(namespace) as http:
+        page = http.get(f"/users/{quote(user)}").text
+    table = page[page.index('id="members"') : page.index("</table>", page.index('id="members"'))]
+    usage = ledger.get_member_usage(user, "alice")
+    assert "<td>alice</td><td class=\"n\">7</td><td>30 per day</td>" in table
+    assert f"{usage.resets_at:%Y-%m-%d %H:%M} UTC" in table
+    assert "bob" not in table and "member=&lt;b&gt;bob&lt;/b&gt;" in page
 
 
 def test_hostile_user_ids_and_metadata_stay_text(ledger: CrediciClient, namespace: str) -> None:

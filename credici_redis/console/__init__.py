@@ -287,10 +287,15 @@ async def _user_context(client: AsyncCrediciClient, user_id: str, params: Any) -
             raise h
     # A hold forgotten a day after it ended is a CrediciError: left out.
     holds = [h for h in found if not isinstance(h, BaseException) and h.status == "active"]
+    # A pool's member caps: those of the members the page's entries name (at most PAGE reads).
+    members = sorted({t.member for t in page if t.member})
+    usages = await asyncio.gather(*(client.get_member_usage(user_id, m) for m in members))
     return {
         "user_id": user_id,
         "details": details,
         "buckets": details.buckets[:BUCKETS_SHOWN],
+        "timeline": _timeline(details.buckets[:BUCKETS_SHOWN]),
+        "members": [u for u in usages if u.cap is not None or u.used],
         "more_buckets": max(len(details.buckets) - BUCKETS_SHOWN, 0),
         "cycle": cycle,
         "limits": limits,
@@ -303,6 +308,28 @@ async def _user_context(client: AsyncCrediciClient, user_id: str, params: Any) -
         "chart": chart,
         "highlight": params.get("tx", ""),
     }
+
+
+def _timeline(buckets: list[Any]) -> dict[str, Any]:
+    """The buckets' expiries on a line from now to the last one (inline SVG, no script): a mark
+    per bucket, its height by its credits; buckets that never expire are counted aside."""
+    now = datetime.now(timezone.utc)
+    dated = [b for b in buckets if b.expire_at is not None]
+    never = sum(b.amount for b in buckets if b.expire_at is None)
+    if not dated:
+        return {"marks": [], "never": never}
+    end = max(b.expire_at for b in dated)
+    span = max((end - now).total_seconds(), 1.0)
+    top = max(b.amount for b in dated) or 1
+    marks = []
+    for b in dated:
+        x = 10 + 580 * min(max((b.expire_at - now).total_seconds(), 0.0) / span, 1.0)
+        height = max(4.0, 40 * b.amount / top)
+        marks.append({
+            "x": round(x, 1), "y": round(50 - height, 1), "h": round(height, 1),
+            "label": f"{b.amount} credits expire {b.expire_at:%Y-%m-%d %H:%M} UTC",
+        })  # fmt: skip
+    return {"marks": marks, "never": never, "end": f"{end:%Y-%m-%d %H:%M}"}
 
 
 async def _spent_per_day(client: AsyncCrediciClient, user_id: str) -> dict[str, Any]:
