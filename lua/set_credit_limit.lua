@@ -1,6 +1,6 @@
 --[[ set_credit_limit.lua: let the balance go down to -limit (0: no overdraft).
 KEYS  1-13 the user's keys (see _ledger.lua)
-ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 limit | 4 metadata JSON ('' = none)
+ARGV  1 now_ms ('' = server TIME) | 2 extension (calendar boundaries) | 3 limit | 4 metadata_json ('' = none)
 Reply {'OK', balance} | SCHEDULE | ZONE | CATCHUP | INCONSISTENT
 History: cycle renewals, holds released by their ttl, expired buckets; a "credit_limit" entry (kind d, amount 0,
 cl the new limit, m the metadata: who changed it and why) when the limit changes. Setting the limit it already

@@ -91,7 +91,7 @@ def test_a_pools_page_shows_the_caps_of_the_members_it_names(
         page = http.get(f"/users/{quote(user)}").text
     table = page[page.index('id="members"') : page.index("</table>", page.index('id="members"'))]
     usage = ledger.get_member_usage(user, "alice")
-    assert "<td>alice</td><td class=\"n\">7</td><td>30 per day</td>" in table
+    assert '<td>alice</td><td class="n">7</td><td>30 per day</td>' in table
     assert f"{usage.resets_at:%Y-%m-%d %H:%M} UTC" in table
     assert "bob" not in table and "member=&lt;b&gt;bob&lt;/b&gt;" in page
 

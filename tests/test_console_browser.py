@@ -74,6 +74,10 @@ class Browser:
     def click(self, element: str) -> None:
         self._call("POST", f"/element/{element}/click", {})
 
+    def execute(self, script: str) -> Any:
+        """Run `script` (a function body) in the page; its return value."""
+        return self._call("POST", "/execute/sync", {"script": script, "args": []})
+
     def has_alert(self) -> bool:
         reply = self.http.get(self.base + "/alert/text")
         return reply.status_code == 200
