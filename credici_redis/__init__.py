@@ -60,6 +60,7 @@ from credici_redis.errors import (
 if TYPE_CHECKING:
     from credici_redis.client import AsyncCrediciClient, CrediciClient
     from credici_redis.models import (
+        ActiveHolds,
         AuditReport,
         BalanceDetails,
         BalanceEvent,
@@ -95,6 +96,7 @@ _LAZY = {
     "Cycle": "credici_redis.models",
     "Decision": "credici_redis.models",
     "Hold": "credici_redis.models",
+    "ActiveHolds": "credici_redis.models",
     "Transaction": "credici_redis.models",
     "Transfer": "credici_redis.models",
     "TransferRecovery": "credici_redis.models",
@@ -124,6 +126,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ActiveHolds",
     "AlreadyReversedError",
     "AsyncCrediciClient",
     "AsyncPostgresStorage",

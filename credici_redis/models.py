@@ -108,6 +108,18 @@ class Hold(BaseModel):
     transaction_id: str | None = Field(default=None, description="reserve: its history entry")
 
 
+class ActiveHolds(BaseModel):
+    """A user's active holds, soonest released first (`get_holds`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    user_id: str
+    holds: list[Hold]
+    more: bool = Field(
+        description="there may be more active holds than listed: read with a larger limit"
+    )
+
+
 class BalanceEvent(BaseModel):
     """A user's balance fell below its low-balance threshold, or to 0 (`depleted`)."""
 

@@ -96,6 +96,19 @@ def test_a_pools_page_shows_the_caps_of_the_members_it_names(
     assert "bob" not in table and "member=&lt;b&gt;bob&lt;/b&gt;" in page
 
 
+def test_every_active_hold_is_listed_not_only_those_of_the_page(
+    ledger: CrediciClient, namespace: str, user: str
+) -> None:
+    ledger.add(user, 1000)
+    old = ledger.reserve(user, 9)
+    ledger.subtract_many([(user, 1)] * 60)  # the reserve entry is past the first page of 50
+    with console(namespace) as http:
+        page = http.get(f"/users/{quote(user)}").text
+    assert old.transaction_id not in re.findall(r'data-tx="([^"]+)"', page)
+    holds = page[page.index('id="holds"') : page.index("</table>", page.index('id="holds"'))]
+    assert old.hold_id in holds and '<td class="n">9</td>' in holds
+
+
 def test_hostile_user_ids_and_metadata_stay_text(ledger: CrediciClient, namespace: str) -> None:
     user = "<script>alert('u')</script>"
     ledger.add(user, 10, metadata={"note": "<img src=x onerror=alert(1)>"})

@@ -34,6 +34,7 @@ from credici_redis.errors import (
     StorageUnavailableError,
 )
 from credici_redis.models import (
+    ActiveHolds,
     AuditReport,
     BalanceDetails,
     BalanceEvent,
@@ -341,6 +342,13 @@ class AsyncCrediciClient(ClientBase):
         ended more than a day ago."""
         req = holds.build_hold(hold_id, self._now())
         return await self.storage.execute(holds.GET_HOLD, req)
+
+    async def get_holds(self, user_id: UserId, limit: int = 100) -> ActiveHolds:
+        """The user's active holds, soonest released first, at most `limit` (1-1000); `more`
+        says there may be others (one call looks at the 4 * limit holds released or forgotten
+        next)."""
+        req = holds.build_holds(user_id, limit, self._now())
+        return await self.storage.execute(holds.GET_HOLDS, req)
 
     async def reverse(
         self,

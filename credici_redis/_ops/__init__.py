@@ -6,6 +6,7 @@ reply becomes a model, and which errors it raises (codes in `credici_redis._core
     holds       reserve                    reserve.lua                   Hold
                 capture                    capture.lua                   Transaction
                 release, get_hold          release.lua, hold.lua         Hold
+                get_holds                  holds.lua                     ActiveHolds
     reverse     reverse                    reverse.lua                   Transaction
     cycles      start_cycle, get_cycle,    start_cycle.lua, cycle.lua,   Cycle (None: no cycle)
                 cancel_cycle               cancel_cycle.lua

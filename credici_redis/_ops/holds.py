@@ -15,7 +15,7 @@ from credici_redis._core.protocol import TX_REPLY, parse_tx
 from credici_redis._core.scripts import load
 from credici_redis._core.time import from_ms
 from credici_redis.errors import InvalidExpiryError, InvalidInputError
-from credici_redis.models import Hold, HoldStatus, Transaction
+from credici_redis.models import ActiveHolds, Hold, HoldStatus, Transaction
 
 DEFAULT_HOLD_TTL = timedelta(minutes=5)
 
@@ -144,6 +144,43 @@ GET_HOLD: Operation[HoldRequest, Hold] = Operation(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class HoldsRequest:
+    """A user's active holds, at most `limit`."""
+
+    user_id: str
+    now_ms: int | None
+    limit: int
+
+
+def _active(req: HoldsRequest, r: Reply) -> ActiveHolds:
+    rest, user = r.tail(), req.user_id
+    holds = [
+        Hold(
+            hold_id=_keys.hold_id(user, rest[i]),
+            user_id=user,
+            amount=int(rest[i + 1]),
+            status="active",
+            created_at=from_ms(int(rest[i + 2].partition("-")[0])),
+            expires_at=from_ms(int(rest[i + 3])),
+            captured=0,
+            transaction_id=_keys.transaction_id(user, rest[i + 2]) if "-" in rest[i + 2] else None,
+        )
+        for i in range(0, len(rest), 4)
+    ]
+    return ActiveHolds(user_id=req.user_id, holds=holds, more=r["more"] == "1")
+
+
+GET_HOLDS: Operation[HoldsRequest, ActiveHolds] = Operation(
+    "get_holds",
+    HoldsRequest,
+    load("holds", effect=False, write=False),
+    argv=("limit",),
+    reply=("OK", "more", "*holds"),
+    parse=_active,
+)
+
+
 def build_reserve(
     user: object,
     credits: object,
@@ -172,6 +209,12 @@ def build_capture(hold: object, credits: object, key: object, now_ms: int | None
     ikey = check.idempotency_key(key)
     req = CaptureRequest(hold, check.user_id(uid), local, n, None, "", now_ms)
     return CAPTURE.with_key(req, ikey)
+
+
+def build_holds(user: object, limit: object, now_ms: int | None) -> HoldsRequest:
+    if type(limit) is not int or not 1 <= limit <= 1000:
+        raise InvalidInputError(f"limit must be an int from 1 to 1000, got {limit!r}")
+    return HoldsRequest(check.user_id(user), now_ms, limit)
 
 
 def build_hold(hold: object, now_ms: int | None, meta: object = None) -> HoldRequest:

@@ -58,6 +58,7 @@ PAGE = 50
 """History entries per page: the page's reads stay bounded whatever the history's length."""
 BUCKETS_SHOWN = 200
 EVENTS_SHOWN = 20
+HOLDS_SHOWN = 100
 USERS_COUNTED = 100_000
 """The overview's user count stops there (SCAN: 100 round trips of 1,000)."""
 CHART_DAYS = 30
@@ -275,18 +276,12 @@ async def _user_context(client: AsyncCrediciClient, user_id: str, params: Any) -
     else:
         history = client.get_all_user_transactions(user_id, limit=PAGE, before=before)
     # Independent reads, sent together (one pipeline with a batching client).
-    details, cycle, limits, page, chart = await asyncio.gather(
+    details, cycle, limits, page, chart, holds = await asyncio.gather(
         client.get_balance_details(user_id), client.get_cycle(user_id),
         client.get_limits(user_id), history, _spent_per_day(client, user_id),
+        client.get_holds(user_id, HOLDS_SHOWN),
     )  # fmt: skip
     shown = [t for t in page if not kind or t.kind == kind]
-    hold_ids = list(dict.fromkeys(t.hold_id for t in page if t.kind == "reserve" and t.hold_id))
-    found = await asyncio.gather(*map(client.get_hold, hold_ids), return_exceptions=True)
-    for h in found:
-        if isinstance(h, BaseException) and not isinstance(h, CrediciError):
-            raise h
-    # A hold forgotten a day after it ended is a CrediciError: left out.
-    holds = [h for h in found if not isinstance(h, BaseException) and h.status == "active"]
     # A pool's member caps: those of the members the page's entries name (at most PAGE reads).
     members = sorted({t.member for t in page if t.member})
     usages = await asyncio.gather(*(client.get_member_usage(user_id, m) for m in members))
@@ -304,7 +299,8 @@ async def _user_context(client: AsyncCrediciClient, user_id: str, params: Any) -
         "kind": kind,
         "kinds": KINDS,
         "period": {"from": params.get("from", ""), "to": params.get("to", "")},
-        "holds": holds,
+        "holds": holds.holds,
+        "more_holds": holds.more,
         "chart": chart,
         "highlight": params.get("tx", ""),
     }

@@ -251,3 +251,38 @@ async def test_a_release_keeps_its_metadata_in_its_entry(client: Any, user: str)
     assert (released.status, await client.get_balance(user)) == ("released", 10)
     entry = (await client.get_all_user_transactions(user))[0]
     assert (entry.kind, entry.hold_id, entry.metadata) == ("release", hold.hold_id, why)
+
+
+async def test_get_holds_lists_the_active_ones_soonest_released_first(
+    client: Any, user: str, clock: FakeClock
+) -> None:
+    await client.add(user, 100)
+    late = await client.reserve(user, 5, ttl=timedelta(hours=3))
+    soon = await client.reserve(user, 6, ttl=timedelta(hours=1))
+    captured = await client.reserve(user, 7, ttl=timedelta(minutes=30))
+    released = await client.reserve(user, 8, ttl=timedelta(minutes=20))
+    await client.capture(captured.hold_id, 2)
+    await client.release(released.hold_id)
+    listed = await client.get_holds(user)
+    assert listed.holds == [soon, late] and not listed.more  # ended ones are not listed
+    assert (await client.get_holds(user, limit=1)).holds == [soon]
+    assert (await client.get_holds(user, limit=1)).more
+    clock.advance(timedelta(hours=2))  # soon's ttl passed: released by the read itself
+    assert (await client.get_holds(user)).holds == [late]
+    assert (await client.get_hold(soon.hold_id)).status == "expired"
+    assert (await client.get_holds(f"{user}-nobody")).holds == []
+
+
+async def test_get_holds_says_when_ended_holds_fill_its_window(client: Any, user: str) -> None:
+    """One call looks at the 4 * limit next timers; ended holds (remembered a day) count too."""
+    await client.add(user, 100)
+    ended = [await client.reserve(user, 1, ttl=timedelta(minutes=5)) for _ in range(4)]
+    for hold in ended:
+        await client.release(hold.hold_id)  # forgotten in a day: before the active one's ttl
+    active = await client.reserve(user, 2, ttl=timedelta(days=2))
+    first = await client.get_holds(user, limit=1)
+    assert first.holds == [] and first.more  # four ended holds filled the window of 4
+    assert (await client.get_holds(user, limit=2)).holds == [active]
+    for bad in (0, 1001, 1.0, None):
+        with pytest.raises(InvalidInputError):
+            await client.get_holds(user, limit=bad)
