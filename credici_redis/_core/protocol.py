@@ -166,6 +166,8 @@ class Ledger:
         self._zone: tuple[float, str] = (float("inf"), "")  # (renew after, extension)
         if usage_tz != "UTC":
             self._zone = (0.0, "")
+        self.events_kept_ms = EVENTS_KEPT_MS
+        """Acknowledged events stay this long in their stream (`_trim_acknowledged`)."""
         self.observer: Observer = QUIET
         """Hears the catch-up steps, retries and events of the storage (telemetry)."""
         self.functions = True
@@ -382,12 +384,50 @@ class Ledger:
         ]
 
     def ack_events(self, events: list[BalanceEvent], group: str) -> Flow[None]:
-        calls = []
+        """Acknowledge `events` for `group`, then trim each stream they came from of the events
+        every group has acknowledged (`_trim_acknowledged`)."""
+        calls, streams = [], {}
         for event in events:
             entry_id, _, tag = event.event_id.partition("@")
-            calls.append(Call(("XACK", _keys.events_key(self.namespace, tag), group, entry_id)))
+            stream = _keys.events_key(self.namespace, tag)
+            calls.append(Call(("XACK", stream, group, entry_id)))
+            streams[stream] = True
         if calls:
             yield from sent(calls)
+            yield from self._trim_acknowledged(list(streams))
+
+    def _trim_acknowledged(self, streams: list[str]) -> Flow[None]:
+        """Drop the events older than `events_kept_ms` that every consumer group of the stream
+        has acknowledged: before the oldest one still pending in a group, and before the first
+        not yet delivered to a group. A slot's event stream then holds what some group still
+        needs and the last week, not every event ever written; a group made later gets the
+        events still kept. Needs XINFO and XPENDING (optional grants, docs/security.md):
+        without them, nothing is trimmed and nothing fails."""
+        groups = yield [Call(("XINFO", "GROUPS", stream)) for stream in streams]
+        asks: list[tuple[str, str]] = []  # (stream, group) with pending events
+        # Droppable: made at or before now - events_kept_ms (MINID keeps ids from there on).
+        kept = f"{max(int(time.time() * 1000) - self.events_kept_ms + 1, 0)}-0"
+        keep: dict[str, str] = dict.fromkeys(streams, kept)  # stream -> the oldest id kept
+        for stream, reply in zip(streams, groups, strict=True):
+            if isinstance(reply, CrediciError) or not reply:
+                keep[stream] = "0-0"  # no grant, or no group: keep all
+                continue
+            for info in map(_info, reply):
+                if int(info.get("pending", "0")) > 0:
+                    asks.append((stream, info["name"]))
+                else:
+                    keep[stream] = _older(keep[stream], _after(info["last-delivered-id"]))
+        if asks:
+            found = yield [Call(("XPENDING", stream, group)) for stream, group in asks]
+            for (stream, _), reply in zip(asks, found, strict=True):
+                oldest = _oldest_pending(reply)
+                if oldest is None:  # no grant (or acknowledged since): keep all
+                    keep[stream] = "0-0"
+                else:
+                    keep[stream] = _older(keep[stream], oldest)
+        trims = [Call(("XTRIM", s, "MINID", keep[s])) for s in streams if keep[s] != "0-0"]
+        if trims:
+            yield trims  # an error in place (no grant) leaves the stream as it was
 
     def scan_users(self, cursor: int, count: int) -> Flow[tuple[int, list[str]]]:
         """One SCAN step over the namespace's users: (next cursor, user ids); cursor 0 ends."""
@@ -462,6 +502,43 @@ EVENT_KINDS: dict[str, Literal["low_balance", "depleted"]] = {
     "low_balance": "low_balance",
     "depleted": "depleted",
 }
+
+
+EVENTS_KEPT_MS = 7 * 86_400_000
+"""Low-balance events every consumer group has acknowledged are dropped after a week."""
+
+
+def _info(reply: Any) -> dict[str, str]:
+    """One group of XINFO GROUPS: a dict (redis-py's callback, RESP3) or a flat list."""
+    pairs = (
+        list(reply.items())
+        if isinstance(reply, dict)
+        else list(zip(reply[::2], reply[1::2], strict=True))
+    )
+    return {text(k): text(v) if isinstance(v, bytes | str) else str(v) for k, v in pairs}
+
+
+def _after(entry_id: str) -> str:
+    """The stream id right after `entry_id`."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+def _older(a: str, b: str) -> str:
+    key = lambda i: tuple(int(x) for x in i.split("-"))  # noqa: E731
+    return min(a, b, key=key)
+
+
+def _oldest_pending(reply: Any) -> str | None:
+    """The smallest id of XPENDING's summary: redis-py's dict, or [count, min, max, ...]."""
+    if isinstance(reply, CrediciError) or not reply:
+        return None
+    if isinstance(reply, dict):
+        first = reply.get("min")
+        count = reply.get("pending", 0)
+    else:
+        count, first = reply[0], reply[1]
+    return text(first) if count and first is not None else None
 
 
 def newest_first(events: list[BalanceEvent], count: int) -> list[BalanceEvent]:

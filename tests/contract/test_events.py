@@ -155,3 +155,45 @@ async def test_recent_events_newest_first_across_slots_without_consuming(
     for bad in (0, 1001, 2.0, "5"):
         with pytest.raises(InvalidInputError):
             await client.recent_events(limit=bad)
+
+
+@pytest.mark.parametrize("backend", ["redis", "memory"])
+async def test_events_every_group_acknowledged_leave_the_stream(
+    client: Any, user: str, url: str, namespace: str
+) -> None:
+    """A slot's event stream keeps what some group still needs, not every event ever written:
+    acknowledged by every group (and older than a week; no wait here), an event is trimmed; one a
+    group has not read, or read and not acknowledged, stays (a group made later gets what is
+    still kept)."""
+    import asyncio
+
+    from credici_redis._core import keys as _keys
+    from tests.conftest import raw_redis
+
+    raw = raw_redis(url)
+    stream = _keys.user_keys(namespace, user).events
+    storage = client.sync.storage if isinstance(client, SyncAsAsync) else client.storage
+    storage.ledger.events_kept_ms = 0  # acknowledged events are kept a week: not here
+    await client.add(user, 100)
+    await client.set_low_balance_threshold(user, 50)
+    await client.subtract(user, 60)  # low_balance
+    assert len(await collect(client, group="a")) == 1  # the only group acknowledged it
+    assert raw.xlen(stream) == 0
+    assert await collect(client, group="b") == []  # b joins: it gets what is still kept
+    await client.add(user, 60)
+    await client.subtract(user, 60)  # low_balance again
+    await client.subtract(user, 40)  # depleted
+    assert [e.kind for e in await collect(client, group="a")] == ["low_balance", "depleted"]
+    assert raw.xlen(stream) == 2  # b has not read them
+    streams = [stream]
+    if isinstance(client, SyncAsAsync):  # b reads one and dies before acknowledging it
+        read = storage.run(storage.ledger.read_events(streams, "b", "dying", 1, None))
+        assert [e.kind for e in read] == ["low_balance"]
+        assert [e.kind for e in await collect(client, group="b")] == ["depleted"]
+        assert raw.xlen(stream) == 2  # the pending one, and what comes after it, stay
+        await asyncio.sleep(0.1)
+        taken = await collect(client, group="b", claim_after=0.05)  # another takes it over
+        assert [e.kind for e in taken] == ["low_balance"]
+    else:
+        assert len(await collect(client, group="b")) == 2
+    assert raw.xlen(stream) == 0

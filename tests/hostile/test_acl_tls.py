@@ -67,7 +67,8 @@ def grants(rules: list[str]) -> set[str]:
 def test_the_documented_users_differ_only_where_the_docs_say() -> None:
     worker, ops, tests = acl_rules("credici"), acl_rules("credici-ops"), acl_rules("credici-tests")
     assert worker[:2] == ["reset", "on"] and f"~{NAMESPACE}:*" in worker
-    events = {"+xgroup|create", "+xreadgroup", "+xautoclaim", "+xack"}  # reading events
+    # reading events; trimming those every group acknowledged (optional: "+xinfo|groups" ...)
+    events = {"+xgroup|create", "+xreadgroup", "+xautoclaim", "+xack", "+xinfo|groups", "+xpending"}
     assert grants(ops) - grants(worker) == {"+scan", "+xtrim"} | events  # + trim_history
     tests_only = {"+scan", "+ping", "+unlink", "+hkeys", "+xtrim", "+xdel"}
     assert grants(tests) - grants(worker) == tests_only | events
@@ -641,3 +642,32 @@ def test_tls_tools_are_here() -> None:
     """The TLS tests need openssl and redis-server: missing, they must fail, not skip."""
     assert shutil.which("openssl"), "openssl is not on PATH"
     assert shutil.which("redis-server"), "redis-server is not on PATH"
+
+
+@pytest.mark.parametrize("grant", ["+xinfo|groups", "+xpending"])
+def test_without_an_event_trimming_grant_events_are_read_and_kept(
+    acl_server: Server, grant: str
+) -> None:
+    """XINFO GROUPS and XPENDING only let a consumer drop the events every group acknowledged:
+    without either, events are read and acknowledged as before, and nothing fails."""
+    from credici_redis import CrediciClient
+
+    user = f"events-without-{grant.strip('+').replace('|', '-')}"
+    acl_server.set_user(user, [rule for rule in acl_rules("credici-ops") if rule != grant])
+    client = CrediciClient.from_url(acl_server.url(user), namespace=NAMESPACE)
+    try:
+        client.storage.ledger.events_kept_ms = 0  # type: ignore[attr-defined]
+        who = f"events-{grant}"
+        client.add(who, 10)
+        client.set_low_balance_threshold(who, 5)
+        client.subtract(who, 6)
+        got = list(client.events(group="g", idle_timeout=0.2, poll=0.02))
+        assert [e.user_id for e in got] == [who]
+        assert list(client.events(group="g", idle_timeout=0.2, poll=0.02)) == []  # acknowledged
+        # Without XINFO GROUPS the event stays; without XPENDING only streams with events still
+        # pending in a group are kept whole (XINFO alone says nothing is pending here).
+        kept = acl_server.admin.xlen(_keys.user_keys(NAMESPACE, who).events)
+        assert kept == (1 if grant == "+xinfo|groups" else 0)
+    finally:
+        client.close()
+        acl_server.admin.execute_command("ACL", "DELUSER", user)
