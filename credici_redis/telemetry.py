@@ -46,6 +46,7 @@ counter is then `credici_operations_total{operation=..., outcome=...}`.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import time
@@ -146,6 +147,12 @@ class _Heard(Observer):
         self.pending.add(-count)
 
 
+class _Call:
+    """What a measured batch returned (`_Instruments.measure`)."""
+
+    results: Any = None
+
+
 class _Instruments:
     def __init__(self, meter_provider: Any, tracer_provider: Any) -> None:
         trace = extras.need("opentelemetry.trace", feature="telemetry", extra="telemetry")
@@ -171,15 +178,34 @@ class _Instruments:
             attributes["credici.items"] = items
         return self.tracer.start_as_current_span(f"credici {op.name}", attributes=attributes)
 
-    def one(self, span: Any, op: Operation[Any, Any], started: float, error: Any) -> None:
-        """A single call ended: with `error` (None: it succeeded)."""
-        self.done(span, op, started, [outcome_of(error)])
+    @contextlib.contextmanager
+    def measure(
+        self, op: Operation[Any, Any], req: Any, items: int | None = None
+    ) -> Iterator[_Call]:
+        """One call (`items` None) or a batch of `items`, measured: its span, its outcome (a
+        batch: each item's, from the `results` the caller sets), its duration; the operation's
+        name labels the storage's inner steps meanwhile (`_Heard`). Shared by the sync and the
+        asyncio storage wrappers, which only await or not."""
+        started, running, call = time.perf_counter(), _operation.set(op.name), _Call()
+        try:
+            with self.start(op, req, items) as span:
+                try:
+                    yield call
+                except BaseException as exc:
+                    self.ended(span, op, started, items, exc)
+                    raise  # the span records it (OpenTelemetry's own handling)
+                self.ended(span, op, started, items, call.results)
+        finally:
+            _operation.reset(running)
 
-    def many(
-        self, span: Any, op: Operation[Any, Any], started: float, items: int, results: Any
+    def ended(
+        self, span: Any, op: Operation[Any, Any], started: float, items: int | None, results: Any
     ) -> None:
-        """A batch ended: `results` (each item's result or error), or the error of all."""
-        if isinstance(results, BaseException):
+        """`results`: a batch's results (each item's result or error), or the error of the whole
+        call (None: a single call that succeeded)."""
+        if items is None:
+            outcomes = [outcome_of(results)]
+        elif isinstance(results, BaseException):
             outcomes = [outcome_of(results)] * max(items, 1)
         else:
             outcomes = [outcome_of(r if isinstance(r, CrediciError) else None) for r in results]
@@ -202,29 +228,12 @@ class InstrumentedStorage:
         self.inner, self._i = inner, instruments
 
     def execute(self, op: Operation[R, T], req: R) -> T:
-        started, running = time.perf_counter(), _operation.set(op.name)
-        with self._i.start(op, req) as span:
-            try:
-                result = self.inner.execute(op, req)
-            except BaseException as exc:
-                self._i.one(span, op, started, exc)
-                raise
-            finally:
-                _operation.reset(running)  # the span records it (OpenTelemetry's own handling)
-            self._i.one(span, op, started, None)
-            return result
+        with self._i.measure(op, req):
+            return self.inner.execute(op, req)
 
     def execute_many(self, op: Operation[R, T], reqs: Batch[R]) -> list[T | CrediciError]:
-        started, running = time.perf_counter(), _operation.set(op.name)
-        with self._i.start(op, None, items=len(reqs)) as span:
-            try:
-                results = self.inner.execute_many(op, reqs)
-            except BaseException as exc:
-                self._i.many(span, op, started, len(reqs), exc)
-                raise
-            finally:
-                _operation.reset(running)
-            self._i.many(span, op, started, len(reqs), results)
+        with self._i.measure(op, None, len(reqs)) as call:
+            results = call.results = self.inner.execute_many(op, reqs)
             return results
 
     def scan_users(self, batch: int) -> Iterator[list[str]]:
@@ -253,29 +262,12 @@ class AsyncInstrumentedStorage:
         self.inner, self._i = inner, instruments
 
     async def execute(self, op: Operation[R, T], req: R) -> T:
-        started, running = time.perf_counter(), _operation.set(op.name)
-        with self._i.start(op, req) as span:
-            try:
-                result = await self.inner.execute(op, req)
-            except BaseException as exc:
-                self._i.one(span, op, started, exc)
-                raise
-            finally:
-                _operation.reset(running)
-            self._i.one(span, op, started, None)
-            return result
+        with self._i.measure(op, req):
+            return await self.inner.execute(op, req)
 
     async def execute_many(self, op: Operation[R, T], reqs: Batch[R]) -> list[T | CrediciError]:
-        started, running = time.perf_counter(), _operation.set(op.name)
-        with self._i.start(op, None, items=len(reqs)) as span:
-            try:
-                results = await self.inner.execute_many(op, reqs)
-            except BaseException as exc:
-                self._i.many(span, op, started, len(reqs), exc)
-                raise
-            finally:
-                _operation.reset(running)
-            self._i.many(span, op, started, len(reqs), results)
+        with self._i.measure(op, None, len(reqs)) as call:
+            results = call.results = await self.inner.execute_many(op, reqs)
             return results
 
     def scan_users(self, batch: int) -> AsyncIterator[list[str]]:

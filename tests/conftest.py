@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -291,3 +292,38 @@ def client(make_client: MakeClient, clock: FakeClock) -> Any:
 @pytest.fixture
 def user() -> str:
     return f"user-{uuid.uuid4().hex[:8]}"
+
+
+# A read-only script that keeps Redis busy for `ms` milliseconds.
+SPIN = """
+local t = redis.call('TIME')
+local start = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+while true do
+  t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - start > tonumber(ARGV[1]) then
+    return 1
+  end
+end
+"""
+
+
+@pytest.fixture
+def busy_redis(tmp_path: Path) -> Iterator[int]:
+    """A redis-server of the test's own that answers BUSY 20 ms into a long script."""
+    port, process = start_redis_server(tmp_path, "--busy-reply-threshold", "20")
+    yield port
+    process.kill()
+    process.wait()
+
+
+def spin(port: int, ms: int) -> threading.Thread:
+    """Keep the redis-server at `port` busy running a script for `ms` ms (from a thread)."""
+
+    def run() -> None:
+        with redis.Redis(port=port) as r:
+            r.eval(SPIN, 0, ms)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.1)  # the script is running, past the threshold
+    return thread

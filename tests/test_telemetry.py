@@ -5,15 +5,10 @@ in-memory readers; sync and asyncio clients on real Redis."""
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -33,29 +28,41 @@ from tests.conftest import (
     REDIS_URL,
     FakeClock,
     SyncAsAsync,
-    start_redis_server,
+    spin,
 )
 
 
-def counts(reader: InMemoryMetricReader) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
-    """(calls by (operation, outcome), duration samples by operation)."""
-    calls: dict[tuple[str, str], int] = {}
-    samples: dict[str, int] = {}
+def sums(reader: InMemoryMetricReader) -> dict[tuple[str, tuple[tuple[str, Any], ...]], float]:
+    """Every counter's and gauge's value, by (metric, its attributes); a histogram's count."""
+    found: dict[tuple[str, tuple[tuple[str, Any], ...]], float] = {}
     data = reader.get_metrics_data()
     assert data is not None
     for resource in data.resource_metrics:
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
                 for point in metric.data.data_points:
-                    attrs = dict(point.attributes or {})
-                    if metric.name.startswith("credici.operation"):
-                        assert set(attrs) == {"operation", "outcome"}  # no user id, ever
-                    if metric.name == "credici.operations":
-                        key = (str(attrs["operation"]), str(attrs["outcome"]))
-                        calls[key] = calls.get(key, 0) + int(point.value)  # type: ignore[union-attr]
-                    elif metric.name == "credici.operation.duration":
-                        operation = str(attrs["operation"])
-                        samples[operation] = samples.get(operation, 0) + point.count  # type: ignore[union-attr]
+                    attrs = tuple(sorted(dict(point.attributes or {}).items()))
+                    value = getattr(point, "value", None)
+                    found[(metric.name, attrs)] = (
+                        getattr(point, "count", 0) if value is None else value
+                    )
+    return found
+
+
+def counts(reader: InMemoryMetricReader) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+    """(calls by (operation, outcome), duration samples by operation)."""
+    calls: dict[tuple[str, str], int] = {}
+    samples: dict[str, int] = {}
+    for (name, attributes), value in sums(reader).items():
+        attrs = dict(attributes)
+        if name.startswith("credici.operation"):
+            assert set(attrs) == {"operation", "outcome"}  # no user id, ever
+        if name == "credici.operations":
+            key = (str(attrs["operation"]), str(attrs["outcome"]))
+            calls[key] = calls.get(key, 0) + int(value)
+        elif name == "credici.operation.duration":
+            operation = str(attrs["operation"])
+            samples[operation] = samples.get(operation, 0) + int(value)
     return calls, samples
 
 
@@ -147,23 +154,6 @@ def test_nothing_of_opentelemetry_is_imported_when_off() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def sums(reader: InMemoryMetricReader) -> dict[tuple[str, tuple[tuple[str, Any], ...]], float]:
-    """Every counter's and gauge's value, by (metric, its attributes); a histogram's count."""
-    found: dict[tuple[str, tuple[tuple[str, Any], ...]], float] = {}
-    data = reader.get_metrics_data()
-    assert data is not None
-    for resource in data.resource_metrics:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                for point in metric.data.data_points:
-                    attrs = tuple(sorted(dict(point.attributes or {}).items()))
-                    value = getattr(point, "value", None)
-                    found[(metric.name, attrs)] = (
-                        getattr(point, "count", 0) if value is None else value
-                    )
-    return found
-
-
 def test_catch_up_steps_are_counted_by_operation_and_script(
     namespace: str, clock: FakeClock
 ) -> None:
@@ -188,34 +178,17 @@ def test_catch_up_steps_are_counted_by_operation_and_script(
     assert 200 // 64 <= steps <= 200 // 8  # at most 64 events a step, at least 8
 
 
-@pytest.fixture
-def busy_port(tmp_path: Path) -> Iterator[int]:
-    port, process = start_redis_server(tmp_path, "--busy-reply-threshold", "20")
-    yield port
-    process.kill()
-    process.wait()
-
-
-def test_retries_after_an_outage_are_counted(busy_port: int) -> None:
+def test_retries_after_an_outage_are_counted(busy_redis: int) -> None:
     """A call that meets BUSY (another client's long script) goes again with retries=N: each
     retry is counted under the operation's name, and the call itself once, ok."""
     reader = InMemoryMetricReader()
-    url = f"redis://127.0.0.1:{busy_port}/0"
+    url = f"redis://127.0.0.1:{busy_redis}/0"
     client = CrediciClient.from_url(url, namespace="t", retries=50)
     instrument(client, meter_provider=MeterProvider(metric_readers=[reader]))
     with client:
         client.add("u", 10)
 
-        def spin() -> None:
-            with redis.Redis(port=busy_port) as r:
-                r.eval(
-                    "local t0 = redis.call('TIME')[1] while redis.call('TIME')[1] - t0 < 1 do end",
-                    0,
-                )
-
-        spinning = threading.Thread(target=spin)
-        spinning.start()
-        time.sleep(0.2)  # the script runs, past the threshold: BUSY
+        spinning = spin(busy_redis, 1000)  # running past the threshold: BUSY
         try:
             assert client.subtract("u", 3).balance_after == 7
         finally:

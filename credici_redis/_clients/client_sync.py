@@ -515,7 +515,7 @@ class CrediciClient(ClientBase):
         """The namespace's newest low-balance and depleted events, newest first, for a look (an
         operator's page): no consumer group is joined, nothing is acknowledged, `events()`
         consumers are not affected. Reads every slot's event stream on Redis (found by SCAN)."""
-        return self.storage.recent_events(check.event_count(limit))
+        return self.storage.recent_events(check.read_limit(limit))
 
     def audit(self, user_id: UserId) -> AuditReport:
         """Rebuild the balance and every bucket from the history; report any difference."""

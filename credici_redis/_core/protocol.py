@@ -425,7 +425,13 @@ class Ledger:
                     keep[stream] = "0-0"
                 else:
                     keep[stream] = _older(keep[stream], oldest)
-        trims = [Call(("XTRIM", s, "MINID", keep[s])) for s in streams if keep[s] != "0-0"]
+        # Whole stream nodes only (~), at most TRIM_STEP entries a call: bounded work per
+        # acknowledgement; a backlog of old events goes over the next acknowledgements.
+        trims = [
+            Call(("XTRIM", s, "MINID", "~", keep[s], "LIMIT", TRIM_STEP))
+            for s in streams
+            if keep[s] != "0-0"
+        ]
         if trims:
             yield trims  # an error in place (no grant) leaves the stream as it was
 
@@ -506,6 +512,8 @@ EVENT_KINDS: dict[str, Literal["low_balance", "depleted"]] = {
 
 EVENTS_KEPT_MS = 7 * 86_400_000
 """Low-balance events every consumer group has acknowledged are dropped after a week."""
+TRIM_STEP = 10_000
+"""At most this many events leave a stream per acknowledgement (`_trim_acknowledged`)."""
 
 
 def _info(reply: Any) -> dict[str, str]:

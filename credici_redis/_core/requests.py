@@ -270,7 +270,8 @@ def batch_size(value: object) -> int:
     return value
 
 
-def event_count(value: object) -> int:
+def read_limit(value: object) -> int:
+    """How many items one bounded read may return (recent_events, get_holds)."""
     if type(value) is not int or not 1 <= value <= 1000:
         raise InvalidInputError(f"limit must be an int from 1 to 1000, got {value!r}")
     return value

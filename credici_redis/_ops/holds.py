@@ -212,9 +212,7 @@ def build_capture(hold: object, credits: object, key: object, now_ms: int | None
 
 
 def build_holds(user: object, limit: object, now_ms: int | None) -> HoldsRequest:
-    if type(limit) is not int or not 1 <= limit <= 1000:
-        raise InvalidInputError(f"limit must be an int from 1 to 1000, got {limit!r}")
-    return HoldsRequest(check.user_id(user), now_ms, limit)
+    return HoldsRequest(check.user_id(user), now_ms, check.read_limit(limit))
 
 
 def build_hold(hold: object, now_ms: int | None, meta: object = None) -> HoldRequest:

@@ -3,53 +3,16 @@ is a StorageUnavailableError (retryable, also by retries=N), never a plain Stora
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-import redis
 
 from credici_redis import CrediciClient, StorageUnavailableError
-from tests.conftest import start_redis_server
-
-# A read-only script that keeps Redis busy for `ms` milliseconds.
-SPIN = """
-local t = redis.call('TIME')
-local start = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-while true do
-  t = redis.call('TIME')
-  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - start > tonumber(ARGV[1]) then
-    return 1
-  end
-end
-"""
-
-
-@pytest.fixture
-def busy_redis(tmp_path: Path) -> Iterator[int]:
-    port, process = start_redis_server(tmp_path, "--busy-reply-threshold", "20")
-    yield port
-    process.kill()
-    process.wait()
-
-
-def _spin(port: int, ms: int) -> threading.Thread:
-    def run() -> None:
-        with redis.Redis(port=port) as r:
-            r.eval(SPIN, 0, ms)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    time.sleep(0.1)  # the script is running, past the threshold
-    return thread
+from tests.conftest import spin
 
 
 def test_busy_is_unavailable_and_not_applied(busy_redis: int) -> None:
     with CrediciClient.from_url(f"redis://127.0.0.1:{busy_redis}/0", namespace="b") as client:
         client.add("u", 10)
-        spinning = _spin(busy_redis, 700)
+        spinning = spin(busy_redis, 700)
         try:
             with pytest.raises(StorageUnavailableError, match="busy") as caught:
                 client.subtract("u", 3)
@@ -63,7 +26,7 @@ def test_retries_ride_out_a_busy_redis(busy_redis: int) -> None:
     url = f"redis://127.0.0.1:{busy_redis}/0"
     with CrediciClient.from_url(url, namespace="b", retries=8) as client:
         client.add("u", 10)
-        spinning = _spin(busy_redis, 500)
+        spinning = spin(busy_redis, 500)
         try:
             assert client.subtract("u", 3).balance_after == 7
         finally:
